@@ -1,0 +1,467 @@
+"""The job queue: the one seam between the HTTP API and the workers that run generations.
+
+Both sides talk only to `JobQueue`:
+
+* the API (`service/routers/`) calls `submit`, `get`, `wait`, `list`, `cancel`, `delete`,
+  `get_artifact`, `depth`, `ping`;
+* a worker (`service/worker.py`, embedded in `lesa serve` or standalone as `lesa worker`) calls
+  `claim_batch`, `set_progress`, `is_cancelled`, `complete`, `fail`.
+
+`InProcessJobQueue` (below) keeps everything in this process's memory: the default for
+`lesa serve`, where the worker is an asyncio task of the same event loop. A Redis Streams
+implementation (`service/redis_queue.py`) implements the same interface so that one API tier can
+feed many worker processes; everything that crosses the interface is therefore serialisable:
+`Job` and its parts are pydantic models (`model_dump_json` / `model_validate_json`) and outputs
+are plain `bytes` keyed by a file name.
+
+Contract details every implementation must honour (the tests in tests/test_service_queue.py
+exercise them on `InProcessJobQueue`, and can be pointed at another implementation):
+
+* Job ids are opaque strings, unique, URL-safe (`job_<hex>`); `created_at` etc. are Unix seconds.
+* Status moves only forward: queued -> in_progress -> completed | failed | cancelled, or
+  queued -> cancelled. A terminal job never changes again: `complete`/`fail`/`set_progress` on a
+  cancelled job are silently ignored (a worker that finishes after a cancel must not resurrect
+  it), so results are written idempotently.
+* Idempotency: `submit(spec, idempotency_key=k)` twice with the same key returns the first job
+  (no second generation) for as long as that job is kept.
+* Backpressure: when `max_backlog` jobs are queued (not yet claimed), `submit` raises
+  `QueueFull(retry_after_s)`; the API turns it into 429 + `Retry-After`.
+* Unavailability: a backend that cannot be reached raises `QueueUnavailable`; the API turns it
+  into 503, `/readyz` reports it via `ping`.
+* Batching: `claim_batch` returns jobs that share one `batch_key` (same model, kind, size,
+  frames, steps, level, method, guidance), never more than `max_batch` samples in total unless a
+  single job alone is larger (a job is never split), waiting at most `max_wait_ms` after the first
+  job for compatible ones to arrive.
+* Expiry: finished jobs (and their artifacts) are kept until `expires_at`, then forgotten.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import math
+import secrets
+import time
+from collections import OrderedDict, deque
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+JobKind = Literal["image", "video"]
+
+
+class JobStatus(StrEnum):
+    """Lifecycle of a job; the values are the OpenAI video statuses plus `cancelled`."""
+
+    queued = "queued"
+    in_progress = "in_progress"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.completed, JobStatus.failed, JobStatus.cancelled)
+
+
+class JobSpec(BaseModel):
+    """What to generate, fully resolved by the API (no defaults left for the worker to guess).
+
+    The API validates the request against the model catalogue and fills every field, so a worker
+    in another process runs exactly what the client was promised (and the response can echo it).
+    """
+
+    kind: JobKind
+    model: str
+    prompt: str
+    n: int = Field(1, ge=1, description="number of samples (images) this job produces")
+    width: int
+    height: int
+    num_frames: int | None = None  # videos only
+    fps: int | None = None  # videos only: playback rate of the encoded file
+    num_inference_steps: int
+    guidance_scale: float
+    level: str  # resolved acceleration level ("none", "2x", ...): never "auto" here
+    method: str  # resolved method ("none", "reuse", "taylorseer", "lesa")
+    seed: int  # sample i uses seed + i
+    output_format: str = "png"  # images: png | jpeg | webp; videos: mp4
+    user: str | None = None
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Jobs with equal keys can run as one batched generation (one pipeline call)."""
+        return (
+            self.kind,
+            self.model,
+            self.width,
+            self.height,
+            self.num_frames,
+            self.num_inference_steps,
+            self.level,
+            self.method,
+            self.guidance_scale,
+        )
+
+
+class JobError(BaseModel):
+    code: str = Field(description="machine-readable cause, e.g. `generation_failed`, `timeout`")
+    message: str
+
+
+class OutputRef(BaseModel):
+    """One stored output file of a job; its bytes come from `JobQueue.get_artifact`."""
+
+    name: str  # e.g. "0.png", "video.mp4", "thumbnail.png"
+    content_type: str
+    index: int = 0  # which sample of the job it belongs to
+    variant: str = "primary"  # "primary" | "thumbnail"
+
+
+class JobResult(BaseModel):
+    outputs: list[OutputRef]
+    # What actually ran, for the response's `lesa` object: level, method, full/predicted steps,
+    # realised speed-up, generation/queue timings, seeds, batch size.
+    lesa: dict[str, Any] = Field(default_factory=dict)
+
+
+class Job(BaseModel):
+    id: str
+    spec: JobSpec
+    status: JobStatus = JobStatus.queued
+    progress: int = Field(0, ge=0, le=100, description="percent of denoising steps done")
+    created_at: float
+    started_at: float | None = None
+    completed_at: float | None = None
+    expires_at: float | None = None
+    error: JobError | None = None
+    result: JobResult | None = None
+    idempotency_key: str | None = None
+    worker_id: str | None = None
+    attempts: int = 0  # deliveries to a worker (Redis re-delivers after a crash)
+
+
+class QueueError(Exception):
+    """Base of the errors the API maps to HTTP statuses."""
+
+
+class QueueFull(QueueError):
+    """The backlog limit is reached: answer 429 with `Retry-After: retry_after_s`."""
+
+    def __init__(self, retry_after_s: int, message: str = "the job queue is full") -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+
+class QueueUnavailable(QueueError):
+    """The queue backend cannot be reached (e.g. Redis down): answer 503."""
+
+
+def new_job_id() -> str:
+    return "job_" + secrets.token_hex(12)
+
+
+class JobQueue(abc.ABC):
+    """Interface shared by the API and the workers. All methods are coroutines.
+
+    Implementations must be safe to call concurrently from many API requests and (for shared
+    backends) many worker processes. Methods raise `QueueUnavailable` when the backend is down.
+    """
+
+    # ---- API side -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> Job:
+        """Enqueue a new job and return it (status `queued`).
+
+        With `idempotency_key`, a second submit with the same key returns the existing job
+        instead of enqueuing another. Raises `QueueFull` when `max_backlog` jobs are waiting.
+        """
+
+    @abc.abstractmethod
+    async def get(self, job_id: str) -> Job | None:
+        """The job's current record, or None if unknown or expired."""
+
+    @abc.abstractmethod
+    async def wait(self, job_id: str, timeout_s: float) -> Job | None:
+        """Wait until the job is terminal or `timeout_s` passes; return its record then.
+
+        The caller checks `job.status.terminal` to tell completion from timeout. Returns None if
+        the job is unknown.
+        """
+
+    @abc.abstractmethod
+    async def list(
+        self,
+        *,
+        kind: JobKind | None = None,
+        after: str | None = None,
+        limit: int = 20,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> tuple[list[Job], bool]:
+        """Jobs ordered by creation time, cursor-paginated like OpenAI lists.
+
+        `after` is a job id: return the jobs that come after it in `order`. Returns the page and
+        whether more jobs follow it.
+        """
+
+    @abc.abstractmethod
+    async def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued or running job; returns its record (None if unknown).
+
+        A queued job is never run. A running job is marked `cancelled` at once; its worker sees
+        `is_cancelled` at the next denoising step and stops (or, in a batch with other live jobs,
+        drops this job's outputs). Cancelling a terminal job changes nothing.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, job_id: str) -> bool:
+        """Forget a terminal job and its artifacts. Returns False if unknown or still live."""
+
+    @abc.abstractmethod
+    async def get_artifact(self, job_id: str, name: str) -> bytes | None:
+        """Bytes of one output (`OutputRef.name`) of a completed job, or None."""
+
+    @abc.abstractmethod
+    async def depth(self) -> int:
+        """Number of jobs waiting to be claimed (the backlog)."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Return if the backend is usable; raise `QueueUnavailable` otherwise."""
+
+    # ---- worker side ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim_batch(self, worker_id: str, *, max_batch: int, max_wait_ms: float, timeout_s: float) -> list[Job]:
+        """Claim the oldest queued job plus compatible ones (same `JobSpec.batch_key()`).
+
+        Waits up to `timeout_s` for a first job (returns [] if none came), then up to
+        `max_wait_ms` more for compatible jobs while the batch holds fewer than `max_batch`
+        samples. Claimed jobs are `in_progress` with `started_at`, `worker_id` set.
+        """
+
+    @abc.abstractmethod
+    async def set_progress(self, job_id: str, progress: int) -> None:
+        """Record progress (0-100) of a running job; ignored once the job is terminal."""
+
+    @abc.abstractmethod
+    async def is_cancelled(self, job_id: str) -> bool:
+        """True once `cancel` was called for the job (checked by workers between steps)."""
+
+    @abc.abstractmethod
+    async def complete(self, job_id: str, result: JobResult, artifacts: dict[str, bytes]) -> None:
+        """Store outputs and mark completed (sets `expires_at`); ignored if already terminal."""
+
+    @abc.abstractmethod
+    async def fail(self, job_id: str, error: JobError) -> None:
+        """Mark failed with a client-safe message; ignored if already terminal."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release in memory
+        """Release connections; the default has nothing to release."""
+
+
+class InProcessJobQueue(JobQueue):
+    """Everything in this process's memory, for one event loop (the server's).
+
+    The embedded worker is an asyncio task in the same loop, so no locks are needed: every
+    method runs between awaits without interleaving. Jobs are lost on restart (use Redis for
+    durability).
+    """
+
+    def __init__(self, *, max_backlog: int = 256, result_ttl_s: float = 3600.0, max_jobs_kept: int = 1000):
+        self.max_backlog = max_backlog
+        self.result_ttl_s = result_ttl_s
+        self.max_jobs_kept = max_jobs_kept
+        self._jobs: OrderedDict[str, Job] = OrderedDict()  # creation order
+        self._pending: deque[str] = deque()
+        self._artifacts: dict[str, dict[str, bytes]] = {}
+        self._by_key: dict[str, str] = {}
+        self._done_events: dict[str, asyncio.Event] = {}
+        self._arrival = asyncio.Event()  # set whenever a job is enqueued
+        # Seconds per claimed batch, smoothed: turns the backlog into a Retry-After estimate.
+        self._batch_seconds = 1.0
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Forget expired jobs, and the oldest finished ones beyond `max_jobs_kept`."""
+        now = time.time()
+        expired = [j.id for j in self._jobs.values() if j.expires_at is not None and j.expires_at <= now]
+        for job_id in expired:
+            self._forget(job_id)
+        if len(self._jobs) > self.max_jobs_kept:
+            for job_id in [j.id for j in self._jobs.values() if j.status.terminal]:
+                if len(self._jobs) <= self.max_jobs_kept:
+                    break
+                self._forget(job_id)
+
+    def _forget(self, job_id: str) -> None:
+        job = self._jobs.pop(job_id, None)
+        self._artifacts.pop(job_id, None)
+        self._done_events.pop(job_id, None)
+        if job is not None and job.idempotency_key is not None:
+            self._by_key.pop(job.idempotency_key, None)
+
+    def _finish(self, job: Job, status: JobStatus) -> None:
+        now = time.time()
+        job.status = status
+        job.completed_at = now
+        job.expires_at = now + self.result_ttl_s
+        if job.started_at is not None:
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (now - job.started_at)
+        event = self._done_events.get(job.id)
+        if event is not None:
+            event.set()
+
+    def _live(self, job_id: str) -> Job | None:
+        job = self._jobs.get(job_id)
+        return None if job is None or job.status.terminal else job
+
+    # ---- API side -------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> Job:
+        self._sweep()
+        if idempotency_key is not None and idempotency_key in self._by_key:
+            return self._jobs[self._by_key[idempotency_key]]
+        if len(self._pending) >= self.max_backlog:
+            # Time for the backlog to drain, assuming one batch at a time of one job each.
+            raise QueueFull(math.ceil(len(self._pending) * self._batch_seconds))
+        job = Job(id=new_job_id(), spec=spec, created_at=time.time(), idempotency_key=idempotency_key)
+        self._jobs[job.id] = job
+        self._done_events[job.id] = asyncio.Event()
+        if idempotency_key is not None:
+            self._by_key[idempotency_key] = job.id
+        self._pending.append(job.id)
+        self._arrival.set()
+        return job
+
+    async def get(self, job_id: str) -> Job | None:
+        self._sweep()
+        return self._jobs.get(job_id)
+
+    async def wait(self, job_id: str, timeout_s: float) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        event = self._done_events.get(job_id)
+        if event is not None and not job.status.terminal:
+            try:
+                await asyncio.wait_for(event.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        return self._jobs.get(job_id, job)
+
+    async def list(
+        self,
+        *,
+        kind: JobKind | None = None,
+        after: str | None = None,
+        limit: int = 20,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> tuple[list[Job], bool]:
+        self._sweep()
+        jobs = [j for j in self._jobs.values() if kind is None or j.spec.kind == kind]
+        if order == "desc":
+            jobs.reverse()
+        if after is not None:
+            ids = [j.id for j in jobs]
+            jobs = jobs[ids.index(after) + 1 :] if after in ids else []
+        return jobs[:limit], len(jobs) > limit
+
+    async def cancel(self, job_id: str) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.status.terminal:
+            return job
+        if job.status == JobStatus.queued:
+            self._pending.remove(job_id)
+        self._finish(job, JobStatus.cancelled)
+        return job
+
+    async def delete(self, job_id: str) -> bool:
+        job = self._jobs.get(job_id)
+        if job is None or not job.status.terminal:
+            return False
+        self._forget(job_id)
+        return True
+
+    async def get_artifact(self, job_id: str, name: str) -> bytes | None:
+        self._sweep()
+        return self._artifacts.get(job_id, {}).get(name)
+
+    async def depth(self) -> int:
+        return len(self._pending)
+
+    async def ping(self) -> None:
+        return None
+
+    # ---- worker side ----------------------------------------------------------------------
+
+    async def _wait_arrival(self, timeout_s: float) -> None:
+        self._arrival.clear()
+        try:
+            await asyncio.wait_for(self._arrival.wait(), max(timeout_s, 0.0))
+        except TimeoutError:
+            pass
+
+    async def claim_batch(self, worker_id: str, *, max_batch: int, max_wait_ms: float, timeout_s: float) -> list[Job]:
+        deadline = time.monotonic() + timeout_s
+        while not self._pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            await self._wait_arrival(remaining)
+
+        head = self._jobs[self._pending.popleft()]
+        batch, samples, key = [head], head.spec.n, head.spec.batch_key()
+
+        def take_compatible() -> None:
+            nonlocal samples
+            for job_id in list(self._pending):
+                if samples >= max_batch:
+                    return
+                job = self._jobs[job_id]
+                if job.spec.batch_key() == key and samples + job.spec.n <= max_batch:
+                    self._pending.remove(job_id)
+                    batch.append(job)
+                    samples += job.spec.n
+
+        take_compatible()
+        # Wait a little for compatible jobs only when there is room: batching trades this much
+        # latency of the first job for throughput of the whole batch.
+        wait_until = time.monotonic() + max_wait_ms / 1000.0
+        while samples < max_batch and (remaining := wait_until - time.monotonic()) > 0:
+            await self._wait_arrival(remaining)
+            take_compatible()
+
+        now = time.time()
+        for job in batch:
+            job.status = JobStatus.in_progress
+            job.started_at = now
+            job.worker_id = worker_id
+            job.attempts += 1
+        return batch
+
+    async def set_progress(self, job_id: str, progress: int) -> None:
+        job = self._live(job_id)
+        if job is not None:
+            job.progress = max(job.progress, min(100, max(0, int(progress))))
+
+    async def is_cancelled(self, job_id: str) -> bool:
+        job = self._jobs.get(job_id)
+        return job is not None and job.status == JobStatus.cancelled
+
+    async def complete(self, job_id: str, result: JobResult, artifacts: dict[str, bytes]) -> None:
+        job = self._live(job_id)
+        if job is None:
+            return
+        self._artifacts[job_id] = dict(artifacts)
+        job.result = result
+        job.progress = 100
+        self._finish(job, JobStatus.completed)
+
+    async def fail(self, job_id: str, error: JobError) -> None:
+        job = self._live(job_id)
+        if job is None:
+            return
+        job.error = error
+        self._finish(job, JobStatus.failed)

@@ -1,0 +1,126 @@
+"""The JobQueue contract, on the in-process implementation (fast: no model involved).
+
+`make_queue` is the one place to change to run the same contract against another backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.queue import InProcessJobQueue, JobError, JobQueue, JobResult, JobSpec, JobStatus, OutputRef, QueueFull
+
+
+def make_queue(**kwargs) -> JobQueue:
+    return InProcessJobQueue(**kwargs)
+
+
+def spec(**overrides) -> JobSpec:
+    fields = dict(
+        kind="image",
+        model="m",
+        prompt="a seven",
+        n=1,
+        width=32,
+        height=32,
+        num_inference_steps=10,
+        guidance_scale=3.0,
+        level="none",
+        method="none",
+        seed=0,
+    )
+    fields.update(overrides)
+    return JobSpec(**fields)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_batches_group_compatible_jobs_in_order_and_respect_max_batch() -> None:
+    async def scenario() -> None:
+        q = make_queue()
+        a = await q.submit(spec(seed=1))
+        b = await q.submit(spec(width=64, seed=2))  # incompatible: other size
+        c = await q.submit(spec(seed=3, n=2))
+        d = await q.submit(spec(seed=4, n=2))  # would overflow max_batch 3
+        batch = await q.claim_batch("w", max_batch=3, max_wait_ms=0, timeout_s=1)
+        assert [j.id for j in batch] == [a.id, c.id]
+        assert all(j.status == JobStatus.in_progress and j.worker_id == "w" for j in batch)
+        assert [j.id for j in await q.claim_batch("w", max_batch=3, max_wait_ms=0, timeout_s=1)] == [b.id]
+        assert [j.id for j in await q.claim_batch("w", max_batch=3, max_wait_ms=0, timeout_s=1)] == [d.id]
+        assert await q.claim_batch("w", max_batch=3, max_wait_ms=0, timeout_s=0.01) == []
+
+    run(scenario())
+
+
+def test_claim_waits_max_wait_ms_for_compatible_arrivals() -> None:
+    async def scenario() -> None:
+        q = make_queue()
+        await q.submit(spec(seed=1))
+
+        async def late() -> None:
+            await asyncio.sleep(0.02)
+            await q.submit(spec(seed=2))
+
+        task = asyncio.create_task(late())
+        batch = await q.claim_batch("w", max_batch=2, max_wait_ms=500, timeout_s=1)
+        await task
+        assert [j.spec.seed for j in batch] == [1, 2]
+
+    run(scenario())
+
+
+def test_lifecycle_idempotency_backlog_cancel_and_artifacts() -> None:
+    async def scenario() -> None:
+        q = make_queue(max_backlog=2)
+        a = await q.submit(spec(), idempotency_key="k1")
+        assert (await q.submit(spec(), idempotency_key="k1")).id == a.id
+        b = await q.submit(spec())
+        with pytest.raises(QueueFull) as full:
+            await q.submit(spec())
+        assert full.value.retry_after_s >= 1
+        assert await q.depth() == 2
+
+        # Cancel while queued: never claimed.
+        await q.cancel(b.id)
+        assert (await q.get(b.id)).status == JobStatus.cancelled
+        (claimed,) = await q.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=1)
+        assert claimed.id == a.id
+        await q.set_progress(a.id, 40)
+        assert (await q.get(a.id)).progress == 40
+        waiting = asyncio.create_task(q.wait(a.id, timeout_s=5))
+        result = JobResult(outputs=[OutputRef(name="0.png", content_type="image/png")], lesa={"x": 1})
+        await q.complete(a.id, result, {"0.png": b"PNG"})
+        done = await waiting
+        assert done.status == JobStatus.completed and done.progress == 100 and done.expires_at
+        assert await q.get_artifact(a.id, "0.png") == b"PNG"
+        # Terminal jobs never change again (a late worker cannot resurrect or overwrite them).
+        await q.fail(a.id, JobError(code="x", message="late"))
+        assert (await q.get(a.id)).status == JobStatus.completed
+        jobs, more = await q.list(limit=1)
+        assert [j.id for j in jobs] == [b.id] and more
+        jobs, more = await q.list(after=b.id)
+        assert [j.id for j in jobs] == [a.id] and not more
+        assert await q.delete(a.id) and await q.get(a.id) is None
+        # The serialised form round-trips (what a Redis backend stores).
+        assert type(done).model_validate_json(done.model_dump_json()) == done
+
+    run(scenario())
+
+
+def test_cancel_while_running_is_seen_by_worker_and_wins_over_complete() -> None:
+    async def scenario() -> None:
+        q = make_queue()
+        a = await q.submit(spec())
+        await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
+        assert not await q.is_cancelled(a.id)
+        assert (await q.cancel(a.id)).status == JobStatus.cancelled
+        assert await q.is_cancelled(a.id)
+        await q.complete(a.id, JobResult(outputs=[]), {})
+        assert (await q.get(a.id)).status == JobStatus.cancelled
+        timed_out = await q.wait(a.id, timeout_s=0.01)
+        assert timed_out.status == JobStatus.cancelled
+
+    run(scenario())
