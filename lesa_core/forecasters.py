@@ -1,0 +1,145 @@
+"""Forecasters: what replaces the transformer blocks on a predicted step.
+
+All four share one interface. `observe` is told every hidden state that enters the final
+layer (computed on full steps, forecast on predicted ones); `forecast` returns the hidden
+state for a predicted step from what was observed in this generation and CFG branch.
+
+    none        every step is full; nothing is forecast
+    reuse       FORA: the last full step's hidden state
+    taylorseer  finite differences over full steps, extrapolated by step distance (order 1, 2)
+    lesa        the learned stage-aware predictor over the last 8 hidden states
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lesa_core.predictor import StagePredictor, pad_history
+
+
+@dataclass
+class BranchHistory:
+    """Everything a forecaster remembers about one generation in one CFG branch."""
+
+    history: list[torch.Tensor] = field(default_factory=list)  # last hidden states, oldest first
+    full_steps: list[int] = field(default_factory=list)  # step indices of the full steps seen
+    differences: list[torch.Tensor] = field(default_factory=list)  # TaylorSeer's divided differences
+    last_full: torch.Tensor | None = None
+
+
+class Forecaster:
+    name = "none"
+    keeps = 0  # how many recent hidden states `history` must hold
+
+    def observe(self, memory: BranchHistory, step: int, hidden: torch.Tensor, full: bool) -> None:
+        if full:
+            memory.last_full = hidden
+            memory.full_steps.append(step)
+        if self.keeps:
+            memory.history.append(hidden)
+            del memory.history[: -self.keeps]
+
+    def forecast(self, memory: BranchHistory, step: int, context: ForecastContext) -> torch.Tensor:
+        raise RuntimeError("the 'none' method runs every step in full; a predicted step was requested")
+
+
+@dataclass
+class ForecastContext:
+    """What a forecaster may know about the step being forecast besides the branch's memory."""
+
+    branch: str
+    timesteps: torch.Tensor | None  # the schedule's normalised times (num_steps + 1), if set
+
+
+class ReuseForecaster(Forecaster):
+    name = "reuse"
+
+    def forecast(self, memory: BranchHistory, step: int, context: ForecastContext) -> torch.Tensor:
+        return memory.last_full
+
+
+class TaylorSeerForecaster(Forecaster):
+    """Extrapolate from divided differences of the last `order + 1` full steps.
+
+    Differences are scaled by the step distance between full steps, as in TaylorSeer. The
+    extrapolation uses Newton's form of the same differences, so order k is exact on a
+    trajectory that is a polynomial of degree k in the step index (TaylorSeer's x^k / k!
+    form is exact only for order 1: its second difference is taken half a step late).
+    """
+
+    name = "taylorseer"
+
+    def __init__(self, order: int = 1) -> None:
+        if order not in (1, 2):
+            raise ValueError(f"taylor_order must be 1 or 2, got {order}")
+        self.order = order
+
+    def observe(self, memory: BranchHistory, step: int, hidden: torch.Tensor, full: bool) -> None:
+        if not full:
+            return  # TaylorSeer extrapolates from full steps only
+        previous = memory.differences
+        updated = [hidden]
+        # differences[i] = f[s_n, ..., s_{n-i}] (divided difference over the last i + 1 full steps)
+        for i in range(min(self.order, len(previous))):
+            span = step - memory.full_steps[-(i + 1)]
+            updated.append((updated[i] - previous[i]) / span)
+        memory.differences = updated
+        super().observe(memory, step, hidden, full)
+
+    def forecast(self, memory: BranchHistory, step: int, context: ForecastContext) -> torch.Tensor:
+        differences, full_steps = memory.differences, memory.full_steps
+        out = differences[0]
+        basis = 1.0
+        for i in range(1, len(differences)):
+            basis *= step - full_steps[-i]
+            out = out + basis * differences[i]
+        return out
+
+
+class LesaForecaster(Forecaster):
+    """The learned predictor, fed back with its own forecasts (history holds every step)."""
+
+    name = "lesa"
+
+    def __init__(self, predictor: StagePredictor) -> None:
+        self.predictor = predictor
+        self.keeps = predictor.max_depth
+        self._coefficients: dict[tuple[str, int], tuple[list[float], float]] = {}
+
+    def reset(self) -> None:
+        self._coefficients.clear()
+
+    def forecast(self, memory: BranchHistory, step: int, context: ForecastContext) -> torch.Tensor:
+        if context.timesteps is None:
+            raise RuntimeError(
+                "LESA needs the schedule's times: call lesa_core.new_generation(model, timesteps=...) "
+                "before each generation"
+            )
+        t_curr = float(context.timesteps[step])
+        if torch.is_grad_enabled() and self.predictor.training:
+            return self.predictor.predict(memory.history, context.timesteps, t_curr, context.branch)
+        key = (context.branch, step)
+        if key not in self._coefficients:
+            self._coefficients[key] = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)
+        coefficients, constant = self._coefficients[key]
+        window = pad_history(memory.history, len(coefficients))
+        out = window[-1] + constant
+        for weight, hidden in zip(coefficients, window, strict=True):
+            out.add_(hidden, alpha=weight)
+        return out
+
+
+def make_forecaster(method: str, predictor: StagePredictor | None = None, taylor_order: int = 1) -> Forecaster:
+    if method == "none":
+        return Forecaster()
+    if method == "reuse":
+        return ReuseForecaster()
+    if method == "taylorseer":
+        return TaylorSeerForecaster(taylor_order)
+    if method == "lesa":
+        if predictor is None:
+            raise ValueError("method 'lesa' needs a trained predictor (StagePredictor.from_pretrained(bundle))")
+        return LesaForecaster(predictor)
+    raise ValueError(f"unknown method {method!r}; known methods: none, reuse, taylorseer, lesa")

@@ -1,0 +1,300 @@
+"""Attach a forecaster and a schedule to a diffusers transformer, without editing its code.
+
+Three kinds of hooks, registered with diffusers' own `HookRegistry`:
+
+* on the transformer: counts denoising calls per CFG branch and decides, from the schedule,
+  whether this call is a full or a predicted step;
+* on every transformer block: on a predicted step the block returns its inputs untouched, so
+  no block computes anything;
+* on the final layer (`norm_out`): on a full step it records the incoming hidden state; on a
+  predicted step it replaces that input with the forecast. The final layer then runs with the
+  current timestep's conditioning, as the method requires.
+
+State lives in a diffusers `StateManager`, keyed by the `cache_context` name ("cond",
+"uncond"; "default" for models without contexts), and is wiped by `new_generation`: nothing
+survives from one request to the next.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks._helpers import TransformerBlockRegistry
+from diffusers.hooks.hooks import BaseState, StateManager
+from torch import nn
+
+from lesa_core.forecasters import BranchHistory, ForecastContext, Forecaster, make_forecaster
+from lesa_core.predictor import StagePredictor
+from lesa_core.schedule import CacheSchedule
+
+logger = logging.getLogger(__name__)
+
+MODEL_HOOK = "lesa_model"
+BLOCK_HOOK = "lesa_block"
+FINAL_LAYER_HOOK = "lesa_final_layer"
+FINAL_LAYER_NAME = "norm_out"
+DEFAULT_BRANCH = "default"
+
+# An observer sees every hidden state entering the final layer: (branch, step, hidden, full).
+Observer = Callable[[str, int, torch.Tensor, bool], None]
+
+
+class UnsupportedModelError(ValueError):
+    """The transformer lacks what the hooks need (registered blocks, a `norm_out` final layer)."""
+
+
+@dataclass
+class CacheConfig:
+    """What to attach: a method, the schedule it follows, and (for LESA) the trained predictor.
+
+    `method` is one of "none", "reuse", "taylorseer" (with `taylor_order` 1 or 2), "lesa".
+    With no schedule, "none" runs every step in full; the others require one.
+    """
+
+    method: str = "none"
+    schedule: CacheSchedule | None = None
+    predictor: StagePredictor | None = None
+    taylor_order: int = 1
+    observer: Observer | None = field(default=None, repr=False)
+
+
+class _BranchState(BaseState):
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self, *args, **kwargs) -> None:
+        self.step = 0
+        self.memory = BranchHistory()
+        self.full = 0
+        self.predicted = 0
+        self.shape: torch.Size | None = None
+
+
+class _BranchStateManager(StateManager):
+    """diffusers' StateManager, falling back to one default branch for models without contexts."""
+
+    def get_state(self) -> _BranchState:
+        if self._context is None:
+            self._state_cache.setdefault(DEFAULT_BRANCH, _BranchState())
+            return self._state_cache[DEFAULT_BRANCH]
+        return super().get_state()
+
+    @property
+    def branch(self) -> str:
+        return DEFAULT_BRANCH if self._context is None else self._context.name
+
+    def states(self) -> dict[str, _BranchState]:
+        return dict(self._state_cache)
+
+
+class _Session:
+    """Shared by the three hook kinds of one model: the plan, the forecaster, the current step."""
+
+    def __init__(self, config: CacheConfig, forecaster: Forecaster, schedule: CacheSchedule | None) -> None:
+        self.config = config
+        self.forecaster = forecaster
+        self.schedule = schedule
+        self.timesteps: torch.Tensor | None = None
+        self.states = _BranchStateManager(_BranchState)
+        self.predicting = False  # True while a predicted step's forward runs
+        self.current: _BranchState | None = None
+
+
+class LesaModelHook(ModelHook):
+    _is_stateful = True
+
+    def __init__(self, session: _Session) -> None:
+        super().__init__()
+        self.session = session
+        self.state_manager = session.states  # found by diffusers' cache_context machinery
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        session = self.session
+        state = session.states.get_state()
+        schedule = session.schedule
+        if schedule is not None and state.step >= schedule.num_steps:
+            # A new generation began without new_generation(): start this branch afresh.
+            state.reset()
+        session.current = state
+        session.predicting = schedule is not None and not schedule.is_full(state.step)
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output):
+        session = self.session
+        state = session.current
+        if session.predicting:
+            state.predicted += 1
+        else:
+            state.full += 1
+        state.step += 1
+        session.predicting = False
+        session.current = None
+        return output
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.session.states.reset()
+        reset = getattr(self.session.forecaster, "reset", None)
+        if reset is not None:
+            reset()
+        return module
+
+
+class BlockSkipHook(ModelHook):
+    """On a predicted step, return the block's inputs as its outputs: the block does no work."""
+
+    def __init__(self, session: _Session, metadata) -> None:
+        super().__init__()
+        self.session = session
+        self.metadata = metadata
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        if not self.session.predicting:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        meta = self.metadata
+        hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
+        if meta.return_encoder_hidden_states_index is None:
+            return hidden
+        encoder = meta._get_parameter_from_args_kwargs(meta.encoder_hidden_states_argument_name, args, kwargs)
+        outputs = [None, None]
+        outputs[meta.return_hidden_states_index] = hidden
+        outputs[meta.return_encoder_hidden_states_index] = encoder
+        return tuple(outputs)
+
+
+class FinalLayerHook(ModelHook):
+    """Record the final layer's input on full steps; substitute the forecast on predicted ones."""
+
+    def __init__(self, session: _Session) -> None:
+        super().__init__()
+        self.session = session
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        session = self.session
+        state = session.current
+        if state is None:  # final layer called outside a denoising forward: leave it alone
+            return args, kwargs
+        branch = session.states.branch
+        hidden = args[0]
+        if state.shape is None:
+            state.shape = hidden.shape
+        elif hidden.shape != state.shape:
+            raise RuntimeError(
+                f"cache state for branch {branch!r} holds hidden states of shape {tuple(state.shape)} but this "
+                f"call has {tuple(hidden.shape)}: call lesa_core.new_generation(model, ...) between generations"
+            )
+        if session.predicting:
+            hidden = session.forecaster.forecast(
+                state.memory, state.step, ForecastContext(branch=branch, timesteps=session.timesteps)
+            )
+            args = (hidden, *args[1:])
+        session.forecaster.observe(state.memory, state.step, hidden, full=not session.predicting)
+        if session.config.observer is not None:
+            session.config.observer(branch, state.step, hidden, not session.predicting)
+        return args, kwargs
+
+
+def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, object]]:
+    blocks = []
+    for name, child in model.named_children():
+        if not isinstance(child, nn.ModuleList):
+            continue
+        for index, block in enumerate(child):
+            try:
+                metadata = TransformerBlockRegistry.get(type(block))
+            except ValueError:
+                continue
+            blocks.append((f"{name}.{index}", block, metadata))
+    return blocks
+
+
+def enable_cache(model: nn.Module, config: CacheConfig) -> None:
+    """Attach `config`'s method and schedule to a diffusers transformer (replacing any earlier one)."""
+    if is_cache_enabled(model):
+        disable_cache(model)
+    blocks = _find_blocks(model)
+    final_layer = getattr(model, FINAL_LAYER_NAME, None)
+    missing = []
+    if not blocks:
+        missing.append("transformer blocks registered in diffusers' TransformerBlockRegistry")
+    if not isinstance(final_layer, nn.Module):
+        missing.append(f"a final layer named `{FINAL_LAYER_NAME}`")
+    if missing:
+        raise UnsupportedModelError(f"{type(model).__name__} is not supported: it has no {' and no '.join(missing)}")
+    schedule = config.schedule
+    if schedule is None and config.method != "none":
+        raise ValueError(f"method {config.method!r} needs a schedule (CacheSchedule or a level)")
+    if config.method == "none" and schedule is not None and schedule.num_full != schedule.num_steps:
+        raise ValueError("method 'none' runs every step in full; give no schedule or CacheSchedule.every_step")
+    if config.method == "lesa" and config.predictor is not None and schedule is not None:
+        config.predictor.check_compatible(schedule, family=None, hidden_size=None)
+    forecaster = make_forecaster(config.method, config.predictor, config.taylor_order)
+    session = _Session(config, forecaster, schedule)
+
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(LesaModelHook(session), MODEL_HOOK)
+    for _, block, metadata in blocks:
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockSkipHook(session, metadata), BLOCK_HOOK)
+    HookRegistry.check_if_exists_or_initialize(final_layer).register_hook(FinalLayerHook(session), FINAL_LAYER_HOOK)
+    HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+
+
+def disable_cache(model: nn.Module) -> None:
+    """Remove every LESA hook; the model computes exactly as before `enable_cache`."""
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is None:
+        return
+    for name in (MODEL_HOOK, BLOCK_HOOK, FINAL_LAYER_HOOK):
+        registry.remove_hook(name, recurse=True)
+    registry.invalidate_child_registries_cache()
+
+
+def _session(model: nn.Module) -> _Session:
+    registry = getattr(model, "_diffusers_hook", None)
+    hook = registry.get_hook(MODEL_HOOK) if registry is not None else None
+    if hook is None:
+        raise RuntimeError("no LESA cache is enabled on this model: call lesa_core.enable_cache(model, config) first")
+    return hook.session
+
+
+def is_cache_enabled(model: nn.Module) -> bool:
+    registry = getattr(model, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook(MODEL_HOOK) is not None
+
+
+def new_generation(model: nn.Module, timesteps: Sequence[float] | torch.Tensor | None = None) -> None:
+    """Start a generation: wipe every branch's history and set the schedule's normalised times.
+
+    `timesteps` are the sampler's times normalised to 1 = noise, 0 = clean (flow-matching sigmas,
+    or t / 1000), one per step plus the final one (num_steps + 1 values); a list of num_steps
+    values gets the final 0 appended. LESA needs them; the training-free methods do not.
+    """
+    session = _session(model)
+    session.states.reset()
+    reset = getattr(session.forecaster, "reset", None)
+    if reset is not None:
+        reset()
+    if timesteps is None:
+        session.timesteps = None
+        return
+    times = torch.as_tensor(timesteps, dtype=torch.float32).detach().cpu().reshape(-1)
+    schedule = session.schedule
+    if schedule is not None:
+        if times.numel() == schedule.num_steps:
+            times = torch.cat([times, times.new_zeros(1)])
+        if times.numel() != schedule.num_steps + 1:
+            raise ValueError(
+                f"the schedule has {schedule.num_steps} steps, so timesteps needs {schedule.num_steps + 1} "
+                f"values; got {times.numel()}"
+            )
+    session.timesteps = times
+
+
+def cache_stats(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Full and predicted step counts per CFG branch for the current generation."""
+    return {
+        branch: {"full": state.full, "predicted": state.predicted}
+        for branch, state in _session(model).states.states().items()
+    }

@@ -1,0 +1,222 @@
+"""The stage-aware multi-expert predictor (LESA_METHOD.md section 2).
+
+For the last K hidden states H = [h_-K, ..., h_-1] (oldest first), the current normalised
+time t (1 = noise, 0 = clean) and the schedule's times T = (t_0, ..., t_S):
+
+    latent = Linear_K->1(H)                 # one weight per history slot, plus a bias
+    gain   = KAN([t - t_i for t_i in T])    # a scalar
+    h_pred = h_-1 + gain * latent
+
+Three experts, chosen by t: stage 0 if t > 0.9 (K = 4), stage 1 if 0.5 < t <= 0.9 (K = 8),
+stage 2 otherwise (K = 8). Optionally one expert set per CFG branch ("cond", "uncond").
+
+A bundle is a directory with `config.json` and `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lesa_core.kan import KAN
+from lesa_core.schedule import CacheSchedule
+
+SHARED_BRANCH = "shared"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class BundleError(ValueError):
+    """A predictor bundle that cannot be used: missing, corrupt, or made for something else."""
+
+
+@dataclass
+class PredictorConfig:
+    schedule: dict  # CacheSchedule.to_dict(): the one (steps, full steps) plan this predictor was trained for
+    stage_thresholds: tuple[float, float] = (0.9, 0.5)
+    history_depths: tuple[int, int, int] = (4, 8, 8)
+    kan_hidden: tuple[int, ...] = (256, 256)
+    grid_size: int = 5
+    spline_order: int = 3
+    grid_range: tuple[float, float] = (-3.0, 3.0)
+    branches: tuple[str, ...] = (SHARED_BRANCH,)
+    family: str | None = None  # transformer class name, e.g. "FluxTransformer2DModel"
+    hidden_size: int | None = None  # channels of the forecast hidden state
+    training: dict[str, Any] = field(default_factory=dict)  # how it was trained
+    quality: dict[str, Any] = field(default_factory=dict)  # measured quality card (benchmark figures)
+
+    @property
+    def num_times(self) -> int:
+        return int(self.schedule["num_steps"]) + 1
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PredictorConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise BundleError(f"unknown predictor config keys: {sorted(unknown)}")
+        data = dict(data)
+        for key in ("stage_thresholds", "history_depths", "kan_hidden", "grid_range", "branches"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+class StagePredictor(nn.Module):
+    def __init__(self, config: PredictorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.schedule = CacheSchedule.from_dict(config.schedule)
+        widths = [config.num_times, *config.kan_hidden, 1]
+        # Module names mirror the reference checkpoints: latent.{stage}, timestep.{stage}.
+        self.latent = nn.ModuleDict(
+            {b: nn.ModuleList(nn.Linear(k, 1) for k in config.history_depths) for b in config.branches}
+        )
+        self.timestep = nn.ModuleDict(
+            {
+                b: nn.ModuleList(
+                    KAN(widths, config.grid_size, config.spline_order, config.grid_range) for _ in config.history_depths
+                )
+                for b in config.branches
+            }
+        )
+        self.reset_history_weights()
+
+    def reset_history_weights(self) -> None:
+        # Start as "repeat the last hidden state" (latent = 0): training moves away from FORA.
+        for heads in self.latent.values():
+            for head in heads:
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.config.history_depths)
+
+    def stage(self, t_curr: float) -> int:
+        high, low = self.config.stage_thresholds
+        if t_curr > high:
+            return 0
+        return 1 if t_curr > low else 2
+
+    def _branch(self, branch: str | None) -> str:
+        if SHARED_BRANCH in self.latent:
+            return SHARED_BRANCH
+        if branch not in self.latent:
+            raise ValueError(f"predictor has experts for branches {list(self.latent)}, not for {branch!r}")
+        return branch
+
+    def _check_times(self, timesteps: torch.Tensor) -> torch.Tensor:
+        if timesteps.numel() != self.config.num_times:
+            raise ValueError(
+                f"predictor was trained for {self.config.num_times - 1} steps "
+                f"({self.config.num_times} schedule times) but got {timesteps.numel()} times"
+            )
+        return timesteps.reshape(-1)
+
+    def gain(self, timesteps: torch.Tensor, t_curr: torch.Tensor | float, branch: str | None = None) -> torch.Tensor:
+        """The scalar gain KAN([t_curr - t_i]) of the expert for t_curr's stage."""
+        times = self._check_times(torch.as_tensor(timesteps, dtype=torch.float32))
+        t = torch.as_tensor(t_curr, dtype=torch.float32)
+        kan = self.timestep[self._branch(branch)][self.stage(float(t))]
+        weight = kan.layers[0].base_weight
+        return kan((t - times).to(weight.device, weight.dtype).unsqueeze(0)).reshape(())
+
+    def history_weights(self, t_curr: float, branch: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        head = self.latent[self._branch(branch)][self.stage(t_curr)]
+        return head.weight.reshape(-1), head.bias.reshape(())
+
+    def predict(
+        self,
+        history: Sequence[torch.Tensor],
+        timesteps: torch.Tensor | Sequence[float],
+        t_curr: float,
+        branch: str | None = None,
+    ) -> torch.Tensor:
+        """Forecast the next hidden state from `history` (oldest first), differentiably."""
+        if not history:
+            raise ValueError("predict needs at least one past hidden state")
+        t_curr = float(t_curr)
+        weights, bias = self.history_weights(t_curr, branch)
+        window = pad_history(history, weights.numel())
+        stacked = torch.stack(window, dim=-1)  # (..., K)
+        latent = stacked @ weights.to(stacked.dtype) + bias.to(stacked.dtype)
+        gain = self.gain(torch.as_tensor(timesteps, dtype=torch.float32), t_curr, branch).to(stacked.dtype)
+        return window[-1] + gain * latent
+
+    def step_coefficients(
+        self, timesteps: torch.Tensor, t_curr: float, branch: str | None = None
+    ) -> tuple[list[float], float]:
+        """The forecast folded into constants: h_pred = h_-1 + sum_k c_k H_k + c_0.
+
+        The gain depends only on the schedule, so for inference it is computed once per step and
+        the forecast becomes one weighted sum over the history (no stack, no KAN on the hot path).
+        """
+        with torch.no_grad():
+            weights, bias = self.history_weights(t_curr, branch)
+            gain = self.gain(timesteps, t_curr, branch)
+            coefficients = (gain * weights).float().cpu().tolist()
+            return coefficients, float(gain * bias)
+
+    # -- bundles ---------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> StagePredictor:
+        path = Path(path)
+        config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+        if not config_path.is_file():
+            raise BundleError(f"{config_path}: missing (a predictor bundle holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+        if not weights_path.is_file():
+            raise BundleError(f"{weights_path}: missing")
+        try:
+            config = PredictorConfig.from_dict(json.loads(config_path.read_text()))
+            predictor = cls(config)
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError) as error:
+            raise BundleError(f"{config_path}: not a valid predictor config ({error})") from error
+        try:
+            state = load_file(str(weights_path), device=str(map_location))
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise BundleError(f"{weights_path}: corrupt or truncated safetensors file ({error})") from error
+        try:
+            predictor.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise BundleError(f"{weights_path}: weights do not match {config_path} ({error})") from error
+        return predictor.to(map_location).eval()
+
+    def check_compatible(self, schedule: CacheSchedule, family: str | None, hidden_size: int | None) -> None:
+        """Raise BundleError naming what differs between this bundle and a request or model."""
+        if (
+            tuple(schedule.full_steps) != tuple(self.schedule.full_steps)
+            or schedule.num_steps != self.schedule.num_steps
+        ):
+            raise BundleError(
+                f"predictor was trained for {self.schedule.describe()} "
+                f"but the request uses {schedule.describe()}: num_steps and schedule must match"
+            )
+        if family and self.config.family and family != self.config.family:
+            raise BundleError(f"predictor was trained for {self.config.family}, not {family}")
+        if hidden_size and self.config.hidden_size and hidden_size != self.config.hidden_size:
+            raise BundleError(
+                f"predictor was trained on hidden size {self.config.hidden_size}, the model has {hidden_size}"
+            )
+
+
+def pad_history(history: Sequence[torch.Tensor], depth: int) -> list[torch.Tensor]:
+    """The last `depth` entries, oldest first; too short a history repeats its oldest entry."""
+    window = list(history[-depth:])
+    return [window[0]] * (depth - len(window)) + window

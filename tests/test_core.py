@@ -1,0 +1,190 @@
+"""Schedule, KAN, predictor and forecasters against independent, straightforward implementations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lesa_core import (
+    LEVELS,
+    BundleError,
+    CacheSchedule,
+    KANLinear,
+    PredictorConfig,
+    StagePredictor,
+    TaylorSeerForecaster,
+    level_schedule,
+)
+from lesa_core.forecasters import BranchHistory, ForecastContext, LesaForecaster, ReuseForecaster
+
+
+def test_reference_schedule_table():
+    schedule = CacheSchedule(50, interval=7, first_enhance=3)
+    assert schedule.full_steps == (0, 1, 2, 3, 9, 16, 23, 30, 37, 44)
+    assert schedule.speedup == 5.0
+    assert CacheSchedule(50, 7, 3, force_step3=False).full_steps == (0, 1, 2, 9, 16, 23, 30, 37, 44)
+    assert level_schedule("6.25x").num_full == 8 and level_schedule("6.25x").speedup == 6.25
+    assert [level_schedule(n).num_full for n in LEVELS] == [50, 25, 15, 10, 8]
+    explicit = CacheSchedule.from_full_steps(10, [5, 0, 5, 9])
+    assert explicit.full_steps == (0, 5, 9) and not explicit.is_full(1)
+    assert CacheSchedule.from_dict(schedule.to_dict()) == schedule
+    with pytest.raises(ValueError, match="step 0"):
+        CacheSchedule.from_full_steps(10, [1, 2])
+    with pytest.raises(ValueError, match="unknown acceleration level"):
+        level_schedule("9x")
+
+
+def _bspline_basis(x: float, knots: list[float], i: int, k: int) -> float:
+    """Cox-de Boor recursion, scalar and recursive: the textbook definition."""
+    if k == 0:
+        return 1.0 if knots[i] <= x < knots[i + 1] else 0.0
+    left = (x - knots[i]) / (knots[i + k] - knots[i]) * _bspline_basis(x, knots, i, k - 1)
+    right = (knots[i + k + 1] - x) / (knots[i + k + 1] - knots[i + 1]) * _bspline_basis(x, knots, i + 1, k - 1)
+    return left + right
+
+
+def test_kan_layer_matches_loop_implementation():
+    torch.manual_seed(0)
+    layer = KANLinear(3, 2, grid_size=5, spline_order=3, grid_range=(-3, 3)).double().requires_grad_(False)
+    with torch.no_grad():
+        layer.spline_weight.normal_()
+    x = torch.tensor([[-2.5, 0.1, 1.7], [0.0, -0.4, 2.9]], dtype=torch.float64)
+    knots = [(-3 + j * 6 / 5) for j in range(-3, 5 + 3 + 1)]
+    expected = torch.zeros(2, 2, dtype=torch.float64)
+    for b in range(2):
+        for o in range(2):
+            total = 0.0
+            for i in range(3):
+                xi = float(x[b, i])
+                total += float(layer.base_weight[o, i]) * xi / (1 + math.exp(-xi))
+                for j in range(5 + 3):
+                    coefficient = float(layer.spline_weight[o, i, j] * layer.spline_scaler[o, i])
+                    total += coefficient * _bspline_basis(xi, knots, j, 3)
+            expected[b, o] = total
+    torch.testing.assert_close(layer(x), expected)
+
+
+def _predictor(num_steps: int = 10, **overrides) -> StagePredictor:
+    torch.manual_seed(0)
+    schedule = CacheSchedule.from_full_steps(num_steps, [0, 1, 2, 5])
+    config = PredictorConfig(schedule=schedule.to_dict(), kan_hidden=(16, 16), **overrides)
+    predictor = StagePredictor(config)
+    with torch.no_grad():
+        for heads in predictor.latent.values():
+            for head in heads:
+                head.weight.normal_()
+                head.bias.normal_()
+    return predictor.double().requires_grad_(False)
+
+
+def test_predictor_matches_formula_written_out():
+    predictor = _predictor()
+    times = torch.linspace(1, 0, 11, dtype=torch.float64)
+    history = [torch.randn(2, 3, 4, dtype=torch.float64) for _ in range(6)]
+    for t_curr, stage, depth in ((0.95, 0, 4), (0.7, 1, 8), (0.3, 2, 8)):
+        kan = predictor.timestep["shared"][stage]
+        head = predictor.latent["shared"][stage]
+        gain = float(kan((t_curr - times).float().unsqueeze(0).double()).squeeze())
+        window = [history[0]] * max(0, depth - len(history)) + history[-depth:]
+        latent = sum(float(head.weight[0, k]) * window[k] for k in range(depth)) + float(head.bias)
+        expected = history[-1] + gain * latent
+        got = predictor.predict(history, times, t_curr)
+        torch.testing.assert_close(got, expected)
+        # the folded inference path gives the same forecast
+        coefficients, constant = predictor.step_coefficients(times, t_curr)
+        folded = window[-1] + constant + sum(c * h for c, h in zip(coefficients, window, strict=True))
+        torch.testing.assert_close(folded, expected)
+
+
+def test_predictor_preserves_dtype_and_batches():
+    predictor = _predictor().float()
+    times = torch.linspace(1, 0, 11)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        history = [torch.randn(3, 5, 8).to(dtype) for _ in range(8)]
+        out = predictor.predict(history, times, 0.6)
+        assert out.dtype == dtype and out.shape == (3, 5, 8)
+        single = predictor.predict([h[1:2] for h in history], times, 0.6)
+        torch.testing.assert_close(out[1:2].float(), single.float())
+
+
+def test_branch_experts_and_errors():
+    predictor = _predictor(branches=("cond", "uncond"))
+    times = torch.linspace(1, 0, 11, dtype=torch.float64)
+    history = [torch.randn(4, dtype=torch.float64) for _ in range(8)]
+    assert not torch.equal(
+        predictor.predict(history, times, 0.4, "cond"), predictor.predict(history, times, 0.4, "uncond")
+    )
+    with pytest.raises(ValueError, match="branches"):
+        predictor.predict(history, times, 0.4, "other")
+    with pytest.raises(ValueError, match="11 schedule times"):
+        predictor.predict(history, times[:5], 0.4, "cond")
+
+
+def test_bundle_round_trip_and_mismatch_errors(tmp_path):
+    predictor = _predictor(family="FluxTransformer2DModel", hidden_size=64).float()
+    predictor.save_pretrained(tmp_path / "bundle")
+    loaded = StagePredictor.from_pretrained(tmp_path / "bundle")
+    for (name, a), (_, b) in zip(predictor.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    loaded.check_compatible(predictor.schedule, "FluxTransformer2DModel", 64)
+    with pytest.raises(BundleError, match="trained for 4 of 10 steps"):
+        loaded.check_compatible(CacheSchedule(50, 7, 3), None, None)
+    with pytest.raises(BundleError, match="hidden size 64"):
+        loaded.check_compatible(predictor.schedule, None, 128)
+    with pytest.raises(BundleError, match="WanTransformer3DModel"):
+        loaded.check_compatible(predictor.schedule, "WanTransformer3DModel", None)
+
+
+def test_corrupt_and_missing_bundles_fail_cleanly(tmp_path):
+    _predictor().float().save_pretrained(tmp_path / "b")
+    weights = tmp_path / "b" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(BundleError, match="corrupt or truncated"):
+        StagePredictor.from_pretrained(tmp_path / "b")
+    with pytest.raises(BundleError, match="missing"):
+        StagePredictor.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "b" / "config.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not a valid predictor config"):
+        StagePredictor.from_pretrained(tmp_path / "b")
+
+
+def _feed(forecaster, trajectory, full_steps, steps):
+    memory = BranchHistory()
+    context = ForecastContext(branch="default", timesteps=torch.linspace(1, 0, len(trajectory) + 1))
+    out = {}
+    for step in range(steps):
+        full = step in full_steps
+        hidden = trajectory[step] if full else forecaster.forecast(memory, step, context)
+        out[step] = hidden
+        forecaster.observe(memory, step, hidden, full)
+    return out
+
+
+def test_reuse_and_taylorseer_exactness():
+    base, slope, curve = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    linear = [base + slope * s for s in range(12)]
+    quadratic = [base + slope * s + curve * s * s for s in range(12)]
+    full = {0, 1, 3, 6, 10}
+    reuse = _feed(ReuseForecaster(), linear, full, 12)
+    assert torch.equal(reuse[5], linear[3]) and torch.equal(reuse[11], linear[10])
+    first = _feed(TaylorSeerForecaster(1), linear, full, 12)
+    second = _feed(TaylorSeerForecaster(2), quadratic, full, 12)
+    for step in range(12):
+        torch.testing.assert_close(first[step], linear[step])
+        if step > 3:  # order 2 needs three full steps (0, 1, 3) before it can be exact
+            torch.testing.assert_close(second[step], quadratic[step], rtol=1e-5, atol=1e-4)
+    # order 1 is not exact on the quadratic: the test above can fail
+    assert not torch.allclose(_feed(TaylorSeerForecaster(1), quadratic, full, 12)[5], quadratic[5])
+
+
+def test_lesa_forecaster_feeds_back_predictions():
+    predictor = _predictor().float().eval()
+    trajectory = [torch.randn(2, 4) for _ in range(10)]
+    out = _feed(LesaForecaster(predictor), trajectory, set(predictor.schedule.full_steps), 10)
+    times = torch.linspace(1, 0, 11)
+    history = [out[s] for s in range(4)]
+    torch.testing.assert_close(out[4], predictor.predict(history, times, float(times[4])))
+    history.append(out[4])
+    torch.testing.assert_close(out[5], trajectory[5])  # step 5 is full

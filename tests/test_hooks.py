@@ -1,0 +1,165 @@
+"""The hooks on every supported diffusers family: exactness, skipped blocks, state isolation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_transformers import FAMILIES, build
+from torch import nn
+
+from lesa_core import (
+    CacheConfig,
+    CacheSchedule,
+    UnsupportedModelError,
+    cache_stats,
+    disable_cache,
+    enable_cache,
+    new_generation,
+)
+
+TIMES = [1.0, 0.95, 0.85, 0.7, 0.55, 0.4, 0.25, 0.1]
+
+
+def run_loop(family, times=TIMES) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [family.call(t) for t in times]
+
+
+def count_block_attention(model: nn.Module) -> list[int]:
+    """Count attention calls inside the transformer blocks: a block that computes attends.
+
+    (Not every submodule of a block is block compute: DiT's final layer borrows block 0's
+    timestep embedding, which must still run on a predicted step.)
+    """
+    calls = [0]
+    for child in model.children():
+        if isinstance(child, nn.ModuleList):
+            for module in child.modules():
+                if hasattr(module, "processor"):
+                    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    assert any(hasattr(m, "processor") for m in model.modules())
+    return calls
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_step_full_is_bit_exact(name):
+    family = build(name)
+    reference = run_loop(family)
+    enable_cache(family.model, CacheConfig(method="none"))
+    new_generation(family.model)
+    hooked = run_loop(family)
+    disable_cache(family.model)
+    after = run_loop(family)
+    for ref, out, again in zip(reference, hooked, after, strict=True):
+        assert torch.equal(ref, out)
+        assert torch.equal(ref, again)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_predicted_steps_run_no_block_and_apply_final_layer_to_forecast(name):
+    family = build(name)
+    model = family.model
+    schedule = CacheSchedule.from_full_steps(len(TIMES), [0, 1, 4])
+    captured: dict[int, torch.Tensor] = {}
+    enable_cache(
+        model,
+        CacheConfig(
+            method="reuse", schedule=schedule, observer=lambda b, step, h, full: captured.__setitem__(step, h.clone())
+        ),
+    )
+    new_generation(model)
+    calls = count_block_attention(model)
+    outputs, per_step = [], []
+    with torch.no_grad():
+        for t in TIMES:
+            before = calls[0]
+            outputs.append(family.call(t))
+            per_step.append(calls[0] - before)
+    assert cache_stats(model) == {"default": {"full": 3, "predicted": 5}}
+    for step, n in enumerate(per_step):
+        assert (n > 0) == schedule.is_full(step), f"step {step}: {n} attention calls in blocks"
+    # reuse forecasts the last full step's hidden state ...
+    assert torch.equal(captured[2], captured[1]) and torch.equal(captured[7], captured[4])
+    disable_cache(model)
+    # ... and a predicted step's output is the unhooked final layer applied to that forecast,
+    # with the current timestep's conditioning.
+    handle = model.norm_out.register_forward_pre_hook(lambda m, args: (captured[1], *args[1:]))
+    with torch.no_grad():
+        expected = family.call(TIMES[2])
+    handle.remove()
+    torch.testing.assert_close(outputs[2], expected, rtol=0, atol=0)
+
+
+def test_branches_keep_separate_histories_and_generations_do_not_leak():
+    family = build("flux")
+    model = family.model
+    schedule = CacheSchedule.from_full_steps(4, [0, 2])
+    seen: list[tuple[str, int, bool]] = []
+    enable_cache(
+        model,
+        CacheConfig(method="reuse", schedule=schedule, observer=lambda b, s, h, full: seen.append((b, s, full))),
+    )
+    new_generation(model)
+    with torch.no_grad():
+        for t in TIMES[:4]:
+            for branch in ("cond", "uncond"):
+                with model.cache_context(branch):
+                    family.call(t)
+    assert cache_stats(model) == {
+        "cond": {"full": 2, "predicted": 2},
+        "uncond": {"full": 2, "predicted": 2},
+    }
+    assert [s for b, s, _ in seen if b == "uncond"] == [0, 1, 2, 3]
+    # A second generation at another batch size starts clean instead of failing on stale shapes.
+    new_generation(model)
+    assert cache_stats(model) == {}
+    small = build("flux", batch=1)
+    small.model.load_state_dict(model.state_dict())
+    enable_cache(small.model, CacheConfig(method="reuse", schedule=schedule))
+    new_generation(small.model)
+    with torch.no_grad():
+        for t in TIMES[:4]:
+            small.call(t)
+    assert cache_stats(small.model) == {"default": {"full": 2, "predicted": 2}}
+
+
+def test_shape_change_inside_a_generation_is_a_clear_error():
+    family = build("flux")
+    enable_cache(family.model, CacheConfig(method="reuse", schedule=CacheSchedule.from_full_steps(4, [0, 2])))
+    new_generation(family.model)
+    other = build("flux", batch=1)
+    with torch.no_grad():
+        family.call(1.0)
+        other.model.load_state_dict(family.model.state_dict())
+        # same hooked model, different batch: simulate by calling the hooked model with other inputs
+        with pytest.raises(RuntimeError, match="new_generation"):
+            family.model(
+                hidden_states=torch.randn(1, 16, 4),
+                encoder_hidden_states=torch.randn(1, 5, 32),
+                pooled_projections=torch.randn(1, 32),
+                timestep=torch.full((1,), 0.9),
+                img_ids=torch.zeros(16, 3),
+                txt_ids=torch.zeros(5, 3),
+            )
+
+
+def test_unsupported_model_names_what_is_missing():
+    with pytest.raises(UnsupportedModelError, match="norm_out"):
+        enable_cache(nn.Sequential(nn.Linear(2, 2)), CacheConfig())
+
+
+def test_lesa_without_timesteps_says_how_to_fix(tmp_path):
+    from lesa_core import PredictorConfig, StagePredictor
+
+    family = build("flux")
+    schedule = CacheSchedule.from_full_steps(4, [0, 2])
+    predictor = StagePredictor(PredictorConfig(schedule=schedule.to_dict(), kan_hidden=(8,)))
+    enable_cache(family.model, CacheConfig(method="lesa", schedule=schedule, predictor=predictor))
+    new_generation(family.model)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="timesteps"):
+        run_loop(family, TIMES[:2])
+    new_generation(family.model, timesteps=TIMES[:4])  # num_steps values: the final 0 is appended
+    run_loop(family, TIMES[:4])
+    assert cache_stats(family.model) == {"default": {"full": 2, "predicted": 2}}
+    with pytest.raises(ValueError, match="needs 5 values"):
+        new_generation(family.model, timesteps=TIMES)
