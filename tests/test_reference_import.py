@@ -1,0 +1,99 @@
+"""Importing checkpoints from the paper's code: same predictions, and no pickled code runs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lesa_core import BundleError, CacheSchedule, PredictorConfig, StagePredictor
+from lesa_core.cli import main
+
+
+class ReferenceArgs:  # stands for the reference code's pickled config object
+    def __init__(self) -> None:
+        self.lr = 1e-4
+        self.interval = 7
+
+
+class Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _reference_file(tmp_path, branches, extra=None):
+    schedule = CacheSchedule(10, 3, 2)
+    torch.manual_seed(0)
+    ours = StagePredictor(PredictorConfig(schedule=schedule.to_dict(), kan_hidden=(12, 12), branches=branches))
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_()
+    model = {}
+    for key, value in ours.state_dict().items():
+        kind, branch, rest = key.split(".", 2)
+        model[f"{kind}.{rest}" if branch == "shared" else f"{kind}_{branch}.{rest}"] = value
+    payload = {"model": model, "args": ReferenceArgs(), "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}}
+    payload.update(extra or {})
+    path = tmp_path / "reference.pth"
+    torch.save(payload, path)
+    return path, ours, schedule
+
+
+@pytest.mark.parametrize("branches", [("shared",), ("cond", "uncond")])
+def test_import_gives_identical_predictions(tmp_path, branches):
+    path, ours, schedule = _reference_file(tmp_path, branches)
+    code = main(
+        ["import-reference", str(path), str(tmp_path / "bundle"), "--num-steps", "10"]
+        + ["--interval", "3", "--first-enhance", "2"]
+    )
+    assert code == 0
+    imported = StagePredictor.from_pretrained(tmp_path / "bundle")
+    assert imported.config.branches == branches
+    times = torch.linspace(1, 0, 11)
+    history = [torch.randn(2, 6) for _ in range(8)]
+    for t in (0.95, 0.6, 0.2):
+        for branch in branches:
+            torch.testing.assert_close(
+                imported.predict(history, times, t, branch), ours.predict(history, times, t, branch)
+            )
+
+
+def test_import_never_runs_pickled_code(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    path, _, _ = _reference_file(tmp_path, ("shared",), extra={"evil": Exploit(str(marker))})
+    args = ["import-reference", str(path), str(tmp_path / "b"), "--num-steps", "10", "--interval", "3"]
+    # torch's weights-only unpickler refuses the blocked global outright: a clean error, nothing runs
+    assert main([*args, "--first-enhance", "2"]) == 2
+    assert "posix.system" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_import_errors_name_the_problem(tmp_path, capsys):
+    path, _, _ = _reference_file(tmp_path, ("shared",))
+    assert (
+        main(
+            [
+                "import-reference",
+                str(path),
+                str(tmp_path / "b"),
+                "--num-steps",
+                "50",
+                "--interval",
+                "7",
+                "--first-enhance",
+                "3",
+            ]
+        )
+        == 2
+    )
+    assert "--num-steps is 50" in capsys.readouterr().err
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(BundleError, match="not a readable torch checkpoint"):
+        from lesa_core.reference_import import load_reference_checkpoint
+
+        load_reference_checkpoint(broken)
