@@ -1,0 +1,945 @@
+"""`JobQueue` on Redis Streams: one API tier feeding any number of worker processes on any nodes.
+
+Layout (every key starts with `prefix`, default `lesa`, so several deployments or test runs can
+share one Redis):
+
+* `<p>:jobs` — the stream. One entry per job (`id=<job id>`), consumed by the group
+  `<p>-workers` (`XREADGROUP`). An entry stays in the group's pending list (PEL) from delivery
+  until the job's result is stored; results and `XACK` are written by one Lua script, so a job is
+  acknowledged exactly when its result exists.
+* `<p>:job:<id>` — hash with the job record (spec JSON, status, progress, timestamps, attempts,
+  error/result JSON, stream entry id). Unfinished jobs live `job_ttl_s`; finished ones until
+  `expires_at` (`result_ttl_s`).
+* `<p>:art:<id>` / `<p>:files:<id>` — outputs: small ones inline in Redis, larger ones
+  (> `inline_max_bytes`) as files under `output_dir` (a volume shared by API and workers), the
+  hash holding the path.
+* `<p>:queued` — sorted set of job ids not yet started: `depth()` and the backlog limit.
+* `<p>:index`, `<p>:index:<kind>` — sorted sets by creation time for `list()`.
+* `<p>:idem:<sha256>` — Idempotency-Key -> job id, kept as long as the job.
+* `<p>:workers` — sorted set worker id -> last heartbeat (live worker count, Retry-After).
+* `<p>:events` — pub/sub channel: job ids that became terminal (wakes `wait()` at once).
+
+Every state change that must not race is one Lua script (status only moves forward; the first
+`complete`/`fail` wins and later ones only acknowledge), so two workers that both ran a
+re-delivered job still leave exactly one result.
+
+Crash recovery: a worker that dies leaves its entries in the PEL. Live workers `XAUTOCLAIM`
+entries idle longer than `visibility_timeout_s`; running workers keep theirs fresh with an
+`XCLAIM` heartbeat from `set_progress` (once per denoising step at most every quarter timeout),
+so only dead or hung workers lose jobs. A job delivered `max_deliveries` times without finishing is
+marked failed with the last error.
+
+Batching: `XREADGROUP` hands out entries in stream order whatever their shape, so a worker keeps
+incompatible entries it has read in a small local carry-over list (bounded by `max_batch`) and
+starts them first in its next batch. They stay in the PEL meanwhile: if the worker dies, or is
+slower than the visibility timeout, another worker takes them (the start script checks the worker
+still owns an entry, so nobody runs a job that was handed to someone else). On shutdown the
+carry-over is released for other workers at once.
+
+Not supported: Redis Cluster (the scripts touch a few keys they derive instead of declare).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import math
+import os
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, ParamSpec, TypeVar
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.queue import (
+    Job,
+    JobError,
+    JobKind,
+    JobQueue,
+    JobResult,
+    JobSpec,
+    JobStatus,
+    QueueFull,
+    QueueUnavailable,
+    new_job_id,
+)
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+class RedisQueueSettings(BaseSettings):
+    """Redis queue and `lesa worker` settings (env `LESA_*`, like `service.settings.Settings`).
+
+    Kept here rather than in `Settings` so the API settings stay about the API; both read the same
+    environment, and `Settings` ignores these names.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LESA_", env_file=".env", extra="ignore")
+
+    redis_url: str | None = Field(None, description="redis://host:port/db; unset = in-process queue")
+    redis_prefix: str = Field("lesa", description="key prefix; stream `<p>:jobs`, group `<p>-workers`")
+    redis_output_dir: Path = Field(
+        Path("outputs/redis"), description="shared directory for outputs above redis_inline_max_bytes"
+    )
+    redis_inline_max_bytes: int = Field(1_000_000, ge=0, description="larger outputs go to redis_output_dir")
+    redis_visibility_timeout_s: float = Field(
+        300.0, gt=0, description="a delivered job with no heartbeat for this long is re-delivered"
+    )
+    redis_max_deliveries: int = Field(3, ge=1, description="deliveries before a job that never finishes fails")
+    redis_job_ttl_s: float = Field(86400.0, gt=0, description="how long an unfinished job record is kept")
+    redis_socket_timeout_s: float = Field(5.0, gt=0)
+    max_backlog: int = Field(256, ge=1)
+    result_ttl_s: float = Field(3600.0, gt=0)
+    max_batch: int = Field(8, ge=1, le=64)
+    max_wait_ms: float = Field(10.0, ge=0)
+    # `lesa worker` only:
+    worker_name: str | None = Field(None, description="consumer name (default: host-pid-random)")
+    worker_metrics_host: str = Field("0.0.0.0", description="where the worker's /metrics server listens")
+    worker_metrics_port: int = Field(9101, ge=0, le=65535, description="0 = no metrics server")
+
+
+# ---- Lua ------------------------------------------------------------------------------------
+# Status strings are compared literally; keep in sync with JobStatus.
+
+_SUBMIT = """
+-- KEYS: job, stream, queued, index, kind index, idempotency key
+-- ARGV: id, spec, created_at, idempotency key ('' = none), max_backlog, job_ttl_s, job key prefix
+if ARGV[4] ~= '' then
+  local existing = redis.call('GET', KEYS[6])
+  if existing and redis.call('EXISTS', ARGV[7] .. existing) == 1 then
+    return {'existing', existing}
+  end
+end
+local depth = redis.call('ZCARD', KEYS[3])
+if depth >= tonumber(ARGV[5]) then
+  return {'full', tostring(depth)}
+end
+local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'status', 'queued', 'progress', '0', 'created_at', ARGV[3],
+  'attempts', '0', 'entry', entry, 'idem', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[6], ARGV[1], 'EX', ARGV[6])
+end
+return {'new', entry}
+"""
+
+_START = """
+-- Start one delivered job on this worker, or tell why not.
+-- KEYS: job, stream, queued
+-- ARGV: id, entry, worker, now, max_deliveries, group, result_ttl_s, events channel, visibility_s
+local function ack()
+  redis.call('XACK', KEYS[2], ARGV[6], ARGV[2])
+  redis.call('XDEL', KEYS[2], ARGV[2])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+-- Only the consumer that owns the entry may start it (another worker may have reclaimed it).
+local owned = redis.call('XPENDING', KEYS[2], ARGV[6], ARGV[2], ARGV[2], 1, ARGV[3])
+if #owned == 0 then return 'lost' end
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then ack() return 'gone' end
+if status == 'completed' or status == 'failed' or status == 'cancelled' then ack() return 'terminal' end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if status == 'in_progress' then
+  local prev = redis.call('HGET', KEYS[1], 'worker_id') or '?'
+  redis.call('HSET', KEYS[1], 'last_error', 'delivery ' .. attempts .. ' (worker ' .. prev ..
+    ') was abandoned: no heartbeat for ' .. ARGV[9] .. ' s (the worker crashed, was killed or hung)')
+end
+if attempts >= tonumber(ARGV[5]) then
+  local last = redis.call('HGET', KEYS[1], 'last_error') or 'unknown'
+  local err = cjson.encode({code = 'max_deliveries_exceeded',
+    message = 'gave up after ' .. attempts .. ' deliveries; last error: ' .. last})
+  local now = tonumber(ARGV[4])
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'error', err, 'completed_at', ARGV[4],
+    'expires_at', tostring(now + tonumber(ARGV[7])))
+  redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[7])))
+  ack()
+  redis.call('PUBLISH', ARGV[8], ARGV[1])
+  return 'dead'
+end
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started_at', ARGV[4], 'worker_id', ARGV[3],
+  'attempts', tostring(attempts + 1))
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 'ok'
+"""
+
+_HEARTBEAT = """
+-- Reset the idle time of entries this worker still owns (never steal one back).
+-- KEYS: stream; ARGV: group, worker, entry...
+local kept = 0
+for i = 3, #ARGV do
+  local owned = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #owned > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept = kept + 1
+  end
+end
+return kept
+"""
+
+_PROGRESS = """
+-- KEYS: job; ARGV: progress. Forward only, running jobs only.
+if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'progress') or '0')
+if tonumber(ARGV[1]) > cur then redis.call('HSET', KEYS[1], 'progress', ARGV[1]) end
+return 1
+"""
+
+_FINISH = """
+-- Store a result (or error), mark terminal and acknowledge, atomically. A job that is already
+-- terminal (cancelled, or finished by another delivery) is only acknowledged: first writer wins.
+-- KEYS: job, stream, art, files, stats, queued
+-- ARGV: id, group, status, payload json, now, result_ttl_s, events channel, n_inline,
+--       name, bytes, ..., n_files, name, path, ...
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if entry then
+  redis.call('XACK', KEYS[2], ARGV[2], entry)
+  redis.call('XDEL', KEYS[2], entry)
+end
+local status = redis.call('HGET', KEYS[1], 'status')
+if (not status) or status == 'completed' or status == 'failed' or status == 'cancelled' then
+  return 0
+end
+local now = tonumber(ARGV[5])
+local ttl = math.ceil(tonumber(ARGV[6]))
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'completed_at', ARGV[5], 'expires_at', tostring(now + tonumber(ARGV[6])))
+if ARGV[3] == 'completed' then
+  redis.call('HSET', KEYS[1], 'result', ARGV[4], 'progress', '100')
+else
+  redis.call('HSET', KEYS[1], 'error', ARGV[4])
+end
+local i = 9
+local n_inline = tonumber(ARGV[8])
+for _ = 1, n_inline do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+local n_files = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, n_files do
+  redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+redis.call('EXPIRE', KEYS[1], ttl)
+if n_inline > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
+if n_files > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
+local idem = redis.call('HGET', KEYS[1], 'idem')
+if idem and idem ~= '' then redis.call('EXPIRE', idem, ttl) end
+redis.call('ZREM', KEYS[6], ARGV[1])
+-- Smoothed seconds per job (start to finish), for the Retry-After estimate.
+local started = tonumber(redis.call('HGET', KEYS[1], 'started_at') or '')
+if started then
+  local d = now - started
+  local old = tonumber(redis.call('HGET', KEYS[5], 'job_s') or tostring(d))
+  redis.call('HSET', KEYS[5], 'job_s', tostring(0.8 * old + 0.2 * d))
+end
+redis.call('PUBLISH', ARGV[7], ARGV[1])
+return 1
+"""
+
+_CANCEL = """
+-- KEYS: job, queued; ARGV: id, now, result_ttl_s, events channel
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status == 'completed' or status == 'failed' or status == 'cancelled' then return status end
+local now = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2], 'expires_at', tostring(now + tonumber(ARGV[3])))
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
+local idem = redis.call('HGET', KEYS[1], 'idem')
+if idem and idem ~= '' then redis.call('EXPIRE', idem, math.ceil(tonumber(ARGV[3]))) end
+-- The stream entry stays: the worker that reads it (or is running it) acknowledges it.
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return 'cancelled'
+"""
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Map "Redis cannot be reached" to `QueueUnavailable` (-> 503), with where and why."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError, TimeoutError) as error:
+            queue = args[0]
+            assert isinstance(queue, RedisJobQueue)
+            raise QueueUnavailable(f"the job queue (Redis at {queue.where}) is unavailable: {error}") from error
+
+    return wrapper
+
+
+@dataclass
+class _Entry:
+    """A stream entry this worker has been delivered but not started yet."""
+
+    entry_id: str
+    job_id: str
+    spec: JobSpec
+
+
+def _s(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+def _f(value: bytes | None) -> float | None:
+    return None if value in (None, b"") else float(value)  # type: ignore[arg-type]
+
+
+def _take_compatible(
+    carry: list[_Entry], chosen: list[_Entry], key: tuple[Any, ...], samples: int, max_batch: int
+) -> int:
+    """Add carried entries with the head's batch key to `chosen`, in order; return the sample count."""
+    for entry in carry:
+        if samples >= max_batch:
+            break
+        if entry in chosen or entry.spec.batch_key() != key or samples + entry.spec.n > max_batch:
+            continue
+        chosen.append(entry)
+        samples += entry.spec.n
+    return samples
+
+
+def _safe_name(name: str) -> str:
+    # Output names come from our worker ("0.png", "video.mp4"), but they become file paths.
+    if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+        raise ValueError(f"invalid output name {name!r}")
+    return name
+
+
+class RedisJobQueue(JobQueue):
+    """Redis Streams backend of `JobQueue`; see the module docstring for the design."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "lesa",
+        max_backlog: int = 256,
+        result_ttl_s: float = 3600.0,
+        job_ttl_s: float = 86400.0,
+        visibility_timeout_s: float = 300.0,
+        max_deliveries: int = 3,
+        inline_max_bytes: int = 1_000_000,
+        output_dir: str | Path = "outputs/redis",
+        socket_timeout_s: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.max_backlog = max_backlog
+        self.result_ttl_s = result_ttl_s
+        self.job_ttl_s = job_ttl_s
+        self.visibility_timeout_s = visibility_timeout_s
+        self.max_deliveries = max_deliveries
+        self.inline_max_bytes = inline_max_bytes
+        self.output_dir = Path(output_dir)
+        parts = urlsplit(url)
+        # Never echo credentials in an error message.
+        self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or ''}"
+
+        # One quick retry re-dials a pooled socket that a Redis restart killed; more retries would
+        # only delay the 503 a client should get while Redis is really down.
+        self._redis: aioredis.Redis = aioredis.from_url(
+            url,
+            socket_connect_timeout=1.0,
+            socket_timeout=socket_timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+            health_check_interval=15,
+        )
+        self.stream = f"{prefix}:jobs"
+        self.group = f"{prefix}-workers"
+        self.k_queued = f"{prefix}:queued"
+        self.k_index = f"{prefix}:index"
+        self.k_workers = f"{prefix}:workers"
+        self.k_stats = f"{prefix}:stats"
+        self.channel = f"{prefix}:events"
+        self._submit = self._redis.register_script(_SUBMIT)
+        self._start = self._redis.register_script(_START)
+        self._heartbeat = self._redis.register_script(_HEARTBEAT)
+        self._progress = self._redis.register_script(_PROGRESS)
+        self._finish = self._redis.register_script(_FINISH)
+        self._cancel = self._redis.register_script(_CANCEL)
+
+        self._group_ready = False
+        self._carry: dict[str, list[_Entry]] = {}  # worker id -> delivered, not started
+        self._active: dict[str, tuple[str, str, float]] = {}  # job id -> (worker, entry, last heartbeat)
+        self._last_reclaim = 0.0
+        self._last_housekeeping = 0.0
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: RedisQueueSettings | None = None, **overrides: Any) -> RedisJobQueue:
+        s = settings or RedisQueueSettings()
+        if not s.redis_url:
+            raise ValueError("LESA_REDIS_URL is not set")
+        kwargs: dict[str, Any] = dict(
+            prefix=s.redis_prefix,
+            max_backlog=s.max_backlog,
+            result_ttl_s=s.result_ttl_s,
+            job_ttl_s=s.redis_job_ttl_s,
+            visibility_timeout_s=s.redis_visibility_timeout_s,
+            max_deliveries=s.redis_max_deliveries,
+            inline_max_bytes=s.redis_inline_max_bytes,
+            output_dir=s.redis_output_dir,
+            socket_timeout_s=s.redis_socket_timeout_s,
+        )
+        kwargs.update(overrides)
+        return cls(s.redis_url, **kwargs)
+
+    # ---- keys -------------------------------------------------------------------------------
+
+    def _k_job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def _k_art(self, job_id: str) -> str:
+        return f"{self.prefix}:art:{job_id}"
+
+    def _k_files(self, job_id: str) -> str:
+        return f"{self.prefix}:files:{job_id}"
+
+    def _k_idem(self, key: str) -> str:
+        # Hashed: the header is client-chosen text of any length.
+        return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    async def _ensure_group(self, *, force: bool = False) -> None:
+        if self._group_ready and not force:
+            return
+        try:
+            # From id 0: entries added before any worker existed are delivered too.
+            await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+        self._group_ready = True
+
+    async def _with_group(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a stream command; if Redis lost the group (restart without persistence), recreate it."""
+        await self._ensure_group()
+        try:
+            return await call()
+        except ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            await self._ensure_group(force=True)
+            return await call()
+
+    def _job_from_hash(self, job_id: str, h: dict[bytes, bytes]) -> Job | None:
+        if not h or b"spec" not in h:
+            return None
+        error = h.get(b"error")
+        result = h.get(b"result")
+        return Job(
+            id=job_id,
+            spec=JobSpec.model_validate_json(h[b"spec"]),
+            status=JobStatus(h[b"status"].decode()),
+            progress=int(h.get(b"progress") or 0),
+            created_at=float(h[b"created_at"]),
+            started_at=_f(h.get(b"started_at")),
+            completed_at=_f(h.get(b"completed_at")),
+            expires_at=_f(h.get(b"expires_at")),
+            error=JobError.model_validate_json(error) if error else None,
+            result=JobResult.model_validate_json(result) if result else None,
+            idempotency_key=_s(h.get(b"idem_key")) or None,
+            worker_id=_s(h.get(b"worker_id")),
+            attempts=int(h.get(b"attempts") or 0),
+        )
+
+    async def _get_many(self, job_ids: list[str]) -> list[Job | None]:
+        if not job_ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self._k_job(job_id))
+            hashes = await pipe.execute()
+        return [self._job_from_hash(j, h) for j, h in zip(job_ids, hashes, strict=True)]
+
+    async def _housekeeping(self) -> None:
+        """Bound the index sets and delete output directories of expired jobs (once a minute)."""
+        now = time.time()
+        if now - self._last_housekeeping < 60:
+            return
+        self._last_housekeeping = now
+        horizon = now - self.job_ttl_s - self.result_ttl_s
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in (self.k_index, f"{self.k_index}:image", f"{self.k_index}:video", self.k_workers):
+                pipe.zremrangebyscore(key, "-inf", horizon if key != self.k_workers else now - 3600)
+            await pipe.execute()
+        if self.output_dir.is_dir():
+            stale = [d for d in self.output_dir.iterdir() if d.is_dir() and d.stat().st_mtime < now - self.result_ttl_s]
+            if stale:
+                exists = await self._get_many([d.name for d in stale])
+                for directory, job in zip(stale, exists, strict=True):
+                    if job is None:
+                        await asyncio.to_thread(shutil.rmtree, directory, True)
+
+    # ---- API side ---------------------------------------------------------------------------
+
+    @_translate_errors
+    async def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> Job:
+        await self._ensure_group()
+        job_id = new_job_id()
+        created_at = time.time()
+        idem_key = self._k_idem(idempotency_key) if idempotency_key is not None else f"{self.prefix}:idem:-"
+        kind, value = await self._submit(
+            keys=[
+                self._k_job(job_id),
+                self.stream,
+                self.k_queued,
+                self.k_index,
+                f"{self.k_index}:{spec.kind}",
+                idem_key,
+            ],
+            args=[
+                job_id,
+                spec.model_dump_json(),
+                repr(created_at),
+                idem_key if idempotency_key is not None else "",
+                self.max_backlog,
+                math.ceil(self.job_ttl_s),
+                f"{self.prefix}:job:",
+            ],
+        )
+        kind = kind.decode()
+        if kind == "existing":
+            existing = await self.get(value.decode())
+            if existing is not None:
+                return existing
+            return await self.submit(spec, idempotency_key=idempotency_key)  # expired in between
+        if kind == "full":
+            raise QueueFull(await self._retry_after(int(value)))
+        if idempotency_key is not None:
+            # The original header, for the record (the key name only holds its hash).
+            await self._redis.hset(self._k_job(job_id), "idem_key", idempotency_key)
+        await self._housekeeping()
+        return Job(id=job_id, spec=spec, created_at=created_at, idempotency_key=idempotency_key)
+
+    async def _retry_after(self, depth: int) -> int:
+        """Seconds until the backlog should have drained: depth x seconds per job / live workers."""
+        now = time.time()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.k_stats, "job_s")
+            pipe.zcount(self.k_workers, now - 30, "+inf")
+            job_s, workers = await pipe.execute()
+        per_job = float(job_s) if job_s else 1.0
+        return max(1, min(600, math.ceil(depth * per_job / max(1, int(workers)))))
+
+    @_translate_errors
+    async def get(self, job_id: str) -> Job | None:
+        return self._job_from_hash(job_id, await self._redis.hgetall(self._k_job(job_id)))
+
+    async def _listen(self) -> None:
+        """Wake `wait()` callers when their job turns terminal (pub/sub; polling covers gaps)."""
+        while not self._closed:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                while not self._closed:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        for event in self._waiters.get(message["data"].decode(), ()):
+                            event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(0.5)  # Redis down: retry; wait() keeps polling meanwhile
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:
+                    pass  # the connection is already broken
+
+    @_translate_errors
+    async def wait(self, job_id: str, timeout_s: float) -> Job | None:
+        job = await self.get(job_id)
+        if job is None or job.status.terminal or timeout_s <= 0:
+            return job
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen())
+        event = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    # Re-read at least every second: a message published while the listener was
+                    # (re)connecting is lost, the job record is not.
+                    await asyncio.wait_for(event.wait(), max(0.0, min(remaining, 1.0)))
+                except TimeoutError:
+                    pass
+                event.clear()
+                job = await self.get(job_id)
+                if job is None or job.status.terminal or time.monotonic() >= deadline:
+                    return job
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[job_id]
+
+    @_translate_errors
+    async def list(
+        self,
+        *,
+        kind: JobKind | None = None,
+        after: str | None = None,
+        limit: int = 20,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> tuple[list[Job], bool]:
+        index = self.k_index if kind is None else f"{self.k_index}:{kind}"
+        ids = [i.decode() for i in await self._redis.zrange(index, 0, -1, desc=order == "desc")]
+        if after is not None:
+            ids = ids[ids.index(after) + 1 :] if after in ids else []
+        page: list[Job] = []
+        gone: list[str] = []
+        position = 0
+        # Fetch in chunks: some ids may have expired (their hashes are gone); prune those.
+        while position < len(ids) and len(page) <= limit:
+            chunk = ids[position : position + limit + 1]
+            position += len(chunk)
+            for job_id, job in zip(chunk, await self._get_many(chunk), strict=True):
+                if job is None:
+                    gone.append(job_id)
+                elif len(page) <= limit:
+                    page.append(job)
+        if gone:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in (self.k_index, f"{self.k_index}:image", f"{self.k_index}:video"):
+                    pipe.zrem(key, *gone)
+                await pipe.execute()
+        return page[:limit], len(page) > limit
+
+    @_translate_errors
+    async def cancel(self, job_id: str) -> Job | None:
+        await self._cancel(
+            keys=[self._k_job(job_id), self.k_queued],
+            args=[job_id, repr(time.time()), self.result_ttl_s, self.channel],
+        )
+        return await self.get(job_id)
+
+    @_translate_errors
+    async def delete(self, job_id: str) -> bool:
+        job = await self.get(job_id)
+        if job is None or not job.status.terminal:
+            return False
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self._k_job(job_id), self._k_art(job_id), self._k_files(job_id))
+            for key in (self.k_index, f"{self.k_index}:image", f"{self.k_index}:video"):
+                pipe.zrem(key, job_id)
+            await pipe.execute()
+        if job.idempotency_key is not None:
+            idem = self._k_idem(job.idempotency_key)
+            if _s(await self._redis.get(idem)) == job_id:
+                await self._redis.delete(idem)
+        await asyncio.to_thread(shutil.rmtree, self.output_dir / job_id, True)
+        return True
+
+    @_translate_errors
+    async def get_artifact(self, job_id: str, name: str) -> bytes | None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self._k_art(job_id), name)
+            pipe.hget(self._k_files(job_id), name)
+            inline, path = await pipe.execute()
+        if inline is not None:
+            return inline
+        if path is None:
+            return None
+        file = self.output_dir / path.decode()
+        try:
+            return await asyncio.to_thread(file.read_bytes)
+        except FileNotFoundError:
+            return None
+
+    @_translate_errors
+    async def depth(self) -> int:
+        return int(await self._redis.zcard(self.k_queued))
+
+    @_translate_errors
+    async def ping(self) -> None:
+        await self._redis.ping()
+        await self._ensure_group()
+
+    async def live_workers(self, within_s: float = 30.0) -> int:
+        """Workers that heartbeated within `within_s` (they do so on every claim loop turn)."""
+        return int(await self._redis.zcount(self.k_workers, time.time() - within_s, "+inf"))
+
+    # ---- worker side ------------------------------------------------------------------------
+
+    def _deliveries(self, raw: Any) -> list[tuple[str, str]]:
+        """(entry id, job id) pairs from an XREADGROUP / XAUTOCLAIM reply."""
+        out: list[tuple[str, str]] = []
+        for entry_id, fields in raw or []:
+            if fields is None:
+                continue  # entry deleted after delivery (Redis < 7 reports it like this)
+            job_id = fields.get(b"id")
+            if job_id is not None:
+                out.append((entry_id.decode(), job_id.decode()))
+        return out
+
+    async def _load(self, carry: list[_Entry], delivered: list[tuple[str, str]]) -> int:
+        """Append delivered entries to the carry-over; acknowledge ones with nothing left to do."""
+        if not delivered:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for _, job_id in delivered:
+                pipe.hmget(self._k_job(job_id), "spec", "status")
+            rows = await pipe.execute()
+        added = 0
+        dead: list[tuple[str, str]] = []
+        known = {e.entry_id for e in carry}
+        for (entry_id, job_id), (spec, status) in zip(delivered, rows, strict=True):
+            if spec is None or (status is not None and status.decode() in TERMINAL):
+                dead.append((entry_id, job_id))  # expired, deleted or cancelled while queued
+            elif entry_id not in known:
+                carry.append(_Entry(entry_id, job_id, JobSpec.model_validate_json(spec)))
+                added += 1
+        if dead:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self.stream, self.group, *[e for e, _ in dead])
+                pipe.xdel(self.stream, *[e for e, _ in dead])
+                pipe.zrem(self.k_queued, *[j for _, j in dead])
+                await pipe.execute()
+        return added
+
+    async def _read_new(self, worker_id: str, carry: list[_Entry], count: int, block_s: float | None) -> int:
+        block_ms = None if block_s is None or block_s < 0.001 else max(1, int(block_s * 1000))
+        raw = await self._with_group(
+            lambda: self._redis.xreadgroup(self.group, worker_id, {self.stream: ">"}, count=count, block=block_ms)
+        )
+        delivered: list[tuple[str, str]] = []
+        for _stream, entries in raw or []:
+            delivered += self._deliveries(entries)
+        return await self._load(carry, delivered)
+
+    async def _reclaim(self, worker_id: str, carry: list[_Entry], limit: int) -> None:
+        """Take over entries whose worker stopped heartbeating (at most every visibility/4 s)."""
+        now = time.monotonic()
+        if now - self._last_reclaim < min(5.0, self.visibility_timeout_s / 4):
+            return
+        self._last_reclaim = now
+        start = "0-0"
+        delivered: list[tuple[str, str]] = []
+        while len(delivered) < limit:
+            reply = await self._with_group(
+                lambda s=start: self._redis.xautoclaim(
+                    self.stream,
+                    self.group,
+                    worker_id,
+                    min_idle_time=int(self.visibility_timeout_s * 1000),
+                    start_id=s,
+                    count=limit,
+                )
+            )
+            next_start, entries = reply[0], reply[1]
+            delivered += self._deliveries(entries)
+            start = next_start.decode() if isinstance(next_start, bytes) else str(next_start)
+            if start == "0-0":
+                break
+        if delivered:
+            # Older than anything unread: they go first.
+            before = len(carry)
+            await self._load(carry, delivered)
+            carry[:] = carry[before:] + carry[:before]
+
+    @_translate_errors
+    async def claim_batch(self, worker_id: str, *, max_batch: int, max_wait_ms: float, timeout_s: float) -> list[Job]:
+        carry = self._carry.setdefault(worker_id, [])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            await self._redis.zadd(self.k_workers, {worker_id: time.time()})
+            await self._reclaim(worker_id, carry, limit=max_batch)
+            if not carry:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                # Block in slices of <= 1 s so reclaim and the worker heartbeat keep running.
+                await self._read_new(worker_id, carry, count=max_batch, block_s=min(remaining, 1.0))
+                await self._housekeeping()
+                continue
+
+            head = carry[0]
+            key = head.spec.batch_key()
+            chosen = [head]
+            samples = head.spec.n
+
+            samples = _take_compatible(carry, chosen, key, samples, max_batch)
+            wait_until = time.monotonic() + max_wait_ms / 1000.0
+            first = True
+            # Read more only while there is room, and stop hoarding incompatible entries that
+            # another worker could be running (the carry-over is bounded by max_batch).
+            while samples < max_batch and len(carry) - len(chosen) < max_batch:
+                remaining = wait_until - time.monotonic()
+                if remaining <= 0 and not first:
+                    break
+                # The first read never blocks: entries already in the stream join for free.
+                await self._read_new(worker_id, carry, count=max_batch - samples, block_s=None if first else remaining)
+                first = False
+                samples = _take_compatible(carry, chosen, key, samples, max_batch)
+
+            started: list[str] = []
+            for entry in chosen:
+                carry.remove(entry)
+                outcome = await self._start(
+                    keys=[self._k_job(entry.job_id), self.stream, self.k_queued],
+                    args=[
+                        entry.job_id,
+                        entry.entry_id,
+                        worker_id,
+                        repr(time.time()),
+                        self.max_deliveries,
+                        self.group,
+                        self.result_ttl_s,
+                        self.channel,
+                        self.visibility_timeout_s,
+                    ],
+                )
+                if outcome == b"ok":
+                    started.append(entry.job_id)
+                    self._active[entry.job_id] = (worker_id, entry.entry_id, time.monotonic())
+            jobs = [j for j in await self._get_many(started) if j is not None]
+            if jobs:
+                return jobs
+            if time.monotonic() >= deadline and not carry:
+                return []
+
+    @_translate_errors
+    async def set_progress(self, job_id: str, progress: int) -> None:
+        await self._progress(keys=[self._k_job(job_id)], args=[min(100, max(0, int(progress)))])
+        active = self._active.get(job_id)
+        if active is not None:
+            worker_id, entry_id, last = active
+            now = time.monotonic()
+            if now - last >= self.visibility_timeout_s / 4:
+                # Proof of life for this delivery: keeps other workers from reclaiming it.
+                await self._heartbeat(keys=[self.stream], args=[self.group, worker_id, entry_id])
+                self._active[job_id] = (worker_id, entry_id, now)
+
+    @_translate_errors
+    async def is_cancelled(self, job_id: str) -> bool:
+        return _s(await self._redis.hget(self._k_job(job_id), "status")) == JobStatus.cancelled.value
+
+    async def _store(self, job_id: str, status: str, payload: str, artifacts: dict[str, bytes]) -> None:
+        inline: dict[str, bytes] = {}
+        files: dict[str, str] = {}
+        # A fresh sub-directory per delivery: a losing (second) writer never overwrites the
+        # winner's files, and deletes its own afterwards.
+        attempt_dir = self.output_dir / job_id / secrets.token_hex(6)
+        for name, data in artifacts.items():
+            name = _safe_name(name)
+            if len(data) > self.inline_max_bytes:
+                files[name] = str((attempt_dir / name).relative_to(self.output_dir))
+            else:
+                inline[name] = data
+        if files:
+
+            def write() -> None:
+                attempt_dir.mkdir(parents=True, exist_ok=True)
+                for name in files:
+                    tmp = attempt_dir / f".{name}.tmp"
+                    tmp.write_bytes(artifacts[name])
+                    os.replace(tmp, attempt_dir / name)
+
+            await asyncio.to_thread(write)
+        args: list[Any] = [
+            job_id,
+            self.group,
+            status,
+            payload,
+            repr(time.time()),
+            self.result_ttl_s,
+            self.channel,
+            len(inline),
+        ]
+        for name, data in inline.items():
+            args += [name, data]
+        args.append(len(files))
+        for name, path in files.items():
+            args += [name, path]
+        stored = await self._finish(
+            keys=[
+                self._k_job(job_id),
+                self.stream,
+                self._k_art(job_id),
+                self._k_files(job_id),
+                self.k_stats,
+                self.k_queued,
+            ],
+            args=args,
+        )
+        self._active.pop(job_id, None)
+        if not stored and files:
+            await asyncio.to_thread(shutil.rmtree, attempt_dir, True)
+
+    @_translate_errors
+    async def complete(self, job_id: str, result: JobResult, artifacts: dict[str, bytes]) -> None:
+        await self._store(job_id, JobStatus.completed.value, result.model_dump_json(), artifacts)
+
+    @_translate_errors
+    async def fail(self, job_id: str, error: JobError) -> None:
+        await self._store(job_id, JobStatus.failed.value, error.model_dump_json(), {})
+
+    async def release(self, worker_id: str) -> None:
+        """Hand this worker's delivered-but-unstarted entries to other workers now.
+
+        Setting their idle time past the visibility timeout makes them eligible for any other
+        worker's next XAUTOCLAIM, instead of waiting out the timeout. Also drops the worker from
+        the live-worker set.
+        """
+        carry = self._carry.pop(worker_id, [])
+        try:
+            if carry:
+                await self._redis.xclaim(
+                    self.stream,
+                    self.group,
+                    worker_id,
+                    0,
+                    [e.entry_id for e in carry],
+                    idle=int(self.visibility_timeout_s * 1000) + 1000,
+                    justid=True,
+                )
+            await self._redis.zrem(self.k_workers, worker_id)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            pass  # Redis is gone: the entries come back after the visibility timeout anyway
+
+    async def close(self) -> None:
+        self._closed = True
+        for worker_id in list(self._carry):
+            await self.release(worker_id)
+        if self._listener is not None:
+            self._listener.cancel()
+            try:
+                await self._listener
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self._redis.aclose()
+
+
+def default_worker_name() -> str:
+    """Unique per process: a consumer name shared by two live processes would mix their PELs."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
