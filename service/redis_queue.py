@@ -144,7 +144,7 @@ return {'new', entry}
 _START = """
 -- Start one delivered job on this worker, or tell why not.
 -- KEYS: job, stream, queued
--- ARGV: id, entry, worker, now, max_deliveries, group, result_ttl_s, events channel, visibility_s
+-- ARGV: id, entry, consumer, now, max_deliveries, group, result_ttl_s, events channel, visibility_s, worker id
 local function ack()
   redis.call('XACK', KEYS[2], ARGV[6], ARGV[2])
   redis.call('XDEL', KEYS[2], ARGV[2])
@@ -158,7 +158,7 @@ if not status then ack() return 'gone' end
 if status == 'completed' or status == 'failed' or status == 'cancelled' then ack() return 'terminal' end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if status == 'in_progress' then
-  local prev = redis.call('HGET', KEYS[1], 'worker_id') or '?'
+  local prev = redis.call('HGET', KEYS[1], 'consumer') or '?'
   redis.call('HSET', KEYS[1], 'last_error', 'delivery ' .. attempts .. ' (worker ' .. prev ..
     ') was abandoned: no heartbeat for ' .. ARGV[9] .. ' s (the worker crashed, was killed or hung)')
 end
@@ -174,8 +174,8 @@ if attempts >= tonumber(ARGV[5]) then
   redis.call('PUBLISH', ARGV[8], ARGV[1])
   return 'dead'
 end
-redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started_at', ARGV[4], 'worker_id', ARGV[3],
-  'attempts', tostring(attempts + 1))
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started_at', ARGV[4], 'worker_id', ARGV[10],
+  'consumer', ARGV[3], 'attempts', tostring(attempts + 1))
 redis.call('ZREM', KEYS[3], ARGV[1])
 return 'ok'
 """
@@ -381,6 +381,11 @@ class RedisJobQueue(JobQueue):
         self._finish = self._redis.register_script(_FINISH)
         self._cancel = self._redis.register_script(_CANCEL)
 
+        # Consumer names get a per-instance suffix: two processes that pass the same worker id
+        # (e.g. "embedded" in two API replicas) must never share one pending-entries list, or the
+        # ownership checks that prevent double starts could not tell them apart.
+        self._instance = secrets.token_hex(3)
+        self.draining = False  # set on shutdown: claim_batch stops taking work
         self._group_ready = False
         self._carry: dict[str, list[_Entry]] = {}  # worker id -> delivered, not started
         self._active: dict[str, tuple[str, str, float]] = {}  # job id -> (worker, entry, last heartbeat)
@@ -391,23 +396,34 @@ class RedisJobQueue(JobQueue):
         self._closed = False
 
     @classmethod
-    def from_settings(cls, settings: RedisQueueSettings | None = None, **overrides: Any) -> RedisJobQueue:
-        s = settings or RedisQueueSettings()
-        if not s.redis_url:
+    def from_settings(cls, settings: Any = None, **overrides: Any) -> RedisJobQueue:
+        """Build from `service.settings.Settings` (what `lesa serve` has) or `RedisQueueSettings`.
+
+        Fields the given object lacks (the `redis_*` tuning knobs) come from the environment via
+        `RedisQueueSettings`, so `LESA_REDIS_VISIBILITY_TIMEOUT_S=...` works for both commands.
+        """
+        env = RedisQueueSettings()
+
+        def pick(name: str) -> Any:
+            value = getattr(settings, name, None) if settings is not None else None
+            return getattr(env, name) if value is None else value
+
+        url = overrides.pop("url", None) or pick("redis_url")
+        if not url:
             raise ValueError("LESA_REDIS_URL is not set")
         kwargs: dict[str, Any] = dict(
-            prefix=s.redis_prefix,
-            max_backlog=s.max_backlog,
-            result_ttl_s=s.result_ttl_s,
-            job_ttl_s=s.redis_job_ttl_s,
-            visibility_timeout_s=s.redis_visibility_timeout_s,
-            max_deliveries=s.redis_max_deliveries,
-            inline_max_bytes=s.redis_inline_max_bytes,
-            output_dir=s.redis_output_dir,
-            socket_timeout_s=s.redis_socket_timeout_s,
+            prefix=pick("redis_prefix"),
+            max_backlog=pick("max_backlog"),
+            result_ttl_s=pick("result_ttl_s"),
+            job_ttl_s=pick("redis_job_ttl_s"),
+            visibility_timeout_s=pick("redis_visibility_timeout_s"),
+            max_deliveries=pick("redis_max_deliveries"),
+            inline_max_bytes=pick("redis_inline_max_bytes"),
+            output_dir=pick("redis_output_dir"),
+            socket_timeout_s=pick("redis_socket_timeout_s"),
         )
         kwargs.update(overrides)
-        return cls(s.redis_url, **kwargs)
+        return cls(url, **kwargs)
 
     # ---- keys -------------------------------------------------------------------------------
 
@@ -691,6 +707,10 @@ class RedisJobQueue(JobQueue):
 
     # ---- worker side ------------------------------------------------------------------------
 
+    def consumer(self, worker_id: str) -> str:
+        """The stream consumer name used for `worker_id` by this queue instance."""
+        return f"{worker_id}@{self._instance}"
+
     def _deliveries(self, raw: Any) -> list[tuple[str, str]]:
         """(entry id, job id) pairs from an XREADGROUP / XAUTOCLAIM reply."""
         out: list[tuple[str, str]] = []
@@ -769,9 +789,15 @@ class RedisJobQueue(JobQueue):
 
     @_translate_errors
     async def claim_batch(self, worker_id: str, *, max_batch: int, max_wait_ms: float, timeout_s: float) -> list[Job]:
+        display_id = worker_id
+        worker_id = self.consumer(worker_id)
+        await self._settle(worker_id)
         carry = self._carry.setdefault(worker_id, [])
         deadline = time.monotonic() + timeout_s
         while True:
+            if self.draining:
+                await self.release(worker_id, consumer=True)
+                return []
             await self._redis.zadd(self.k_workers, {worker_id: time.time()})
             await self._reclaim(worker_id, carry, limit=max_batch)
             if not carry:
@@ -802,6 +828,8 @@ class RedisJobQueue(JobQueue):
                 first = False
                 samples = _take_compatible(carry, chosen, key, samples, max_batch)
 
+            if self.draining:
+                continue  # shutdown began while we gathered: the loop top hands everything back
             started: list[str] = []
             for entry in chosen:
                 carry.remove(entry)
@@ -817,6 +845,7 @@ class RedisJobQueue(JobQueue):
                         self.result_ttl_s,
                         self.channel,
                         self.visibility_timeout_s,
+                        display_id,
                     ],
                 )
                 if outcome == b"ok":
@@ -904,13 +933,35 @@ class RedisJobQueue(JobQueue):
     async def fail(self, job_id: str, error: JobError) -> None:
         await self._store(job_id, JobStatus.failed.value, error.model_dump_json(), {})
 
-    async def release(self, worker_id: str) -> None:
+    async def _settle(self, consumer: str) -> None:
+        """Acknowledge jobs of this consumer's previous batch that the worker dropped.
+
+        The worker calls neither `complete` nor `fail` for a job cancelled while it ran (it just
+        drops the outputs), so its entry would sit in the PEL until some worker reclaims it. By
+        the time the same consumer claims again, that batch is over: acknowledge what is terminal.
+        """
+        leftovers = [(j, e) for j, (c, e, _) in self._active.items() if c == consumer]
+        if not leftovers:
+            return
+        for job_id, _ in leftovers:
+            del self._active[job_id]
+        statuses = await self._get_many([j for j, _ in leftovers])
+        done = [e for (_, e), job in zip(leftovers, statuses, strict=True) if job is None or job.status.terminal]
+        if done:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self.stream, self.group, *done)
+                pipe.xdel(self.stream, *done)
+                await pipe.execute()
+
+    async def release(self, worker_id: str, *, consumer: bool = False) -> None:
         """Hand this worker's delivered-but-unstarted entries to other workers now.
 
         Setting their idle time past the visibility timeout makes them eligible for any other
         worker's next XAUTOCLAIM, instead of waiting out the timeout. Also drops the worker from
-        the live-worker set.
+        the live-worker set. `consumer=True`: `worker_id` is already a consumer name.
         """
+        if not consumer:
+            worker_id = self.consumer(worker_id)
         carry = self._carry.pop(worker_id, [])
         try:
             if carry:
@@ -929,8 +980,8 @@ class RedisJobQueue(JobQueue):
 
     async def close(self) -> None:
         self._closed = True
-        for worker_id in list(self._carry):
-            await self.release(worker_id)
+        for consumer in list(self._carry):
+            await self.release(consumer, consumer=True)
         if self._listener is not None:
             self._listener.cancel()
             try:
