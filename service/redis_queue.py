@@ -110,6 +110,11 @@ class RedisQueueSettings(BaseSettings):
     worker_name: str | None = Field(None, description="consumer name (default: host-pid-random)")
     worker_metrics_host: str = Field("0.0.0.0", description="where the worker's /metrics server listens")
     worker_metrics_port: int = Field(9101, ge=0, le=65535, description="0 = no metrics server")
+    worker_engine: str | None = Field(
+        None,
+        description="`module:callable(settings) -> engine` used instead of Engine.load (tests and "
+        "benchmarks that need a cheaper pipeline than the reference models)",
+    )
 
 
 # ---- Lua ------------------------------------------------------------------------------------

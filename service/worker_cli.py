@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import signal
 import threading
@@ -114,14 +115,23 @@ async def _watch(queue: RedisJobQueue, probe: WorkerProbe, stop: asyncio.Event) 
                 log.warning("queue unavailable: %s", error)
             probe.queue_ok = False
         probe.workers_ready.set(1 if probe.ready else 0)
+        probe.metrics.ready.set(1 if probe.ready else 0)
         try:
             await asyncio.wait_for(stop.wait(), READY_POLL_S)
         except TimeoutError:
             pass
 
 
-async def run_worker(settings: Settings, qsettings: RedisQueueSettings, name: str) -> int:
+def _load_engine(settings: Settings, qsettings: RedisQueueSettings) -> Any:
+    if qsettings.worker_engine:
+        module_name, _, attr = qsettings.worker_engine.partition(":")
+        return getattr(importlib.import_module(module_name), attr)(settings)
     from service.engine import Engine
+
+    return Engine.load(settings)
+
+
+async def run_worker(settings: Settings, qsettings: RedisQueueSettings, name: str) -> int:
     from service.worker import Worker
 
     metrics = Metrics()
@@ -148,7 +158,7 @@ async def run_worker(settings: Settings, qsettings: RedisQueueSettings, name: st
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         t0 = time.perf_counter()
-        engine = await asyncio.to_thread(Engine.load, settings)
+        engine = await asyncio.to_thread(_load_engine, settings, qsettings)
         if settings.warmup and not stop.is_set():
             await asyncio.to_thread(engine.warmup)
         engine.ready = True

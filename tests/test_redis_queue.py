@@ -1,0 +1,196 @@
+"""RedisJobQueue against the real Redis on 127.0.0.1:6379 (no workers, no HTTP: the queue's own
+guarantees). Each test uses its own key prefix and deletes it afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import test_service_queue as contract
+from test_redis_support import REDIS_URL, cleanup_prefix, free_port, new_prefix
+
+from service.queue import JobResult, JobSpec, JobStatus, OutputRef, QueueFull, QueueUnavailable
+from service.redis_queue import RedisJobQueue
+
+
+def _redis_up() -> bool:
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
+    except redis.ConnectionError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _redis_up(), reason=f"needs Redis at {REDIS_URL} (.ci/run starts it)")
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    p = new_prefix()
+    yield p
+    cleanup_prefix(p)
+
+
+def spec(**overrides: object) -> JobSpec:
+    return contract.spec(**overrides)
+
+
+def result(tag: str) -> JobResult:
+    return JobResult(outputs=[OutputRef(name="0.png", content_type="image/png")], lesa={"tag": tag})
+
+
+def test_jobqueue_contract_holds_for_redis(prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same contract tests the in-process queue passes (tests/test_service_queue.py)."""
+    counter = iter(range(1000))
+    monkeypatch.setattr(
+        contract, "make_queue", lambda **kw: RedisJobQueue(REDIS_URL, prefix=f"{prefix}-{next(counter)}", **kw)
+    )
+    for name in dir(contract):
+        if name.startswith("test_"):
+            getattr(contract, name)()
+
+
+def test_redelivery_after_visibility_timeout_first_result_wins_then_max_deliveries(prefix: str) -> None:
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix, visibility_timeout_s=0.3, max_deliveries=2)
+        job = await q.submit(spec())
+        (first,) = await q.claim_batch("a", max_batch=1, max_wait_ms=0, timeout_s=1)
+        assert first.attempts == 1 and first.worker_id == "a"
+        # "a" goes silent (no progress heartbeat): after the timeout "b" is handed the same job.
+        assert await q.claim_batch("b", max_batch=1, max_wait_ms=0, timeout_s=0.1) == []
+        await asyncio.sleep(0.4)
+        (second,) = await q.claim_batch("b", max_batch=1, max_wait_ms=0, timeout_s=1)
+        assert second.id == job.id and second.attempts == 2 and second.worker_id == "b"
+        # Both deliveries finish: the first stored result wins, the late one is only acknowledged.
+        await q.complete(job.id, result("b"), {"0.png": b"B"})
+        await q.complete(job.id, result("a"), {"0.png": b"A"})
+        done = await q.get(job.id)
+        assert done.status == JobStatus.completed and done.result.lesa["tag"] == "b"
+        assert await q.get_artifact(job.id, "0.png") == b"B"
+        r = q._redis
+        assert await r.xlen(q.stream) == 0 and (await r.xpending(q.stream, q.group))["pending"] == 0
+
+        # A job whose every delivery is abandoned fails after max_deliveries, with the last error.
+        doomed = await q.submit(spec(seed=7))
+        await q.claim_batch("a", max_batch=1, max_wait_ms=0, timeout_s=1)
+        await asyncio.sleep(0.4)
+        (again,) = await q.claim_batch("b", max_batch=1, max_wait_ms=0, timeout_s=1)
+        assert again.attempts == 2
+        await asyncio.sleep(0.4)
+        assert await q.claim_batch("c", max_batch=1, max_wait_ms=0, timeout_s=0.3) == []
+        failed = await q.get(doomed.id)
+        assert failed.status == JobStatus.failed and failed.error.code == "max_deliveries_exceeded"
+        assert "2 deliveries" in failed.error.message and "abandoned" in failed.error.message
+        assert await r.xlen(q.stream) == 0
+        await q.close()
+
+    asyncio.run(scenario())
+
+
+def test_heartbeat_keeps_a_slow_job_and_a_reclaimed_entry_is_never_started_twice(prefix: str) -> None:
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix, visibility_timeout_s=0.4)
+        job = await q.submit(spec())
+        await q.claim_batch("slow", max_batch=1, max_wait_ms=0, timeout_s=1)
+        for step in range(6):  # 0.6 s of work, longer than the timeout, with a heartbeat per step
+            await asyncio.sleep(0.1)
+            await q.set_progress(job.id, 10 * (step + 1))
+        assert await q.claim_batch("thief", max_batch=1, max_wait_ms=0, timeout_s=0.2) == []
+        assert (await q.get(job.id)).progress == 60
+
+        # An entry held (delivered, not started) by a worker that stalls goes to another worker;
+        # the stalled one then cannot start it.
+        a = await q.submit(spec(seed=1))
+        b = await q.submit(spec(seed=2, width=64))  # incompatible with a: stays in "w1"'s carry-over
+        await q.complete(job.id, result("x"), {})
+        (got,) = await q.claim_batch("w1", max_batch=2, max_wait_ms=0, timeout_s=1)
+        assert got.id == a.id
+        for step in range(5):  # w1 runs `a` (heartbeating) but sits on `b` past the timeout
+            await asyncio.sleep(0.1)
+            await q.set_progress(a.id, 10 * (step + 1))
+        (stolen,) = await q.claim_batch("w2", max_batch=2, max_wait_ms=0, timeout_s=1)
+        assert stolen.id == b.id and stolen.worker_id == "w2"
+        await q.complete(a.id, result("a"), {})
+        assert await q.claim_batch("w1", max_batch=2, max_wait_ms=0, timeout_s=0.2) == []
+        assert (await q.get(b.id)).attempts == 1
+        await q.close()
+
+    asyncio.run(scenario())
+
+
+def test_large_outputs_go_to_the_shared_directory(prefix: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix, inline_max_bytes=100, output_dir=tmp_path)
+        job = await q.submit(spec())
+        await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
+        big, small = b"x" * 1000, b"tiny"
+        await q.complete(job.id, result("r"), {"video.mp4": big, "thumbnail.png": small})
+        assert await q.get_artifact(job.id, "video.mp4") == big
+        assert await q.get_artifact(job.id, "thumbnail.png") == small
+        files = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert [f.name for f in files] == ["video.mp4"] and files[0].read_bytes() == big
+        assert not await q._redis.hexists(q._k_art(job.id), "video.mp4")  # not duplicated in Redis
+        assert await q.delete(job.id)
+        assert not any(p.is_file() for p in tmp_path.rglob("*"))
+        assert await q.get_artifact(job.id, "video.mp4") is None
+        await q.close()
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_jobs_are_acknowledged_and_idempotency_spans_api_instances(prefix: str) -> None:
+    async def scenario() -> None:
+        api1 = RedisJobQueue(REDIS_URL, prefix=prefix)
+        api2 = RedisJobQueue(REDIS_URL, prefix=prefix)  # a second API replica (or a restarted one)
+        worker = RedisJobQueue(REDIS_URL, prefix=prefix)
+        first = await api1.submit(spec(), idempotency_key="client-retry-1")
+        assert (await api2.submit(spec(), idempotency_key="client-retry-1")).id == first.id
+        queued = await api2.submit(spec(seed=5, width=64))
+        # Cancel while queued: the entry is acknowledged when read, the job never starts.
+        await api1.cancel(queued.id)
+        (running,) = await worker.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=1)
+        assert running.id == first.id
+        # Cancel while running: seen by the worker; its late complete changes nothing.
+        assert (await api2.cancel(first.id)).status == JobStatus.cancelled
+        assert await worker.is_cancelled(first.id)
+        await worker.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=0.1)  # next turn: dropped job acked
+        assert await worker._redis.xlen(worker.stream) == 0
+        assert (await api1.get(queued.id)).started_at is None
+        assert await api1.depth() == 0
+        for q in (api1, api2, worker):
+            await q.close()
+
+    asyncio.run(scenario())
+
+
+def test_backlog_limit_gives_queue_full_with_retry_after(prefix: str) -> None:
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix, max_backlog=3)
+        for seed in range(3):
+            await q.submit(spec(seed=seed))
+        with pytest.raises(QueueFull) as full:
+            await q.submit(spec(seed=9))
+        assert 1 <= full.value.retry_after_s <= 600
+        assert await q.depth() == 3
+        await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
+        await q.submit(spec(seed=10))  # room again once one was taken
+        await q.close()
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_redis_raises_queue_unavailable_quickly() -> None:
+    async def scenario() -> None:
+        q = RedisJobQueue(f"redis://:secret@127.0.0.1:{free_port()}/0", prefix=new_prefix())
+        started = time.monotonic()
+        for call in (q.ping(), q.submit(spec()), q.get("job_x"), q.depth()):
+            with pytest.raises(QueueUnavailable) as down:
+                await call
+            assert "Redis at 127.0.0.1:" in str(down.value) and "secret" not in str(down.value)
+        assert time.monotonic() - started < 10
+        await q.close()
+
+    asyncio.run(scenario())
