@@ -1,0 +1,470 @@
+"""`DiffusersBackend`: a stock diffusers pipeline (FLUX.1, Qwen-Image, Wan2.1, HunyuanVideo) behind
+the same call contract as the reference `lesa_models.DigitsPipeline`, so the service serves either.
+
+Per call it:
+
+* draws each sample's noise from its own CPU `torch.Generator(seed)`: a sample never depends on
+  its batch-mates, its chunk, or the device (the pipelines' `prepare_latents` take a list);
+* attaches the LESA / baseline hooks to `pipe.transformer` for that call only (`enable_cache`,
+  `disable_cache` in a `finally`), and starts the hooks' generation from inside the pipeline's
+  own `scheduler.set_timesteps`, so the predictor sees exactly the sigmas the sampler uses
+  (FLUX / Qwen-Image shift them by resolution, HunyuanVideo by `flow_shift`);
+* relies on the pipelines' own `transformer.cache_context("cond" / "uncond")` around each
+  transformer call for per-CFG-branch histories (all four pipelines do this in diffusers 0.42);
+* reports progress and honours cancellation through `callback_on_step_end`;
+* caps batch x pixels x frames per pipeline call and splits a batch on out-of-memory.
+
+Output: `GenerationOutput.samples` is float32 in [0, 1], channels last: [B, H, W, 3] for images,
+[B, F, H, W, 3] for videos. (The reference models are grey-scale and return [B, H, W] /
+[B, F, H, W]: consumers tell the two apart by `samples.ndim` and the last axis.)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+import lesa_core
+from lesa_core.production.batching import plan_chunks, run_with_oom_split, sample_cost
+from lesa_models.pipeline import GenerationCancelled, GenerationOutput, PipelineInfo
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MIN_STEPS = 4
+DEFAULT_MAX_STEPS = 100
+
+
+@dataclass(frozen=True)
+class PipelineFamily:
+    """How one diffusers pipeline class is driven: what our `guidance_scale` means to it, etc."""
+
+    pipeline_class: str
+    kind: str  # "image" | "video"
+    output_attr: str  # attribute of the pipeline's output holding the samples
+    guidance_arg: str  # the pipeline keyword our `guidance_scale` is passed as
+    # True CFG in Qwen-Image is only on with a negative prompt (its docs use " "); Wan always runs
+    # CFG above 1 and takes "" by default. None = the pipeline's own default.
+    negative_prompt: str | None
+    default_guidance: float
+    default_fps: int
+    num_frames_multiple: int  # video frame counts must be k * multiple + 1 (VAE temporal stride)
+
+
+FAMILIES: dict[str, PipelineFamily] = {
+    family.pipeline_class: family
+    for family in (
+        # FLUX.1-dev is guidance-distilled: `guidance_scale` feeds its guidance embedding (one
+        # transformer call per step, branch "cond").
+        PipelineFamily("FluxPipeline", "image", "images", "guidance_scale", None, 3.5, 0, 1),
+        # Qwen-Image runs true CFG as two separate calls ("cond", "uncond").
+        PipelineFamily("QwenImagePipeline", "image", "images", "true_cfg_scale", " ", 4.0, 0, 1),
+        # Wan2.1 runs CFG as two separate calls when guidance_scale > 1.
+        PipelineFamily("WanPipeline", "video", "frames", "guidance_scale", None, 5.0, 16, 4),
+        # HunyuanVideo is guidance-distilled like FLUX (embedded guidance, one call per step).
+        PipelineFamily("HunyuanVideoPipeline", "video", "frames", "guidance_scale", None, 6.0, 24, 4),
+    )
+}
+
+
+@dataclass(frozen=True)
+class DiffusersPipelineInfo(PipelineInfo):
+    """`PipelineInfo` plus what a production model adds: its frame rate and pipeline class."""
+
+    fps: int = 0
+    pipeline_class: str = ""
+
+
+@dataclass
+class BackendOptions:
+    """Serving settings of one model (the `[models.NAME]` table of the model config file)."""
+
+    name: str
+    sizes: list[tuple[int, int]]  # (width, height)
+    num_frames: list[int] = field(default_factory=lambda: [1])
+    fps: int | None = None
+    default_steps: int = 50
+    default_guidance: float | None = None
+    min_steps: int = DEFAULT_MIN_STEPS
+    max_steps: int = DEFAULT_MAX_STEPS
+    max_batch_pixels: int | None = None  # cap on batch x height x width x frames per pipeline call
+    negative_prompt: str | None = None  # overrides the family's default
+    guidance_arg: str | None = None  # overrides the family's default
+    call_kwargs: dict[str, Any] = field(default_factory=dict)  # extra pipeline keywords, e.g. max_sequence_length
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on accelerators (the production models are trained and served in it), fp32 on CPU."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def normalised_times(scheduler: Any) -> torch.Tensor:
+    """The schedule's times, 1 = noise ... 0 = clean, num_steps + 1 values, as lesa_core wants.
+
+    Flow-matching schedulers (FlowMatchEuler, UniPC / DPM with flow sigmas) keep sigmas in [0, 1]
+    with the final 0 appended: those are the times. Otherwise timesteps / num_train_timesteps.
+    """
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None:
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu().reshape(-1)
+        if sigmas.numel() and float(sigmas.max()) <= 1.0 + 1e-6 and float(sigmas.min()) >= 0.0:
+            return sigmas
+    timesteps = torch.as_tensor(scheduler.timesteps, dtype=torch.float32).detach().cpu().reshape(-1)
+    train_steps = float(getattr(scheduler.config, "num_train_timesteps", 1000))
+    return torch.cat([timesteps / train_steps, timesteps.new_zeros(1)])
+
+
+class DiffusersBackend:
+    """Serve a diffusers pipeline with the `DigitsPipeline` call contract (see `__call__`)."""
+
+    def __init__(self, pipe: Any, options: BackendOptions) -> None:
+        class_name = type(pipe).__name__
+        if class_name not in FAMILIES:
+            raise ValueError(f"{class_name} is not a supported pipeline; supported: {', '.join(FAMILIES)}")
+        self.pipe = pipe
+        self.family = FAMILIES[class_name]
+        self.options = options
+        self.transformer = pipe.transformer
+        self.scheduler = pipe.scheduler
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)  # progress goes through `callback`
+        # The cache hooks keep per-generation state on the transformer: one generation at a time.
+        self._lock = threading.Lock()
+        # Largest chunk (in batch x pixels x frames) that ran out of memory: later calls stay below it.
+        self._oom_ceiling: int | None = None
+
+    # ----------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        pipeline_class: str,
+        options: BackendOptions,
+        *,
+        device: str | None = "auto",
+        dtype: torch.dtype | str | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        cpu_offload: bool = False,
+        vae_tiling: bool = False,
+        vae_dtype: torch.dtype | str | None = None,
+    ) -> DiffusersBackend:
+        """Load `source` (a Hugging Face id, found in the local HF cache, or a local directory).
+
+        dtype: default bf16 on CUDA, fp32 on CPU. `cpu_offload` keeps only the active component on
+        the GPU (HunyuanVideo on < 80 GB); `vae_tiling` decodes in tiles (long / large videos);
+        `vae_dtype` float32 for Wan, whose VAE is meant to decode in fp32 (its pipeline casts the
+        latents to the VAE's dtype).
+        """
+        import diffusers
+
+        if pipeline_class not in FAMILIES:
+            raise ValueError(f"pipeline {pipeline_class!r} is not supported; supported: {', '.join(FAMILIES)}")
+        device = resolve_device(device)
+        dtype = _as_dtype(dtype) or default_dtype(device)
+        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        if revision:
+            kwargs["revision"] = revision
+        if variant:
+            kwargs["variant"] = variant
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(source, **kwargs)
+        if vae_dtype is not None:
+            pipe.vae.to(dtype=_as_dtype(vae_dtype))
+        if cpu_offload and torch.device(device).type == "cuda":
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        if vae_tiling:
+            pipe.vae.enable_tiling()
+        return cls(pipe, options)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> DiffusersBackend:
+        """Move the pipeline (the service's `_place` calls this for LESA_DEVICE / LESA_DTYPE)."""
+        self.pipe.to(device, dtype) if dtype is not None else self.pipe.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    # ------------------------------------------------------------------------------------ info
+
+    @property
+    def info(self) -> DiffusersPipelineInfo:
+        cfg = self.transformer.config
+        options, family = self.options, self.family
+        return DiffusersPipelineInfo(
+            name=options.name,
+            kind=family.kind,
+            sizes=list(options.sizes),
+            num_frames=list(options.num_frames) if family.kind == "video" else [1],
+            default_steps=options.default_steps,
+            default_guidance=self.default_guidance,
+            min_steps=options.min_steps,
+            max_steps=options.max_steps,
+            hidden_size=int(cfg.num_attention_heads * cfg.attention_head_dim),
+            transformer_class=type(self.transformer).__name__,
+            fps=int(options.fps or family.default_fps),
+            pipeline_class=family.pipeline_class,
+        )
+
+    @property
+    def default_guidance(self) -> float:
+        value = self.options.default_guidance
+        return float(self.family.default_guidance if value is None else value)
+
+    # ------------------------------------------------------------------------------ validation
+
+    def _validate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        height: int,
+        width: int,
+        num_frames: int | None,
+        num_inference_steps: int,
+        guidance_scale: float,
+        latents: torch.Tensor | None,
+    ) -> int | None:
+        name = self.options.name
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of strings")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompts[{i}] is empty: every prompt needs text")
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seeds must have one seed per prompt ({len(prompts)}), got {len(seeds)}")
+        if (width, height) not in self.options.sizes:
+            supported = ", ".join(f"{w}x{h}" for w, h in self.options.sizes)
+            raise ValueError(f"size {width}x{height} (width x height) not supported by {name}: {supported}")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int | np.integer):
+            raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
+        low, high = self.options.min_steps, self.options.max_steps
+        if not low <= num_inference_steps <= high:
+            raise ValueError(f"num_inference_steps must be in {low}..{high}, got {num_inference_steps}")
+        if not math.isfinite(float(guidance_scale)) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        if latents is not None and latents.shape[0] != len(prompts):
+            raise ValueError(f"latents must hold one entry per prompt ({len(prompts)}), got {latents.shape[0]}")
+        if self.family.kind == "image":
+            if num_frames not in (None, 1):
+                raise ValueError(f"num_frames must be None for the image model {name}, got {num_frames}")
+            return None
+        frames = self.options.num_frames[0] if num_frames is None else int(num_frames)
+        if frames not in self.options.num_frames:
+            raise ValueError(f"num_frames {frames} not supported by {name}: {self.options.num_frames}")
+        return frames
+
+    # -------------------------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: list[str],
+        *,
+        seeds: list[int],
+        height: int,
+        width: int,
+        num_frames: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        cache: lesa_core.CacheConfig | None = None,
+        callback: Callable[[int, int], bool | None] | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> GenerationOutput:
+        """Generate one sample per prompt (the `DigitsPipeline.__call__` contract).
+
+        - Sample i starts from noise drawn by a CPU generator seeded with seeds[i], or from
+          `latents[i]` (the pipeline's own latent layout, as its `prepare_latents` returns it).
+        - `cache`: LESA / baseline acceleration through lesa_core's hooks, fresh per pipeline call.
+        - `callback(step_done, total)` after every step; returning False raises `GenerationCancelled`.
+          When a batch runs as several chunks (memory cap, OOM split) `total` counts every chunk's
+          steps and `step_done` grows across them.
+        - samples: float32 in [0, 1], [B, H, W, 3] (image) or [B, F, H, W, 3] (video).
+        """
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance
+        frames = self._validate(prompts, seeds, height, width, num_frames, num_inference_steps, guidance_scale, latents)
+        cost = sample_cost(height, width, frames)
+        cap = self.options.max_batch_pixels
+        if self._oom_ceiling is not None:
+            cap = min(cap, self._oom_ceiling - 1) if cap else self._oom_ceiling - 1
+        chunks = plan_chunks(len(prompts), cost, cap)
+        progress = _Progress(callback, num_inference_steps, len(chunks))
+        stats: dict[str, Any] = {"chunks": [], "oom_splits": 0, "transformer_calls": 0}
+        started = time.perf_counter()
+
+        def run(indices: list[int]) -> list[np.ndarray]:
+            return self._run_chunk(
+                [prompts[i] for i in indices], [int(seeds[i]) for i in indices], height, width, frames,
+                num_inference_steps, float(guidance_scale), cache, progress,
+                None if latents is None else latents[indices], stats,
+            )  # fmt: skip
+
+        def on_split(indices: list[int], error: BaseException) -> None:
+            stats["oom_splits"] += 1
+            ceiling = len(indices) * cost
+            self._oom_ceiling = ceiling if self._oom_ceiling is None else min(self._oom_ceiling, ceiling)
+            progress.add_chunk()  # the failed chunk becomes two
+
+        with self._lock:
+            parts: list[np.ndarray] = []
+            start = 0
+            for size in chunks:
+                parts.extend(run_with_oom_split(range(start, start + size), run, on_split))
+                start += size
+        samples = np.stack(parts).astype(np.float32, copy=False)
+        stats.update(
+            wall_time_s=time.perf_counter() - started,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=float(guidance_scale),
+            batch_size=len(prompts),
+        )
+        return GenerationOutput(samples=samples, stats=stats)
+
+    def _call_kwargs(self, batch: int, guidance_scale: float) -> dict[str, Any]:
+        family, options = self.family, self.options
+        kwargs: dict[str, Any] = dict(options.call_kwargs)
+        kwargs[options.guidance_arg or family.guidance_arg] = guidance_scale
+        negative = options.negative_prompt if options.negative_prompt is not None else family.negative_prompt
+        if negative is not None and guidance_scale > 1.0:
+            kwargs["negative_prompt"] = [negative] * batch
+        return kwargs
+
+    def _run_chunk(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        height: int,
+        width: int,
+        frames: int | None,
+        steps: int,
+        guidance_scale: float,
+        cache: lesa_core.CacheConfig | None,
+        progress: _Progress,
+        latents: torch.Tensor | None,
+        stats: dict[str, Any],
+    ) -> list[np.ndarray]:
+        pipe, transformer, scheduler = self.pipe, self.transformer, self.scheduler
+        # CPU generators: the same seed gives the same noise on any device and in any batch.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        kwargs = self._call_kwargs(len(prompts), guidance_scale)
+        if frames is not None:
+            kwargs["num_frames"] = frames
+        if latents is not None:
+            kwargs["latents"] = latents.to(self.device, transformer.dtype)
+        progress.start_chunk()
+
+        counts: dict[str, dict[str, int]] = {}
+
+        def on_step_end(_pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            if cache is not None:
+                # Read now: the pipeline's closing `maybe_free_model_hooks` resets stateful hooks.
+                counts.clear()
+                counts.update(lesa_core.cache_stats(transformer))
+            if progress.step() is False:
+                # Raising stops the pipeline at once (`pipe._interrupt` would still decode the VAE).
+                raise GenerationCancelled(f"cancelled after step {i + 1} of {steps}")
+            return callback_kwargs
+
+        calls = [0]
+
+        def count_call(*_: Any) -> None:
+            calls[0] += 1
+
+        counter = transformer.register_forward_pre_hook(count_call)
+        original_set_timesteps = scheduler.set_timesteps
+
+        # Start the hooks' generation exactly when the pipeline fixes its sigmas. functools.wraps
+        # keeps the signature, which `retrieve_timesteps` inspects to see whether sigmas are accepted.
+        @functools.wraps(original_set_timesteps)
+        def set_timesteps(*args: Any, **kw: Any) -> Any:
+            result = original_set_timesteps(*args, **kw)
+            lesa_core.new_generation(transformer, timesteps=normalised_times(scheduler))
+            return result
+
+        try:
+            if cache is not None:
+                lesa_core.enable_cache(transformer, cache)
+                scheduler.set_timesteps = set_timesteps
+            output = pipe(
+                prompt=list(prompts),
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                generator=generators,
+                output_type="np",
+                callback_on_step_end=on_step_end,
+                **kwargs,
+            )
+            if cache is not None:
+                stats["cache"] = _merge_counts(stats.get("cache"), counts)
+        finally:
+            counter.remove()
+            if cache is not None:
+                scheduler.__dict__.pop("set_timesteps", None)  # back to the class's method
+                lesa_core.disable_cache(transformer)
+        stats["transformer_calls"] += calls[0]
+        stats["chunks"].append(len(prompts))
+        samples = np.asarray(getattr(output, self.family.output_attr), dtype=np.float32)
+        return list(samples)
+
+
+class _Progress:
+    """Monotone (done, total) across the chunks of one call."""
+
+    def __init__(self, callback: Callable[[int, int], bool | None] | None, steps: int, chunks: int) -> None:
+        self.callback = callback
+        self.steps = steps
+        self.chunks = chunks
+        self.done = 0
+
+    def add_chunk(self) -> None:
+        self.chunks += 1
+
+    def start_chunk(self) -> None:
+        # A chunk retried after OOM restarts its steps: move `done` to the chunk boundary.
+        self.done = self.done - self.done % self.steps
+
+    def step(self) -> bool | None:
+        self.done += 1
+        if self.callback is None:
+            return None
+        return self.callback(self.done, self.steps * self.chunks)
+
+
+def _merge_counts(
+    total: dict[str, dict[str, int]] | None, counts: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    merged = {branch: dict(values) for branch, values in (total or {}).items()}
+    for branch, values in counts.items():
+        slot = merged.setdefault(branch, {"full": 0, "predicted": 0})
+        for key, value in values.items():
+            slot[key] = slot.get(key, 0) + value
+    return merged
+
+
+def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}
+    name = names.get(str(value), str(value))
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {value!r}; use float32, bfloat16 or float16")
+    return dtype

@@ -1,0 +1,305 @@
+"""The model config file (`deploy/models.toml`): which models a node serves, and their LESA bundles.
+
+`read_config(path)` parses and validates the file (a `ConfigError` names the offending key);
+`load_models(...)` loads every enabled model and its level bundles. A level whose bundle is
+missing, corrupt, or made for another schedule / model is disabled with a logged warning:
+start-up never fails because of a bundle (that level still serves the training-free methods).
+
+The file format is documented in `deploy/models.toml` itself and in docs/PRODUCTION.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lesa_core
+from lesa_core.production.backend import FAMILIES, BackendOptions, DiffusersBackend, resolve_device
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "deploy" / "models.toml"
+CONFIG_ENV = "LESA_MODELS_CONFIG"  # path of the config file, overriding the default
+BUNDLES_ENV = "LESA_BUNDLES_DIR"  # overrides `bundle_root` (the containers mount bundles at /models)
+BACKENDS = ("diffusers", "digits")
+ENABLED_VALUES = (True, False, "gpu")
+
+_MODEL_KEYS = {
+    "backend", "source", "pipeline", "enabled", "sizes", "num_frames", "fps", "default_steps",
+    "default_guidance", "min_steps", "max_steps", "max_batch_pixels", "dtype", "device", "revision",
+    "variant", "cpu_offload", "vae_tiling", "vae_dtype", "negative_prompt", "guidance_arg", "call_kwargs",
+    "levels", "levels_dir", "description",
+}  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """The model config file is malformed: the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    """One `[models.NAME]` table."""
+
+    name: str
+    backend: str  # "diffusers" (a stock pipeline) | "digits" (a lesa_models reference model)
+    source: str  # HF id or local path (diffusers); model name or pipeline directory (digits)
+    pipeline: str | None = None  # diffusers pipeline class
+    enabled: bool | str = True  # true | false | "gpu" (only where CUDA is available)
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height)
+    num_frames: list[int] = field(default_factory=lambda: [1])
+    fps: int | None = None
+    default_steps: int = 50
+    default_guidance: float | None = None
+    min_steps: int = 4
+    max_steps: int = 100
+    max_batch_pixels: int | None = None
+    dtype: str | None = None  # default: bfloat16 on CUDA, float32 on CPU
+    device: str | None = None  # default: the loader's device ("auto")
+    revision: str | None = None
+    variant: str | None = None
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+    vae_dtype: str | None = None
+    negative_prompt: str | None = None
+    guidance_arg: str | None = None
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    levels: dict[str, Path] = field(default_factory=dict)  # level -> bundle directory
+    levels_dir: Path | None = None  # a directory of <level>/ bundles (as `lesa train-predictor` lays them out)
+    description: str = ""
+
+    def enabled_on(self, device: str) -> bool:
+        if self.enabled == "gpu":
+            return torch.device(device).type == "cuda"
+        return bool(self.enabled)
+
+    def bundle_paths(self) -> dict[str, Path]:
+        """Explicit `levels` entries win over what `levels_dir` holds."""
+        paths: dict[str, Path] = {}
+        if self.levels_dir is not None and self.levels_dir.is_dir():
+            for child in sorted(self.levels_dir.iterdir()):
+                if child.is_dir():
+                    paths[child.name] = child
+        paths.update(self.levels)
+        return paths
+
+
+@dataclass
+class ModelsConfig:
+    path: Path
+    bundle_root: Path
+    models: dict[str, ModelConfig]
+
+
+@dataclass
+class ServedModel:
+    """A loaded model: the pipeline (call contract of `DigitsPipeline`) and its usable bundles."""
+
+    name: str
+    config: ModelConfig
+    pipe: Any
+    bundles: dict[str, lesa_core.StagePredictor]  # level -> predictor; only bundles that loaded and fit
+
+
+def config_path(path: str | Path | None = None) -> Path:
+    if path is not None:
+        return Path(path)
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def read_config(path: str | Path | None = None) -> ModelsConfig:
+    path = config_path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(f"{path}: model config file not found (set {CONFIG_ENV} or pass --models-config)") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from error
+    defaults = data.get("defaults", {})
+    root_text = os.environ.get(BUNDLES_ENV) or defaults.get("bundle_root", ".")
+    bundle_root = _resolve(path.parent, str(root_text))
+    tables = data.get("models", {})
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError(f"{path}: no [models.NAME] tables")
+    models = {name: _model(path, bundle_root, name, table) for name, table in tables.items()}
+    return ModelsConfig(path=path, bundle_root=bundle_root, models=models)
+
+
+def _model(path: Path, bundle_root: Path, name: str, table: dict[str, Any]) -> ModelConfig:
+    where = f"{path}: [models.{name}]"
+    unknown = set(table) - _MODEL_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(_MODEL_KEYS)}")
+    backend = table.get("backend", "diffusers")
+    if backend not in BACKENDS:
+        raise ConfigError(f"{where}.backend: {backend!r} is not one of {BACKENDS}")
+    if "source" not in table:
+        raise ConfigError(f"{where}.source: required (Hugging Face id, local path, or reference model name)")
+    pipeline = table.get("pipeline")
+    if backend == "diffusers" and pipeline not in FAMILIES:
+        raise ConfigError(f"{where}.pipeline: {pipeline!r} is not one of {', '.join(FAMILIES)}")
+    enabled = table.get("enabled", True)
+    if enabled not in ENABLED_VALUES:
+        raise ConfigError(f'{where}.enabled: use true, false or "gpu", got {enabled!r}')
+    try:
+        sizes = [(int(w), int(h)) for w, h in table.get("sizes", [])]
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}.sizes: a list of [width, height] pairs ({error})") from error
+    if backend == "diffusers" and not sizes:
+        raise ConfigError(f"{where}.sizes: required for a diffusers model")
+    # "{model_dir}" in a bundle path: the reference model's own weights directory (digits backend).
+    model_dir = _digits_dir(str(table["source"])) if backend == "digits" else path.parent
+    levels: dict[str, Path] = {}
+    for level, bundle in table.get("levels", {}).items():
+        levels[str(level)] = _resolve(bundle_root, str(bundle).format(model_dir=model_dir))
+    source = str(table["source"])
+    if backend == "diffusers" and source.startswith((".", "/", "~")):
+        source = str(_resolve(path.parent, source))  # a local directory, relative to this file
+    kwargs = {k: table[k] for k in (
+        "fps", "default_steps", "default_guidance", "min_steps", "max_steps", "max_batch_pixels", "dtype", "device",
+        "revision", "variant", "cpu_offload", "vae_tiling", "vae_dtype", "negative_prompt", "guidance_arg",
+        "call_kwargs", "description",
+    ) if k in table}  # fmt: skip
+    config = ModelConfig(
+        name=name,
+        backend=backend,
+        source=source,
+        pipeline=pipeline,
+        enabled=enabled,
+        sizes=sizes,
+        num_frames=[int(f) for f in table.get("num_frames", [1])],
+        levels=levels,
+        levels_dir=(
+            _resolve(bundle_root, str(table["levels_dir"]).format(model_dir=model_dir))
+            if "levels_dir" in table
+            else None
+        ),
+        **kwargs,
+    )
+    if not config.min_steps <= config.default_steps <= config.max_steps:
+        raise ConfigError(
+            f"{where}.default_steps: {config.default_steps} is outside {config.min_steps}..{config.max_steps}"
+        )
+    return config
+
+
+def _digits_dir(source: str) -> Path:
+    from lesa_models.registry import MODEL_NAMES, model_path
+
+    return model_path(source) if source in MODEL_NAMES else Path(source)
+
+
+def _resolve(base: Path, text: str) -> Path:
+    path = Path(os.path.expanduser(text))
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def build_pipeline(config: ModelConfig, device: str = "auto", dtype: str | None = None) -> Any:
+    """The pipeline object for one model entry (no bundles)."""
+    device = resolve_device(config.device or device)
+    if config.backend == "digits":
+        import lesa_models
+
+        pipe = lesa_models.load_pipeline(config.source)
+        wanted = config.dtype or dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
+        if torch.device(device).type == "cpu" and wanted == "float32":
+            return pipe
+        if not hasattr(pipe, "to"):
+            # The reference pipeline may only run on CPU float32: serve it there rather than not at all.
+            logger.warning("model %s: this DigitsPipeline cannot move to %s %s; serving it on CPU float32",
+                           config.name, device, wanted)  # fmt: skip
+            return pipe
+        pipe.to(device, getattr(torch, wanted))
+        return pipe
+    options = BackendOptions(
+        name=config.name,
+        sizes=config.sizes,
+        num_frames=config.num_frames,
+        fps=config.fps,
+        default_steps=config.default_steps,
+        default_guidance=config.default_guidance,
+        min_steps=config.min_steps,
+        max_steps=config.max_steps,
+        max_batch_pixels=config.max_batch_pixels,
+        negative_prompt=config.negative_prompt,
+        guidance_arg=config.guidance_arg,
+        call_kwargs=dict(config.call_kwargs),
+    )
+    return DiffusersBackend.from_pretrained(
+        config.source, config.pipeline or "", options, device=device, dtype=config.dtype or dtype,
+        revision=config.revision, variant=config.variant, cpu_offload=config.cpu_offload,
+        vae_tiling=config.vae_tiling, vae_dtype=config.vae_dtype,
+    )  # fmt: skip
+
+
+def load_bundles(config: ModelConfig, info: Any) -> dict[str, lesa_core.StagePredictor]:
+    """Every level bundle of `config` that loads and fits the model; the others are warned about."""
+    bundles: dict[str, lesa_core.StagePredictor] = {}
+    family = getattr(info, "transformer_class", None)
+    hidden_size = getattr(info, "hidden_size", None)
+    for level, path in config.bundle_paths().items():
+        if level not in lesa_core.LEVELS or level == "none":
+            logger.warning("model %s: %r is not an acceleration level (%s); bundle %s skipped", config.name, level,
+                           ", ".join(n for n in lesa_core.LEVELS if n != "none"), path)  # fmt: skip
+            continue
+        try:
+            predictor = lesa_core.StagePredictor.from_pretrained(path)
+            # The bundle must be the level's schedule at the step count it was trained for, and
+            # made on this transformer family and width.
+            expected = lesa_core.level_schedule(level, predictor.schedule.num_steps)
+            predictor.check_compatible(expected, family, hidden_size)
+        except lesa_core.BundleError as error:
+            logger.warning("model %s: level %s disabled for LESA (training-free methods still serve it): %s",
+                           config.name, level, error)  # fmt: skip
+            continue
+        bundles[level] = predictor
+    return bundles
+
+
+def load_models(
+    path: str | Path | None = None,
+    names: list[str] | None = None,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+) -> dict[str, ServedModel]:
+    """Load the models of the config file: `names` (in that order), or every model enabled here.
+
+    An explicitly named model that is disabled in the file still loads (the operator asked for
+    it); a "gpu" model named on a machine without CUDA is a clear error instead of a 50 GB
+    download that cannot run.
+    """
+    config = read_config(path)
+    device = resolve_device(device)
+    if names:
+        unknown = [n for n in names if n not in config.models]
+        if unknown:
+            raise ConfigError(f"{config.path}: unknown model(s) {unknown}; configured: {', '.join(config.models)}")
+        chosen = [config.models[n] for n in names]
+        for model in chosen:
+            if model.enabled == "gpu" and torch.device(resolve_device(model.device or device)).type != "cuda":
+                raise ConfigError(f'model {model.name} needs a CUDA GPU (enabled = "gpu") and this node has none')
+    else:
+        chosen = [m for m in config.models.values() if m.enabled_on(resolve_device(m.device or device))]
+    served: dict[str, ServedModel] = {}
+    for model in chosen:
+        try:
+            pipe = build_pipeline(model, device, dtype)
+        except (OSError, ValueError, RuntimeError) as error:
+            if names:
+                raise  # asked for by name: the operator must see why it cannot serve
+            # Enabled by the file but not loadable here (weights not in the HF cache, too little
+            # GPU memory for every model at once): the node serves the others.
+            logger.warning("model %s (%s) not served: %s", model.name, model.source, error)
+            continue
+        bundles = load_bundles(model, pipe.info)
+        served[model.name] = ServedModel(model.name, model, pipe, bundles)
+        logger.info("model %s (%s) ready; LESA levels: %s", model.name, model.source,
+                    ", ".join(sorted(bundles)) or "none")  # fmt: skip
+    return served

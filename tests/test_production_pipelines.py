@@ -1,0 +1,165 @@
+"""The production backend on the four diffusers pipelines, assembled offline from tiny random parts.
+
+For FluxPipeline, QwenImagePipeline, WanPipeline and HunyuanVideoPipeline: every step full through
+the backend equals the un-hooked pipeline bit for bit; LESA skips every transformer block on the
+predicted steps of every CFG branch and gets the sampler's own sigmas; output shapes; cancellation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from production_tiny import PIPELINES, TinyPipeline, build
+from torch import nn
+
+import lesa_core
+from lesa_core import CacheConfig, CacheSchedule, PredictorConfig, StagePredictor
+from lesa_core.production import BackendOptions, DiffusersBackend
+from lesa_models import GenerationCancelled
+
+STEPS = 6
+SCHEDULE = CacheSchedule.from_full_steps(STEPS, [0, 1, 3])  # steps 2, 4, 5 predicted
+PROMPTS = ["a red cat", "the monkey dance"]
+SEEDS = [11, 12]
+
+
+@pytest.fixture(scope="module", params=PIPELINES)
+def tiny(request) -> TinyPipeline:
+    return build(request.param)
+
+
+def backend_for(tiny: TinyPipeline, **overrides) -> DiffusersBackend:
+    options = BackendOptions(
+        name=f"tiny-{tiny.name}",
+        sizes=[(tiny.width, tiny.height)],
+        num_frames=[tiny.num_frames] if tiny.num_frames else [1],
+        default_steps=STEPS,
+        call_kwargs=dict(tiny.call_kwargs),
+        **overrides,
+    )
+    return DiffusersBackend(tiny.pipe, options)
+
+
+def call(backend: DiffusersBackend, tiny: TinyPipeline, prompts=PROMPTS, seeds=SEEDS, **kwargs):
+    return backend(
+        list(prompts), seeds=list(seeds), height=tiny.height, width=tiny.width, num_frames=tiny.num_frames,
+        num_inference_steps=STEPS, guidance_scale=tiny.guidance, **kwargs,
+    )  # fmt: skip
+
+
+def random_predictor(backend: DiffusersBackend) -> StagePredictor:
+    info = backend.info
+    torch.manual_seed(0)
+    predictor = StagePredictor(
+        PredictorConfig(
+            schedule=SCHEDULE.to_dict(), kan_hidden=(8,), family=info.transformer_class, hidden_size=info.hidden_size
+        )
+    )
+    for heads in predictor.latent.values():
+        for head in heads:  # away from the all-zero start, so the forecast is not plain reuse
+            nn.init.normal_(head.weight, std=0.2)
+    return predictor.eval()
+
+
+def block_attention_per_call(model: nn.Module) -> tuple[list[int], list]:
+    """Attention calls inside transformer blocks, per transformer forward (as tests/test_hooks.py)."""
+    counter, per_call, handles = [0], [], []
+    for child in model.children():
+        if isinstance(child, nn.ModuleList):
+            for module in child.modules():
+                if hasattr(module, "processor"):
+                    handles.append(module.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1)))
+    start = [0]
+    handles.append(model.register_forward_pre_hook(lambda *_: start.__setitem__(0, counter[0])))
+    handles.append(model.register_forward_hook(lambda *_: per_call.append(counter[0] - start[0])))
+    return per_call, handles
+
+
+def test_every_step_full_equals_the_unhooked_pipeline(tiny):
+    backend = backend_for(tiny)
+    kwargs = backend._call_kwargs(len(PROMPTS), tiny.guidance)
+    if tiny.num_frames:
+        kwargs["num_frames"] = tiny.num_frames
+    with torch.no_grad():
+        reference = tiny.pipe(
+            prompt=PROMPTS, height=tiny.height, width=tiny.width, num_inference_steps=STEPS,
+            generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="np", **kwargs,
+        )  # fmt: skip
+    reference = getattr(reference, backend.family.output_attr)
+    out = call(backend, tiny, cache=CacheConfig(method="none"))
+    assert out.samples.dtype == np.float32
+    assert np.array_equal(out.samples, reference)
+    assert out.stats["cache"] == {"cond": {"full": STEPS, "predicted": 0}} | (
+        {"uncond": {"full": STEPS, "predicted": 0}} if tiny.calls_per_step == 2 else {}
+    )
+    assert out.stats["transformer_calls"] == STEPS * tiny.calls_per_step
+
+
+def test_lesa_skips_blocks_on_predicted_steps_with_the_samplers_sigmas(tiny, monkeypatch):
+    backend = backend_for(tiny)
+    predictor = random_predictor(backend)
+    times: list[torch.Tensor] = []
+    real_new_generation = lesa_core.new_generation
+
+    def recording_new_generation(model, timesteps=None):
+        times.append(torch.as_tensor(timesteps).clone())
+        real_new_generation(model, timesteps=timesteps)
+
+    monkeypatch.setattr(lesa_core, "new_generation", recording_new_generation)
+    per_call, handles = block_attention_per_call(tiny.pipe.transformer)
+    try:
+        out = call(backend, tiny, cache=CacheConfig(method="lesa", schedule=SCHEDULE, predictor=predictor))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    k = tiny.calls_per_step
+    assert len(per_call) == STEPS * k
+    ran = [n > 0 for n in per_call]
+    assert ran == [SCHEDULE.is_full(call_index // k) for call_index in range(STEPS * k)], per_call
+    branches = {"cond": {"full": 3, "predicted": 3}} | ({"uncond": {"full": 3, "predicted": 3}} if k == 2 else {})
+    assert out.stats["cache"] == branches
+    # The predictor got the sampler's sigmas (shifted as the pipeline shifts them), 1 = noise ... 0.
+    assert len(times) == 1 and times[0].numel() == STEPS + 1
+    torch.testing.assert_close(times[0], tiny.pipe.scheduler.sigmas.float().cpu())
+    assert float(times[0][-1]) == 0.0
+    # Shapes: channels-last RGB, one sample per prompt, the requested size and frame count.
+    frames = (tiny.num_frames,) if tiny.num_frames else ()
+    assert out.samples.shape == (len(PROMPTS), *frames, tiny.height, tiny.width, 3)
+    assert np.isfinite(out.samples).all() and out.samples.min() >= 0.0 and out.samples.max() <= 1.0
+    # Nothing stays attached after the call.
+    assert not lesa_core.is_cache_enabled(tiny.pipe.transformer)
+    assert "set_timesteps" not in vars(tiny.pipe.scheduler)
+    info = backend.info
+    assert info.kind == ("video" if tiny.num_frames else "image")
+    assert info.transformer_class == type(tiny.pipe.transformer).__name__
+
+
+def test_cancellation_stops_mid_run_and_detaches_the_hooks(tiny):
+    backend = backend_for(tiny)
+    seen: list[tuple[int, int]] = []
+
+    def callback(done: int, total: int) -> bool:
+        seen.append((done, total))
+        return done < 2  # cancel after the second step
+
+    with pytest.raises(GenerationCancelled):
+        call(backend, tiny, prompts=PROMPTS[:1], seeds=SEEDS[:1], callback=callback,
+             cache=CacheConfig(method="taylorseer", schedule=SCHEDULE))  # fmt: skip
+    assert seen == [(1, STEPS), (2, STEPS)]
+    assert not lesa_core.is_cache_enabled(tiny.pipe.transformer)
+    assert "set_timesteps" not in vars(tiny.pipe.scheduler)
+
+
+def test_validation_names_the_field():
+    tiny = build("flux")
+    backend = backend_for(tiny)
+    with pytest.raises(ValueError, match="size 32x32"):
+        backend(["a cat"], seeds=[0], height=32, width=32, num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="seeds"):
+        backend(["a cat", "a dog"], seeds=[0], height=16, width=16, num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="num_frames"):
+        backend(["a cat"], seeds=[0], height=16, width=16, num_frames=9, num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        backend(["a cat"], seeds=[0], height=16, width=16, num_inference_steps=2)
