@@ -177,7 +177,7 @@ class DiffusersBackend:
             raise ValueError(f"pipeline {pipeline_class!r} is not supported; supported: {', '.join(FAMILIES)}")
         device = resolve_device(device)
         dtype = _as_dtype(dtype) or default_dtype(device)
-        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        kwargs: dict[str, Any] = {"dtype": dtype}
         if revision:
             kwargs["revision"] = revision
         if variant:

@@ -1,0 +1,164 @@
+"""The model config file and its loader, and memory-aware batching (cap + out-of-memory split)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from production_tiny import build
+
+from lesa_core import CacheSchedule, PredictorConfig, StagePredictor, level_schedule
+from lesa_core.production import (
+    BackendOptions,
+    ConfigError,
+    DiffusersBackend,
+    load_models,
+    plan_chunks,
+    read_config,
+)
+from lesa_core.production.config import DEFAULT_CONFIG
+
+STEPS = 4
+
+
+def test_plan_chunks_caps_batch_x_pixels_x_frames():
+    assert plan_chunks(8, 100, None) == [8]
+    assert plan_chunks(8, 100, 300) == [3, 3, 2]
+    assert plan_chunks(2, 1000, 10) == [1, 1]  # a sample over the cap still runs, alone
+    with pytest.raises(ValueError):
+        plan_chunks(0, 1, 1)
+
+
+def test_shipped_config_parses_with_the_four_production_models_gpu_only():
+    config = read_config(DEFAULT_CONFIG)
+    pipelines = {m.pipeline for m in config.models.values() if m.backend == "diffusers"}
+    assert pipelines == {"FluxPipeline", "QwenImagePipeline", "WanPipeline", "HunyuanVideoPipeline"}
+    for model in config.models.values():
+        if model.backend == "diffusers":
+            assert model.enabled == "gpu" and not model.enabled_on("cpu")
+            assert model.default_steps == 50 and model.levels
+            assert all(w % 16 == 0 and h % 16 == 0 for w, h in model.sizes)
+            assert all(f % 4 == 1 for f in model.num_frames)
+    assert {"digits-image", "digits-video"} <= set(config.models)
+
+
+def _flux_backend(**options) -> tuple[DiffusersBackend, object]:
+    tiny = build("flux")
+    opts = BackendOptions(
+        name="tiny-flux", sizes=[(16, 16)], default_steps=STEPS, call_kwargs=dict(tiny.call_kwargs), **options
+    )
+    return DiffusersBackend(tiny.pipe, opts), tiny
+
+
+PROMPTS, SEEDS = ["a red cat", "a blue dog", "the monkey dance"], [1, 2, 3]
+
+
+def test_batches_over_the_cap_and_out_of_memory_split_without_changing_samples():
+    backend, tiny = _flux_backend()
+    whole = backend(PROMPTS, seeds=SEEDS, height=16, width=16, num_inference_steps=STEPS)
+    assert whole.stats["chunks"] == [3]
+
+    capped = DiffusersBackend(tiny.pipe, replace(backend.options, max_batch_pixels=2 * 16 * 16))
+    progress: list[tuple[int, int]] = []
+    out = capped(PROMPTS, seeds=SEEDS, height=16, width=16, num_inference_steps=STEPS,
+                 callback=lambda d, t: progress.append((d, t)))  # fmt: skip
+    assert out.stats["chunks"] == [2, 1]
+    assert progress == [(i, 2 * STEPS) for i in range(1, 2 * STEPS + 1)]  # monotone across chunks
+    # Per-sample generators: a sample does not depend on its batch (up to batched-matmul rounding).
+    np.testing.assert_allclose(out.samples, whole.samples, atol=1e-5)
+
+    # A transformer that runs out of memory on more than one sample: the batch splits down.
+    def oom_over_one(module, args, kwargs):
+        if kwargs["hidden_states"].shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    handle = backend.transformer.register_forward_pre_hook(oom_over_one, with_kwargs=True)
+    try:
+        split = backend(PROMPTS, seeds=SEEDS, height=16, width=16, num_inference_steps=STEPS)
+        assert split.stats["chunks"] == [1, 1, 1] and split.stats["oom_splits"] == 2
+        np.testing.assert_allclose(split.samples, whole.samples, atol=1e-5)
+        # The backend remembers: the next batch is planned below the size that failed.
+        again = backend(PROMPTS[:2], seeds=SEEDS[:2], height=16, width=16, num_inference_steps=STEPS)
+        assert again.stats["chunks"] == [1, 1] and again.stats["oom_splits"] == 0
+    finally:
+        handle.remove()
+
+    def other_error(module, args):
+        raise RuntimeError("shape mismatch")
+
+    handle = backend.transformer.register_forward_pre_hook(other_error)
+    try:
+        with pytest.raises(RuntimeError, match="shape mismatch"):  # not an OOM: no retry, no masking
+            backend(PROMPTS[:1], seeds=SEEDS[:1], height=16, width=16, num_inference_steps=STEPS)
+    finally:
+        handle.remove()
+
+
+def _bundle(path, schedule: CacheSchedule, family: str, hidden: int) -> None:
+    predictor = StagePredictor(
+        PredictorConfig(schedule=schedule.to_dict(), kan_hidden=(8,), family=family, hidden_size=hidden)
+    )
+    predictor.save_pretrained(path)
+
+
+def test_loader_serves_a_local_pipeline_and_disables_only_broken_levels(tmp_path, caplog):
+    tiny = build("flux")
+    tiny.pipe.save_pretrained(tmp_path / "tiny-flux")
+    family, hidden = "FluxTransformer2DModel", 32
+    bundles = tmp_path / "bundles"
+    _bundle(bundles / "good-2x", level_schedule("2x", STEPS), family, hidden)
+    _bundle(bundles / "wrong-schedule", level_schedule("2x", STEPS), family, hidden)  # filed as 3.3x below
+    _bundle(bundles / "wrong-width", level_schedule("5x", STEPS), family, 64)
+    (bundles / "corrupt").mkdir()
+    (bundles / "corrupt" / "config.json").write_text("{ not json")
+    (bundles / "corrupt" / "model.safetensors").write_bytes(b"\0" * 10)
+    config = tmp_path / "models.toml"
+    config.write_text(
+        f"""
+[defaults]
+bundle_root = "{bundles}"
+
+[models.tiny-flux]
+source = "./tiny-flux"
+pipeline = "FluxPipeline"
+sizes = [[16, 16]]
+default_steps = {STEPS}
+call_kwargs = {{ max_sequence_length = 16 }}
+levels = {{ "2x" = "good-2x", "3.3x" = "wrong-schedule", "5x" = "wrong-width", "6.25x" = "corrupt", "9x" = "good-2x" }}
+
+[models.big-gpu-model]
+source = "nobody/not-downloaded"
+pipeline = "WanPipeline"
+enabled = "gpu"
+sizes = [[832, 480]]
+num_frames = [81]
+"""
+    )
+    with caplog.at_level(logging.WARNING, logger="lesa_core.production.config"):
+        served = load_models(config, device="cpu")
+    assert list(served) == ["tiny-flux"]  # the "gpu" model is not even tried on a CPU node
+    model = served["tiny-flux"]
+    assert list(model.bundles) == ["2x"]
+    warnings = caplog.text
+    for level in ("3.3x", "5x", "6.25x", "'9x'"):
+        assert level in warnings
+    info = model.pipe.info
+    assert (info.kind, info.sizes, info.hidden_size, info.pipeline_class) == ("image", [(16, 16)], 32, "FluxPipeline")
+    assert model.pipe.pipe.transformer.dtype == torch.float32  # fp32 on CPU
+    out = model.pipe(["a cat"], seeds=[0], height=16, width=16, num_inference_steps=STEPS)
+    assert out.samples.shape == (1, 16, 16, 3)
+
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        load_models(config, ["big-gpu-model"], device="cpu")
+    with pytest.raises(ConfigError, match="unknown model"):
+        load_models(config, ["nope"], device="cpu")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[models.x]\nsource = "a"\npipeline = "FluxPipeline"\nsizes = [[16, 16]]\nstep = 3\n')
+    with pytest.raises(ConfigError, match=r"\[models.x\]: unknown keys \['step'\]"):
+        read_config(bad)
+    bad.write_text('[models.x]\nsource = "a"\npipeline = "StableDiffusionPipeline"\nsizes = [[16, 16]]\n')
+    with pytest.raises(ConfigError, match="pipeline"):
+        read_config(bad)
