@@ -119,7 +119,7 @@ def test_loader_serves_a_local_pipeline_and_disables_only_broken_levels(tmp_path
     config.write_text(
         f"""
 [defaults]
-bundle_root = "{bundles}"
+weights_root = "{bundles}"
 
 [models.tiny-flux]
 source = "./tiny-flux"

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "deploy" / "models.toml"
 CONFIG_ENV = "LESA_MODELS_CONFIG"  # path of the config file, overriding the default
-BUNDLES_ENV = "LESA_BUNDLES_DIR"  # overrides `bundle_root` (the containers mount bundles at /models)
+WEIGHTS_ENV = "LESA_WEIGHTS_DIR"  # overrides `weights_root` (the containers mount the weights tree at /models)
 BACKENDS = ("diffusers", "digits")
 ENABLED_VALUES = (True, False, "gpu")
 
@@ -93,7 +93,7 @@ class ModelConfig:
 @dataclass
 class ModelsConfig:
     path: Path
-    bundle_root: Path
+    weights_root: Path
     models: dict[str, ModelConfig]
 
 
@@ -122,16 +122,17 @@ def read_config(path: str | Path | None = None) -> ModelsConfig:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from error
     defaults = data.get("defaults", {})
-    root_text = os.environ.get(BUNDLES_ENV) or defaults.get("bundle_root", ".")
-    bundle_root = _resolve(path.parent, str(root_text))
+    # The same tree the service reads (LESA_WEIGHTS_DIR): one folder per model, bundles in <model>/predictors/.
+    root_text = os.environ.get(WEIGHTS_ENV) or defaults.get("weights_root", ".")
+    weights_root = _resolve(path.parent, str(root_text))
     tables = data.get("models", {})
     if not isinstance(tables, dict) or not tables:
         raise ConfigError(f"{path}: no [models.NAME] tables")
-    models = {name: _model(path, bundle_root, name, table) for name, table in tables.items()}
-    return ModelsConfig(path=path, bundle_root=bundle_root, models=models)
+    models = {name: _model(path, weights_root, name, table) for name, table in tables.items()}
+    return ModelsConfig(path=path, weights_root=weights_root, models=models)
 
 
-def _model(path: Path, bundle_root: Path, name: str, table: dict[str, Any]) -> ModelConfig:
+def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> ModelConfig:
     where = f"{path}: [models.{name}]"
     unknown = set(table) - _MODEL_KEYS
     if unknown:
@@ -153,11 +154,9 @@ def _model(path: Path, bundle_root: Path, name: str, table: dict[str, Any]) -> M
         raise ConfigError(f"{where}.sizes: a list of [width, height] pairs ({error})") from error
     if backend == "diffusers" and not sizes:
         raise ConfigError(f"{where}.sizes: required for a diffusers model")
-    # "{model_dir}" in a bundle path: the reference model's own weights directory (digits backend).
-    model_dir = _digits_dir(str(table["source"])) if backend == "digits" else path.parent
     levels: dict[str, Path] = {}
     for level, bundle in table.get("levels", {}).items():
-        levels[str(level)] = _resolve(bundle_root, str(bundle).format(model_dir=model_dir))
+        levels[str(level)] = _resolve(weights_root, str(bundle))
     source = str(table["source"])
     if backend == "diffusers" and source.startswith((".", "/", "~")):
         source = str(_resolve(path.parent, source))  # a local directory, relative to this file
@@ -175,11 +174,7 @@ def _model(path: Path, bundle_root: Path, name: str, table: dict[str, Any]) -> M
         sizes=sizes,
         num_frames=[int(f) for f in table.get("num_frames", [1])],
         levels=levels,
-        levels_dir=(
-            _resolve(bundle_root, str(table["levels_dir"]).format(model_dir=model_dir))
-            if "levels_dir" in table
-            else None
-        ),
+        levels_dir=_resolve(weights_root, str(table["levels_dir"])) if "levels_dir" in table else None,
         **kwargs,
     )
     if not config.min_steps <= config.default_steps <= config.max_steps:
@@ -189,24 +184,24 @@ def _model(path: Path, bundle_root: Path, name: str, table: dict[str, Any]) -> M
     return config
 
 
-def _digits_dir(source: str) -> Path:
-    from lesa_models.registry import MODEL_NAMES, model_path
-
-    return model_path(source) if source in MODEL_NAMES else Path(source)
-
-
 def _resolve(base: Path, text: str) -> Path:
     path = Path(os.path.expanduser(text))
     return path if path.is_absolute() else (base / path).resolve()
 
 
-def build_pipeline(config: ModelConfig, device: str = "auto", dtype: str | None = None) -> Any:
-    """The pipeline object for one model entry (no bundles)."""
+def build_pipeline(
+    config: ModelConfig, device: str = "auto", dtype: str | None = None, root: Path | None = None
+) -> Any:
+    """The pipeline object for one model entry (no bundles); `root`: the config's weights_root."""
     device = resolve_device(config.device or device)
     if config.backend == "digits":
         import lesa_models
 
-        pipe = lesa_models.load_pipeline(config.source)
+        # The weights tree's copy first (what LESA_WEIGHTS_DIR / the container's /models holds), else
+        # the copy inside the lesa_models package.
+        local = root / config.source if root is not None else None
+        found = local is not None and (local / "model_index.json").is_file()
+        pipe = lesa_models.load_pipeline(local if found else config.source)
         wanted = config.dtype or dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
         if torch.device(device).type == "cpu" and wanted == "float32":
             return pipe
@@ -290,7 +285,7 @@ def load_models(
     served: dict[str, ServedModel] = {}
     for model in chosen:
         try:
-            pipe = build_pipeline(model, device, dtype)
+            pipe = build_pipeline(model, device, dtype, config.weights_root)
         except (OSError, ValueError, RuntimeError) as error:
             if names:
                 raise  # asked for by name: the operator must see why it cannot serve
