@@ -1,0 +1,222 @@
+"""`lesa generate`, `lesa train-model` and `lesa eval`: the reference models from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lesa_core.cli import CliError
+
+IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+VIDEO_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    gen = subparsers.add_parser("generate", help="generate an image or clip with a reference model")
+    gen.add_argument("--model", default="digits-image", help="digits-image | digits-video | pipeline directory")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", type=Path, help="file with one prompt per line (batch generation)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps (4..100)")
+    gen.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    gen.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's first size)")
+    gen.add_argument("--frames", type=int, default=None, help="clip length (video models)")
+    gen.add_argument("--acceleration", default="none", help="none or a lesa_core level (e.g. 5x)")
+    gen.add_argument(
+        "--method",
+        default="lesa",
+        choices=("lesa", "taylorseer", "reuse"),
+        help="forecaster used by an acceleration level other than none",
+    )
+    gen.add_argument("--predictor", type=Path, default=None, help="LESA predictor bundle directory")
+    gen.add_argument("--batch-size", type=int, default=8, help="samples per pipeline call with --prompts")
+    gen.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="file (.png/.jpg/.webp, or .mp4/.gif for video); with --prompts, a directory "
+        "or a name that gets -000, -001, ... appended",
+    )
+    gen.add_argument("--scale", type=int, default=None, help="nearest-neighbour enlargement of the output")
+    gen.set_defaults(func=_generate)
+
+    train = subparsers.add_parser("train-model", help="train a reference model with its seeded recipe")
+    train.add_argument(
+        "name",
+        choices=("digits-image", "digits-video", "evaluator"),
+        help="a reference model, or the evaluator's digit classifier",
+    )
+    train.add_argument("--work-dir", type=Path, default=None, help="checkpoints (resumed if present)")
+    train.add_argument("--output", type=Path, default=None, help="export directory (default: lesa_models/weights)")
+    train.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    train.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
+    train.set_defaults(func=_train_model)
+
+    ev = subparsers.add_parser("eval", help="judge a model with the digit classifier / motion estimator")
+    ev.add_argument("--model", default="digits-image")
+    ev.add_argument("--per-class", type=int, default=10, help="samples per digit")
+    ev.add_argument("--steps", type=int, default=50)
+    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--acceleration", default="none")
+    ev.add_argument("--method", default="lesa", choices=("lesa", "taylorseer", "reuse"))
+    ev.add_argument("--predictor", type=Path, default=None)
+    ev.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
+    ev.add_argument("--grid", type=Path, default=None, help="write the samples as a PNG grid / GIF strip")
+    ev.set_defaults(func=_eval)
+
+
+def _load(name: str) -> Any:
+    from lesa_models.registry import load_pipeline
+
+    try:
+        return load_pipeline(name)
+    except (ValueError, FileNotFoundError) as error:
+        raise CliError(str(error)) from error
+
+
+def resolve_acceleration(pipe: Any, level: str, steps: int, method: str = "lesa", predictor: Path | None = None) -> Any:
+    """CacheConfig for a named lesa_core level, or None for full compute.
+
+    This is the one place the CLI turns `--acceleration` into hooks; LESA needs a predictor bundle
+    trained for the exact schedule (looked up next to the model as `lesa/<schedule name>` when no
+    `--predictor` is given).
+    """
+    if level == "none":
+        return None
+    import lesa_core
+
+    try:
+        schedule = lesa_core.level_schedule(level, steps)
+    except ValueError as error:
+        raise CliError(str(error)) from error
+    if method != "lesa":
+        return lesa_core.CacheConfig(method=method, schedule=schedule)
+    if predictor is None:
+        bundles = Path(pipe.bundle_root) if hasattr(pipe, "bundle_root") else None
+        raise CliError(
+            f"--acceleration {level} with --method lesa needs --predictor BUNDLE "
+            f"(no bundle registered for {pipe.name}{'' if bundles is None else f' under {bundles}'}); "
+            "or use --method taylorseer|reuse"
+        )
+    try:
+        bundle = lesa_core.StagePredictor.from_pretrained(predictor)
+    except Exception as error:  # a user-supplied path: report it as one line
+        raise CliError(f"cannot load predictor bundle {predictor}: {error}") from error
+    return lesa_core.CacheConfig(method="lesa", schedule=schedule, predictor=bundle)
+
+
+def _size(pipe: Any, text: str | None) -> tuple[int, int]:
+    if text is None:
+        return pipe.sizes[0]
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError as error:
+        raise CliError(f"--size must look like 16x16, got {text!r}") from error
+    return w, h
+
+
+def _outputs(base: Path, count: int, suffix: str) -> list[Path]:
+    if count == 1 and base.suffix:
+        return [base]
+    if not base.suffix:  # a directory
+        base.mkdir(parents=True, exist_ok=True)
+        return [base / f"{i:03d}{suffix}" for i in range(count)]
+    return [base.with_name(f"{base.stem}-{i:03d}{base.suffix}") for i in range(count)]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lesa_models import media
+
+    pipe = _load(args.model)
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        try:
+            prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        except OSError as error:
+            raise CliError(f"cannot read --prompts: {error}") from error
+        if not prompts:
+            raise CliError(f"--prompts file {args.prompts} has no prompts")
+    suffixes = IMAGE_SUFFIXES if pipe.kind == "image" else VIDEO_SUFFIXES
+    suffix = args.output.suffix.lower() or (".png" if pipe.kind == "image" else ".mp4")
+    if suffix not in suffixes:
+        raise CliError(f"--output for {pipe.kind} must end in one of {', '.join(suffixes)}, got {suffix!r}")
+    width, height = _size(pipe, args.size)
+    cache = resolve_acceleration(pipe, args.acceleration, args.steps, args.method, args.predictor)
+    paths = _outputs(args.output, len(prompts), suffix)
+    chunk = max(1, args.batch_size)
+    bar = tqdm(total=args.steps * -(-len(prompts) // chunk), desc=f"{pipe.name}", unit="step", file=sys.stderr)
+    written = 0
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start : start + chunk]
+        try:
+            out = pipe(
+                part,
+                seeds=[args.seed + start + i for i in range(len(part))],
+                height=height,
+                width=width,
+                num_frames=args.frames,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                cache=cache,
+                callback=lambda done, total: bar.update(1) and None,
+            )
+        except ValueError as error:
+            raise CliError(str(error)) from error
+        for sample in out.samples:
+            path = paths[written]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if pipe.kind == "image":
+                path.write_bytes(media.image_bytes(sample, suffixes[suffix], scale=args.scale or 8))
+            else:
+                path.write_bytes(media.video_bytes(sample, suffixes[suffix], scale=args.scale or 16))
+            written += 1
+    bar.close()
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _train_model(args: argparse.Namespace) -> int:
+    from lesa_models.train import train
+
+    if args.name == "evaluator":
+        from lesa_models.evaluator import train_classifier
+
+        print(json.dumps(train_classifier(output=args.output)))
+        return 0
+    out = train(args.name, work_dir=args.work_dir, output=args.output, steps=args.steps, threads=args.threads)
+    print(out)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lesa_models import evaluator, media
+
+    pipe = _load(args.model)
+    cache = resolve_acceleration(pipe, args.acceleration, args.steps, args.method, args.predictor)
+    try:
+        result, samples, _ = evaluator.evaluate_pipeline(
+            pipe, per_class=args.per_class, steps=args.steps, guidance=args.guidance, cache=cache
+        )
+    except ValueError as error:
+        raise CliError(str(error)) from error
+    report = result.to_dict()
+    print(json.dumps(report, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.grid is not None:
+        if pipe.kind == "image":
+            args.grid.write_bytes(media.image_bytes(media.grid(samples, rows=10), "png", scale=4))
+        else:
+            strip = media.clip_strip(np.asarray(samples[:: args.per_class]))
+            args.grid.write_bytes(media.gif_bytes(strip, scale=4))
+    return 0
