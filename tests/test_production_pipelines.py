@@ -90,6 +90,9 @@ def test_every_step_full_equals_the_unhooked_pipeline(tiny):
     out = call(backend, tiny, cache=CacheConfig(method="none"))
     assert out.samples.dtype == np.float32
     assert np.array_equal(out.samples, reference)
+    # The recorder's replay path: the seeds' initial latents passed back reproduce the same samples.
+    noise = backend.initial_noise(SEEDS, tiny.height, tiny.width, tiny.num_frames)
+    assert np.array_equal(call(backend, tiny, latents=noise).samples, reference)
     assert out.stats["cache"] == {"cond": {"full": STEPS, "predicted": 0}} | (
         {"uncond": {"full": STEPS, "predicted": 0}} if tiny.calls_per_step == 2 else {}
     )

@@ -57,6 +57,8 @@ class PipelineFamily:
     default_guidance: float
     default_fps: int
     num_frames_multiple: int  # video frame counts must be k * multiple + 1 (VAE temporal stride)
+    latent_channel_divisor: int  # FLUX / Qwen-Image pack 2x2 patches: latent channels = in_channels / 4
+    latents_fp32: bool  # Wan / HunyuanVideo keep the latents in float32 whatever the weights' dtype
 
 
 FAMILIES: dict[str, PipelineFamily] = {
@@ -64,13 +66,13 @@ FAMILIES: dict[str, PipelineFamily] = {
     for family in (
         # FLUX.1-dev is guidance-distilled: `guidance_scale` feeds its guidance embedding (one
         # transformer call per step, branch "cond").
-        PipelineFamily("FluxPipeline", "image", "images", "guidance_scale", None, 3.5, 0, 1),
+        PipelineFamily("FluxPipeline", "image", "images", "guidance_scale", None, 3.5, 0, 1, 4, False),
         # Qwen-Image runs true CFG as two separate calls ("cond", "uncond").
-        PipelineFamily("QwenImagePipeline", "image", "images", "true_cfg_scale", " ", 4.0, 0, 1),
+        PipelineFamily("QwenImagePipeline", "image", "images", "true_cfg_scale", " ", 4.0, 0, 1, 4, False),
         # Wan2.1 runs CFG as two separate calls when guidance_scale > 1.
-        PipelineFamily("WanPipeline", "video", "frames", "guidance_scale", None, 5.0, 16, 4),
+        PipelineFamily("WanPipeline", "video", "frames", "guidance_scale", None, 5.0, 16, 4, 1, True),
         # HunyuanVideo is guidance-distilled like FLUX (embedded guidance, one call per step).
-        PipelineFamily("HunyuanVideoPipeline", "video", "frames", "guidance_scale", None, 6.0, 24, 4),
+        PipelineFamily("HunyuanVideoPipeline", "video", "frames", "guidance_scale", None, 6.0, 24, 4, 1, True),
     )
 }
 
@@ -272,6 +274,35 @@ class DiffusersBackend:
 
     # -------------------------------------------------------------------------------- sampling
 
+    def initial_noise(
+        self, seeds: Sequence[int], height: int, width: int, num_frames: int | None = None
+    ) -> torch.Tensor:
+        """The starting latents a call with these seeds uses, in the pipeline's own layout and dtype.
+
+        Made by the pipeline's own `prepare_latents` with the same per-seed CPU generators, so
+        `pipe(..., latents=initial_noise(seeds, ...))` reproduces `pipe(..., seeds=seeds)` exactly:
+        the trajectory recorder stores this and replays it.
+        """
+        import inspect
+
+        pipe, family = self.pipe, self.family
+        cfg = self.transformer.config
+        dtype = torch.float32 if family.latents_fp32 else self.transformer.dtype
+        arguments = {
+            "batch_size": len(seeds),
+            "num_channels_latents": int(cfg.in_channels) // family.latent_channel_divisor,
+            "height": int(height),
+            "width": int(width),
+            "num_frames": int(num_frames or self.options.num_frames[0]),
+            "dtype": dtype,
+            "device": self.device,
+            "generator": [torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
+            "latents": None,
+        }
+        accepted = inspect.signature(pipe.prepare_latents).parameters
+        result = pipe.prepare_latents(**{k: v for k, v in arguments.items() if k in accepted})
+        return result[0] if isinstance(result, tuple) else result
+
     @torch.no_grad()
     def __call__(
         self,
@@ -367,7 +398,7 @@ class DiffusersBackend:
         if frames is not None:
             kwargs["num_frames"] = frames
         if latents is not None:
-            kwargs["latents"] = latents.to(self.device, transformer.dtype)
+            kwargs["latents"] = latents.to(self.device)  # the pipeline casts to the dtype it samples in
         progress.start_chunk()
 
         counts: dict[str, dict[str, int]] = {}
