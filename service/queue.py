@@ -238,6 +238,9 @@ class JobQueue(abc.ABC):
         Waits up to `timeout_s` for a first job (returns [] if none came), then up to
         `max_wait_ms` more for compatible jobs while the batch holds fewer than `max_batch`
         samples. Claimed jobs are `in_progress` with `started_at`, `worker_id` set.
+
+        May be cancelled (a worker shutting down while idle): a cancelled claim must not lose
+        jobs it had already taken (give them back, or leave them for redelivery).
         """
 
     @abc.abstractmethod
@@ -372,7 +375,7 @@ class InProcessJobQueue(JobQueue):
         job = self._jobs.get(job_id)
         if job is None or job.status.terminal:
             return job
-        if job.status == JobStatus.queued:
+        if job_id in self._pending:  # (a job being gathered into a batch has left it already)
             self._pending.remove(job_id)
         self._finish(job, JobStatus.cancelled)
         return job
@@ -429,10 +432,16 @@ class InProcessJobQueue(JobQueue):
         # Wait a little for compatible jobs only when there is room: batching trades this much
         # latency of the first job for throughput of the whole batch.
         wait_until = time.monotonic() + max_wait_ms / 1000.0
-        while samples < max_batch and (remaining := wait_until - time.monotonic()) > 0:
-            await self._wait_arrival(remaining)
-            take_compatible()
+        try:
+            while samples < max_batch and (remaining := wait_until - time.monotonic()) > 0:
+                await self._wait_arrival(remaining)
+                take_compatible()
+        except asyncio.CancelledError:
+            # Shutting down mid-claim: put the jobs back at the head, in their order.
+            self._pending.extendleft(reversed([j.id for j in batch if j.status == JobStatus.queued]))
+            raise
 
+        batch = [j for j in batch if j.status == JobStatus.queued]  # drop jobs cancelled meanwhile
         now = time.time()
         for job in batch:
             job.status = JobStatus.in_progress

@@ -1,0 +1,257 @@
+"""`create_app`: the FastAPI application, with its engine, queue and metrics injected.
+
+Start-up order (the lifespan): the HTTP server answers `/healthz` at once; models and bundles
+load and warm up in a background thread; then the embedded worker starts and `/readyz` turns
+200. Generation endpoints answer 503 + Retry-After until then, so an orchestrator can route
+traffic by readiness. Shutdown stops the worker after its current batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.deps import Services, require_api_key
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.queue import InProcessJobQueue, JobQueue, QueueFull, QueueUnavailable
+from service.routers import health, images, models, videos
+from service.settings import Settings
+from service.worker import Worker
+
+log = logging.getLogger("lesa.app")
+
+DESCRIPTION = """
+OpenAI-compatible image and video generation on Diffusion Transformers accelerated by LESA
+(learnable stage-aware predictors, CVPR 2026): most denoising steps skip every transformer block
+and a small trained predictor forecasts the skipped hidden state.
+
+Every generation request takes an `acceleration` level (see `GET /v1/models` for each level's
+measured quality card) and reports what ran in its `lesa` object: full and predicted steps, the
+realised speed-up, queue and generation times, and the seed.
+
+Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`, with `param` naming
+the offending field.
+"""
+
+
+def make_queue(settings: Settings) -> JobQueue:
+    if settings.redis_url:
+        from service.redis_queue import RedisJobQueue  # type: ignore[import-not-found]
+
+        return RedisJobQueue.from_settings(settings)
+    return InProcessJobQueue(
+        max_backlog=settings.max_backlog, result_ttl_s=settings.result_ttl_s, max_jobs_kept=settings.max_jobs_kept
+    )
+
+
+async def _start(services: Services, run_worker: bool) -> None:
+    """Load + warm the engine off the event loop, then start the embedded worker."""
+    settings = services.settings
+    try:
+        if services.engine is None:
+            from service.engine import Engine
+
+            t0 = time.perf_counter()
+            engine = await asyncio.to_thread(Engine.load, settings)
+            log.info("models loaded in %.1fs: %s", time.perf_counter() - t0, ", ".join(engine.models))
+            services.engine = engine
+        engine = services.engine
+        if not engine.ready:
+            if settings.warmup:
+                t0 = time.perf_counter()
+                await asyncio.to_thread(engine.warmup)
+                log.info("warm-up done in %.1fs", time.perf_counter() - t0)
+            engine.ready = True
+    except Exception as error:  # noqa: BLE001 - reported by /readyz and 503s, the process stays up
+        log.exception("start-up failed")
+        services.startup_error = f"{type(error).__name__}: {error}"
+        services.metrics.errors.labels(type="startup").inc()
+        return
+    if run_worker and services.queue is not None:
+        services.worker = Worker(
+            services.queue, services.engine, services.metrics,
+            max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, worker_id="embedded",
+        )  # fmt: skip
+        services.background.append(asyncio.create_task(services.worker.run(), name="lesa-worker"))
+    services.metrics.ready.set(1)
+
+
+class LimitsAndMetricsMiddleware:
+    """Pure ASGI (no per-request task like BaseHTTPMiddleware): body-size limit + request metrics.
+
+    Oversize bodies get 413 from the declared Content-Length before anything is read; bodies
+    without one (chunked) are buffered up to the limit and cut off there.
+    """
+
+    def __init__(self, app: ASGIApp, services: Services) -> None:
+        self.app = app
+        self.services = services
+
+    @staticmethod
+    async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        error = ApiError(413, f"request body larger than {limit} bytes", code="body_too_large")
+        await JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.services.settings.max_body_bytes
+        started = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        declared = dict(scope["headers"]).get(b"content-length")
+        try:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                await self._too_large(scope, receive, send_wrapper, limit)
+            elif declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                # Chunked upload: buffer it up to the limit here (FastAPI would turn an error
+                # raised while it reads the body into a generic 400), then replay it.
+                messages: list[Message] = []
+                size = 0
+                while True:
+                    message = await receive()
+                    messages.append(message)
+                    size += len(message.get("body", b""))
+                    if size > limit:
+                        await self._too_large(scope, receive, send_wrapper, limit)
+                        return
+                    if message["type"] != "http.request" or not message.get("more_body", False):
+                        break
+
+                async def replay() -> Message:
+                    return messages.pop(0) if messages else await receive()
+
+                await self.app(scope, replay, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            metrics = self.services.metrics
+            metrics.requests.labels(endpoint, scope["method"], str(status[0])).inc()
+            metrics.request_latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    """FastAPI's 422 list -> one OpenAI-style 400 naming the first offending field."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return ApiError(400, "the body is not valid JSON", code="invalid_json")
+    if kind == "extra_forbidden":
+        message = f"unknown field {param!r}"
+    elif kind == "missing":
+        message = f"{param} is required"
+    else:
+        message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg"))
+    return ApiError(400, message, param=param, code="missing_field" if kind == "missing" else "invalid_value")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: Any = None,
+    queue: JobQueue | None = None,
+    metrics: Metrics | None = None,
+    run_worker: bool | None = None,
+) -> FastAPI:
+    """Build the app. Pass `engine`/`queue`/`metrics` to inject them (tests, benchmarks);
+    otherwise they are built from `settings` at start-up. `run_worker` (default
+    `settings.embedded_worker`) runs a worker in this process."""
+    settings = settings or Settings()
+    services = Services(settings=settings, metrics=metrics or Metrics(), queue=queue, engine=engine)
+    embedded = settings.embedded_worker if run_worker is None else run_worker
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if services.queue is None:
+            services.queue = make_queue(settings)
+        services.background.append(asyncio.create_task(_start(services, embedded), name="lesa-start"))
+        try:
+            yield
+        finally:
+            if services.worker is not None:
+                services.worker.stop()
+            for task in services.background:
+                try:
+                    await asyncio.wait_for(task, timeout=30)
+                except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down anyway
+                    task.cancel()
+            await services.queue.close()
+
+    app = FastAPI(
+        title="LESA serving",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        # Errors by type = the error code clients see; a failed generation is counted once, by the
+        # worker that saw it (the sync request reporting it is not a second error).
+        if exc.code != "generation_failed":
+            services.metrics.errors.labels(type=exc.code or f"http_{exc.status}").inc()
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await api_error(request, _validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return await api_error(
+            request,
+            ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
+                     headers={"Retry-After": str(exc.retry_after_s)}),
+        )  # fmt: skip
+
+    @app.exception_handler(QueueUnavailable)
+    async def queue_down(request: Request, exc: QueueUnavailable) -> JSONResponse:
+        return await api_error(
+            request,
+            ApiError(503, f"the job queue is unavailable: {exc}", type="server_error", code="queue_unavailable",
+                     headers={"Retry-After": "5"}),
+        )  # fmt: skip
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Never a traceback to the client: the log has it.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        services.metrics.errors.labels(type="internal").inc()
+        error = ApiError(500, "internal server error", type="server_error", code="internal_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    auth = [Depends(require_api_key)]
+    app.include_router(images.router, dependencies=auth)
+    app.include_router(videos.router, dependencies=auth)
+    app.include_router(models.router, dependencies=auth)
+    app.include_router(health.router)
+    app.add_middleware(LimitsAndMetricsMiddleware, services=services)
+    return app

@@ -1,0 +1,104 @@
+"""What the routers depend on, injected through FastAPI's `Depends` (tests swap any part).
+
+`Services` is built once per app by `create_app` and stored on `app.state`; routers never
+import module-level singletons, so several apps (tests, benchmarks) can live in one process.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.queue import Job, JobQueue, JobSpec, QueueFull, QueueUnavailable
+from service.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    metrics: Metrics
+    queue: JobQueue | None = None
+    engine: Any = None  # service.engine.Engine once loaded
+    worker: Any = None
+    startup_error: str | None = None
+    background: list[Any] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and bool(getattr(self.engine, "ready", False)) and self.queue is not None
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def require_api_key(request: Request, services: ServicesDep) -> None:
+    """Bearer auth on /v1/*, only when `LESA_API_KEYS` is set (off for the local demo)."""
+    keys = services.settings.api_key_set
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    # compare_digest: no timing side channel on how much of a key matched
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
+        raise ApiError(
+            401,
+            "missing or invalid API key: send `Authorization: Bearer <key>`",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def require_ready(services: ServicesDep) -> Services:
+    """Generation endpoints need loaded models: 503 (retry later) while starting or broken."""
+    if services.startup_error is not None:
+        raise ApiError(503, f"server failed to start: {services.startup_error}", type="server_error",
+                       code="not_ready")  # fmt: skip
+    if not services.ready:
+        raise ApiError(503, "models are still loading; retry shortly", type="server_error", code="not_ready",
+                       headers={"Retry-After": "5"})  # fmt: skip
+    return services
+
+
+ReadyDep = Annotated[Services, Depends(require_ready)]
+
+
+async def submit(services: Services, spec: JobSpec, idempotency_key: str | None) -> Job:
+    """Enqueue, mapping backpressure and backend failures to 429 / 503."""
+    assert services.queue is not None
+    try:
+        return await services.queue.submit(spec, idempotency_key=idempotency_key)
+    except QueueFull as full:
+        raise ApiError(
+            429,
+            f"the server is busy ({full}); retry after {full.retry_after_s} s",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(full.retry_after_s)},
+        ) from None
+    except QueueUnavailable as down:
+        raise unavailable(services, down) from None
+
+
+def unavailable(services: Services, error: Exception) -> ApiError:
+    return ApiError(503, f"the job queue is unavailable: {error}", type="server_error", code="queue_unavailable",
+                    headers={"Retry-After": "5"})  # fmt: skip
+
+
+async def get_job(services: Services, job_id: str, kind: str, param: str = "id") -> Job:
+    assert services.queue is not None
+    try:
+        job = await services.queue.get(job_id)
+    except QueueUnavailable as down:
+        raise unavailable(services, down) from None
+    if job is None or job.spec.kind != kind:
+        raise ApiError(404, f"no {kind} job {job_id!r} (unknown or expired)", param=param, code="not_found")
+    return job

@@ -1,0 +1,516 @@
+"""The engine: loads the models and predictor bundles, turns requests into jobs, runs one batch.
+
+Two halves:
+
+* the *catalogue* (`ModelEntry`, `resolve_image`, `resolve_video`): what each model offers and the
+  validation of a request against it, producing a fully-resolved `JobSpec` or an `ApiError`
+  naming the offending field. The API uses only this half.
+* the *runner* (`run_batch`): one pipeline call for a batch of compatible jobs, with a fresh
+  `CacheConfig` per call (the cache hooks are reset per generation by the pipeline, so no state
+  survives from one batch to the next), per-step progress and cancellation through the
+  pipeline's callback, and encoding of the outputs. It is synchronous: workers call it in a
+  thread so the event loop keeps serving HTTP.
+
+Acceleration policy (documented for users in the README and in `/docs`):
+
+* level "none" (or method "none") runs every step in full.
+* Other levels use `lesa_core.level_schedule(level, steps)`. Method default: "lesa" when the
+  model has a predictor bundle for that level *trained for this step count*, else "taylorseer".
+* An explicit `method: "lesa"` where no matching bundle exists is a 400 naming `method`: a silent
+  fallback would hand users a different quality than they asked for.
+* "auto": the fastest level with a LESA bundle for this step count whose quality card PSNR
+  is >= `auto_min_psnr`; "none" if no bundle qualifies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service import media
+from service.errors import bad_request, not_found
+from service.queue import JobSpec, OutputRef
+from service.schemas import MAX_SEED, ImageGenerationRequest, VideoCreateRequest
+from service.settings import Settings
+
+log = logging.getLogger("lesa.engine")
+
+ACCELERATED_METHODS = ("lesa", "taylorseer", "reuse")
+DEFAULT_VIDEO_FPS = 8
+PSNR_KEYS = ("psnr", "psnr_db", "psnr_vs_full", "psnr_mean")
+
+
+@dataclass
+class Bundle:
+    """A trained LESA predictor for one level of one model."""
+
+    level: str
+    predictor: Any  # lesa_core.StagePredictor
+    num_steps: int  # the schedule it was trained for
+    quality: dict[str, Any]
+
+    @property
+    def psnr(self) -> float | None:
+        for key in PSNR_KEYS:
+            value = self.quality.get(key)
+            if isinstance(value, int | float):
+                return float(value)
+        return None
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    kind: str  # "image" | "video"
+    pipe: Any
+    sizes: list[tuple[int, int]]
+    num_frames: list[int]
+    fps: int
+    default_steps: int
+    min_steps: int
+    max_steps: int
+    default_guidance: float
+    levels: list[str]
+    bundles: dict[str, Bundle] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def bundle_for(self, level: str, steps: int) -> Bundle | None:
+        bundle = self.bundles.get(level)
+        return bundle if bundle is not None and bundle.num_steps == steps else None
+
+
+@dataclass
+class BatchOutput:
+    """What one job of a batch produced."""
+
+    outputs: list[OutputRef]
+    artifacts: dict[str, bytes]
+    lesa: dict[str, Any]
+
+
+class Engine:
+    """Models + bundles + how to run them. Build with `Engine.load(settings)`."""
+
+    def __init__(self, settings: Settings, models: dict[str, ModelEntry]) -> None:
+        self.settings = settings
+        self.models = models
+        self.ready = False
+        # One generation at a time per engine: the cache hooks hold per-generation state on the
+        # transformer, and on one device parallel generations only slow each other down.
+        self._run_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def load(cls, settings: Settings) -> Engine:
+        import lesa_models
+
+        names = settings.model_list or list(lesa_models.MODEL_NAMES)
+        models: dict[str, ModelEntry] = {}
+        for name in names:
+            if name not in lesa_models.MODEL_NAMES:
+                raise ValueError(f"unknown model {name!r} in LESA_MODELS; known: {', '.join(lesa_models.MODEL_NAMES)}")
+            root = _model_dir(settings, name)
+            if not (root / "model_index.json").is_file():
+                if settings.model_list:  # asked for explicitly: a missing checkpoint is an error
+                    raise FileNotFoundError(f"{root}: no checkpoint for model {name!r}")
+                log.warning("model %s: no checkpoint at %s, not served", name, root)
+                continue
+            t0 = time.perf_counter()
+            # Named models are loaded once per process and shared (tests and benchmarks build many engines).
+            pipe = lesa_models.load_pipeline(name if settings.weights_dir is None else root)
+            _place(pipe, settings)
+            entry = entry_from_pipeline(pipe)
+            entry.bundles = load_bundles(root / "predictors", pipe)
+            models[name] = entry
+            log.info(
+                "model %s loaded in %.1fs; LESA bundles: %s",
+                name,
+                time.perf_counter() - t0,
+                ", ".join(f"{b.level}@{b.num_steps}" for b in entry.bundles.values()) or "none",
+            )
+        if not models:
+            raise RuntimeError("no model could be loaded: train one (lesa train ...) or set LESA_WEIGHTS_DIR")
+        return cls(settings, models)
+
+    def warmup(self) -> None:
+        """One tiny generation per model (plain, then cached) so the first request isn't slow."""
+        for entry in self.models.values():
+            width, height = entry.sizes[0]
+            steps = max(self.settings.warmup_steps, entry.min_steps)
+            for level, method in (("none", "none"), ("2x", "taylorseer")):
+                spec = JobSpec(
+                    kind=entry.kind,  # type: ignore[arg-type]
+                    model=entry.name,
+                    prompt="warm-up",
+                    width=width,
+                    height=height,
+                    num_frames=entry.num_frames[0] if entry.kind == "video" else None,
+                    fps=entry.fps,
+                    num_inference_steps=steps,
+                    guidance_scale=entry.default_guidance,
+                    level=level,
+                    method=method,
+                    seed=0,
+                    output_format="mp4" if entry.kind == "video" else "png",
+                )
+                self.run_batch([spec])
+        self.ready = True
+
+    # ----------------------------------------------------------------------------- catalogue
+
+    def _model(self, name: str | None, kind: str) -> ModelEntry:
+        if name is None:
+            for entry in self.models.values():
+                if entry.kind == kind:
+                    return entry
+            raise bad_request(f"no {kind} model is served here; pass `model`", "model", "model_not_found")
+        entry = self.models.get(name)
+        if entry is None:
+            raise not_found(
+                f"model {name!r} not found; served models: {', '.join(self.models)}", "model", "model_not_found"
+            )
+        if entry.kind != kind:
+            raise bad_request(
+                f"model {name!r} is a {entry.kind} model, not a {kind} model", "model", "wrong_model_kind"
+            )
+        return entry
+
+    @staticmethod
+    def _size(entry: ModelEntry, size: str | None) -> tuple[int, int]:
+        if size is None or size == "auto":
+            return entry.sizes[0]
+        width, height = (int(v) for v in size.split("x"))
+        if (width, height) not in entry.sizes:
+            supported = ", ".join(f"{w}x{h}" for w, h in entry.sizes)
+            raise bad_request(f"size {size} is not supported by {entry.name}; supported: {supported}", "size",
+                              "unsupported_size")  # fmt: skip
+        return width, height
+
+    def _acceleration(
+        self, entry: ModelEntry, requested: str | None, method: str | None, steps: int
+    ) -> tuple[str, str]:
+        level = requested or self.settings.default_level
+        if method == "none":
+            return "none", "none"
+        if level == "auto":
+            candidates = [
+                b
+                for b in entry.bundles.values()
+                if b.num_steps == steps and b.psnr is not None and b.psnr >= self.settings.auto_min_psnr
+            ]
+            if method not in (None, "lesa") or not candidates:
+                # "auto" promises measured quality; only LESA bundles carry a measurement.
+                return "none", "none"
+            best = max(candidates, key=lambda b: _theoretical_speedup(b.level, steps))
+            return best.level, "lesa"
+        if level not in entry.levels:
+            raise bad_request(
+                f"unknown acceleration level {level!r} for {entry.name}; available: {', '.join(entry.levels)}, auto",
+                "acceleration",
+                "unknown_level",
+            )
+        if level == "none":
+            return "none", "none"
+        bundle = entry.bundle_for(level, steps)
+        if method is None:
+            return level, "lesa" if bundle is not None else "taylorseer"
+        if method == "lesa" and bundle is None:
+            trained = entry.bundles.get(level)
+            why = (
+                f"its predictor was trained for {trained.num_steps} steps, not {steps}"
+                if trained
+                else "no LESA predictor has been trained for it"
+            )
+            raise bad_request(
+                f"method 'lesa' is not available for {entry.name} at level {level}: {why}; "
+                "use method 'taylorseer' or 'reuse', or another level (see GET /v1/models)",
+                "method",
+                "method_unavailable",
+            )
+        return level, method
+
+    def _common(
+        self, entry: ModelEntry, body: ImageGenerationRequest | VideoCreateRequest
+    ) -> tuple[int, float, str, str, int]:
+        if len(body.prompt) > self.settings.max_prompt_chars:
+            raise bad_request(f"prompt is longer than {self.settings.max_prompt_chars} characters", "prompt",
+                              "prompt_too_long")  # fmt: skip
+        if not body.prompt.strip():
+            raise bad_request("prompt is empty", "prompt", "empty_prompt")
+        steps = body.num_inference_steps or entry.default_steps
+        if not entry.min_steps <= steps <= entry.max_steps:
+            raise bad_request(
+                f"num_inference_steps must be in {entry.min_steps}..{entry.max_steps} for {entry.name}",
+                "num_inference_steps",
+                "out_of_range",
+            )
+        guidance = entry.default_guidance if body.guidance_scale is None else float(body.guidance_scale)
+        level, method = self._acceleration(entry, body.acceleration, body.method, steps)
+        seed = body.seed if body.seed is not None else random.randint(0, MAX_SEED)
+        return steps, guidance, level, method, seed
+
+    def resolve_image(self, body: ImageGenerationRequest) -> JobSpec:
+        entry = self._model(body.model, "image")
+        width, height = self._size(entry, body.size)
+        steps, guidance, level, method, seed = self._common(entry, body)
+        return JobSpec(
+            kind="image", model=entry.name, prompt=body.prompt, n=body.n, width=width, height=height,
+            num_inference_steps=steps, guidance_scale=guidance, level=level, method=method, seed=seed,
+            output_format=body.output_format, user=body.user,
+        )  # fmt: skip
+
+    def resolve_video(self, body: VideoCreateRequest) -> JobSpec:
+        entry = self._model(body.model, "video")
+        width, height = self._size(entry, body.size)
+        if body.num_frames is not None:
+            frames, param = body.num_frames, "num_frames"
+        elif body.seconds is not None:
+            frames, param = round(body.seconds * entry.fps), "seconds"
+        else:
+            frames, param = entry.num_frames[0], "num_frames"
+        if frames not in entry.num_frames:
+            allowed = ", ".join(f"{f} ({f / entry.fps:g} s)" for f in entry.num_frames)
+            raise bad_request(
+                f"{entry.name} generates {allowed} frames at {entry.fps} fps; {param} gives {frames} frames",
+                param,
+                "unsupported_length",
+            )
+        steps, guidance, level, method, seed = self._common(entry, body)
+        return JobSpec(
+            kind="video", model=entry.name, prompt=body.prompt, n=1, width=width, height=height,
+            num_frames=frames, fps=entry.fps, num_inference_steps=steps, guidance_scale=guidance, level=level,
+            method=method, seed=seed, output_format="mp4", user=body.user,
+        )  # fmt: skip
+
+    # -------------------------------------------------------------------------------- runner
+
+    def cache_config(self, spec: JobSpec) -> Any:
+        """A fresh CacheConfig for one generation (None = plain, every step full)."""
+        if spec.method == "none" or spec.level == "none":
+            return None
+        import lesa_core
+
+        entry = self.models[spec.model]
+        schedule = lesa_core.level_schedule(spec.level, spec.num_inference_steps)
+        if spec.method == "lesa":
+            bundle = entry.bundle_for(spec.level, spec.num_inference_steps)
+            if bundle is None:  # resolved specs never get here; a worker with other bundles could
+                raise RuntimeError(f"no LESA bundle for {spec.model} {spec.level} @ {spec.num_inference_steps} steps")
+            return lesa_core.CacheConfig(method="lesa", schedule=bundle.predictor.schedule, predictor=bundle.predictor)
+        return lesa_core.CacheConfig(method=spec.method, schedule=schedule)
+
+    def run_batch(
+        self,
+        specs: Sequence[JobSpec],
+        on_step: Callable[[int, int], bool | None] | None = None,
+    ) -> list[BatchOutput]:
+        """Run compatible jobs as one pipeline call; returns one `BatchOutput` per job, in order.
+
+        `on_step(done, total)` is called after every denoising step; returning False stops the
+        generation (the pipeline raises `lesa_models.GenerationCancelled`, which propagates).
+        """
+        first = specs[0]
+        key = first.batch_key()
+        if any(s.batch_key() != key for s in specs):
+            raise ValueError("run_batch needs compatible jobs (equal JobSpec.batch_key())")
+        entry = self.models[first.model]
+        prompts = [s.prompt for s in specs for _ in range(s.n)]
+        seeds = [s.seed + i for s in specs for i in range(s.n)]
+        cache = self.cache_config(first)
+        schedule = cache.schedule if cache is not None else None
+
+        # Step timing, to estimate what the batch would have cost with every step full: the
+        # realised speed-up is measured on this very batch, not against a stale benchmark.
+        step_times: list[float] = []
+        last = [time.perf_counter()]
+
+        def callback(done: int, total: int) -> bool | None:
+            now = time.perf_counter()
+            step_times.append(now - last[0])
+            last[0] = now
+            return on_step(done, total) if on_step is not None else None
+
+        with self._run_lock:
+            t0 = time.perf_counter()
+            last[0] = t0
+            output = entry.pipe(
+                prompts,
+                seeds=seeds,
+                height=first.height,
+                width=first.width,
+                num_frames=first.num_frames,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                cache=cache,
+                callback=callback,
+            )
+            denoise_s = time.perf_counter() - t0
+            results = self._encode(specs, output.samples)
+            generation_s = time.perf_counter() - t0
+
+        steps = first.num_inference_steps
+        full = schedule.num_full if schedule is not None else steps
+        realised = _realised_speedup(step_times, schedule, denoise_s)
+        cache_counts = output.stats.get("cache")
+        for result, spec in zip(results, specs, strict=True):
+            result.lesa.update(
+                model=spec.model, level=spec.level, method=spec.method, num_inference_steps=steps,
+                guidance_scale=spec.guidance_scale, full_steps=full, predicted_steps=steps - full,
+                theoretical_speedup=round(steps / full, 3), realised_speedup=realised,
+                seed=spec.seed, seeds=[spec.seed + i for i in range(spec.n)], batch_size=len(prompts),
+                generation_ms=round(generation_s * 1000.0, 2), denoise_ms=round(denoise_s * 1000.0, 2),
+                cache_stats=cache_counts,
+            )  # fmt: skip
+        return results
+
+    def _encode(self, specs: Sequence[JobSpec], samples: np.ndarray) -> list[BatchOutput]:
+        results: list[BatchOutput] = []
+        offset = 0
+        for spec in specs:
+            outputs: list[OutputRef] = []
+            artifacts: dict[str, bytes] = {}
+            for i in range(spec.n):
+                sample = samples[offset + i]
+                if spec.kind == "image":
+                    name = f"{i}.{media.extension(spec.output_format)}"
+                    artifacts[name] = media.encode_image(sample, spec.output_format)
+                    outputs.append(OutputRef(name=name, content_type=media.content_type(spec.output_format), index=i))
+                else:
+                    artifacts["video.mp4"] = media.encode_video(sample, spec.fps or DEFAULT_VIDEO_FPS)
+                    outputs.append(OutputRef(name="video.mp4", content_type="video/mp4", index=i))
+                    artifacts["thumbnail.png"] = media.encode_thumbnail(sample)
+                    outputs.append(
+                        OutputRef(name="thumbnail.png", content_type="image/png", index=i, variant="thumbnail")
+                    )
+            offset += spec.n
+            results.append(BatchOutput(outputs=outputs, artifacts=artifacts, lesa={}))
+        return results
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _theoretical_speedup(level: str, steps: int) -> float:
+    import lesa_core
+
+    return lesa_core.level_schedule(level, steps).speedup
+
+
+def _realised_speedup(step_times: list[float], schedule: Any, denoise_s: float) -> float:
+    """Estimated all-full generation time / actual time, from this batch's own step timings.
+
+    Predicted steps are re-costed at the mean time of the batch's full steps. Step 1 (index 0)
+    also carries the text encoding, so it is left out of the mean when other full steps exist.
+    """
+    if schedule is None or not step_times:
+        return 1.0
+    full = [t for i, t in enumerate(step_times) if schedule.is_full(i) and i > 0]
+    if not full:
+        full = [step_times[0]]
+    predicted = [t for i, t in enumerate(step_times) if not schedule.is_full(i)]
+    mean_full = sum(full) / len(full)
+    estimate = denoise_s + sum(mean_full - t for t in predicted)
+    return round(estimate / denoise_s, 3) if denoise_s > 0 else 1.0
+
+
+def _model_dir(settings: Settings, name: str) -> Path:
+    if settings.weights_dir is not None:
+        return Path(settings.weights_dir) / name
+    import lesa_models
+
+    return Path(lesa_models.__file__).parent / "weights" / name
+
+
+def _place(pipe: Any, settings: Settings) -> None:
+    """Move the pipeline to the configured device/dtype (CPU float32 needs nothing)."""
+    if settings.device == "cpu" and settings.dtype == "float32":
+        return
+    import torch
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not hasattr(pipe, "to"):
+        raise RuntimeError(
+            f"LESA_DEVICE={settings.device} LESA_DTYPE={settings.dtype}: this pipeline only runs on CPU float32"
+        )
+    pipe.to(device, getattr(torch, settings.dtype))
+
+
+def entry_from_pipeline(pipe: Any) -> ModelEntry:
+    info = pipe.info
+    import lesa_core
+
+    return ModelEntry(
+        name=info.name,
+        kind=info.kind,
+        pipe=pipe,
+        sizes=[tuple(s) for s in info.sizes],  # type: ignore[misc]
+        num_frames=list(info.num_frames) if info.kind == "video" else [1],
+        fps=int(getattr(info, "fps", DEFAULT_VIDEO_FPS) or DEFAULT_VIDEO_FPS),
+        default_steps=info.default_steps,
+        min_steps=info.min_steps,
+        max_steps=info.max_steps,
+        default_guidance=float(info.default_guidance),
+        levels=list(lesa_core.LEVELS),
+    )
+
+
+def load_bundles(directory: Path, pipe: Any) -> dict[str, Bundle]:
+    """Every `predictors/<level>/` bundle that loads and fits the model; others are logged and skipped.
+
+    A broken bundle must not take the server down: its level still serves the training-free methods.
+    """
+    bundles: dict[str, Bundle] = {}
+    if not directory.is_dir():
+        return bundles
+    import lesa_core
+
+    info = pipe.info
+    for path in sorted(p for p in directory.iterdir() if p.is_dir()):
+        level = path.name
+        if level not in lesa_core.LEVELS or level == "none":
+            log.warning("predictor bundle %s: %r is not an acceleration level, skipped", path, level)
+            continue
+        try:
+            predictor = lesa_core.StagePredictor.from_pretrained(path)
+            predictor.eval()
+            schedule = predictor.schedule
+            predictor.check_compatible(schedule, getattr(info, "transformer_class", None),
+                                       getattr(info, "hidden_size", None))  # fmt: skip
+        except Exception as error:  # noqa: BLE001 - any broken bundle is skipped, with the reason
+            log.warning("predictor bundle %s unusable, level %s serves training-free methods: %s", path, level, error)
+            continue
+        quality = dict(predictor.config.quality or {})
+        bundles[level] = Bundle(level=level, predictor=predictor, num_steps=schedule.num_steps, quality=quality)
+    return bundles
+
+
+def model_card_levels(entry: ModelEntry) -> list[dict[str, Any]]:
+    """The acceleration part of GET /v1/models for one model."""
+    import lesa_core
+
+    levels = []
+    for name in entry.levels:
+        schedule = lesa_core.level_schedule(name, entry.default_steps)
+        bundle = entry.bundles.get(name)
+        methods = ["none"] if name == "none" else (["lesa"] if bundle else []) + ["taylorseer", "reuse"]
+        levels.append(
+            dict(
+                level=name, methods=methods, full_steps=schedule.num_full,
+                theoretical_speedup=round(schedule.speedup, 3), lesa_available=bundle is not None,
+                lesa_steps=bundle.num_steps if bundle else None,
+                quality=json.loads(json.dumps(bundle.quality)) if bundle else None,
+            )
+        )  # fmt: skip
+    return levels

@@ -1,0 +1,81 @@
+"""Encoding of generated samples (float32 in [0, 1], grey-scale) into files clients can open.
+
+Delegates to `lesa_models.media` when it provides an encoder, so the service and the benchmarks
+write identical files; the local fallbacks (Pillow, imageio-ffmpeg) keep the server working
+without it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "mp4": "mp4"}
+_CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4"}
+_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def extension(fmt: str) -> str:
+    return _EXTENSIONS[fmt]
+
+
+def content_type(fmt: str) -> str:
+    return _CONTENT_TYPES[fmt]
+
+
+def _shared(name: str) -> Any:
+    try:
+        from lesa_models import media
+    except ImportError:
+        return None
+    return getattr(media, name, None)
+
+
+def to_uint8(sample: np.ndarray) -> np.ndarray:
+    return (np.clip(sample, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def encode_image(sample: np.ndarray, fmt: str = "png") -> bytes:
+    """[H, W] float in [0, 1] -> PNG / JPEG / WEBP bytes (lossless WEBP: the images are tiny)."""
+    buffer = io.BytesIO()
+    options: dict[str, Any] = {"lossless": True} if fmt == "webp" else {"quality": 95} if fmt == "jpeg" else {}
+    Image.fromarray(to_uint8(sample), mode="L").save(buffer, format=_PIL_FORMATS[fmt], **options)
+    return buffer.getvalue()
+
+
+def encode_video(frames: np.ndarray, fps: int) -> bytes:
+    """[F, H, W] float in [0, 1] -> H.264 MP4 bytes playable in browsers (yuv420p)."""
+    shared = _shared("encode_mp4")
+    if shared is not None:
+        return shared(frames, fps=fps)
+    import imageio.v2 as imageio
+
+    pixels = to_uint8(frames)
+    # H.264 in yuv420p needs even sides; upscale tiny clips so players show more than a dot.
+    scale = max(1, 128 // max(pixels.shape[1:]))
+    pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
+    rgb = np.repeat(pixels[..., None], 3, axis=-1)
+    # ffmpeg writes to a path (it seeks back to put the index first for streaming): use a temp file.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "video.mp4")
+        with imageio.get_writer(
+            path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+            macro_block_size=2, output_params=["-movflags", "+faststart"], ffmpeg_log_level="error",
+        ) as writer:  # fmt: skip
+            for frame in rgb:
+                writer.append_data(frame)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def encode_thumbnail(frames: np.ndarray) -> bytes:
+    """PNG of the middle frame of a clip ([F, H, W])."""
+    shared = _shared("thumbnail")
+    if shared is not None:
+        return shared(frames)
+    return encode_image(frames[len(frames) // 2], "png")

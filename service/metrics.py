@@ -1,0 +1,60 @@
+"""Prometheus metrics (`lesa_` prefix), one `Metrics` object per app.
+
+Each app gets its own `CollectorRegistry` so tests and benchmarks can build many apps in one
+process without "duplicated timeseries" errors; `/metrics` serves that registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Seconds: from a few ms (tiny CPU model, one step) to minutes (a long video on a GPU).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+SPEEDUP_BUCKETS = (0.5, 0.8, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "lesa_requests", "HTTP requests by endpoint (route template) and status code",
+            ["endpoint", "method", "status"], registry=r,
+        )  # fmt: skip
+        self.request_latency = Histogram(
+            "lesa_request_duration_seconds", "HTTP request handling time by endpoint",
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.e2e_latency = Histogram(
+            "lesa_job_e2e_seconds", "job creation to completion", ["model", "level"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "lesa_job_queue_wait_seconds", "job creation to claim by a worker", ["model", "level"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.generation_time = Histogram(
+            "lesa_generation_seconds", "one batched generation (denoise + decode + encode)",
+            ["model", "level"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge("lesa_queue_depth", "jobs waiting to be claimed", registry=r)
+        self.in_flight = Gauge("lesa_jobs_in_flight", "jobs being generated now", registry=r)
+        self.batch_size = Histogram(
+            "lesa_batch_size", "samples per batched generation", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.steps = Counter(
+            "lesa_denoising_steps", "denoising steps run, per sample, by kind (full = every block ran, "
+            "predicted = forecast by the cache method)", ["model", "level", "kind"], registry=r,
+        )  # fmt: skip
+        self.speedup = Histogram(
+            "lesa_realised_speedup",
+            "estimated full-compute generation time / actual generation time, per job",
+            ["model", "level", "method"], buckets=SPEEDUP_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.jobs = Counter("lesa_jobs", "finished jobs by final status", ["model", "status"], registry=r)
+        self.errors = Counter("lesa_errors", "errors by type", ["type"], registry=r)
+        self.ready = Gauge("lesa_ready", "1 when models are loaded and warmed up", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

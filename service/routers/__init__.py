@@ -1,0 +1,1 @@
+"""HTTP routes, one module per resource; each is thin: validate, resolve, enqueue, shape the reply."""

@@ -1,0 +1,40 @@
+"""Helpers shared by the image and video job routes."""
+
+from __future__ import annotations
+
+from fastapi import Response
+
+from service.deps import Services, get_job
+from service.errors import ApiError
+from service.queue import Job, JobStatus
+from service.schemas import DeletedObject
+
+
+async def artifact_response(services: Services, job: Job, *, index: int, variant: str) -> Response:
+    """The bytes of one output; 404 naming what is missing (not ready, wrong index, expired)."""
+    if job.status != JobStatus.completed or job.result is None:
+        raise ApiError(404, f"job {job.id} is {job.status.value}: no content yet", code="not_ready")
+    ref = next((r for r in job.result.outputs if r.index == index and r.variant == variant), None)
+    if ref is None:
+        raise ApiError(404, f"job {job.id} has no {variant} output {index}", param="index", code="not_found")
+    assert services.queue is not None
+    content = await services.queue.get_artifact(job.id, ref.name)
+    if content is None:
+        raise ApiError(404, f"outputs of job {job.id} have expired", code="expired")
+    return Response(
+        content,
+        media_type=ref.content_type,
+        # Generated content never changes for a job id: let clients and proxies cache it.
+        headers={"Cache-Control": "private, max-age=3600", "Content-Disposition": f'inline; filename="{ref.name}"'},
+    )
+
+
+async def cancel_or_delete(services: Services, job_id: str, kind: str, object_name: str) -> DeletedObject:
+    """DELETE on a live job cancels it (kept, status `cancelled`); on a finished one forgets it."""
+    job = await get_job(services, job_id, kind)
+    assert services.queue is not None
+    if not job.status.terminal:
+        job = await services.queue.cancel(job_id) or job
+        return DeletedObject(id=job_id, object=object_name, deleted=True, status=job.status.value)
+    await services.queue.delete(job_id)
+    return DeletedObject(id=job_id, object=object_name, deleted=True, status=job.status.value)

@@ -1,0 +1,113 @@
+"""Images: the synchronous OpenAI endpoint, the same request as a job, and output files."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+
+from service.deps import ReadyDep, get_job, submit, unavailable
+from service.errors import ApiError
+from service.queue import JobStatus, QueueUnavailable
+from service.routers.common import artifact_response, cancel_or_delete
+from service.schemas import DeletedObject, ErrorResponse, ImageGenerationRequest, ImageJobObject, ImagesResponse
+from service.views import image_job_object, images_response
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+
+ERRORS = {
+    400: {"model": ErrorResponse, "description": "invalid request; `error.param` names the field"},
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    429: {"model": ErrorResponse, "description": "queue full; see Retry-After"},
+    504: {"model": ErrorResponse, "description": "not finished in time; `error.job_id` can be polled"},
+}
+IdempotencyKey = Annotated[
+    str | None,
+    Header(max_length=255, description="Retrying with the same key returns the same job instead of a new one."),
+]
+
+
+def base_url(request: Request, services: ReadyDep) -> str:
+    return (services.settings.public_base_url or str(request.base_url)).rstrip("/")
+
+
+@router.post("/generations", response_model=ImagesResponse, responses=ERRORS, summary="Create images (sync)")
+async def create_images(
+    body: ImageGenerationRequest,
+    request: Request,
+    services: ReadyDep,
+    idempotency_key: IdempotencyKey = None,
+) -> ImagesResponse:
+    """OpenAI `images.generate`: waits for the images (up to `LESA_SYNC_TIMEOUT_S`).
+
+    On timeout the answer is 504 with the job id in `error.job_id`; the job keeps running and
+    can be fetched from `GET /v1/images/jobs/{job_id}`.
+    """
+    spec = services.engine.resolve_image(body)
+    job = await submit(services, spec, idempotency_key)
+    assert services.queue is not None
+    timeout = services.settings.sync_timeout_s
+    try:
+        job = await services.queue.wait(job.id, timeout) or job
+    except QueueUnavailable as down:
+        raise unavailable(services, down) from None
+    if job.status == JobStatus.completed:
+        return await images_response(
+            job, services.queue, response_format=body.response_format, base_url=base_url(request, services),
+            requested=body.acceleration,
+        )  # fmt: skip
+    if job.status == JobStatus.failed:
+        message = job.error.message if job.error else "generation failed"
+        raise ApiError(500, message, type="server_error", code="generation_failed", extra={"job_id": job.id})
+    if job.status == JobStatus.cancelled:
+        raise ApiError(409, f"job {job.id} was cancelled", code="cancelled", extra={"job_id": job.id})
+    raise ApiError(
+        504,
+        f"the images were not ready within {timeout:g} s; job {job.id} continues: poll GET /v1/images/jobs/{job.id}",
+        type="timeout",
+        code="timeout",
+        extra={"job_id": job.id},
+    )
+
+
+@router.post(
+    "/jobs", status_code=202, response_model=ImageJobObject, responses=ERRORS, summary="Create images (as a job)"
+)
+async def create_image_job(
+    body: ImageGenerationRequest,
+    request: Request,
+    services: ReadyDep,
+    idempotency_key: IdempotencyKey = None,
+) -> ImageJobObject:
+    """Same body as `/v1/images/generations`, answered at once with a job to poll (long requests)."""
+    spec = services.engine.resolve_image(body)
+    job = await submit(services, spec, idempotency_key)
+    assert services.queue is not None
+    return await image_job_object(job, services.queue, base_url(request, services))
+
+
+@router.get("/jobs/{job_id}", response_model=ImageJobObject, summary="Get an image job")
+async def get_image_job(job_id: str, request: Request, services: ReadyDep) -> ImageJobObject:
+    job = await get_job(services, job_id, "image")
+    assert services.queue is not None
+    return await image_job_object(job, services.queue, base_url(request, services))
+
+
+@router.delete("/jobs/{job_id}", response_model=DeletedObject, summary="Cancel (or delete) an image job")
+async def delete_image_job(job_id: str, services: ReadyDep) -> DeletedObject:
+    return await cancel_or_delete(services, job_id, "image", "image.job.deleted")
+
+
+@router.get(
+    "/{job_id}/content",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+    summary="Download one image of a job",
+)
+async def image_content(
+    job_id: str,
+    services: ReadyDep,
+    index: Annotated[int, Query(ge=0, le=7, description="which image of the job (0-based)")] = 0,
+) -> Response:
+    job = await get_job(services, job_id, "image")
+    return await artifact_response(services, job, index=index, variant="primary")

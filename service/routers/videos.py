@@ -1,0 +1,115 @@
+"""Videos: OpenAI's asynchronous job lifecycle (create, list, retrieve, content, delete = cancel)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from pydantic import ValidationError
+
+from service.deps import ReadyDep, get_job, submit
+from service.errors import ApiError
+from service.routers.common import artifact_response, cancel_or_delete
+from service.schemas import DeletedObject, ErrorResponse, ListResponse, VideoCreateRequest, VideoObject
+from service.views import video_object
+
+router = APIRouter(prefix="/v1/videos", tags=["videos"])
+
+# The official `openai` client sends `videos.create` as multipart/form-data (it may carry an
+# input_reference file); curl users send JSON. Both are parsed into the same model by hand, so
+# the schema is declared here for /docs.
+_BODY_SCHEMA = VideoCreateRequest.model_json_schema()
+_OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": _BODY_SCHEMA}, "multipart/form-data": {"schema": _BODY_SCHEMA}},
+    }
+}
+
+
+async def _parse_body(request: Request) -> VideoCreateRequest:
+    content_type = request.headers.get("content-type", "")
+    data: Any
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        form = await request.form()
+        if "input_reference" in form:
+            raise ApiError(400, "input_reference (image-to-video) is not supported", param="input_reference",
+                           code="unsupported")  # fmt: skip
+        data = {k: v for k, v in form.items() if isinstance(v, str)}
+    else:
+        try:
+            data = json.loads(await request.body() or b"null")
+        except ValueError:
+            raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    try:
+        return VideoCreateRequest.model_validate(data)
+    except ValidationError as error:
+        # Same shape as FastAPI's own validation errors: the app's handler names the field.
+        from fastapi.exceptions import RequestValidationError
+
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
+        ) from None
+
+
+@router.post(
+    "",
+    response_model=VideoObject,
+    openapi_extra=_OPENAPI_BODY,
+    responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
+    summary="Create a video (async job)",
+)
+async def create_video(
+    request: Request,
+    services: ReadyDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> VideoObject:
+    """Queue a video; poll `GET /v1/videos/{id}` (progress per denoising step), then get `/content`."""
+    body = await _parse_body(request)
+    spec = services.engine.resolve_video(body)
+    job = await submit(services, spec, idempotency_key)
+    return video_object(job)
+
+
+@router.get("", response_model=ListResponse, summary="List videos")
+async def list_videos(
+    services: ReadyDep,
+    after: Annotated[str | None, Query(description="id of the last video of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Annotated[Literal["asc", "desc"], Query(description="by creation time")] = "desc",
+) -> ListResponse:
+    assert services.queue is not None
+    jobs, has_more = await services.queue.list(kind="video", after=after, limit=limit, order=order)
+    data = [video_object(j) for j in jobs]
+    return ListResponse(
+        data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=has_more
+    )
+
+
+@router.get("/{video_id}", response_model=VideoObject, summary="Retrieve a video")
+async def get_video(video_id: str, services: ReadyDep) -> VideoObject:
+    return video_object(await get_job(services, video_id, "video", "video_id"))
+
+
+@router.get(
+    "/{video_id}/content",
+    response_class=Response,
+    responses={200: {"content": {"video/mp4": {}, "image/png": {}}}},
+    summary="Download the MP4 (or ?variant=thumbnail PNG)",
+)
+async def video_content(
+    video_id: str,
+    services: ReadyDep,
+    variant: Annotated[Literal["video", "thumbnail"], Query()] = "video",
+) -> Response:
+    job = await get_job(services, video_id, "video", "video_id")
+    return await artifact_response(services, job, index=0, variant="primary" if variant == "video" else "thumbnail")
+
+
+@router.delete("/{video_id}", response_model=DeletedObject, summary="Cancel a running video / delete a finished one")
+async def delete_video(video_id: str, services: ReadyDep) -> DeletedObject:
+    """A queued or running video is cancelled: denoising stops at the next step, status `cancelled`."""
+    return await cancel_or_delete(services, video_id, "video", "video.deleted")

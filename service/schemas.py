@@ -1,0 +1,247 @@
+"""Request and response bodies of the HTTP API (OpenAI shapes plus LESA's own fields).
+
+The bounds here are the model-independent ones; limits that depend on the model (its sizes,
+frame counts, step range, acceleration levels) are checked against the catalogue when the
+request is resolved into a job (`service/engine.py: Engine.resolve_*`), with the same error shape.
+Every field carries a description and an example because `/docs` is generated from this file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**31 - 1 - 8  # sample i of a job uses seed + i, which must stay a valid 31-bit seed
+MethodName = Literal["lesa", "taylorseer", "reuse", "none"]
+
+_ACCELERATION = Field(
+    None,
+    description='Acceleration level the model offers ("none", "2x", "3.3x", "5x", "6.25x": see GET /v1/models), '
+    'or "auto" = the fastest level whose measured quality card meets the server\'s PSNR floor. '
+    "Default: the server's `LESA_DEFAULT_LEVEL`.",
+    examples=["5x"],
+)
+_METHOD = Field(
+    None,
+    description='How skipped steps are forecast. Default: "lesa" where the model has a trained predictor for '
+    'this level and step count, otherwise the training-free "taylorseer". Asking for "lesa" where no predictor '
+    'exists is a 400 (never a silent fallback). With level "none" the method is "none".',
+    examples=["lesa"],
+)
+_SEED = Field(
+    None, ge=0, le=MAX_SEED, description="Seed of the first sample (sample i uses seed + i). Default: random.",
+    examples=[1234],
+)  # fmt: skip
+_STEPS = Field(
+    None, ge=1, le=1000,
+    description="Denoising steps (the model's step range applies, see GET /v1/models). Default: the model's.",
+    examples=[50],
+)  # fmt: skip
+_GUIDANCE = Field(
+    None, ge=0, le=50, description="Classifier-free guidance scale; 1 or less disables CFG. Default: the model's.",
+    examples=[3.0],
+)  # fmt: skip
+
+
+class StrictBody(BaseModel):
+    # Unknown fields are rejected with their name rather than ignored: a typo such as
+    # "acceleraton" must not silently run the unaccelerated default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageGenerationRequest(StrictBody):
+    prompt: str = Field(..., min_length=1, max_length=4000, description="What to draw.", examples=["a seven"])
+    model: str | None = Field(
+        None, description="Model id from GET /v1/models. Default: the first image model.", examples=["digits-image"]
+    )
+    n: int = Field(1, ge=1, le=8, description="Number of images (one job, batched).", examples=[1])
+    size: str | None = Field(
+        None,
+        pattern=r"^(\d{1,5}x\d{1,5}|auto)$",
+        description='"WIDTHxHEIGHT", one of the model\'s sizes, or "auto". Default: the model\'s first size.',
+        examples=["32x32"],
+    )
+    response_format: Literal["b64_json", "url"] = Field(
+        "b64_json",
+        description='"b64_json": images inline; "url": links to GET /v1/images/{job_id}/content?index=i '
+        "(valid until the job expires).",
+    )
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the images.")
+    user: str | None = Field(None, max_length=256, description="End-user id, echoed in logs only.")
+    # OpenAI parameters that have no meaning for these models: accepted so that unmodified clients
+    # work, and ignored.
+    quality: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    style: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    background: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    moderation: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    output_compression: int | None = Field(None, ge=0, le=100, description="Accepted; ignored.")
+    stream: Literal[False] = Field(False, description="Streaming is not supported; use jobs for progress.")
+    # LESA extensions
+    seed: int | None = _SEED
+    num_inference_steps: int | None = _STEPS
+    guidance_scale: float | None = _GUIDANCE
+    acceleration: str | None = _ACCELERATION
+    method: MethodName | None = _METHOD
+
+
+class VideoCreateRequest(StrictBody):
+    """Accepted as JSON or as multipart/form-data (the form the official `openai` client sends)."""
+
+    prompt: str = Field(..., min_length=1, max_length=4000, description="What to animate.", examples=["a seven"])
+    model: str | None = Field(
+        None, description="Model id from GET /v1/models. Default: the first video model.", examples=["digits-video"]
+    )
+    seconds: float | None = Field(
+        None, gt=0, le=600,
+        description="Duration; converted to frames at the model's fps and must give one of its frame counts. "
+        "Give `seconds` or `num_frames` (default: the model's first frame count).", examples=[2],
+    )  # fmt: skip
+    num_frames: int | None = Field(None, ge=1, le=1024, description="Frame count (one the model supports).")
+    size: str | None = Field(
+        None, pattern=r"^(\d{1,5}x\d{1,5}|auto)$", description='"WIDTHxHEIGHT" (one of the model\'s sizes).',
+        examples=["32x32"],
+    )  # fmt: skip
+    user: str | None = Field(None, max_length=256)
+    seed: int | None = _SEED
+    num_inference_steps: int | None = _STEPS
+    guidance_scale: float | None = _GUIDANCE
+    acceleration: str | None = _ACCELERATION
+    method: MethodName | None = _METHOD
+
+
+class LesaStats(BaseModel):
+    """What actually ran, per job: the acceleration, its cost and effect, and how to reproduce it."""
+
+    job_id: str
+    model: str
+    level: str = Field(description="resolved acceleration level (never 'auto')", examples=["5x"])
+    requested_acceleration: str | None = Field(None, description="what the request asked for, e.g. 'auto'")
+    method: str = Field(examples=["lesa"])
+    num_inference_steps: int
+    guidance_scale: float
+    full_steps: int | None = Field(None, description="steps that ran every transformer block, per sample")
+    predicted_steps: int | None = Field(None, description="steps whose blocks were skipped and forecast")
+    theoretical_speedup: float | None = Field(None, description="steps / full steps")
+    realised_speedup: float | None = Field(
+        None, description="estimated full-compute generation time / measured generation time (same batch)"
+    )
+    seed: int
+    seeds: list[int] = Field(default_factory=list)
+    batch_size: int | None = Field(None, description="samples in the batched generation this job ran in")
+    queue_ms: float | None = Field(None, description="time from submission to a worker starting it")
+    generation_ms: float | None = Field(None, description="time of the batched generation")
+    total_ms: float | None = Field(None, description="submission to completion")
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = Field(None, description="the prompt as run (unchanged here)")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: str | None = None
+    size: str | None = None
+    lesa: LesaStats
+
+
+class JobErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class VideoObject(BaseModel):
+    id: str
+    object: Literal["video"] = "video"
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+    progress: int = Field(ge=0, le=100, description="percent of denoising steps done, updated per step")
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    error: JobErrorBody | None = None
+    prompt: str
+    seconds: str = Field(description="duration as OpenAI reports it (a string)")
+    size: str
+    num_frames: int
+    fps: int
+    lesa: LesaStats | None = Field(None, description="filled in when the video completes")
+
+
+class ImageJobObject(BaseModel):
+    """A long image request submitted as a job (POST /v1/images/jobs)."""
+
+    id: str
+    object: Literal["image.job"] = "image.job"
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+    progress: int
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    error: JobErrorBody | None = None
+    prompt: str
+    size: str
+    n: int
+    result: ImagesResponse | None = Field(None, description="when completed: the images as `url`s")
+
+
+class ListResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Any]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class DeletedObject(BaseModel):
+    id: str
+    object: str
+    deleted: bool
+    status: str | None = Field(None, description="the job's status after the call (e.g. 'cancelled')")
+
+
+class QualityCard(BaseModel):
+    """Measured by the benchmark and stored in the predictor bundle's metadata."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class AccelerationLevel(BaseModel):
+    level: str = Field(examples=["5x"])
+    methods: list[str] = Field(description="methods available at this level (at `lesa_steps` for 'lesa')")
+    full_steps: int = Field(description="full steps at the model's default step count")
+    theoretical_speedup: float
+    lesa_available: bool
+    lesa_steps: int | None = Field(None, description="the step count the LESA predictor was trained for")
+    quality: dict[str, Any] | None = Field(None, description="the LESA predictor's quality card (PSNR vs full, …)")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lesa"
+    kind: Literal["image", "video"]
+    sizes: list[str]
+    num_frames: list[int] | None = None
+    fps: int | None = None
+    default_steps: int
+    step_range: tuple[int, int]
+    default_guidance_scale: float
+    default_acceleration: str
+    acceleration: list[AccelerationLevel]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,66 @@
+"""Server configuration: environment variables with the `LESA_` prefix, or a `.env` file.
+
+Example: `LESA_MAX_BATCH=8 LESA_API_KEYS=key1,key2 lesa serve`. Every field is documented
+here because this class *is* the configuration reference.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LESA_", env_file=".env", extra="ignore")
+
+    # ---- network ----
+    host: str = Field("127.0.0.1", description="interface `lesa serve` binds to")
+    port: int = Field(8000, ge=0, le=65535)
+    public_base_url: str | None = Field(
+        None,
+        description="base URL clients reach this server at, used to build `url` outputs "
+        "(default: the URL of the incoming request)",
+    )
+
+    # ---- models ----
+    models: str = Field("", description="comma-separated model names to serve; empty = every bundled model")
+    weights_dir: Path | None = Field(None, description="checkpoint root (default: lesa_models/weights)")
+    device: str = Field("cpu", description='torch device: "cpu", "cuda", "cuda:1", or "auto"')
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights/compute dtype")
+    warmup: bool = Field(True, description="run one tiny generation per model before reporting ready")
+    warmup_steps: int = Field(4, ge=1, le=100)
+    default_level: str = Field("none", description="acceleration level when a request names none")
+    auto_min_psnr: float = Field(
+        28.0,
+        description='"auto" picks the fastest level whose quality card PSNR (vs full compute) is at least this',
+    )
+
+    # ---- queue and worker ----
+    embedded_worker: bool = Field(True, description="run a worker inside the API process (local demo default)")
+    max_batch: int = Field(8, ge=1, le=64, description="most samples per batched generation")
+    max_wait_ms: float = Field(10.0, ge=0, description="how long a worker waits for compatible jobs before starting")
+    max_backlog: int = Field(256, ge=1, description="queued jobs beyond which requests get 429")
+    result_ttl_s: float = Field(3600.0, gt=0, description="how long finished jobs and outputs are kept")
+    max_jobs_kept: int = Field(1000, ge=1, description="in-process queue: most finished jobs remembered")
+    redis_url: str | None = Field(None, description="use the Redis queue at this URL instead of in-process")
+
+    # ---- requests ----
+    sync_timeout_s: float = Field(
+        300.0, gt=0, description="a synchronous image request answers 504 (with its job id) after this"
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    api_keys: str = Field("", description="comma-separated Bearer keys required on /v1/*; empty = no authentication")
+    max_prompt_chars: int = Field(2000, ge=1)
+    log_level: str = Field("info")
+
+    @cached_property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @cached_property
+    def model_list(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]

@@ -1,0 +1,113 @@
+"""Job records -> the response objects clients see (OpenAI shapes + `lesa`)."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from service.errors import ApiError
+from service.queue import Job, JobQueue, JobStatus
+from service.schemas import (
+    ImageData,
+    ImageJobObject,
+    ImagesResponse,
+    JobErrorBody,
+    LesaStats,
+    VideoObject,
+)
+
+
+def _ts(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def lesa_stats(job: Job, requested: str | None = None) -> LesaStats:
+    spec = job.spec
+    data = dict(job.result.lesa) if job.result else {}
+    data.setdefault("job_id", job.id)
+    data.setdefault("model", spec.model)
+    data.setdefault("level", spec.level)
+    data.setdefault("method", spec.method)
+    data.setdefault("num_inference_steps", spec.num_inference_steps)
+    data.setdefault("guidance_scale", spec.guidance_scale)
+    data.setdefault("seed", spec.seed)
+    if requested is not None:
+        data["requested_acceleration"] = requested
+    return LesaStats.model_validate({k: v for k, v in data.items() if k in LesaStats.model_fields})
+
+
+def content_url(base_url: str, job: Job, index: int) -> str:
+    return f"{base_url}/v1/images/{job.id}/content?index={index}"
+
+
+async def images_response(
+    job: Job, queue: JobQueue, *, response_format: str, base_url: str, requested: str | None = None
+) -> ImagesResponse:
+    assert job.result is not None
+    data: list[ImageData] = []
+    for ref in sorted(job.result.outputs, key=lambda r: r.index):
+        if response_format == "url":
+            data.append(ImageData(url=content_url(base_url, job, ref.index), revised_prompt=job.spec.prompt))
+            continue
+        content = await queue.get_artifact(job.id, ref.name)
+        if content is None:  # expired between completion and now: tell the client, don't 500
+            raise ApiError(410, f"outputs of job {job.id} have expired", code="expired")
+        data.append(ImageData(b64_json=base64.b64encode(content).decode("ascii"), revised_prompt=job.spec.prompt))
+    return ImagesResponse(
+        created=int(job.completed_at or time.time()),
+        data=data,
+        output_format=job.spec.output_format,
+        size=f"{job.spec.width}x{job.spec.height}",
+        lesa=lesa_stats(job, requested),
+    )
+
+
+def _error(job: Job) -> JobErrorBody | None:
+    if job.error is not None:
+        return JobErrorBody(code=job.error.code, message=job.error.message)
+    if job.status == JobStatus.cancelled:
+        return JobErrorBody(code="cancelled", message="the job was cancelled")
+    return None
+
+
+def video_object(job: Job) -> VideoObject:
+    spec = job.spec
+    frames = spec.num_frames or 1
+    fps = spec.fps or 1
+    return VideoObject(
+        id=job.id,
+        model=spec.model,
+        status=job.status.value,  # type: ignore[arg-type]
+        progress=job.progress,
+        created_at=int(job.created_at),
+        completed_at=_ts(job.completed_at),
+        expires_at=_ts(job.expires_at),
+        error=_error(job),
+        prompt=spec.prompt,
+        seconds=f"{frames / fps:g}",
+        size=f"{spec.width}x{spec.height}",
+        num_frames=frames,
+        fps=fps,
+        lesa=lesa_stats(job) if job.status == JobStatus.completed else None,
+    )
+
+
+async def image_job_object(job: Job, queue: JobQueue, base_url: str) -> ImageJobObject:
+    spec = job.spec
+    result = None
+    if job.status == JobStatus.completed:
+        result = await images_response(job, queue, response_format="url", base_url=base_url)
+    return ImageJobObject(
+        id=job.id,
+        model=spec.model,
+        status=job.status.value,  # type: ignore[arg-type]
+        progress=job.progress,
+        created_at=int(job.created_at),
+        completed_at=_ts(job.completed_at),
+        expires_at=_ts(job.expires_at),
+        error=_error(job),
+        prompt=spec.prompt,
+        size=f"{spec.width}x{spec.height}",
+        n=spec.n,
+        result=result,
+    )

@@ -1,0 +1,222 @@
+"""The worker loop: claim a batch of compatible jobs, run it in a thread, store the results.
+
+The same class runs embedded in `lesa serve` (an asyncio task next to the HTTP server, with the
+in-process queue) and standalone in `lesa worker` processes (with the Redis queue): it only
+talks to the `JobQueue` interface and to the engine.
+
+Per batch:
+* the generation runs in a dedicated thread so the event loop keeps answering HTTP (and the
+  progress/cancel monitor below keeps running);
+* after every denoising step the thread records progress and asks whether to go on; a monitor
+  coroutine publishes progress to the queue and polls cancellation flags. When every job of the
+  batch is cancelled the next step callback returns False and the pipeline stops. A cancelled job
+  sharing a batch with live ones just has its outputs dropped (the others must not pay for it);
+* a batch of several jobs that fails is retried job by job, so one bad job (or an out-of-memory
+  batch) does not fail its neighbours; a job that fails alone is marked failed with its message,
+  and the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from service.metrics import Metrics
+from service.queue import Job, JobError, JobQueue, JobResult
+
+log = logging.getLogger("lesa.worker")
+
+CANCEL_POLL_S = 0.05  # how often a running batch checks its jobs' cancellation flags
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: JobQueue,
+        engine: Any,  # service.engine.Engine, or anything with run_batch(specs, on_step)
+        metrics: Metrics,
+        *,
+        max_batch: int = 8,
+        max_wait_ms: float = 10.0,
+        worker_id: str | None = None,
+        claim_timeout_s: float = 1.0,
+    ) -> None:
+        self.queue = queue
+        self.engine = engine
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.claim_timeout_s = claim_timeout_s
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lesa-gen")
+        self._stopping = asyncio.Event()
+        self._claim_task: asyncio.Task[list[Job]] | None = None
+        self.batches_run = 0
+
+    def stop(self) -> None:
+        """Finish the current batch, then leave `run` (graceful shutdown).
+
+        A worker idle in `claim_batch` leaves at once: the claim is cancelled, and queues must
+        give back whatever a cancelled claim had taken (see `JobQueue.claim_batch`).
+        """
+        self._stopping.set()
+        if self._claim_task is not None and not self._claim_task.done():
+            self._claim_task.cancel()
+
+    async def run(self) -> None:
+        log.info("worker %s: max_batch=%d max_wait_ms=%g", self.worker_id, self.max_batch, self.max_wait_ms)
+        while not self._stopping.is_set():
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - e.g. the queue backend is down: retry, don't die
+                self.metrics.errors.labels(type="worker_loop").inc()
+                log.exception("worker loop error; retrying in 1 s")
+                await asyncio.sleep(1.0)
+        self._executor.shutdown(wait=True)
+
+    async def run_once(self) -> int:
+        """Claim and process at most one batch; returns how many jobs it held."""
+        self._claim_task = asyncio.create_task(
+            self.queue.claim_batch(
+                self.worker_id, max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, timeout_s=self.claim_timeout_s
+            )
+        )
+        try:
+            jobs = await self._claim_task
+        except asyncio.CancelledError:
+            if self._stopping.is_set():  # stop() while idle
+                return 0
+            raise
+        finally:
+            self._claim_task = None
+        if not jobs:
+            return 0
+        await self.process(jobs)
+        return len(jobs)
+
+    async def process(self, jobs: Sequence[Job]) -> None:
+        first = jobs[0].spec
+        for job in jobs:
+            if job.started_at is not None:
+                self.metrics.queue_wait.labels(first.model, first.level).observe(
+                    max(0.0, job.started_at - job.created_at)
+                )
+        self.metrics.in_flight.inc(len(jobs))
+        try:
+            try:
+                await self._generate(jobs)
+            except Exception as error:  # noqa: BLE001
+                if len(jobs) > 1:
+                    log.warning("batch of %d failed (%s); retrying job by job", len(jobs), error)
+                    for job in jobs:
+                        await self._generate_or_fail([job])
+                else:
+                    await self._fail(jobs, error)
+        finally:
+            self.metrics.in_flight.dec(len(jobs))
+            self.batches_run += 1
+
+    async def _generate_or_fail(self, jobs: Sequence[Job]) -> None:
+        try:
+            await self._generate(jobs)
+        except Exception as error:  # noqa: BLE001
+            await self._fail(jobs, error)
+
+    async def _fail(self, jobs: Sequence[Job], error: Exception) -> None:
+        log.error("generation failed for %s: %s", ", ".join(j.id for j in jobs), error, exc_info=error)
+        self.metrics.errors.labels(type="generation_failed").inc()
+        message = f"generation failed: {type(error).__name__}: {error}"[:500]
+        for job in jobs:
+            if not await self.queue.is_cancelled(job.id):
+                self.metrics.jobs.labels(job.spec.model, "failed").inc()
+            await self.queue.fail(job.id, JobError(code="generation_failed", message=message))
+
+    async def _generate(self, jobs: Sequence[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        specs = [j.spec for j in jobs]
+        cancelled: set[str] = set()
+        stop_flag = threading.Event()  # read by the generation thread between steps
+        progress_signal = asyncio.Event()
+        latest: list[int] = [0, 1]  # (done, total) of the running generation
+
+        def on_step(done: int, total: int) -> bool:
+            # Runs in the generation thread: only cheap, thread-safe work here.
+            latest[0], latest[1] = done, total
+            loop.call_soon_threadsafe(progress_signal.set)
+            return not stop_flag.is_set()
+
+        finished = False
+
+        async def monitor() -> None:
+            # Ends on the `finished` flag, not by cancellation: on Python 3.11 `wait_for` can
+            # swallow a cancel that races with its inner wait completing, which would hang here.
+            published = -1
+            while not finished:
+                try:
+                    await asyncio.wait_for(progress_signal.wait(), CANCEL_POLL_S)
+                except TimeoutError:
+                    pass
+                progress_signal.clear()
+                for job in jobs:
+                    if job.id not in cancelled and await self.queue.is_cancelled(job.id):
+                        cancelled.add(job.id)
+                if len(cancelled) == len(jobs):
+                    stop_flag.set()
+                # Keep 100 for "completed": the last step is not the end (encoding follows).
+                percent = min(99, int(100 * latest[0] / max(latest[1], 1)))
+                if percent != published:
+                    published = percent
+                    for job in jobs:
+                        if job.id not in cancelled:
+                            await self.queue.set_progress(job.id, percent)
+
+        monitor_task = asyncio.create_task(monitor())
+        started = time.time()
+        try:
+            results = await loop.run_in_executor(self._executor, self.engine.run_batch, specs, on_step)
+        except Exception:
+            if stop_flag.is_set():  # the pipeline stopped because every job was cancelled
+                log.info("batch %s cancelled at step %d/%d", [j.id for j in jobs], latest[0], latest[1])
+                for job in jobs:
+                    self.metrics.jobs.labels(job.spec.model, "cancelled").inc()
+                return
+            raise
+        finally:
+            finished = True
+            try:
+                await asyncio.wait_for(monitor_task, timeout=10 * CANCEL_POLL_S + 5)
+            except (TimeoutError, Exception):  # noqa: BLE001 - the monitor only reports progress
+                monitor_task.cancel()
+        generation_s = time.time() - started
+        self.metrics.batch_size.labels(first_model := specs[0].model).observe(sum(s.n for s in specs))
+        self.metrics.generation_time.labels(first_model, specs[0].level).observe(generation_s)
+
+        for job, result in zip(jobs, results, strict=True):
+            spec = job.spec
+            if job.id in cancelled or await self.queue.is_cancelled(job.id):
+                self.metrics.jobs.labels(spec.model, "cancelled").inc()
+                continue
+            now = time.time()
+            lesa = dict(result.lesa)
+            lesa.update(
+                job_id=job.id,
+                queue_ms=round(1000.0 * max(0.0, (job.started_at or started) - job.created_at), 2),
+                total_ms=round(1000.0 * (now - job.created_at), 2),
+            )
+            await self.queue.complete(job.id, JobResult(outputs=result.outputs, lesa=lesa), result.artifacts)
+            labels = (spec.model, spec.level)
+            self.metrics.e2e_latency.labels(*labels).observe(now - job.created_at)
+            self.metrics.steps.labels(*labels, "full").inc(spec.n * int(lesa.get("full_steps") or 0))
+            self.metrics.steps.labels(*labels, "predicted").inc(spec.n * int(lesa.get("predicted_steps") or 0))
+            if lesa.get("realised_speedup") is not None:
+                self.metrics.speedup.labels(*labels, spec.method).observe(float(lesa["realised_speedup"]))
+            self.metrics.jobs.labels(spec.model, "completed").inc()

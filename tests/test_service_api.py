@@ -1,0 +1,335 @@
+"""API shape, errors, limits, jobs, batching and cancellation: fast, on a fake pipeline.
+
+The fake follows the `lesa_models` pipeline contract (info, __call__ with seeds/callback,
+GenerationCancelled) but computes nothing, so these tests take milliseconds. The real model
+runs in tests/test_service_e2e.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from lesa_core import level_schedule
+from lesa_models import GenerationCancelled, GenerationOutput
+from service.app import create_app
+from service.engine import Bundle, Engine, entry_from_pipeline
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class FakeInfo:
+    name: str
+    kind: str
+    sizes: list[tuple[int, int]]
+    num_frames: list[int]
+    default_steps: int = 8
+    default_guidance: float = 2.0
+    min_steps: int = 4
+    max_steps: int = 100
+    hidden_size: int = 8
+    transformer_class: str = "Fake"
+
+
+@dataclass
+class FakePipeline:
+    name: str
+    kind: str = "image"
+    step_delay: float = 0.0
+    calls: list[dict] = field(default_factory=list)
+    last_step: int = 0
+
+    @property
+    def info(self) -> FakeInfo:
+        frames = [4, 8] if self.kind == "video" else [1]
+        return FakeInfo(self.name, self.kind, [(16, 16), (32, 16)], frames)
+
+    def __call__(self, prompts, *, seeds, height, width, num_frames=None, num_inference_steps=50,
+                 guidance_scale=None, cache=None, callback=None):  # fmt: skip
+        self.calls.append(dict(prompts=list(prompts), seeds=list(seeds), cache=cache, size=(width, height)))
+        if any(p == "explode" for p in prompts):
+            raise RuntimeError("the fake model exploded")
+        for step in range(1, num_inference_steps + 1):
+            time.sleep(self.step_delay)
+            self.last_step = step
+            if callback is not None and callback(step, num_inference_steps) is False:
+                raise GenerationCancelled(f"cancelled after step {step}")
+        shape = (height, width) if self.kind == "image" else (num_frames, height, width)
+        samples = np.stack([np.random.default_rng(s).random(shape, dtype=np.float32) for s in seeds])
+        return GenerationOutput(samples=samples, stats={})
+
+
+class FakePredictor:
+    schedule = level_schedule("5x", 8)
+
+
+def make_engine(settings: Settings, step_delay: float = 0.0) -> Engine:
+    image = entry_from_pipeline(FakePipeline("fake-image", step_delay=step_delay))
+    # A "trained" 5x bundle for 8 steps with a quality card: drives method defaults and "auto".
+    image.bundles["5x"] = Bundle("5x", FakePredictor(), num_steps=8, quality={"psnr": 31.5, "speedup": 1.6})
+    video = entry_from_pipeline(FakePipeline("fake-video", kind="video", step_delay=step_delay))
+    engine = Engine(settings, {"fake-image": image, "fake-video": video})
+    engine.ready = True
+    return engine
+
+
+def settings(**overrides) -> Settings:
+    values = dict(warmup=False, max_wait_ms=0.0, default_level="none", sync_timeout_s=10.0)
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    s = settings()
+    with TestClient(create_app(s, engine=make_engine(s))) as c:
+        yield c
+
+
+def wait_for(client: TestClient, path: str, statuses: set[str], timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(path).json()
+        if body["status"] in statuses or time.monotonic() > deadline:
+            return body
+        time.sleep(0.01)
+
+
+def assert_error(response, status: int, param: str | None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert error["param"] == param, error
+    assert "Traceback" not in response.text
+    return error
+
+
+def test_models_list_sizes_levels_and_quality_cards(client: TestClient) -> None:
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    cards = {m["id"]: m for m in body["data"]}
+    image = cards["fake-image"]
+    assert image["kind"] == "image" and image["sizes"] == ["16x16", "32x16"] and image["step_range"] == [4, 100]
+    levels = {lvl["level"]: lvl for lvl in image["acceleration"]}
+    assert set(levels) == {"none", "2x", "3.3x", "5x", "6.25x"}
+    assert levels["5x"]["lesa_available"] and levels["5x"]["quality"]["psnr"] == 31.5
+    assert levels["5x"]["methods"][0] == "lesa" and not levels["2x"]["lesa_available"]
+    assert cards["fake-video"]["num_frames"] == [4, 8]
+    assert client.get("/v1/models/fake-video").json()["kind"] == "video"
+
+
+def test_image_generation_b64_with_lesa_stats(client: TestClient) -> None:
+    response = client.post(
+        "/v1/images/generations",
+        json={"prompt": "a seven", "model": "fake-image", "n": 2, "size": "32x16", "seed": 7,
+              "acceleration": "5x", "num_inference_steps": 8},
+    )  # fmt: skip
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert isinstance(body["created"], int) and len(body["data"]) == 2
+    image = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
+    assert image.size == (32, 16) and image.format == "PNG"
+    assert body["data"][0]["revised_prompt"] == "a seven"
+    lesa = body["lesa"]
+    # A bundle exists for 5x at 8 steps, so the default method is LESA.
+    assert lesa["level"] == "5x" and lesa["method"] == "lesa" and lesa["seed"] == 7 and lesa["seeds"] == [7, 8]
+    assert lesa["full_steps"] + lesa["predicted_steps"] == 8 and lesa["predicted_steps"] > 0
+    assert lesa["realised_speedup"] > 0 and lesa["queue_ms"] >= 0 and lesa["generation_ms"] > 0
+    # Another level without a bundle falls to the training-free default, and says so.
+    body = client.post("/v1/images/generations", json={"prompt": "a two", "acceleration": "2x"}).json()
+    assert body["lesa"]["method"] == "taylorseer" and body["lesa"]["level"] == "2x"
+    # "auto" picks the measured bundle (psnr 31.5 >= the default floor).
+    body = client.post("/v1/images/generations", json={"prompt": "a two", "acceleration": "auto"}).json()
+    assert body["lesa"]["level"] == "5x" and body["lesa"]["requested_acceleration"] == "auto"
+
+
+def test_url_format_and_content_endpoint(client: TestClient) -> None:
+    body = client.post(
+        "/v1/images/generations", json={"prompt": "a one", "response_format": "url", "output_format": "webp"}
+    ).json()
+    url = body["data"][0]["url"]
+    assert url.startswith("http://testserver/v1/images/job_")
+    content = client.get(url)
+    assert content.status_code == 200 and content.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(content.content)).size == (16, 16)
+    assert_error(client.get(url.replace("index=0", "index=3")), 404, "index")
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "param"),
+    [
+        ({"prompt": "x", "model": "nope"}, 404, "model"),
+        ({"prompt": "x", "model": "fake-video"}, 400, "model"),
+        ({"prompt": "x", "acceleration": "9x"}, 400, "acceleration"),
+        ({"prompt": "x", "size": "64x64"}, 400, "size"),
+        ({"prompt": "x", "size": "big"}, 400, "size"),
+        ({"prompt": "x", "n": 9}, 400, "n"),
+        ({"prompt": "x", "acceleraton": "5x"}, 400, "acceleraton"),
+        ({"model": "fake-image"}, 400, "prompt"),
+        ({"prompt": "x", "num_inference_steps": 2}, 400, "num_inference_steps"),
+        ({"prompt": "x", "acceleration": "2x", "method": "lesa"}, 400, "method"),
+        ({"prompt": "x", "acceleration": "5x", "method": "lesa", "num_inference_steps": 20}, 400, "method"),
+        ({"prompt": "x", "method": "magic"}, 400, "method"),
+        ({"prompt": "x", "response_format": "gif"}, 400, "response_format"),
+        ({"prompt": "x", "seed": -1}, 400, "seed"),
+        ({"prompt": "   "}, 400, "prompt"),
+    ],
+)
+def test_invalid_requests_name_the_field(client: TestClient, payload: dict, status: int, param: str) -> None:
+    assert_error(client.post("/v1/images/generations", json=payload), status, param)
+
+
+def test_malformed_oversize_and_unknown_routes(client: TestClient) -> None:
+    response = client.post("/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(response, 400, None)
+    big = {"prompt": "x" * 2_000_000}
+    assert_error(client.post("/v1/images/generations", json=big), 413, None)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+        for _ in range(20):
+            yield b" " * 100_000
+
+    assert_error(client.post("/v1/images/generations", content=chunks()), 413, None)
+    assert_error(client.get("/v1/nothing"), 404, None)
+    assert_error(client.get("/v1/videos/job_unknown"), 404, "video_id")
+
+
+def test_queue_full_429_and_sync_timeout_504() -> None:
+    s = settings(max_backlog=1, sync_timeout_s=0.2)
+    # No worker: jobs stay queued, so the backlog fills and sync requests time out.
+    with TestClient(create_app(s, engine=make_engine(s), run_worker=False)) as client:
+        error = assert_error(client.post("/v1/images/generations", json={"prompt": "x"}), 504, None)
+        assert error["type"] == "timeout" and error["job_id"].startswith("job_") and "0.2 s" in error["message"]
+        job = client.get(f"/v1/images/jobs/{error['job_id']}").json()
+        assert job["status"] == "queued" and job["object"] == "image.job"
+        response = client.post("/v1/images/jobs", json={"prompt": "y"})
+        assert_error(response, 429, None)
+        assert int(response.headers["retry-after"]) >= 1
+
+
+def test_api_keys_when_configured() -> None:
+    s = settings(api_keys="k1, k2")
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        assert_error(client.get("/v1/models"), 401, None)
+        assert_error(client.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401, None)
+        assert client.get("/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 200
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_video_lifecycle_json_and_multipart(client: TestClient) -> None:
+    created = client.post("/v1/videos", json={"prompt": "a three", "num_frames": 8, "seed": 3})
+    assert created.status_code == 200, created.text
+    video = created.json()
+    assert video["object"] == "video" and video["status"] in ("queued", "in_progress", "completed")
+    assert video["num_frames"] == 8 and video["seconds"] == "1" and video["size"] == "16x16"
+    done = wait_for(client, f"/v1/videos/{video['id']}", {"completed", "failed"})
+    assert done["status"] == "completed" and done["progress"] == 100 and done["lesa"]["seed"] == 3
+    assert done["completed_at"] >= done["created_at"] and done["expires_at"] > done["completed_at"]
+    mp4 = client.get(f"/v1/videos/{video['id']}/content")
+    assert mp4.headers["content-type"] == "video/mp4" and mp4.content[4:8] == b"ftyp"
+    thumb = client.get(f"/v1/videos/{video['id']}/content", params={"variant": "thumbnail"})
+    assert thumb.headers["content-type"] == "image/png"
+    # The form encoding the official openai client uses; `seconds` arrives as a string.
+    form = client.post("/v1/videos", data={"prompt": "a four", "seconds": "0.5", "size": "32x16"})
+    assert form.status_code == 200, form.text
+    assert form.json()["num_frames"] == 4 and form.json()["size"] == "32x16"
+    assert_error(client.post("/v1/videos", data={"prompt": "x", "seconds": "3"}), 400, "seconds")
+    assert_error(client.post("/v1/videos", json={"prompt": "x", "num_frames": 5}), 400, "num_frames")
+    listed = client.get("/v1/videos", params={"limit": 1}).json()
+    assert listed["object"] == "list" and len(listed["data"]) == 1 and listed["has_more"]
+    page2 = client.get("/v1/videos", params={"after": listed["last_id"]}).json()
+    assert page2["data"][0]["id"] == video["id"]
+    deleted = client.delete(f"/v1/videos/{video['id']}").json()
+    assert deleted["deleted"] and deleted["object"] == "video.deleted"
+    assert_error(client.get(f"/v1/videos/{video['id']}"), 404, "video_id")
+
+
+def test_cancel_running_video_stops_denoising() -> None:
+    s = settings()
+    engine = make_engine(s, step_delay=0.02)
+    with TestClient(create_app(s, engine=engine)) as client:
+        video = client.post("/v1/videos", json={"prompt": "slow", "num_inference_steps": 100}).json()
+        running = wait_for(client, f"/v1/videos/{video['id']}", {"in_progress"})
+        while client.get(f"/v1/videos/{video['id']}").json()["progress"] < 5:
+            time.sleep(0.01)
+        assert running["status"] == "in_progress"
+        response = client.delete(f"/v1/videos/{video['id']}").json()
+        assert response["status"] == "cancelled"
+        time.sleep(0.3)  # the worker sees the flag within a step or two
+        pipe = engine.models["fake-video"].pipe
+        assert pipe.last_step < 100, "denoising should have stopped"
+        final = client.get(f"/v1/videos/{video['id']}").json()
+        assert final["status"] == "cancelled" and final["error"]["code"] == "cancelled"
+        assert_error(client.get(f"/v1/videos/{video['id']}/content"), 404, None)
+        # The worker is free again.
+        assert client.post("/v1/images/generations", json={"prompt": "next"}).status_code == 200
+
+
+def test_failed_generation_is_reported_and_server_keeps_serving(client: TestClient) -> None:
+    error = assert_error(client.post("/v1/images/generations", json={"prompt": "explode"}), 500, None)
+    assert error["code"] == "generation_failed" and "exploded" in error["message"]
+    job = client.get(f"/v1/images/jobs/{error['job_id']}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "generation_failed"
+    assert client.post("/v1/images/generations", json={"prompt": "fine"}).status_code == 200
+    assert 'lesa_errors_total{type="generation_failed"} 1.0' in client.get("/metrics").text
+
+
+def test_compatible_jobs_are_batched_and_incompatible_ones_are_not() -> None:
+    s = settings(max_batch=8, max_wait_ms=300)
+    engine = make_engine(s)
+    with TestClient(create_app(s, engine=engine)) as client:
+        results: list[dict] = []
+
+        def post(prompt: str, size: str) -> None:
+            body = {"prompt": prompt, "size": size, "seed": len(prompt)}
+            results.append(client.post("/v1/images/generations", json=body).json())
+
+        threads = [threading.Thread(target=post, args=(f"p{'x' * i}", "16x16")) for i in range(4)]
+        threads.append(threading.Thread(target=post, args=("other", "32x16")))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        calls = engine.models["fake-image"].pipe.calls
+        assert sorted(len(c["prompts"]) for c in calls) == [1, 4]
+        assert all(len({c["size"]}) == 1 for c in calls)
+        batch_sizes = sorted(r["lesa"]["batch_size"] for r in results)
+        assert batch_sizes == [1, 4, 4, 4, 4]
+        metrics = client.get("/metrics").text
+        assert 'lesa_batch_size_count{model="fake-image"} 2.0' in metrics
+
+
+def test_idempotency_key_returns_the_same_job(client: TestClient) -> None:
+    headers = {"Idempotency-Key": "abc"}
+    first = client.post("/v1/images/jobs", json={"prompt": "x"}, headers=headers).json()
+    second = client.post("/v1/images/jobs", json={"prompt": "x"}, headers=headers).json()
+    assert first["id"] == second["id"]
+    done = wait_for(client, f"/v1/images/jobs/{first['id']}", {"completed"})
+    assert done["result"]["data"][0]["url"].endswith("/content?index=0")
+
+
+def test_metrics_probes_and_docs(client: TestClient) -> None:
+    client.post("/v1/images/generations", json={"prompt": "x", "acceleration": "2x"})
+    text = client.get("/metrics").text
+    for name in (
+        "lesa_requests_total", "lesa_job_e2e_seconds", "lesa_job_queue_wait_seconds", "lesa_generation_seconds",
+        "lesa_queue_depth", "lesa_jobs_in_flight", "lesa_batch_size", "lesa_denoising_steps_total",
+        "lesa_realised_speedup", "lesa_errors",
+    ):  # fmt: skip
+        assert name in text, name
+    assert 'lesa_requests_total{endpoint="/v1/images/generations",method="POST",status="200"}' in text
+    assert 'kind="predicted"' in text
+    assert client.get("/readyz").json()["status"] == "ready"
+    schema = client.get("/openapi.json").json()
+    image_fields = schema["components"]["schemas"]["ImageGenerationRequest"]["properties"]
+    assert all("description" in f for f in image_fields.values())
+    assert "multipart/form-data" in schema["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
