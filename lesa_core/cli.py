@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Packages that contribute sub-commands, in the order they appear in `lesa --help`.
-COMMAND_MODULES = ("lesa_core.commands", "lesa_models.cli", "service.cli")
+COMMAND_MODULES = ("lesa_core.commands", "lesa_models.cli", "service.cli", "lesa_core.benchmark_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
