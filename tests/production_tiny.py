@@ -93,9 +93,19 @@ class TinyPipeline:
     call_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+# The production schedulers' settings (the models' scheduler_config.json): FLUX.1-dev and
+# Qwen-Image shift their sigmas by the image's token count, so the tests cover that path.
+FLUX_SCHEDULER = dict(
+    use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15, shift=3.0
+)
+QWEN_SCHEDULER = dict(
+    use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9,
+    shift=1.0, shift_terminal=0.02, time_shift_type="exponential",
+)  # fmt: skip
+
+
 def build(name: str) -> TinyPipeline:
     torch.manual_seed(0)
-    scheduler = FlowMatchEulerDiscreteScheduler()
     if name == "flux":
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -107,7 +117,8 @@ def build(name: str) -> TinyPipeline:
             shift_factor=0.0609, scaling_factor=1.5035,
         )  # fmt: skip
         pipe = FluxPipeline(
-            scheduler=scheduler, vae=vae, text_encoder=clip_text_encoder(32), tokenizer=word_tokenizer(77),
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, text_encoder=clip_text_encoder(32),
+            tokenizer=word_tokenizer(77),
             text_encoder_2=t5_encoder(), tokenizer_2=word_tokenizer(16), transformer=transformer,
         )  # fmt: skip
         # FLUX.1-dev is guidance-distilled: one transformer call per step whatever the guidance.
@@ -136,7 +147,8 @@ def build(name: str) -> TinyPipeline:
         )  # fmt: skip
         text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
         pipe = QwenImagePipeline(
-            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=word_tokenizer(1024),
+            scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=vae, text_encoder=text_encoder,
+            tokenizer=word_tokenizer(1024),
             transformer=transformer,
         )  # fmt: skip
         # True CFG (guidance > 1 with the negative prompt " "): "cond" and "uncond" calls per step.

@@ -126,6 +126,8 @@ def test_lesa_skips_blocks_on_predicted_steps_with_the_samplers_sigmas(tiny, mon
     # The predictor got the sampler's sigmas (shifted as the pipeline shifts them), 1 = noise ... 0.
     assert len(times) == 1 and times[0].numel() == STEPS + 1
     torch.testing.assert_close(times[0], tiny.pipe.scheduler.sigmas.float().cpu())
+    # ... and the backend computes the same times without running (the recorder stores them).
+    assert torch.equal(backend.timesteps(STEPS, tiny.height, tiny.width, tiny.num_frames), times[0])
     assert float(times[0][-1]) == 0.0
     # Shapes: channels-last RGB, one sample per prompt, the requested size and frame count.
     frames = (tiny.num_frames,) if tiny.num_frames else ()

@@ -59,6 +59,10 @@ class PipelineFamily:
     num_frames_multiple: int  # video frame counts must be k * multiple + 1 (VAE temporal stride)
     latent_channel_divisor: int  # FLUX / Qwen-Image pack 2x2 patches: latent channels = in_channels / 4
     latents_fp32: bool  # Wan / HunyuanVideo keep the latents in float32 whatever the weights' dtype
+    # How the pipeline sets its sigmas: "shifted" (FLUX / Qwen-Image: linspace(1, 1/N, N) with a
+    # resolution-dependent mu), "linear" (HunyuanVideo: linspace(1, 0, N + 1)[:-1]), "scheduler"
+    # (Wan: the scheduler's own set_timesteps(N)).
+    sigma_rule: str
 
 
 FAMILIES: dict[str, PipelineFamily] = {
@@ -66,13 +70,15 @@ FAMILIES: dict[str, PipelineFamily] = {
     for family in (
         # FLUX.1-dev is guidance-distilled: `guidance_scale` feeds its guidance embedding (one
         # transformer call per step, branch "cond").
-        PipelineFamily("FluxPipeline", "image", "images", "guidance_scale", None, 3.5, 0, 1, 4, False),
+        PipelineFamily("FluxPipeline", "image", "images", "guidance_scale", None, 3.5, 0, 1, 4, False, "shifted"),
         # Qwen-Image runs true CFG as two separate calls ("cond", "uncond").
-        PipelineFamily("QwenImagePipeline", "image", "images", "true_cfg_scale", " ", 4.0, 0, 1, 4, False),
+        PipelineFamily("QwenImagePipeline", "image", "images", "true_cfg_scale", " ", 4.0, 0, 1, 4, False, "shifted"),
         # Wan2.1 runs CFG as two separate calls when guidance_scale > 1.
-        PipelineFamily("WanPipeline", "video", "frames", "guidance_scale", None, 5.0, 16, 4, 1, True),
+        PipelineFamily("WanPipeline", "video", "frames", "guidance_scale", None, 5.0, 16, 4, 1, True, "scheduler"),
         # HunyuanVideo is guidance-distilled like FLUX (embedded guidance, one call per step).
-        PipelineFamily("HunyuanVideoPipeline", "video", "frames", "guidance_scale", None, 6.0, 24, 4, 1, True),
+        PipelineFamily(
+            "HunyuanVideoPipeline", "video", "frames", "guidance_scale", None, 6.0, 24, 4, 1, True, "linear"
+        ),
     )
 }
 
@@ -273,6 +279,47 @@ class DiffusersBackend:
         return frames
 
     # -------------------------------------------------------------------------------- sampling
+
+    def timesteps(
+        self,
+        num_inference_steps: int,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+    ) -> torch.Tensor:
+        """Normalised times (num_steps + 1, 1 = noise ... 0 = clean) a generation at this size uses.
+
+        Computed exactly as the pipeline computes them, on a fresh scheduler: FLUX and Qwen-Image
+        shift their sigmas by the image's token count, so the size matters (default: the model's
+        first size). The recorder stores these next to the trajectories.
+        """
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        steps = int(num_inference_steps)
+        if height is None or width is None:
+            width, height = self.options.sizes[0]
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        config = scheduler.config
+        rule = self.family.sigma_rule
+        if rule == "shifted":
+            sigmas = np.linspace(1.0, 1 / steps, steps)
+            if getattr(config, "use_flow_sigmas", False):
+                sigmas = None
+            patch = self.pipe.vae_scale_factor * 2  # VAE downsampling, then 2x2 packing
+            seq_len = (int(height) // patch) * (int(width) // patch)
+            mu = calculate_shift(
+                seq_len,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+            retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=mu)
+        elif rule == "linear":
+            retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
+        else:
+            scheduler.set_timesteps(steps, device="cpu")
+        return normalised_times(scheduler)
 
     def initial_noise(
         self, seeds: Sequence[int], height: int, width: int, num_frames: int | None = None
