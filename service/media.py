@@ -42,6 +42,9 @@ def to_uint8(sample: np.ndarray) -> np.ndarray:
 
 def encode_image(sample: np.ndarray, fmt: str = "png") -> bytes:
     """[H, W] float in [0, 1] -> PNG / JPEG / WEBP bytes (lossless WEBP: the images are tiny)."""
+    shared = _shared("image_bytes")
+    if shared is not None:
+        return shared(sample, fmt)
     buffer = io.BytesIO()
     options: dict[str, Any] = {"lossless": True} if fmt == "webp" else {"quality": 95} if fmt == "jpeg" else {}
     Image.fromarray(to_uint8(sample), mode="L").save(buffer, format=_PIL_FORMATS[fmt], **options)

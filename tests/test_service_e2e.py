@@ -1,0 +1,191 @@
+"""End to end: real uvicorn on a free port, real HTTP (httpx and the official `openai` client),
+the real `digits-image` model, the in-process queue and embedded worker of `lesa serve`.
+
+Few denoising steps keep it affordable on 2 CPU cores. The server runs in a thread of this
+process so the model loads once for the whole module.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from service.app import create_app
+from service.settings import Settings
+
+MODEL = "digits-image"
+KEY = "e2e-test-key"
+
+
+def _weights_present(name: str) -> bool:
+    from lesa_models.registry import model_path
+
+    return (model_path(name) / "model_index.json").is_file()
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not _weights_present(MODEL), reason=f"no {MODEL} checkpoint in lesa_models/weights"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    app: object
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    import uvicorn
+
+    port = free_port()
+    models = ",".join(m for m in ("digits-image", "digits-video") if _weights_present(m))
+    settings = Settings(
+        _env_file=None, port=port, models=models, warmup=True, warmup_steps=4, max_batch=8, max_wait_ms=20,
+        api_keys=KEY, default_level="none", sync_timeout_s=120,
+    )  # fmt: skip
+    app = create_app(settings)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:  # /healthz answers at once; /readyz once models are loaded and warm
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server not ready in time"
+        assert thread.is_alive(), "uvicorn exited"
+        time.sleep(0.2)
+    yield Server(url=url, app=app)
+    uv.should_exit = True
+    thread.join(timeout=60)
+
+
+def generate(client: httpx.Client, **fields) -> dict:
+    body = {"prompt": "a seven", "model": MODEL, "num_inference_steps": 8, "seed": 11, **fields}
+    response = client.post("/v1/images/generations", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_http_image_generation_reports_what_ran(server: Server) -> None:
+    with server.client() as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        body = generate(client, acceleration="5x", n=2)
+        assert len(body["data"]) == 2 and body["size"] == "16x16"
+        png = base64.b64decode(body["data"][0]["b64_json"])
+        assert png.startswith(b"\x89PNG")
+        lesa = body["lesa"]
+        assert lesa["level"] == "5x" and lesa["method"] == "taylorseer"  # no LESA bundle for 8 steps
+        assert (lesa["full_steps"], lesa["predicted_steps"]) == (4, 4) and lesa["seeds"] == [11, 12]
+        assert lesa["realised_speedup"] > 1.0 and lesa["generation_ms"] > 0
+        # url outputs are served by the same server
+        body = generate(client, response_format="url", output_format="jpeg")
+        image = client.get(body["data"][0]["url"])
+        assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+        assert client.get(body["data"][0]["url"], headers={"Authorization": ""}).status_code == 401
+        # errors over the wire: named field, no traceback
+        for payload, status, param in (
+            ({"model": "nope"}, 404, "model"),
+            ({"size": "32x32"}, 400, "size"),
+            ({"acceleration": "7x"}, 400, "acceleration"),
+            ({"num_inference_steps": 500}, 400, "num_inference_steps"),
+        ):
+            response = client.post("/v1/images/generations", json={"prompt": "x", "model": MODEL, **payload})
+            assert response.status_code == status and response.json()["error"]["param"] == param
+        assert client.post("/v1/images/generations", content=b"x" * 2_000_000).status_code == 413
+        metrics = client.get("/metrics").text
+        assert f'lesa_denoising_steps_total{{kind="predicted",level="5x",model="{MODEL}"}}' in metrics
+
+
+def test_official_openai_client(server: Server) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    models = {m.id: m for m in client.models.list().data}
+    assert MODEL in models and models[MODEL].model_extra["sizes"] == ["16x16"]
+    result = client.images.generate(
+        model=MODEL,
+        prompt="a three",
+        size="16x16",  # type: ignore[arg-type]
+        response_format="b64_json",
+        extra_body={"seed": 3, "num_inference_steps": 8, "acceleration": "2x", "method": "reuse"},
+    )
+    assert base64.b64decode(result.data[0].b64_json).startswith(b"\x89PNG")
+    lesa = result.model_extra["lesa"]
+    assert lesa["method"] == "reuse" and lesa["level"] == "2x" and lesa["seed"] == 3
+    with pytest.raises(openai.BadRequestError) as error:
+        client.images.generate(model=MODEL, prompt="x", extra_body={"acceleration": "7x"})
+    assert error.value.body["param"] == "acceleration"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        client.images.generate(model="no-such-model", prompt="x")
+    if "digits-video" in models and hasattr(client, "videos"):
+        video = client.videos.create(
+            model="digits-video", prompt="a five", extra_body={"num_inference_steps": 4, "seed": 5}
+        )
+        while video.status in ("queued", "in_progress"):
+            time.sleep(0.2)
+            video = client.videos.retrieve(video.id)
+        assert video.status == "completed", video
+        content = client.videos.download_content(video.id)
+        assert content.content[4:8] == b"ftyp"
+        thumb = client.videos.download_content(video.id, variant="thumbnail")
+        assert thumb.content.startswith(b"\x89PNG")
+
+
+def test_mixed_sequence_never_leaks_cache_state(server: Server) -> None:
+    """A request gives the same image alone and after requests with other levels, methods, CFG
+    settings and batch sizes: the cache state is rebuilt per generation."""
+    reference = dict(acceleration="5x", method="taylorseer", guidance_scale=4.0, seed=21)
+    with server.client() as client:
+        alone = generate(client, **reference)["data"][0]["b64_json"]
+        generate(client, acceleration="2x", method="reuse", guidance_scale=1.0, seed=5)  # no CFG branch
+        generate(client, acceleration="6.25x", method="taylorseer", n=3, seed=6)  # another batch shape
+        generate(client, acceleration="none", num_inference_steps=4, seed=7)  # other step count
+        generate(client, acceleration="5x", method="reuse", guidance_scale=2.5, seed=8)
+        again = generate(client, **reference)
+        assert again["data"][0]["b64_json"] == alone
+        # ... and caching really changed something, so the comparison above is not vacuous.
+        full = generate(client, acceleration="none", guidance_scale=4.0, seed=21)
+        assert full["data"][0]["b64_json"] != alone
+
+
+def test_cancel_mid_run_stops_the_generation(server: Server) -> None:
+    with server.client() as client:
+        body = {"prompt": "a slow eight", "model": MODEL, "num_inference_steps": 100, "acceleration": "none"}
+        job = client.post("/v1/images/jobs", json=body).json()
+        deadline = time.monotonic() + 60
+        while (state := client.get(f"/v1/images/jobs/{job['id']}").json())["progress"] < 3:
+            assert state["status"] in ("queued", "in_progress") and time.monotonic() < deadline
+            time.sleep(0.05)
+        cancelled = client.delete(f"/v1/images/jobs/{job['id']}").json()
+        assert cancelled["status"] == "cancelled"
+        # The worker stops at the next step: a new request is served long before the 100 steps
+        # of the cancelled one could have finished.
+        t0 = time.monotonic()
+        generate(client, num_inference_steps=4, guidance_scale=1.0)
+        elapsed = time.monotonic() - t0
+        final = client.get(f"/v1/images/jobs/{job['id']}").json()
+        assert final["status"] == "cancelled" and final["progress"] < 50 and final["result"] is None
+        per_step = elapsed / 4
+        assert elapsed < 20 * per_step + 5, f"worker did not stop: next request took {elapsed:.1f}s"
+        assert f'lesa_jobs_total{{model="{MODEL}",status="cancelled"}} 1.0' in client.get("/metrics").text
