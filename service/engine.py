@@ -31,7 +31,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,6 +80,7 @@ class ModelEntry:
     default_guidance: float
     levels: list[str]
     bundles: dict[str, Bundle] = field(default_factory=dict)
+    description: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
     def bundle_for(self, level: str, steps: int) -> Bundle | None:
@@ -112,34 +112,33 @@ class Engine:
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
-        import lesa_models
+        """Load the models of `deploy/models.toml` (LESA_MODELS_CONFIG) through lesa_core.production:
+        the reference digits models and, on GPU nodes, FLUX.1 / Qwen-Image / Wan2.1 / HunyuanVideo,
+        each with the LESA bundles that load and fit it."""
+        from lesa_core.production import load_models
 
-        names = settings.model_list or list(lesa_models.MODEL_NAMES)
+        t0 = time.perf_counter()
+        served = load_models(
+            settings.models_config,
+            settings.model_list or None,
+            device=settings.device,
+            dtype=settings.dtype,
+            weights_root=settings.weights_dir,
+        )
         models: dict[str, ModelEntry] = {}
-        for name in names:
-            if name not in lesa_models.MODEL_NAMES:
-                raise ValueError(f"unknown model {name!r} in LESA_MODELS; known: {', '.join(lesa_models.MODEL_NAMES)}")
-            root = _model_dir(settings, name)
-            if not (root / "model_index.json").is_file():
-                if settings.model_list:  # asked for explicitly: a missing checkpoint is an error
-                    raise FileNotFoundError(f"{root}: no checkpoint for model {name!r}")
-                log.warning("model %s: no checkpoint at %s, not served", name, root)
-                continue
-            t0 = time.perf_counter()
-            # Named models are loaded once per process and shared (tests and benchmarks build many engines).
-            pipe = lesa_models.load_pipeline(name if settings.weights_dir is None else root)
-            _place(pipe, settings)
-            entry = entry_from_pipeline(pipe)
-            entry.bundles = load_bundles(root / "predictors", pipe)
+        for name, model in served.items():
+            entry = entry_from_pipeline(model.pipe, name=name, fps=model.config.fps,
+                                        description=model.config.description)  # fmt: skip
+            entry.bundles = {
+                level: Bundle(level, predictor, predictor.schedule.num_steps, dict(predictor.config.quality or {}))
+                for level, predictor in model.bundles.items()
+            }
             models[name] = entry
-            log.info(
-                "model %s loaded in %.1fs; LESA bundles: %s",
-                name,
-                time.perf_counter() - t0,
-                ", ".join(f"{b.level}@{b.num_steps}" for b in entry.bundles.values()) or "none",
-            )
+            log.info("model %s: LESA bundles %s", name,
+                     ", ".join(f"{b.level}@{b.num_steps}" for b in entry.bundles.values()) or "none")  # fmt: skip
         if not models:
-            raise RuntimeError("no model could be loaded: train one (lesa train ...) or set LESA_WEIGHTS_DIR")
+            raise RuntimeError("no model could be loaded: check LESA_MODELS / LESA_WEIGHTS_DIR / deploy/models.toml")
+        log.info("models loaded in %.1fs", time.perf_counter() - t0)
         return cls(settings, models)
 
     def warmup(self) -> None:
@@ -423,77 +422,46 @@ def _realised_speedup(step_times: list[float], schedule: Any, denoise_s: float) 
     return round(estimate / denoise_s, 3) if denoise_s > 0 else 1.0
 
 
-def _model_dir(settings: Settings, name: str) -> Path:
-    if settings.weights_dir is not None:
-        return Path(settings.weights_dir) / name
-    import lesa_models
+def _load_configured(settings: Settings, name: str) -> ModelEntry:
+    """A model of the model config file ($LESA_MODELS_CONFIG, default deploy/models.toml), with its bundles."""
+    from lesa_core.production import load_models
 
-    return Path(lesa_models.__file__).parent / "weights" / name
-
-
-def _place(pipe: Any, settings: Settings) -> None:
-    """Move the pipeline to the configured device/dtype (CPU float32 needs nothing)."""
-    if settings.device == "cpu" and settings.dtype == "float32":
-        return
-    import torch
-
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not hasattr(pipe, "to"):
-        raise RuntimeError(
-            f"LESA_DEVICE={settings.device} LESA_DTYPE={settings.dtype}: this pipeline only runs on CPU float32"
-        )
-    pipe.to(device, getattr(torch, settings.dtype))
+    t0 = time.perf_counter()
+    # bf16 on CUDA unless LESA_DTYPE is set: the setting's float32 default is for the CPU reference models.
+    dtype = settings.dtype if "dtype" in settings.model_fields_set else None
+    served = load_models(None, [name], device=settings.device, dtype=dtype, weights_root=settings.weights_dir)[name]
+    entry = entry_from_pipeline(served.pipe)
+    entry.bundles = {
+        level: Bundle(level=level, predictor=p, num_steps=p.schedule.num_steps, quality=dict(p.config.quality or {}))
+        for level, p in served.bundles.items()
+    }
+    log.info("model %s (%s) loaded in %.1fs; LESA bundles: %s", name, served.config.source, time.perf_counter() - t0,
+             ", ".join(f"{b.level}@{b.num_steps}" for b in entry.bundles.values()) or "none")  # fmt: skip
+    return entry
 
 
-def entry_from_pipeline(pipe: Any) -> ModelEntry:
-    info = pipe.info
+def entry_from_pipeline(
+    pipe: Any, *, name: str | None = None, fps: int | None = None, description: str = ""
+) -> ModelEntry:
+    """Catalogue entry from a pipeline's `info` (the lesa_models / production call contract)."""
     import lesa_core
 
+    info = pipe.info
+    fps = fps or getattr(info, "fps", None) or DEFAULT_VIDEO_FPS
     return ModelEntry(
-        name=info.name,
+        name=name or info.name,
         kind=info.kind,
         pipe=pipe,
-        sizes=[tuple(s) for s in info.sizes],  # type: ignore[misc]
+        sizes=[(int(w), int(h)) for w, h in info.sizes],
         num_frames=list(info.num_frames) if info.kind == "video" else [1],
-        fps=int(getattr(info, "fps", DEFAULT_VIDEO_FPS) or DEFAULT_VIDEO_FPS),
+        fps=int(fps),
         default_steps=info.default_steps,
         min_steps=info.min_steps,
         max_steps=info.max_steps,
         default_guidance=float(info.default_guidance),
         levels=list(lesa_core.LEVELS),
+        description=description,
     )
-
-
-def load_bundles(directory: Path, pipe: Any) -> dict[str, Bundle]:
-    """Every `predictors/<level>/` bundle that loads and fits the model; others are logged and skipped.
-
-    A broken bundle must not take the server down: its level still serves the training-free methods.
-    """
-    bundles: dict[str, Bundle] = {}
-    if not directory.is_dir():
-        return bundles
-    import lesa_core
-
-    info = pipe.info
-    for path in sorted(p for p in directory.iterdir() if p.is_dir()):
-        level = path.name
-        if level not in lesa_core.LEVELS or level == "none":
-            log.warning("predictor bundle %s: %r is not an acceleration level, skipped", path, level)
-            continue
-        try:
-            predictor = lesa_core.StagePredictor.from_pretrained(path)
-            predictor.eval()
-            schedule = predictor.schedule
-            predictor.check_compatible(schedule, getattr(info, "transformer_class", None),
-                                       getattr(info, "hidden_size", None))  # fmt: skip
-        except Exception as error:  # noqa: BLE001 - any broken bundle is skipped, with the reason
-            log.warning("predictor bundle %s unusable, level %s serves training-free methods: %s", path, level, error)
-            continue
-        quality = dict(predictor.config.quality or {})
-        bundles[level] = Bundle(level=level, predictor=predictor, num_steps=schedule.num_steps, quality=quality)
-    return bundles
 
 
 def model_card_levels(entry: ModelEntry) -> list[dict[str, Any]]:

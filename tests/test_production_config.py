@@ -162,3 +162,38 @@ num_frames = [81]
     bad.write_text('[models.x]\nsource = "a"\npipeline = "StableDiffusionPipeline"\nsizes = [[16, 16]]\n')
     with pytest.raises(ConfigError, match="pipeline"):
         read_config(bad)
+
+
+def test_service_engine_serves_a_configured_model_with_its_bundles(tmp_path, monkeypatch):
+    from service.engine import Engine
+    from service.schemas import ImageGenerationRequest
+    from service.settings import Settings
+
+    tiny = build("flux")
+    tiny.pipe.save_pretrained(tmp_path / "tiny-flux")
+    _bundle(tmp_path / "tiny-flux" / "predictors" / "2x", level_schedule("2x", STEPS), "FluxTransformer2DModel", 32)
+    config = tmp_path / "models.toml"
+    config.write_text(
+        f"""
+[models.tiny-flux]
+source = "./tiny-flux"
+pipeline = "FluxPipeline"
+sizes = [[16, 16]]
+default_steps = {STEPS}
+call_kwargs = {{ max_sequence_length = 16 }}
+levels = {{ "2x" = "tiny-flux/predictors/2x" }}
+"""
+    )
+    monkeypatch.setenv("LESA_MODELS_CONFIG", str(config))
+    settings = Settings(_env_file=None, models="tiny-flux", device="cpu", weights_dir=tmp_path)
+    engine = Engine.load(settings)
+    entry = engine.models["tiny-flux"]
+    assert (entry.kind, entry.sizes, entry.default_steps) == ("image", [(16, 16)], STEPS)
+    assert list(entry.bundles) == ["2x"] and entry.bundles["2x"].num_steps == STEPS
+    spec = engine.resolve_image(ImageGenerationRequest(model="tiny-flux", prompt="a cat", acceleration="2x"))
+    assert (spec.level, spec.method) == ("2x", "lesa")
+    out = entry.pipe(["a cat"], seeds=[spec.seed], height=16, width=16, num_inference_steps=STEPS,
+                     cache=engine.cache_config(spec))  # fmt: skip
+    assert out.stats["cache"] == {"cond": {"full": 2, "predicted": 2}}
+    with pytest.raises(ValueError, match="configured: tiny-flux"):
+        Engine.load(Settings(_env_file=None, models="nope", device="cpu"))

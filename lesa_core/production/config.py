@@ -113,7 +113,8 @@ def config_path(path: str | Path | None = None) -> Path:
     return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
-def read_config(path: str | Path | None = None) -> ModelsConfig:
+def read_config(path: str | Path | None = None, weights_root: str | Path | None = None) -> ModelsConfig:
+    """Parse and check the file; `weights_root` (e.g. the service's LESA_WEIGHTS_DIR setting) wins over the file."""
     path = config_path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -123,7 +124,7 @@ def read_config(path: str | Path | None = None) -> ModelsConfig:
         raise ConfigError(f"{path}: not valid TOML ({error})") from error
     defaults = data.get("defaults", {})
     # The same tree the service reads (LESA_WEIGHTS_DIR): one folder per model, bundles in <model>/predictors/.
-    root_text = os.environ.get(WEIGHTS_ENV) or defaults.get("weights_root", ".")
+    root_text = weights_root or os.environ.get(WEIGHTS_ENV) or defaults.get("weights_root", ".")
     weights_root = _resolve(path.parent, str(root_text))
     tables = data.get("models", {})
     if not isinstance(tables, dict) or not tables:
@@ -263,6 +264,7 @@ def load_models(
     *,
     device: str = "auto",
     dtype: str | None = None,
+    weights_root: str | Path | None = None,
 ) -> dict[str, ServedModel]:
     """Load the models of the config file: `names` (in that order), or every model enabled here.
 
@@ -270,7 +272,7 @@ def load_models(
     it); a "gpu" model named on a machine without CUDA is a clear error instead of a 50 GB
     download that cannot run.
     """
-    config = read_config(path)
+    config = read_config(path, weights_root)
     device = resolve_device(device)
     if names:
         unknown = [n for n in names if n not in config.models]
