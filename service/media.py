@@ -1,8 +1,9 @@
-"""Encoding of generated samples (float32 in [0, 1], grey-scale) into files clients can open.
+"""Encoding of generated samples (float32 in [0, 1]) into files clients can open.
 
-Delegates to `lesa_models.media` when it provides an encoder, so the service and the benchmarks
-write identical files; the local fallbacks (Pillow, imageio-ffmpeg) keep the server working
-without it.
+Samples are grey-scale (`[H, W]`, clips `[F, H, W]`: the reference models) or RGB channels-last
+(`[H, W, 3]`, clips `[F, H, W, 3]`: the production diffusers models). Grey samples go through
+`lesa_models.media` when it provides an encoder, so the service and the benchmarks write
+identical files; RGB and the fallbacks use Pillow and imageio-ffmpeg here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image
 _EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "mp4": "mp4"}
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4"}
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+MIN_VIDEO_SIDE = 128  # tiny reference clips are upscaled so players show more than a dot
 
 
 def extension(fmt: str) -> str:
@@ -37,32 +39,38 @@ def _shared(name: str) -> Any:
 
 
 def to_uint8(sample: np.ndarray) -> np.ndarray:
-    return (np.clip(sample, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return (np.clip(np.asarray(sample, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _is_rgb(array: np.ndarray, still_ndim: int) -> bool:
+    return array.ndim == still_ndim + 1 and array.shape[-1] == 3
 
 
 def encode_image(sample: np.ndarray, fmt: str = "png") -> bytes:
-    """[H, W] float in [0, 1] -> PNG / JPEG / WEBP bytes (lossless WEBP: the images are tiny)."""
-    shared = _shared("image_bytes")
+    """[H, W] or [H, W, 3] float in [0, 1] -> PNG / JPEG / WEBP bytes (WEBP lossless)."""
+    rgb = _is_rgb(sample, 2)
+    shared = None if rgb else _shared("image_bytes")
     if shared is not None:
         return shared(sample, fmt)
     buffer = io.BytesIO()
     options: dict[str, Any] = {"lossless": True} if fmt == "webp" else {"quality": 95} if fmt == "jpeg" else {}
-    Image.fromarray(to_uint8(sample), mode="L").save(buffer, format=_PIL_FORMATS[fmt], **options)
+    Image.fromarray(to_uint8(sample), mode="RGB" if rgb else "L").save(buffer, format=_PIL_FORMATS[fmt], **options)
     return buffer.getvalue()
 
 
 def encode_video(frames: np.ndarray, fps: int) -> bytes:
-    """[F, H, W] float in [0, 1] -> H.264 MP4 bytes playable in browsers (yuv420p)."""
-    shared = _shared("encode_mp4")
+    """[F, H, W] or [F, H, W, 3] float in [0, 1] -> H.264 MP4 bytes playable in browsers (yuv420p)."""
+    rgb = _is_rgb(frames, 3)
+    shared = None if rgb else _shared("encode_mp4")
     if shared is not None:
         return shared(frames, fps=fps)
     import imageio.v2 as imageio
 
     pixels = to_uint8(frames)
-    # H.264 in yuv420p needs even sides; upscale tiny clips so players show more than a dot.
-    scale = max(1, 128 // max(pixels.shape[1:]))
+    if not rgb:
+        pixels = np.repeat(pixels[..., None], 3, axis=-1)
+    scale = max(1, MIN_VIDEO_SIDE // max(pixels.shape[1:3]))
     pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
-    rgb = np.repeat(pixels[..., None], 3, axis=-1)
     # ffmpeg writes to a path (it seeks back to put the index first for streaming): use a temp file.
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "video.mp4")
@@ -70,15 +78,15 @@ def encode_video(frames: np.ndarray, fps: int) -> bytes:
             path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
             macro_block_size=2, output_params=["-movflags", "+faststart"], ffmpeg_log_level="error",
         ) as writer:  # fmt: skip
-            for frame in rgb:
+            for frame in pixels:
                 writer.append_data(frame)
         with open(path, "rb") as f:
             return f.read()
 
 
 def encode_thumbnail(frames: np.ndarray) -> bytes:
-    """PNG of the middle frame of a clip ([F, H, W])."""
-    shared = _shared("thumbnail")
+    """PNG of the middle frame of a clip."""
+    shared = None if _is_rgb(frames, 3) else _shared("thumbnail")
     if shared is not None:
         return shared(frames)
     return encode_image(frames[len(frames) // 2], "png")

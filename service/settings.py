@@ -28,9 +28,16 @@ class Settings(BaseSettings):
 
     # ---- models ----
     models: str = Field("", description="comma-separated model names to serve; empty = every bundled model")
-    weights_dir: Path | None = Field(None, description="checkpoint root (default: lesa_models/weights)")
-    device: str = Field("cpu", description='torch device: "cpu", "cuda", "cuda:1", or "auto"')
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights/compute dtype")
+    models_config: Path | None = Field(
+        None, description="model config file (default: deploy/models.toml; see docs/PRODUCTION.md)"
+    )
+    weights_dir: Path | None = Field(
+        None, description="weights tree: <model>/ and <model>/predictors/<level>/ (default: the config's)"
+    )
+    device: str = Field("auto", description='torch device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1"')
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="weights/compute dtype (default: bfloat16 on CUDA, float32 on CPU)"
+    )
     warmup: bool = Field(True, description="run one tiny generation per model before reporting ready")
     warmup_steps: int = Field(4, ge=1, le=100)
     default_level: str = Field("none", description="acceleration level when a request names none")
