@@ -127,6 +127,7 @@ pipeline = "FluxPipeline"
 sizes = [[16, 16]]
 default_steps = {STEPS}
 call_kwargs = {{ max_sequence_length = 16 }}
+scheduler_config = {{ max_shift = 1.0 }}
 levels = {{ "2x" = "good-2x", "3.3x" = "wrong-schedule", "5x" = "wrong-width", "6.25x" = "corrupt", "9x" = "good-2x" }}
 
 [models.big-gpu-model]
@@ -148,6 +149,7 @@ num_frames = [81]
     info = model.pipe.info
     assert (info.kind, info.sizes, info.hidden_size, info.pipeline_class) == ("image", [(16, 16)], 32, "FluxPipeline")
     assert model.pipe.pipe.transformer.dtype == torch.float32  # fp32 on CPU
+    assert model.pipe.scheduler.config.max_shift == 1.0 and model.pipe.pipe.scheduler is model.pipe.scheduler
     out = model.pipe(["a cat"], seeds=[0], height=16, width=16, num_inference_steps=STEPS)
     assert out.samples.shape == (1, 16, 16, 3)
 

@@ -171,13 +171,15 @@ class DiffusersBackend:
         cpu_offload: bool = False,
         vae_tiling: bool = False,
         vae_dtype: torch.dtype | str | None = None,
+        scheduler_config: dict[str, Any] | None = None,
     ) -> DiffusersBackend:
         """Load `source` (a Hugging Face id, found in the local HF cache, or a local directory).
 
         dtype: default bf16 on CUDA, fp32 on CPU. `cpu_offload` keeps only the active component on
         the GPU (HunyuanVideo on < 80 GB); `vae_tiling` decodes in tiles (long / large videos);
         `vae_dtype` float32 for Wan, whose VAE is meant to decode in fp32 (its pipeline casts the
-        latents to the VAE's dtype).
+        latents to the VAE's dtype). `scheduler_config` overrides scheduler settings (Wan2.1:
+        flow_shift 3.0 for 480p, 5.0 for 720p).
         """
         import diffusers
 
@@ -191,6 +193,8 @@ class DiffusersBackend:
         if variant:
             kwargs["variant"] = variant
         pipe = getattr(diffusers, pipeline_class).from_pretrained(source, **kwargs)
+        if scheduler_config:
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **scheduler_config)
         if vae_dtype is not None:
             pipe.vae.to(dtype=_as_dtype(vae_dtype))
         if cpu_offload and torch.device(device).type == "cuda":

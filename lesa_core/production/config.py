@@ -35,7 +35,7 @@ _MODEL_KEYS = {
     "backend", "source", "pipeline", "enabled", "sizes", "num_frames", "fps", "default_steps",
     "default_guidance", "min_steps", "max_steps", "max_batch_pixels", "dtype", "device", "revision",
     "variant", "cpu_offload", "vae_tiling", "vae_dtype", "negative_prompt", "guidance_arg", "call_kwargs",
-    "levels", "levels_dir", "description",
+    "levels", "levels_dir", "description", "scheduler_config",
 }  # fmt: skip
 
 
@@ -70,6 +70,7 @@ class ModelConfig:
     negative_prompt: str | None = None
     guidance_arg: str | None = None
     call_kwargs: dict[str, Any] = field(default_factory=dict)
+    scheduler_config: dict[str, Any] = field(default_factory=dict)  # overrides, e.g. Wan's flow_shift
     levels: dict[str, Path] = field(default_factory=dict)  # level -> bundle directory
     levels_dir: Path | None = None  # a directory of <level>/ bundles (as `lesa train-predictor` lays them out)
     description: str = ""
@@ -164,7 +165,7 @@ def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> 
     kwargs = {k: table[k] for k in (
         "fps", "default_steps", "default_guidance", "min_steps", "max_steps", "max_batch_pixels", "dtype", "device",
         "revision", "variant", "cpu_offload", "vae_tiling", "vae_dtype", "negative_prompt", "guidance_arg",
-        "call_kwargs", "description",
+        "call_kwargs", "description", "scheduler_config",
     ) if k in table}  # fmt: skip
     config = ModelConfig(
         name=name,
@@ -230,7 +231,7 @@ def build_pipeline(
     return DiffusersBackend.from_pretrained(
         config.source, config.pipeline or "", options, device=device, dtype=config.dtype or dtype,
         revision=config.revision, variant=config.variant, cpu_offload=config.cpu_offload,
-        vae_tiling=config.vae_tiling, vae_dtype=config.vae_dtype,
+        vae_tiling=config.vae_tiling, vae_dtype=config.vae_dtype, scheduler_config=config.scheduler_config,
     )  # fmt: skip
 
 
