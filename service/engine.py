@@ -422,24 +422,6 @@ def _realised_speedup(step_times: list[float], schedule: Any, denoise_s: float) 
     return round(estimate / denoise_s, 3) if denoise_s > 0 else 1.0
 
 
-def _load_configured(settings: Settings, name: str) -> ModelEntry:
-    """A model of the model config file ($LESA_MODELS_CONFIG, default deploy/models.toml), with its bundles."""
-    from lesa_core.production import load_models
-
-    t0 = time.perf_counter()
-    # bf16 on CUDA unless LESA_DTYPE is set: the setting's float32 default is for the CPU reference models.
-    dtype = settings.dtype if "dtype" in settings.model_fields_set else None
-    served = load_models(None, [name], device=settings.device, dtype=dtype, weights_root=settings.weights_dir)[name]
-    entry = entry_from_pipeline(served.pipe)
-    entry.bundles = {
-        level: Bundle(level=level, predictor=p, num_steps=p.schedule.num_steps, quality=dict(p.config.quality or {}))
-        for level, p in served.bundles.items()
-    }
-    log.info("model %s (%s) loaded in %.1fs; LESA bundles: %s", name, served.config.source, time.perf_counter() - t0,
-             ", ".join(f"{b.level}@{b.num_steps}" for b in entry.bundles.values()) or "none")  # fmt: skip
-    return entry
-
-
 def entry_from_pipeline(
     pipe: Any, *, name: str | None = None, fps: int | None = None, description: str = ""
 ) -> ModelEntry:
