@@ -699,7 +699,7 @@ def write_video_strips(result: BenchResult, out_dir: Path, seed_index: int = 0, 
         pad = 1
         frames = np.full((n_frames, h + 2 * pad, n_clips * (w + pad) + pad), 0.25, np.float32)
         for c in range(n_clips):
-            frames[:, pad : pad + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = stacked[:, :, :, :]
+            frames[:, pad : pad + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = stacked[c]
         gif = out_dir / f"strip_{method}.gif"
         gif.write_bytes(gif_bytes(frames, fps=6, scale=scale))
         paths.append(gif)

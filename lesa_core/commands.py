@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from lesa_core.cli import CliError
 from lesa_core.predictor import BundleError
 from lesa_core.schedule import CacheSchedule
+from lesa_core.training import TrainSettings as TrainDefaults
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -20,6 +23,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--first-enhance", type=int, required=True)
     parser.add_argument("--family", default=None, help="transformer class, e.g. FluxTransformer2DModel")
     parser.set_defaults(func=_import_reference)
+    add_training_commands(subparsers)
 
 
 def _import_reference(args: argparse.Namespace) -> int:
@@ -32,4 +36,147 @@ def _import_reference(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from error
     branches = ", ".join(predictor.config.branches)
     print(f"wrote {args.out_dir}: {schedule.describe()}, branches: {branches}")
+    return 0
+
+
+def load_any_pipeline(name: str):
+    """A reference model name or pipeline directory (lesa_models), else a production model from the config."""
+    from lesa_models import MODEL_NAMES, load_pipeline
+
+    if name in MODEL_NAMES or (Path(name) / "model_index.json").is_file() and not _is_diffusers_dir(name):
+        return load_pipeline(name)
+    from lesa_core.production.config import build_pipeline, read_config
+
+    config = read_config()
+    if name not in config.models:
+        known = ", ".join([*MODEL_NAMES, *config.models])
+        raise CliError(f"unknown model {name!r}; known models: {known}")
+    return build_pipeline(config.models[name])
+
+
+def _is_diffusers_dir(name: str) -> bool:
+    index = json.loads((Path(name) / "model_index.json").read_text())
+    return index.get("_class_name") != "DigitsPipeline"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-63' or '1,2,5' or '0-9,20-29' -> a list of seeds."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                low, high = part.split("-")
+                seeds.extend(range(int(low), int(high) + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError as error:
+        raise CliError(f"--seeds {text!r}: expected ranges like 0-63 or lists like 1,2,5") from error
+    return seeds
+
+
+def read_prompts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"--prompts {path}: no such file")
+    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise CliError(f"--prompts {path}: the file holds no prompts (one per line)")
+    return prompts
+
+
+def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
+    rec = subparsers.add_parser("record", help="record full-compute trajectories to train predictors on")
+    rec.add_argument("--model", required=True)
+    rec.add_argument("--prompts", required=True, help="text file, one prompt per line (cycled over the seeds)")
+    rec.add_argument("--seeds", required=True, help="e.g. 0-63")
+    rec.add_argument("--steps", type=int, default=50)
+    rec.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    rec.add_argument("--size", default=None, help="WxH, default: the model's first size")
+    rec.add_argument("--frames", type=int, default=None)
+    rec.add_argument("--shard-size", type=int, default=16)
+    rec.add_argument("--out", required=True)
+    rec.set_defaults(func=_record)
+
+    train = subparsers.add_parser("train-predictor", help="train a LESA predictor bundle (both phases)")
+    train.add_argument("--model", required=True)
+    train.add_argument("--data", required=True, help="directory written by `lesa record`")
+    train.add_argument("--steps", type=int, default=50)
+    group = train.add_mutually_exclusive_group(required=True)
+    group.add_argument("--level", help="a named level: 2x, 3.3x, 5x, 6.25x")
+    group.add_argument("--interval", type=int)
+    train.add_argument("--first-enhance", type=int, default=3)
+    train.add_argument("--out", required=True, help="bundle directory")
+    train.add_argument("--work-dir", default=None, help="resumable state (default: OUT.work)")
+    train.add_argument("--phase1-epochs", type=int, default=TrainDefaults.phase1_epochs)
+    train.add_argument("--phase2-epochs", type=int, default=TrainDefaults.phase2_epochs)
+    train.add_argument("--batch-size", type=int, default=TrainDefaults.batch_size)
+    train.add_argument("--lr", type=float, default=TrainDefaults.lr)
+    train.add_argument("--per-branch", action="store_true", help="separate experts per CFG branch")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=_train_predictor)
+
+
+def _record(args: argparse.Namespace) -> int:
+    from lesa_core.trajectories import RecordSettings, TrajectoryError, record
+
+    pipe = load_any_pipeline(args.model)
+    info = pipe.info
+    seeds = parse_seeds(args.seeds)
+    prompts = read_prompts(args.prompts)
+    prompts = [prompts[i % len(prompts)] for i in range(len(seeds))]
+    width, height = _parse_size(args.size) if args.size else info.sizes[0]
+    frames = args.frames if args.frames else (None if info.kind == "image" else info.num_frames[0])
+    settings = RecordSettings(
+        model=args.model,
+        num_steps=args.steps,
+        guidance_scale=info.default_guidance if args.guidance is None else args.guidance,
+        height=height,
+        width=width,
+        num_frames=frames,
+    )
+    try:
+        record(pipe, prompts, seeds, args.out, settings, shard_size=args.shard_size)
+    except (TrajectoryError, ValueError) as error:
+        raise CliError(str(error)) from error
+    print(f"recorded {len(seeds)} trajectories of {args.model} into {args.out}")
+    return 0
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError as error:
+        raise CliError(f"--size {text!r}: expected WxH, e.g. 16x16") from error
+    return width, height
+
+
+def _train_predictor(args: argparse.Namespace) -> int:
+    from lesa_core.levels import level_schedule
+    from lesa_core.training import TrainSettings, train_predictor
+    from lesa_core.trajectories import TrajectoryError
+
+    try:
+        if args.level:
+            schedule = level_schedule(args.level, args.steps)
+        else:
+            schedule = CacheSchedule(args.steps, args.interval, args.first_enhance)
+    except ValueError as error:
+        raise CliError(str(error)) from error
+    settings = TrainSettings(
+        phase1_epochs=args.phase1_epochs,
+        phase2_epochs=args.phase2_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        per_branch=args.per_branch,
+        seed=args.seed,
+    )
+    pipe = load_any_pipeline(args.model)
+    try:
+        predictor, report = train_predictor(pipe, args.data, schedule, args.out, settings, args.work_dir)
+    except (TrajectoryError, ValueError) as error:
+        raise CliError(str(error)) from error
+    print(
+        f"wrote {args.out}: {schedule.describe()}, best {report.best_epoch} "
+        f"(val final MSE {report.best_val_mse:.6f}) in {report.seconds / 60:.1f} min"
+    )
     return 0

@@ -106,10 +106,6 @@ class LesaForecaster(Forecaster):
     def __init__(self, predictor: StagePredictor) -> None:
         self.predictor = predictor
         self.keeps = predictor.max_depth
-        self._coefficients: dict[tuple[str, int], tuple[list[float], float]] = {}
-
-    def reset(self) -> None:
-        self._coefficients.clear()
 
     def forecast(self, memory: BranchHistory, step: int, context: ForecastContext) -> torch.Tensor:
         if context.timesteps is None:
@@ -120,10 +116,7 @@ class LesaForecaster(Forecaster):
         t_curr = float(context.timesteps[step])
         if torch.is_grad_enabled() and self.predictor.training:
             return self.predictor.predict(memory.history, context.timesteps, t_curr, context.branch)
-        key = (context.branch, step)
-        if key not in self._coefficients:
-            self._coefficients[key] = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)
-        coefficients, constant = self._coefficients[key]
+        coefficients, constant = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)
         window = pad_history(memory.history, len(coefficients))
         out = window[-1] + constant
         for weight, hidden in zip(coefficients, window, strict=True):

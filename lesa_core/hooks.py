@@ -137,9 +137,6 @@ class LesaModelHook(ModelHook):
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.session.states.reset()
-        reset = getattr(self.session.forecaster, "reset", None)
-        if reset is not None:
-            reset()
         return module
 
 
@@ -273,9 +270,6 @@ def new_generation(model: nn.Module, timesteps: Sequence[float] | torch.Tensor |
     """
     session = _session(model)
     session.states.reset()
-    reset = getattr(session.forecaster, "reset", None)
-    if reset is not None:
-        reset()
     if timesteps is None:
         session.timesteps = None
         return

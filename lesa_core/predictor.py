@@ -89,6 +89,16 @@ class StagePredictor(nn.Module):
             }
         )
         self.reset_history_weights()
+        # (branch, step time, schedule times) -> folded coefficients; valid while the weights are fixed
+        self._coefficient_cache: dict[tuple, tuple[list[float], float]] = {}
+
+    def train(self, mode: bool = True) -> StagePredictor:
+        self._coefficient_cache.clear()  # weights are about to change (or just did)
+        return super().train(mode)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._coefficient_cache.clear()
+        return super().load_state_dict(*args, **kwargs)
 
     def reset_history_weights(self) -> None:
         # Start as "repeat the last hidden state" (latent = 0): training moves away from FORA.
@@ -152,6 +162,39 @@ class StagePredictor(nn.Module):
         gain = self.gain(torch.as_tensor(timesteps, dtype=torch.float32), t_curr, branch).to(stacked.dtype)
         return window[-1] + gain * latent
 
+    def predict_steps(
+        self,
+        trajectory: torch.Tensor,
+        steps: Sequence[int],
+        timesteps: torch.Tensor,
+        branch: str | None = None,
+    ) -> torch.Tensor:
+        """Forecast many steps at once, each from the hidden states before it in `trajectory`.
+
+        trajectory: [B, S, ...] hidden states of one generation per sample (steps on dim 1);
+        returns [B, len(steps), ...], entry i equal to predict(trajectory[:, :steps[i]], ...).
+        The history sum is a sliding window over the step axis, so training needs no Python loop
+        over steps beyond the three stages.
+        """
+        times = self._check_times(torch.as_tensor(timesteps, dtype=torch.float32))
+        steps_t = torch.as_tensor(list(steps), dtype=torch.long)
+        out = trajectory.new_empty(trajectory.shape[0], len(steps_t), *trajectory.shape[2:])
+        stages = torch.tensor([self.stage(float(times[s])) for s in steps_t.tolist()], dtype=torch.long)
+        b = self._branch(branch)
+        for stage in stages.unique().tolist():
+            select = (stages == stage).nonzero().flatten()
+            chosen = steps_t[select]
+            head, kan = self.latent[b][stage], self.timestep[b][stage]
+            depth = head.weight.numel()
+            # front-pad with the first state: a short history repeats its oldest entry
+            padded = torch.cat([trajectory[:, :1].expand(-1, depth, *trajectory.shape[2:]), trajectory], dim=1)
+            latent = sum(head.weight[0, k] * padded[:, chosen + k] for k in range(depth)) + head.bias[0]
+            weight = kan.layers[0].base_weight
+            gains = kan((times[chosen].unsqueeze(1) - times.unsqueeze(0)).to(weight.device, weight.dtype))
+            gains = gains.reshape(1, -1, *([1] * (trajectory.dim() - 2))).to(trajectory.dtype)
+            out[:, select] = trajectory[:, chosen - 1] + gains * latent
+        return out
+
     def step_coefficients(
         self, timesteps: torch.Tensor, t_curr: float, branch: str | None = None
     ) -> tuple[list[float], float]:
@@ -159,12 +202,19 @@ class StagePredictor(nn.Module):
 
         The gain depends only on the schedule, so for inference it is computed once per step and
         the forecast becomes one weighted sum over the history (no stack, no KAN on the hot path).
+        Cached per schedule: a server computes each step's constants once, not once per request.
         """
-        with torch.no_grad():
-            weights, bias = self.history_weights(t_curr, branch)
-            gain = self.gain(timesteps, t_curr, branch)
-            coefficients = (gain * weights).float().cpu().tolist()
-            return coefficients, float(gain * bias)
+        times = torch.as_tensor(timesteps, dtype=torch.float32)
+        key = (self._branch(branch), float(t_curr), times.numpy().tobytes())
+        if key not in self._coefficient_cache:
+            with torch.no_grad():
+                weights, bias = self.history_weights(t_curr, branch)
+                gain = self.gain(times, t_curr, branch)
+                folded = (gain * weights).float().cpu().tolist(), float(gain * bias)
+            if len(self._coefficient_cache) > 100_000:
+                self._coefficient_cache.clear()
+            self._coefficient_cache[key] = folded
+        return self._coefficient_cache[key]
 
     # -- bundles ---------------------------------------------------------------------------
 

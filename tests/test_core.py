@@ -188,3 +188,14 @@ def test_lesa_forecaster_feeds_back_predictions():
     torch.testing.assert_close(out[4], predictor.predict(history, times, float(times[4])))
     history.append(out[4])
     torch.testing.assert_close(out[5], trajectory[5])  # step 5 is full
+
+
+def test_predict_steps_equals_predict_per_step():
+    predictor = _predictor()
+    times = torch.linspace(1, 0, 11, dtype=torch.float64)
+    trajectory = torch.randn(3, 10, 5, 2, dtype=torch.float64)
+    steps = [1, 2, 4, 6, 9]
+    batched = predictor.predict_steps(trajectory, steps, times)
+    for i, step in enumerate(steps):
+        history = [trajectory[:, j] for j in range(step)]
+        torch.testing.assert_close(batched[:, i], predictor.predict(history, times, float(times[step])))

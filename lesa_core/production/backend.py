@@ -154,6 +154,8 @@ class DiffusersBackend:
         self._lock = threading.Lock()
         # Largest chunk (in batch x pixels x frames) that ran out of memory: later calls stay below it.
         self._oom_ceiling: int | None = None
+        # (height, width, frames) of the latest call: `timesteps(steps)` without a size means that one.
+        self._last_size: tuple[int, int, int | None] | None = None
 
     # ----------------------------------------------------------------------------------- loading
 
@@ -294,14 +296,14 @@ class DiffusersBackend:
         """Normalised times (num_steps + 1, 1 = noise ... 0 = clean) a generation at this size uses.
 
         Computed exactly as the pipeline computes them, on a fresh scheduler: FLUX and Qwen-Image
-        shift their sigmas by the image's token count, so the size matters (default: the model's
-        first size). The recorder stores these next to the trajectories.
+        shift their sigmas by the image's token count, so the size matters (default: the size of
+        the latest call, else the model's first size: the recorder asks right after its call).
         """
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
         steps = int(num_inference_steps)
         if height is None or width is None:
-            width, height = self.options.sizes[0]
+            height, width, _ = self._last_size or (self.options.sizes[0][1], self.options.sizes[0][0], None)
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         config = scheduler.config
         rule = self.family.sigma_rule
@@ -382,6 +384,7 @@ class DiffusersBackend:
         if guidance_scale is None:
             guidance_scale = self.default_guidance
         frames = self._validate(prompts, seeds, height, width, num_frames, num_inference_steps, guidance_scale, latents)
+        self._last_size = (int(height), int(width), frames)
         cost = sample_cost(height, width, frames)
         cap = self.options.max_batch_pixels
         if self._oom_ceiling is not None:

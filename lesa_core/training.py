@@ -1,0 +1,259 @@
+"""Two-phase predictor training (LESA_METHOD.md section 4).
+
+Phase 1, GT-guided: every predicted step of the schedule forecasts from a history made of the
+recorded ground truth (teacher forcing); L1 against the ground truth. No model forward runs, so
+this phase is cheap and vectorised over samples.
+
+Phase 2, closed loop: the real accelerated sampler runs from the recorded noise with the current
+predictor (full steps compute, predicted steps forecast, forecasts fed back into the history and
+the sampler). The hidden states it actually saw are collected, and each forecast is recomputed
+from them with gradients and trained with L1 against the recorded ground truth of that step.
+Gradients stop at the history (no backpropagation through the sampler or the transformer), which
+keeps the phase usable on billion-parameter pipelines whose `__call__` runs under no_grad, while
+the inputs still carry the predictor's own accumulated error, which is what this phase teaches
+it to correct.
+
+Validation: closed-loop generation on held-out trajectories; the score is the MSE of the final
+sample against the recorded full-compute sample (what users see). The best epoch is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lesa_core.hooks import CacheConfig
+from lesa_core.predictor import SHARED_BRANCH, PredictorConfig, StagePredictor
+from lesa_core.schedule import CacheSchedule
+from lesa_core.trajectories import Trajectories, load_trajectories
+
+
+@dataclass
+class TrainSettings:
+    phase1_epochs: int = 300
+    phase2_epochs: int = 6
+    batch_size: int = 16
+    lr: float = 1e-3
+    phase2_lr: float = 2e-4
+    weight_decay: float = 1e-4
+    lr_step: int = 500  # StepLR period (optimizer steps), as in the reference code
+    lr_gamma: float = 0.5
+    grad_clip: float = 1.0
+    val_fraction: float = 0.15
+    per_branch: bool = False  # one expert set per CFG branch (the HunyuanVideo variant)
+    kan_hidden: tuple[int, ...] = (256, 256)
+    seed: int = 0
+    validate_every: int = 50  # phase 1 epochs between closed-loop validations
+
+
+@dataclass
+class TrainReport:
+    best_val_mse: float
+    best_epoch: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def forecast_loss(
+    predictor: StagePredictor,
+    inputs: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    times: torch.Tensor,
+    schedule: CacheSchedule,
+) -> torch.Tensor:
+    """Mean L1 over every predicted step and branch of forecasts made from `inputs` vs `targets`.
+
+    Phase 1 passes the ground truth as inputs (teacher forcing); phase 2 passes the hidden states
+    the closed-loop sampler actually produced. Both are [n, steps, tokens, channels] per branch.
+    """
+    predicted = [s for s in range(schedule.num_steps) if not schedule.is_full(s)]
+    losses = []
+    for branch, trajectory in inputs.items():
+        forecast = predictor.predict_steps(trajectory, predicted, times, branch)
+        losses.append(F.l1_loss(forecast, targets[branch][:, predicted]))
+    return torch.stack(losses).mean()
+
+
+def closed_loop(
+    pipe: Any, predictor: StagePredictor, data: Trajectories, schedule: CacheSchedule, batch_size: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Run the accelerated sampler from the recorded noise; return the hidden states it saw per
+    branch ([n, steps, tokens, channels]) and the final samples."""
+    s = data.settings
+    seen: dict[str, list[list[torch.Tensor]]] = {}
+    finals = []
+    predictor.eval()
+    for start in range(0, len(data), batch_size):
+        chunk: dict[str, list[torch.Tensor]] = {}
+
+        def observe(branch: str, step: int, h: torch.Tensor, full: bool, chunk=chunk) -> None:
+            chunk.setdefault(branch, []).append(h.detach().float().cpu())
+
+        end = min(start + batch_size, len(data))
+        out = pipe(
+            data.prompts[start:end],
+            seeds=data.seeds[start:end],
+            height=s.height,
+            width=s.width,
+            num_frames=s.num_frames,
+            num_inference_steps=s.num_steps,
+            guidance_scale=s.guidance_scale,
+            cache=CacheConfig(method="lesa", schedule=schedule, predictor=predictor, observer=observe),
+            latents=data.noise[start:end],
+        )
+        finals.append(torch.as_tensor(out.samples))
+        for branch, steps in chunk.items():
+            seen.setdefault(branch, []).append(steps)
+    merged = {b: torch.cat([torch.stack(c, dim=1) for c in chunks]) for b, chunks in seen.items()}
+    return merged, torch.cat(finals)
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(n * val_fraction)) if n > 1 else 0
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def train_predictor(
+    pipe: Any,
+    data_dir: str | Path,
+    schedule: CacheSchedule,
+    out_dir: str | Path,
+    settings: TrainSettings | None = None,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[StagePredictor, TrainReport]:
+    """Train a predictor for `schedule` on recorded trajectories; the best epoch goes to `out_dir`.
+
+    `work_dir` holds the resumable training state (optimizer, epoch, best score); rerunning with
+    the same arguments continues where it stopped.
+    """
+    settings = settings or TrainSettings()
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    data = load_trajectories(data_dir)
+    if data.settings.num_steps != schedule.num_steps:
+        raise ValueError(
+            f"trajectories in {data_dir} have {data.settings.num_steps} steps but the schedule has {schedule.num_steps}"
+        )
+    train_idx, val_idx = _split(len(data), settings.val_fraction, settings.seed)
+    train, val = data.subset(train_idx), data.subset(val_idx) if val_idx else data.subset(train_idx)
+    branches = tuple(data.hidden) if settings.per_branch else (SHARED_BRANCH,)
+    sample_hidden = next(iter(data.hidden.values()))
+    info = getattr(pipe, "info", None)
+    config = PredictorConfig(
+        schedule=schedule.to_dict(),
+        kan_hidden=tuple(settings.kan_hidden),
+        branches=branches,
+        family=getattr(info, "transformer_class", None),
+        hidden_size=int(sample_hidden.shape[-1]),
+    )
+    predictor = StagePredictor(config)
+    times = data.times
+
+    work = Path(work_dir) if work_dir else Path(out_dir).with_name(Path(out_dir).name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "train_state.pt"
+    optimizer = torch.optim.AdamW(predictor.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=settings.lr_step, gamma=settings.lr_gamma)
+    report = TrainReport(best_val_mse=float("inf"), best_epoch="none")
+    start_epoch = 0
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        if state["settings"] != json.dumps(asdict(settings)) or state["schedule"] != json.dumps(schedule.to_dict()):
+            raise ValueError(f"{state_path} belongs to another training run; remove {work} to start afresh")
+        predictor.load_state_dict(state["predictor"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        report = TrainReport(**json.loads(state["report"]))
+        torch.set_rng_state(state["rng"])
+
+    def validate(label: str) -> float:
+        _, finals = closed_loop(pipe, predictor, val, schedule, settings.batch_size)
+        mse = float(F.mse_loss(finals, val.final))
+        report.history.append({"epoch": label, "val_final_mse": mse})
+        if mse < report.best_val_mse:
+            report.best_val_mse, report.best_epoch = mse, label
+            _save(predictor, out_dir, settings, report, data, started)
+        return mse
+
+    def save_state(epoch: int) -> None:
+        torch.save(
+            {
+                "predictor": predictor.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "report": json.dumps(asdict(report)),
+                "settings": json.dumps(asdict(settings)),
+                "schedule": json.dumps(schedule.to_dict()),
+                "rng": torch.get_rng_state(),
+            },
+            state_path,
+        )
+
+    total_epochs = settings.phase1_epochs + settings.phase2_epochs
+    bar = tqdm(range(start_epoch, total_epochs), desc=f"train {schedule.describe()}", disable=not progress)
+    bar.update(0)
+    generator = torch.Generator().manual_seed(settings.seed)
+    for epoch in bar:
+        phase = 1 if epoch < settings.phase1_epochs else 2
+        if phase == 2 and epoch == settings.phase1_epochs:
+            for group in optimizer.param_groups:
+                group["lr"] = settings.phase2_lr
+        order = torch.randperm(len(train), generator=generator).tolist()
+        losses = []
+        for start in range(0, len(order), settings.batch_size):
+            batch = train.subset(order[start : start + settings.batch_size])
+            if phase == 1:
+                predictor.train()
+                loss = forecast_loss(predictor, batch.hidden, batch.hidden, times, schedule)
+            else:
+                seen, _ = closed_loop(pipe, predictor, batch, schedule, settings.batch_size)
+                predictor.train()
+                loss = forecast_loss(predictor, seen, batch.hidden, times, schedule)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(predictor.parameters(), settings.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        mean_loss = sum(losses) / len(losses)
+        postfix = {"phase": phase, "l1": f"{mean_loss:.4f}"}
+        last_phase1 = epoch == settings.phase1_epochs - 1
+        if phase == 2 or last_phase1 or (epoch + 1) % settings.validate_every == 0:
+            postfix["val_mse"] = f"{validate(f'phase{phase}-epoch{epoch + 1}'):.5f}"
+        report.history.append({"epoch": epoch + 1, "phase": phase, "train_l1": mean_loss})
+        bar.set_postfix(postfix)
+        save_state(epoch + 1)
+    report.seconds = time.perf_counter() - started
+    best = StagePredictor.from_pretrained(out_dir)
+    return best, report
+
+
+def _save(
+    predictor: StagePredictor,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    report: TrainReport,
+    data: Trajectories,
+    started: float,
+) -> None:
+    predictor.config.training = {
+        "method": "LESA two-phase (GT-guided, then closed-loop)",
+        "settings": asdict(settings),
+        "data": {"samples": len(data), **asdict(data.settings)},
+        "best_epoch": report.best_epoch,
+        "val_final_mse": report.best_val_mse,
+        "seconds_so_far": round(time.perf_counter() - started, 1),
+        "torch": torch.__version__,
+    }
+    predictor.save_pretrained(out_dir)

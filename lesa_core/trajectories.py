@@ -1,0 +1,222 @@
+"""Recorded denoising trajectories: the training data of a predictor (LESA_METHOD.md section 4.0).
+
+`record` runs the unaccelerated sampler and stores, per sample, the initial noise, what is needed
+to rerun it (prompt, seed, guidance, size), the final sample, and the hidden state entering the
+final layer at every step, per CFG branch. Shards are safetensors files written atomically; a
+shard that is truncated, corrupt or recorded with other settings is detected, never used, and
+re-recorded on the next `record` run (which is how resuming works).
+
+Works with any pipeline that follows the DigitsPipeline call contract (the reference models and
+the production diffusers backends alike).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from lesa_core.hooks import CacheConfig
+
+MANIFEST = "dataset.json"
+
+
+class TrajectoryError(ValueError):
+    """A trajectory directory or shard that cannot be used."""
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    model: str
+    num_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    num_frames: int | None = None
+    hidden_dtype: str = "float16"  # fp16 halves the disk; predictors train in fp32
+
+
+@dataclass
+class Trajectories:
+    """Loaded trajectories: tensors indexed by sample along dim 0."""
+
+    settings: RecordSettings
+    prompts: list[str]
+    seeds: list[int]
+    noise: torch.Tensor  # [n, ...] initial noise, exactly what the sampler started from
+    final: torch.Tensor  # [n, ...] full-compute samples in [0, 1]
+    hidden: dict[str, torch.Tensor]  # branch -> [n, steps, tokens, channels]
+    times: torch.Tensor  # [steps + 1] normalised schedule times
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def subset(self, index: Sequence[int]) -> Trajectories:
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        return Trajectories(
+            settings=self.settings,
+            prompts=[self.prompts[i] for i in idx.tolist()],
+            seeds=[self.seeds[i] for i in idx.tolist()],
+            noise=self.noise[idx],
+            final=self.final[idx],
+            hidden={b: h[idx] for b, h in self.hidden.items()},
+            times=self.times,
+        )
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def record(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    settings: RecordSettings,
+    shard_size: int = 16,
+    progress: bool = True,
+) -> Path:
+    """Record full-compute trajectories for (prompt, seed) pairs into `out_dir` (resumable)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():
+        existing = json.loads(manifest_path.read_text())
+        if existing.get("settings") != asdict(settings):
+            raise TrajectoryError(
+                f"{out} holds trajectories recorded with {existing.get('settings')}; "
+                f"use another --out or the same settings ({asdict(settings)})"
+            )
+    batches = [
+        (i, list(range(s, min(s + shard_size, len(seeds))))) for i, s in enumerate(range(0, len(seeds), shard_size))
+    ]
+    shards = []
+    bar = tqdm(batches, desc=f"record {settings.model}", unit="shard", disable=not progress)
+    for index, members in bar:
+        path = out / _shard_name(index)
+        shard_prompts = [prompts[i] for i in members]
+        shard_seeds = [int(seeds[i]) for i in members]
+        if path.exists():
+            try:
+                _check_shard(path, settings, shard_prompts, shard_seeds)
+                shards.append(path.name)
+                bar.set_postfix_str("kept")
+                continue
+            except TrajectoryError as error:
+                tqdm.write(f"re-recording {path.name}: {error}")
+                path.unlink()
+        _record_shard(pipe, path, settings, shard_prompts, shard_seeds)
+        shards.append(path.name)
+    manifest = {"settings": asdict(settings), "shards": shards, "num_samples": len(seeds)}
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def _record_shard(pipe: Any, path: Path, settings: RecordSettings, prompts: list[str], seeds: list[int]) -> None:
+    hidden: dict[str, list[torch.Tensor]] = {}
+    dtype = getattr(torch, settings.hidden_dtype)
+
+    def observe(branch: str, step: int, h: torch.Tensor, full: bool) -> None:
+        steps = hidden.setdefault(branch, [])
+        if step != len(steps):
+            raise RuntimeError(f"branch {branch}: expected step {len(steps)}, got {step}")
+        steps.append(h.detach().to("cpu", dtype))
+
+    noise = pipe.initial_noise(seeds, settings.height, settings.width, settings.num_frames)
+    output = pipe(
+        list(prompts),
+        seeds=seeds,
+        height=settings.height,
+        width=settings.width,
+        num_frames=settings.num_frames,
+        num_inference_steps=settings.num_steps,
+        guidance_scale=settings.guidance_scale,
+        cache=CacheConfig(method="none", observer=observe),
+        latents=noise,
+    )
+    tensors = {
+        "noise": noise.float().contiguous(),
+        "final": torch.as_tensor(output.samples).float().contiguous(),
+        "times": pipe.timesteps(settings.num_steps).float().contiguous(),
+    }
+    for branch, steps in hidden.items():
+        if len(steps) != settings.num_steps:
+            raise RuntimeError(f"branch {branch}: recorded {len(steps)} of {settings.num_steps} steps")
+        tensors[f"hidden.{branch}"] = torch.stack(steps, dim=1).contiguous()
+    metadata = {"prompts": json.dumps(prompts), "seeds": json.dumps(seeds), "settings": json.dumps(asdict(settings))}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written shard under the real name
+
+
+def _check_shard(path: Path, settings: RecordSettings, prompts: list[str] | None, seeds: list[int] | None) -> None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+            shapes = {k: f.get_slice(k).get_shape() for k in keys}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise TrajectoryError(f"{path.name} is corrupt or truncated ({error})") from error
+    if json.loads(meta.get("settings", "null")) != asdict(settings):
+        raise TrajectoryError(f"{path.name} was recorded with other settings")
+    if prompts is not None and (json.loads(meta["prompts"]) != prompts or json.loads(meta["seeds"]) != seeds):
+        raise TrajectoryError(f"{path.name} holds other prompts/seeds")
+    hidden_keys = [k for k in keys if k.startswith("hidden.")]
+    if not {"noise", "final", "times"} <= keys or not hidden_keys:
+        raise TrajectoryError(f"{path.name} lacks tensors (has {sorted(keys)})")
+    n = shapes["noise"][0]
+    for k in hidden_keys:
+        if shapes[k][0] != n or shapes[k][1] != settings.num_steps:
+            raise TrajectoryError(f"{path.name}: {k} has shape {shapes[k]}, expected [{n}, {settings.num_steps}, ...]")
+
+
+def load_trajectories(data_dir: str | Path) -> Trajectories:
+    """Load every shard of a recorded directory, verifying each one."""
+    root = Path(data_dir)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise TrajectoryError(f"{root}: no {MANIFEST}; record trajectories first with `lesa record`")
+    manifest = json.loads(manifest_path.read_text())
+    settings = RecordSettings(**manifest["settings"])
+    prompts, seeds, noise, final, times = [], [], [], [], None
+    hidden: dict[str, list[torch.Tensor]] = {}
+    for name in manifest["shards"]:
+        path = root / name
+        _check_shard(path, settings, None, None)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata()
+                prompts += json.loads(meta["prompts"])
+                seeds += json.loads(meta["seeds"])
+                noise.append(f.get_tensor("noise"))
+                final.append(f.get_tensor("final"))
+                times = f.get_tensor("times")
+                for key in f.keys():
+                    if key.startswith("hidden."):
+                        hidden.setdefault(key.removeprefix("hidden."), []).append(f.get_tensor(key).float())
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise TrajectoryError(
+                f"{path}: corrupt or truncated ({error}); rerun `lesa record` to re-record it"
+            ) from error
+    if not seeds:
+        raise TrajectoryError(f"{root}: no samples")
+    return Trajectories(
+        settings=settings,
+        prompts=prompts,
+        seeds=seeds,
+        noise=torch.cat(noise),
+        final=torch.cat(final),
+        hidden={b: torch.cat(h) for b, h in hidden.items()},
+        times=times,
+    )

@@ -1,0 +1,143 @@
+"""Recording trajectories and the two-phase training, as smoke tests on tiny data (the real
+bundles are trained once, offline, and committed; CI never retrains them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lesa_core import CacheSchedule, StagePredictor
+from lesa_core.cli import main
+from lesa_core.training import TrainSettings, train_predictor
+from lesa_core.trajectories import RecordSettings, TrajectoryError, load_trajectories, record
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from lesa_models import load_pipeline
+
+    return load_pipeline("digits-image")
+
+
+@pytest.fixture(scope="module")
+def recorded(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("traj")
+    width, height = pipe.info.sizes[0]
+    settings = RecordSettings("digits-image", STEPS, 4.0, height, width)
+    record(
+        pipe,
+        ["digit 3", "a handwritten seven", "the number 1", "digit 0", "a five"],
+        [0, 1, 2, 3, 4],
+        out,
+        settings,
+        shard_size=2,
+        progress=False,
+    )
+    return out, settings
+
+
+def test_record_stores_what_reruns_the_sample(pipe, recorded):
+    out, settings = recorded
+    data = load_trajectories(out)
+    assert data.seeds == [0, 1, 2, 3, 4] and set(data.hidden) == {"cond", "uncond"}
+    n, steps, tokens, channels = data.hidden["cond"].shape
+    assert (n, steps, channels) == (5, STEPS, pipe.info.hidden_size)
+    assert data.times.shape == (STEPS + 1,) and float(data.times[0]) == 1.0
+    again = pipe(
+        data.prompts[:1],
+        seeds=data.seeds[:1],
+        height=settings.height,
+        width=settings.width,
+        num_inference_steps=STEPS,
+        guidance_scale=4.0,
+    )
+    # same sample (to float rounding: the shard was generated in a batch of 2)
+    torch.testing.assert_close(torch.as_tensor(again.samples), data.final[:1], rtol=0, atol=1e-4)
+
+
+def test_corrupt_shard_is_detected_and_re_recorded(pipe, recorded, tmp_path):
+    out, settings = recorded
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in out.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    shard = copy / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-50])
+    with pytest.raises(TrajectoryError, match="shard-00001.*corrupt or truncated"):
+        load_trajectories(copy)
+    before = {f.name: f.stat().st_mtime_ns for f in copy.iterdir()}
+    prompts = load_trajectories(out).prompts
+    record(pipe, prompts, [0, 1, 2, 3, 4], copy, settings, shard_size=2, progress=False)
+    after = {f.name: f.stat().st_mtime_ns for f in copy.iterdir()}
+    assert after["shard-00000.safetensors"] == before["shard-00000.safetensors"]  # kept
+    assert after["shard-00001.safetensors"] != before["shard-00001.safetensors"]  # re-recorded
+    assert torch.equal(load_trajectories(copy).hidden["cond"], load_trajectories(out).hidden["cond"])
+    with pytest.raises(TrajectoryError, match="holds trajectories recorded with"):
+        record(
+            pipe,
+            prompts,
+            [0, 1, 2, 3, 4],
+            copy,
+            RecordSettings("digits-image", STEPS + 1, 4.0, settings.height, settings.width),
+            progress=False,
+        )
+
+
+def test_two_phase_training_writes_a_usable_bundle_and_resumes(pipe, recorded, tmp_path):
+    out, _ = recorded
+    schedule = CacheSchedule.from_full_steps(STEPS, [0, 1, 3])
+    settings = TrainSettings(phase1_epochs=3, phase2_epochs=1, batch_size=4, kan_hidden=(8,), validate_every=2)
+    predictor, report = train_predictor(pipe, out, schedule, tmp_path / "bundle", settings, progress=False)
+    assert report.best_epoch != "none" and report.best_val_mse < float("inf")
+    phases = {h["phase"] for h in report.history if "phase" in h}
+    assert phases == {1, 2}
+    loaded = StagePredictor.from_pretrained(tmp_path / "bundle")
+    assert loaded.config.training["data"]["samples"] == 5
+    assert loaded.config.hidden_size == pipe.info.hidden_size
+    # resuming a finished run trains no further epochs and keeps the same best bundle
+    again, report2 = train_predictor(pipe, out, schedule, tmp_path / "bundle", settings, progress=False)
+    assert report2.best_epoch == report.best_epoch
+    # another run's state is refused rather than silently mixed
+    with pytest.raises(ValueError, match="another training run"):
+        train_predictor(
+            pipe, out, schedule, tmp_path / "bundle", TrainSettings(phase1_epochs=9, kan_hidden=(8,)), progress=False
+        )
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "train-predictor",
+                "--model",
+                "digits-image",
+                "--data",
+                str(tmp_path),
+                "--level",
+                "5x",
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
+    assert "no dataset.json" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "record",
+                "--model",
+                "digits-image",
+                "--prompts",
+                str(tmp_path / "none.txt"),
+                "--seeds",
+                "0-1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "no such file" in capsys.readouterr().err
