@@ -164,6 +164,12 @@ num_frames = [81]
     bad.write_text('[models.x]\nsource = "a"\npipeline = "StableDiffusionPipeline"\nsizes = [[16, 16]]\n')
     with pytest.raises(ConfigError, match="pipeline"):
         read_config(bad)
+    bad.write_text('[models.x]\nsource = "a"\npipeline = "FluxPipeline"\nsizes = [[1000, 1000]]\n')
+    with pytest.raises(ConfigError, match="multiples of 16"):
+        read_config(bad)
+    bad.write_text('[models.x]\nsource = "a"\npipeline = "WanPipeline"\nsizes = [[832, 480]]\nnum_frames = [80]\n')
+    with pytest.raises(ConfigError, match=r"\[80\] are not 4k \+ 1"):
+        read_config(bad)
 
 
 def test_service_engine_serves_a_configured_model_with_its_bundles(tmp_path, monkeypatch):

@@ -179,6 +179,18 @@ def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> 
         levels_dir=_resolve(weights_root, str(table["levels_dir"])) if "levels_dir" in table else None,
         **kwargs,
     )
+    if backend == "diffusers":
+        # The four pipelines need sides divisible by 16 (VAE /8, then 2x2 patches) and, for video,
+        # 4k + 1 frames (VAE /4 in time); other values are silently rounded by diffusers, which
+        # would hand users another size than they asked for.
+        odd = [f"{w}x{h}" for w, h in sizes if w % 16 or h % 16]
+        if odd:
+            raise ConfigError(f"{where}.sizes: {odd} are not multiples of 16")
+        family = FAMILIES[str(pipeline)]
+        if family.kind == "video":
+            bad = [f for f in config.num_frames if (f - 1) % family.num_frames_multiple]
+            if bad:
+                raise ConfigError(f"{where}.num_frames: {bad} are not {family.num_frames_multiple}k + 1")
     if not config.min_steps <= config.default_steps <= config.max_steps:
         raise ConfigError(
             f"{where}.default_steps: {config.default_steps} is outside {config.min_steps}..{config.max_steps}"
