@@ -112,6 +112,12 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=int, default=TrainDefaults.batch_size)
     train.add_argument("--lr", type=float, default=TrainDefaults.lr)
     train.add_argument("--per-branch", action="store_true", help="separate experts per CFG branch")
+    train.add_argument(
+        "--base",
+        choices=("last", "taylor1", "taylor2"),
+        default="last",
+        help="what the learned term corrects: last = h_-1 (the paper), taylorN = TaylorSeer order N (improved)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train_predictor)
 
@@ -168,6 +174,7 @@ def _train_predictor(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         per_branch=args.per_branch,
+        base=args.base,
         seed=args.seed,
     )
     pipe = load_any_pipeline(args.model)

@@ -12,11 +12,14 @@ state for a predicted step from what was observed in this generation and CFG bra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from lesa_core.predictor import StagePredictor, pad_history
+from lesa_core.predictor import StagePredictor, newton_extrapolate, pad_history
+
+MAX_FULL_POINTS = 3  # enough anchors for a second-order extrapolation
 
 
 @dataclass
@@ -24,25 +27,7 @@ class BranchHistory:
     """Everything a forecaster remembers about one generation in one CFG branch."""
 
     history: list[torch.Tensor] = field(default_factory=list)  # last hidden states, oldest first
-    full_steps: list[int] = field(default_factory=list)  # step indices of the full steps seen
-    differences: list[torch.Tensor] = field(default_factory=list)  # TaylorSeer's divided differences
-    last_full: torch.Tensor | None = None
-
-
-class Forecaster:
-    name = "none"
-    keeps = 0  # how many recent hidden states `history` must hold
-
-    def observe(self, memory: BranchHistory, step: int, hidden: torch.Tensor, full: bool) -> None:
-        if full:
-            memory.last_full = hidden
-            memory.full_steps.append(step)
-        if self.keeps:
-            memory.history.append(hidden)
-            del memory.history[: -self.keeps]
-
-    def forecast(self, memory: BranchHistory, step: int, context: ForecastContext) -> torch.Tensor:
-        raise RuntimeError("the 'none' method runs every step in full; a predicted step was requested")
+    full_points: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # last full (step, hidden)
 
 
 @dataclass
@@ -53,15 +38,31 @@ class ForecastContext:
     timesteps: torch.Tensor | None  # the schedule's normalised times (num_steps + 1), if set
 
 
+class Forecaster:
+    name = "none"
+    keeps = 0  # how many recent hidden states `history` must hold
+
+    def observe(self, memory: BranchHistory, step: int, hidden: torch.Tensor, full: bool) -> None:
+        if full:
+            memory.full_points.append((step, hidden))
+            del memory.full_points[:-MAX_FULL_POINTS]
+        if self.keeps:
+            memory.history.append(hidden)
+            del memory.history[: -self.keeps]
+
+    def forecast(self, memory: BranchHistory, step: int, context: ForecastContext) -> torch.Tensor:
+        raise RuntimeError("the 'none' method runs every step in full; a predicted step was requested")
+
+
 class ReuseForecaster(Forecaster):
     name = "reuse"
 
     def forecast(self, memory: BranchHistory, step: int, context: ForecastContext) -> torch.Tensor:
-        return memory.last_full
+        return memory.full_points[-1][1]
 
 
 class TaylorSeerForecaster(Forecaster):
-    """Extrapolate from divided differences of the last `order + 1` full steps.
+    """Extrapolate from divided differences over the last `order + 1` full steps.
 
     Differences are scaled by the step distance between full steps, as in TaylorSeer. The
     extrapolation uses Newton's form of the same differences, so order k is exact on a
@@ -76,26 +77,13 @@ class TaylorSeerForecaster(Forecaster):
             raise ValueError(f"taylor_order must be 1 or 2, got {order}")
         self.order = order
 
-    def observe(self, memory: BranchHistory, step: int, hidden: torch.Tensor, full: bool) -> None:
-        if not full:
-            return  # TaylorSeer extrapolates from full steps only
-        previous = memory.differences
-        updated = [hidden]
-        # differences[i] = f[s_n, ..., s_{n-i}] (divided difference over the last i + 1 full steps)
-        for i in range(min(self.order, len(previous))):
-            span = step - memory.full_steps[-(i + 1)]
-            updated.append((updated[i] - previous[i]) / span)
-        memory.differences = updated
-        super().observe(memory, step, hidden, full)
-
     def forecast(self, memory: BranchHistory, step: int, context: ForecastContext) -> torch.Tensor:
-        differences, full_steps = memory.differences, memory.full_steps
-        out = differences[0]
-        basis = 1.0
-        for i in range(1, len(differences)):
-            basis *= step - full_steps[-i]
-            out = out + basis * differences[i]
-        return out
+        return extrapolate_full_points(memory.full_points, step, self.order)
+
+
+def extrapolate_full_points(points: Sequence[tuple[int, torch.Tensor]], step: int, order: int) -> torch.Tensor:
+    anchors = points[-(order + 1) :]
+    return newton_extrapolate([s for s, _ in anchors], [h for _, h in anchors], step)
 
 
 class LesaForecaster(Forecaster):
@@ -114,11 +102,13 @@ class LesaForecaster(Forecaster):
                 "before each generation"
             )
         t_curr = float(context.timesteps[step])
+        order = self.predictor.base_order
+        base = None if order == 0 else extrapolate_full_points(memory.full_points, step, order)
         if torch.is_grad_enabled() and self.predictor.training:
-            return self.predictor.predict(memory.history, context.timesteps, t_curr, context.branch)
+            return self.predictor.predict(memory.history, context.timesteps, t_curr, context.branch, base=base)
         coefficients, constant = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)
         window = pad_history(memory.history, len(coefficients))
-        out = window[-1] + constant
+        out = (window[-1] if base is None else base) + constant
         for weight, hidden in zip(coefficients, window, strict=True):
             out.add_(hidden, alpha=weight)
         return out

@@ -48,6 +48,9 @@ class PredictorConfig:
     spline_order: int = 3
     grid_range: tuple[float, float] = (-3.0, 3.0)
     branches: tuple[str, ...] = (SHARED_BRANCH,)
+    # What the learned term corrects: "last" = h_-1 (the paper); "taylor1" / "taylor2" = a
+    # TaylorSeer extrapolation from the last full steps (our improved variant, see README).
+    base: str = "last"
     family: str | None = None  # transformer class name, e.g. "FluxTransformer2DModel"
     hidden_size: int | None = None  # channels of the forecast hidden state
     training: dict[str, Any] = field(default_factory=dict)  # how it was trained
@@ -89,16 +92,8 @@ class StagePredictor(nn.Module):
             }
         )
         self.reset_history_weights()
-        # (branch, step time, schedule times) -> folded coefficients; valid while the weights are fixed
+        # (branch, step time, schedule times, weight versions) -> folded coefficients
         self._coefficient_cache: dict[tuple, tuple[list[float], float]] = {}
-
-    def train(self, mode: bool = True) -> StagePredictor:
-        self._coefficient_cache.clear()  # weights are about to change (or just did)
-        return super().train(mode)
-
-    def load_state_dict(self, *args, **kwargs):
-        self._coefficient_cache.clear()
-        return super().load_state_dict(*args, **kwargs)
 
     def reset_history_weights(self) -> None:
         # Start as "repeat the last hidden state" (latent = 0): training moves away from FORA.
@@ -106,6 +101,11 @@ class StagePredictor(nn.Module):
             for head in heads:
                 nn.init.zeros_(head.weight)
                 nn.init.zeros_(head.bias)
+
+    @property
+    def base_order(self) -> int:
+        """0 for the paper's base h_-1, else the order of the Taylor extrapolation used as base."""
+        return {"last": 0, "taylor1": 1, "taylor2": 2}[self.config.base]
 
     @property
     def max_depth(self) -> int:
@@ -150,17 +150,24 @@ class StagePredictor(nn.Module):
         timesteps: torch.Tensor | Sequence[float],
         t_curr: float,
         branch: str | None = None,
+        base: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Forecast the next hidden state from `history` (oldest first), differentiably."""
+        """Forecast the next hidden state from `history` (oldest first), differentiably.
+
+        `base` is the term the prediction corrects: h_-1 (the paper) unless the predictor was
+        trained on a Taylor base, which the caller extrapolates from the full steps.
+        """
         if not history:
             raise ValueError("predict needs at least one past hidden state")
+        if (base is None) != (self.base_order == 0):
+            raise ValueError(f"this predictor's base is {self.config.base!r}: pass base= exactly when it is not 'last'")
         t_curr = float(t_curr)
         weights, bias = self.history_weights(t_curr, branch)
         window = pad_history(history, weights.numel())
         stacked = torch.stack(window, dim=-1)  # (..., K)
         latent = stacked @ weights.to(stacked.dtype) + bias.to(stacked.dtype)
         gain = self.gain(torch.as_tensor(timesteps, dtype=torch.float32), t_curr, branch).to(stacked.dtype)
-        return window[-1] + gain * latent
+        return (window[-1] if base is None else base) + gain * latent
 
     def predict_steps(
         self,
@@ -168,13 +175,14 @@ class StagePredictor(nn.Module):
         steps: Sequence[int],
         timesteps: torch.Tensor,
         branch: str | None = None,
+        full_steps: Sequence[int] = (),
     ) -> torch.Tensor:
         """Forecast many steps at once, each from the hidden states before it in `trajectory`.
 
         trajectory: [B, S, ...] hidden states of one generation per sample (steps on dim 1);
         returns [B, len(steps), ...], entry i equal to predict(trajectory[:, :steps[i]], ...).
         The history sum is a sliding window over the step axis, so training needs no Python loop
-        over steps beyond the three stages.
+        over steps beyond the three stages. A Taylor base extrapolates from `full_steps`.
         """
         times = self._check_times(torch.as_tensor(timesteps, dtype=torch.float32))
         steps_t = torch.as_tensor(list(steps), dtype=torch.long)
@@ -192,8 +200,15 @@ class StagePredictor(nn.Module):
             weight = kan.layers[0].base_weight
             gains = kan((times[chosen].unsqueeze(1) - times.unsqueeze(0)).to(weight.device, weight.dtype))
             gains = gains.reshape(1, -1, *([1] * (trajectory.dim() - 2))).to(trajectory.dtype)
-            out[:, select] = trajectory[:, chosen - 1] + gains * latent
-        return out
+            out[:, select] = gains * latent
+        if self.base_order == 0:
+            return out + trajectory[:, steps_t - 1]
+        full = sorted(full_steps)
+        bases = []
+        for step in steps_t.tolist():
+            anchors = [f for f in full if f < step][-(self.base_order + 1) :]
+            bases.append(newton_extrapolate(anchors, [trajectory[:, f] for f in anchors], step))
+        return out + torch.stack(bases, dim=1)
 
     def step_coefficients(
         self, timesteps: torch.Tensor, t_curr: float, branch: str | None = None
@@ -205,7 +220,11 @@ class StagePredictor(nn.Module):
         Cached per schedule: a server computes each step's constants once, not once per request.
         """
         times = torch.as_tensor(timesteps, dtype=torch.float32)
-        key = (self._branch(branch), float(t_curr), times.numpy().tobytes())
+        b, stage = self._branch(branch), self.stage(float(t_curr))
+        # Tensor versions change with every in-place update (optimizer steps, load_state_dict),
+        # so a cached entry can never outlive the weights it was computed from.
+        params = (*self.latent[b][stage].parameters(), *self.timestep[b][stage].parameters())
+        key = (b, float(t_curr), times.numpy().tobytes(), tuple(p._version for p in params))
         if key not in self._coefficient_cache:
             with torch.no_grad():
                 weights, bias = self.history_weights(t_curr, branch)
@@ -264,6 +283,25 @@ class StagePredictor(nn.Module):
             raise BundleError(
                 f"predictor was trained on hidden size {self.config.hidden_size}, the model has {hidden_size}"
             )
+
+
+def newton_extrapolate(steps: Sequence[int], values: Sequence[torch.Tensor], at: int) -> torch.Tensor:
+    """The polynomial through (steps[i], values[i]) evaluated at step `at` (Newton's form).
+
+    Divided differences scaled by step distance, as TaylorSeer computes them; exact for
+    polynomials of degree len(steps) - 1.
+    """
+    differences = list(values)
+    out = differences[-1]
+    basis = 1.0
+    # column j holds f[s_{i-j}, ..., s_i]; the Newton term uses the newest entry of each column
+    for j in range(1, len(steps)):
+        differences = [
+            (differences[i + 1] - differences[i]) / (steps[i + j] - steps[i]) for i in range(len(differences) - 1)
+        ]
+        basis = basis * (at - steps[len(steps) - j])
+        out = out + basis * differences[-1]
+    return out
 
 
 def pad_history(history: Sequence[torch.Tensor], depth: int) -> list[torch.Tensor]:

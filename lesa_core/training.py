@@ -49,6 +49,7 @@ class TrainSettings:
     val_fraction: float = 0.15
     per_branch: bool = False  # one expert set per CFG branch (the HunyuanVideo variant)
     kan_hidden: tuple[int, ...] = (256, 256)
+    base: str = "last"  # "last" = the paper's predictor; "taylor1"/"taylor2" = our improved variant
     seed: int = 0
     validate_every: int = 50  # phase 1 epochs between closed-loop validations
 
@@ -152,6 +153,7 @@ def train_predictor(
         schedule=schedule.to_dict(),
         kan_hidden=tuple(settings.kan_hidden),
         branches=branches,
+        base=settings.base,
         family=getattr(info, "transformer_class", None),
         hidden_size=int(sample_hidden.shape[-1]),
     )

@@ -199,3 +199,30 @@ def test_predict_steps_equals_predict_per_step():
     for i, step in enumerate(steps):
         history = [trajectory[:, j] for j in range(step)]
         torch.testing.assert_close(batched[:, i], predictor.predict(history, times, float(times[step])))
+
+
+def test_taylor_base_variant_corrects_taylorseer():
+    # With its history head at zero, the improved variant is exactly TaylorSeer ...
+    torch.manual_seed(0)
+    schedule = CacheSchedule.from_full_steps(10, [0, 1, 2, 5])
+    config = PredictorConfig(schedule=schedule.to_dict(), kan_hidden=(8,), base="taylor2")
+    predictor = StagePredictor(config).eval()
+    trajectory = [torch.randn(2, 3) for _ in range(10)]
+    full = set(schedule.full_steps)
+    lesa = _feed(LesaForecaster(predictor), trajectory, full, 10)
+    taylor = _feed(TaylorSeerForecaster(2), trajectory, full, 10)
+    for step in range(10):
+        torch.testing.assert_close(lesa[step], taylor[step])
+    # ... and once trained, its batched training path matches the inference path.
+    with torch.no_grad():
+        for head in predictor.latent["shared"]:
+            head.weight.normal_()
+    times = torch.linspace(1, 0, 11)
+    lesa = _feed(LesaForecaster(predictor), trajectory, full, 10)
+    stacked = torch.stack([lesa[s] for s in range(10)], dim=1)
+    predicted = [s for s in range(10) if s not in full]
+    batched = predictor.predict_steps(stacked, predicted, times, full_steps=sorted(full))
+    for i, step in enumerate(predicted):
+        torch.testing.assert_close(batched[:, i], lesa[step])
+    with pytest.raises(ValueError, match="base"):
+        predictor.predict([trajectory[0]], times, 0.5)
