@@ -1,0 +1,285 @@
+"""`lesa bench quality`: metrics on known inputs, and a tiny end-to-end run writing every output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lesa_core import CacheSchedule, PredictorConfig, StagePredictor, benchmark
+from lesa_core.benchmark import BenchConfig, run_quality_benchmark, write_outputs
+
+STEPS = 8
+# Tiny levels at 8 steps, built as explicit schedules (the named levels are defined at 50 steps).
+SCHEDULES = {
+    "tiny2x": CacheSchedule.from_full_steps(STEPS, [0, 1, 2, 4, 6]),
+    "tiny4x": CacheSchedule.from_full_steps(STEPS, [0, 1]),
+}
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+def test_psnr_of_identical_samples_is_capped_at_100_db() -> None:
+    a = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    assert benchmark.psnr(a, a) == benchmark.PSNR_CAP_DB == 100.0
+    assert np.all(benchmark.mse_per_sample(a, a) == 0.0)
+
+
+def test_psnr_and_mse_on_known_inputs() -> None:
+    a = np.zeros((2, 8, 8), np.float32)
+    b = np.full((2, 8, 8), 0.1, np.float32)  # MSE 0.01 -> 20 dB
+    assert np.allclose(benchmark.mse_per_sample(a, b), 0.01, rtol=1e-6)
+    assert benchmark.psnr(a, b) == pytest.approx(20.0, abs=1e-4)
+    c = np.full((1, 4, 4, 4), 0.5, np.float32)  # a clip: MSE over every frame, 0.25 -> 6.02 dB
+    assert benchmark.psnr(c, np.zeros_like(c)) == pytest.approx(-10 * np.log10(0.25), abs=1e-4)
+
+
+def test_ssim_of_identical_is_one_and_decreases_with_noise() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.random((4, 16, 16))
+    assert benchmark.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+    values = [benchmark.ssim(np.clip(a + rng.normal(0, s, a.shape), 0, 1), a) for s in (0.02, 0.1, 0.3)]
+    assert 1.0 > values[0] > values[1] > values[2]
+    noisy = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1)
+    assert benchmark.ssim(noisy, a) == pytest.approx(benchmark.ssim(a, noisy))  # symmetric
+
+
+def test_ssim_of_flat_images_is_the_luminance_term() -> None:
+    # Flat images have no variance, so contrast * structure = C2 / C2 = 1 and only luminance is left.
+    x, y = 0.2, 0.6
+    c1 = (benchmark.SSIM_K1 * 1.0) ** 2
+    expected = (2 * x * y + c1) / (x**2 + y**2 + c1)
+    assert benchmark.ssim(np.full((1, 16, 16), x), np.full((1, 16, 16), y)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_ssim_is_per_frame_for_clips_and_handles_tiny_images() -> None:
+    rng = np.random.default_rng(2)
+    clip = rng.random((2, 5, 16, 16))
+    damaged = clip.copy()
+    damaged[:, 3] = rng.random((2, 16, 16))  # only frame 3 differs
+    per_frame = benchmark.ssim_per_frame(damaged, clip)
+    assert per_frame.shape == (2, 5)
+    assert np.allclose(np.delete(per_frame, 3, axis=1), 1.0)
+    assert np.all(per_frame[:, 3] < 0.5)
+    small = rng.random((1, 6, 6))  # smaller than the 11-pixel window: the window shrinks
+    assert benchmark.ssim(small, small) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="shape"):
+        benchmark.ssim(clip, clip[:, :4])
+
+
+def test_seed_parsing_and_default_prompts() -> None:
+    assert benchmark.parse_seeds("1000-1003") == [1000, 1001, 1002, 1003]
+    assert benchmark.parse_seeds("1000-1001,1010") == [1000, 1001, 1010]
+    with pytest.raises(ValueError):
+        benchmark.parse_seeds("5-1")
+    assert min(benchmark.DEFAULT_SEEDS) >= benchmark.TRAINING_SEED_LIMIT
+    from lesa_models.evaluator import parse_prompt_digit, parse_prompt_direction
+
+    image = benchmark.default_prompts("image", 16)
+    assert [parse_prompt_digit(p) for p in image[:10]] == list(range(10))
+    video = benchmark.default_prompts("video", 16)
+    assert all(parse_prompt_direction(p) is not None and parse_prompt_digit(p) is not None for p in video)
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+def random_predictor(schedule: CacheSchedule, seed: int = 0) -> StagePredictor:
+    """An untrained predictor with small random history weights (no committed bundle fits 8 steps)."""
+    torch.manual_seed(seed)
+    predictor = StagePredictor(PredictorConfig(schedule=schedule.to_dict(), kan_hidden=(8,)))
+    for heads in predictor.latent.values():
+        for head in heads:
+            torch.nn.init.normal_(head.weight, std=0.05)
+    return predictor.eval()
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """The benchmark sets torch's thread count for its process; give other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def image_pipe():
+    from lesa_models import load_pipeline
+
+    return load_pipeline("digits-image")
+
+
+def tiny_config(model: str, **overrides) -> BenchConfig:
+    settings = dict(
+        model=model,
+        seeds=[1000, 1001],
+        levels=list(SCHEDULES),
+        methods=["none", "reuse", "taylorseer1", "taylorseer2", "lesa"],
+        batch_sizes=[1, 2],
+        steps=STEPS,
+        repeats=1,
+        quality_batch=2,
+        schedules=SCHEDULES,
+        threads=1,  # 2 threads on a loaded 2-core box spin far more than they compute
+    )
+    settings.update(overrides)
+    return BenchConfig(**settings)
+
+
+def test_run_writes_json_markdown_and_pngs(image_pipe, tmp_path: Path) -> None:
+    bundles = tmp_path / "predictors"
+    random_predictor(SCHEDULES["tiny2x"]).save_pretrained(bundles / "tiny2x")  # tiny4x has none: skipped
+    config = tiny_config("digits-image", predictors_dir=bundles)
+    result = run_quality_benchmark(config, image_pipe, log=lambda _: None)
+
+    keys = {(r["method"], r["level"]) for r in result.records}
+    assert ("none", "none") in keys and ("lesa", "tiny2x") in keys and ("lesa", "tiny4x") not in keys
+    assert any("lesa skipped at tiny4x" in note for note in result.notes)
+    assert len(result.records) == 1 + 3 * 2 + 1
+
+    none = next(r for r in result.records if r["method"] == "none")
+    assert none["mse"] == 0.0  # hooks attached, every step full: bit-identical to no hooks
+    assert none["psnr"] == benchmark.PSNR_CAP_DB and none["ssim"] == pytest.approx(1.0)
+    for r in result.records:
+        assert r["psnr"] <= benchmark.PSNR_CAP_DB and 0.0 <= r["agreement"] <= 1.0
+        assert r["total_steps"] == STEPS and r["speedup_wall_b1"] > 0 and r["speedup_wall_b2"] > 0
+        assert r["speedup_wall_b8"] is None  # not measured in this run: said so, not invented
+    reuse = next(r for r in result.records if (r["method"], r["level"]) == ("reuse", "tiny4x"))
+    assert reuse["mse"] > 0 and reuse["full_steps"] == 2 and reuse["speedup_theoretical"] == 4.0
+
+    paths = write_outputs(result, tmp_path / "out", json_path=tmp_path / "custom.json")
+    data = json.loads(Path(paths["json"]).read_text())
+    assert paths["json"] == tmp_path / "custom.json"
+    required = {
+        "model",
+        "method",
+        "level",
+        "full_steps",
+        "total_steps",
+        "psnr",
+        "ssim",
+        "mse",
+        "agreement",
+        "speedup_theoretical",
+        "speedup_wall_b1",
+        "speedup_wall_b8",
+    }
+    assert all(required <= set(record) for record in data["records"])
+    assert {"cpu", "torch_threads", "torch", "load_average_start", "date"} <= set(data["header"])
+    table = Path(paths["markdown"]).read_text()
+    assert "| taylorseer2 | tiny4x | 2/8 |" in table and "wall b2" in table
+    for key in ("grid", "plot"):
+        with Image.open(paths[key]) as image:
+            assert image.format == "PNG" and image.width > 32
+
+    written = benchmark.update_quality_cards(result)
+    assert written == [bundles / "tiny2x"]
+    card = StagePredictor.from_pretrained(bundles / "tiny2x").config.quality
+    lesa = next(r for r in result.records if r["method"] == "lesa")
+    assert card["psnr"] == lesa["psnr"] and card["seeds"] == [1000, 1001]
+    assert {"ssim", "mse", "agreement", "speedup_theoretical", "speedup_wall_b8", "date", "machine"} <= set(card)
+
+
+def test_in_memory_predictor_and_none_only(image_pipe) -> None:
+    config = tiny_config(
+        "digits-image",
+        methods=["none", "lesa"],
+        levels=["tiny4x"],
+        predictors={"tiny4x": random_predictor(SCHEDULES["tiny4x"], seed=1)},
+        batch_sizes=[1],
+    )
+    result = run_quality_benchmark(config, image_pipe, log=lambda _: None)
+    assert [(r["method"], r["level"]) for r in result.records] == [("none", "none"), ("lesa", "tiny4x")]
+    assert result.records[1]["mse"] > 0
+
+
+def test_unknown_method_or_level_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="unknown methods"):
+        BenchConfig(model="digits-image", methods=["fora"])
+    with pytest.raises(ValueError, match="known levels"):
+        BenchConfig(model="digits-image", levels=["9x"])
+
+
+def tiny_video_pipe():
+    """A random 1-layer Wan transformer in the video pipeline: exercises the per-frame paths fast."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    from lesa_models.pipeline import DigitsPipeline
+    from lesa_models.text_encoder import get_text_encoder
+
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        out_channels=1,
+        text_dim=384,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=1,
+        rope_max_seq_len=32,
+    )
+    return DigitsPipeline(
+        transformer,
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+        get_text_encoder(),
+        name="tiny-video",
+        kind="video",
+        sizes=[(16, 16)],
+        num_frames=[4],
+    )
+
+
+def test_video_run_reports_direction_and_writes_strips(tmp_path: Path) -> None:
+    config = tiny_config("tiny-video", methods=["none", "taylorseer1"], levels=["tiny2x"], batch_sizes=[1])
+    result = run_quality_benchmark(config, tiny_video_pipe(), log=lambda _: None)
+    record = result.records[-1]
+    assert {"agreement_direction", "agreement_direction_full"} <= set(record)
+    assert result.reference.shape == (2, 4, 16, 16)
+    paths = write_outputs(result, tmp_path)
+    names = sorted(p.name for p in paths["strips"])
+    assert names == ["strip_none.gif", "strip_none.png", "strip_taylorseer1.gif", "strip_taylorseer1.png"]
+    with Image.open(tmp_path / "strip_taylorseer1.gif") as gif:
+        assert gif.n_frames == 4
+    assert "direction agree" in Path(paths["markdown"]).read_text()
+
+
+def test_cli_bench_quality_smoke(tmp_path: Path, capsys) -> None:
+    from lesa_core.cli import main
+
+    out = tmp_path / "results"
+    code = main(
+        [
+            "bench",
+            "quality",
+            "--model",
+            "digits-image",
+            "--seeds",
+            "1000-1001",
+            "--steps",
+            "6",
+            "--levels",
+            "2x",
+            "--methods",
+            "none,reuse",
+            "--batch-sizes",
+            "1",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--out-dir",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| reuse | 2x | 3/6 |" in printed
+    assert (out / "quality.json").is_file() and (out / "digits-image_grid.png").is_file()
+    assert main(["bench", "quality", "--methods", "fora", "--out-dir", str(out)]) == 2
