@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from lesa_core.cli import CliError
@@ -40,23 +39,20 @@ def _import_reference(args: argparse.Namespace) -> int:
 
 
 def load_any_pipeline(name: str):
-    """A reference model name or pipeline directory (lesa_models), else a production model from the config."""
-    from lesa_models import MODEL_NAMES, load_pipeline
+    """A model named in the models config (deploy/models.toml), or a reference pipeline directory."""
+    from lesa_core.production.config import ConfigError, build_pipeline, read_config
 
-    if name in MODEL_NAMES or (Path(name) / "model_index.json").is_file() and not _is_diffusers_dir(name):
+    if (Path(name) / "model_index.json").is_file():
+        from lesa_models import load_pipeline
+
         return load_pipeline(name)
-    from lesa_core.production.config import build_pipeline, read_config
-
-    config = read_config()
+    try:
+        config = read_config()
+    except ConfigError as error:
+        raise CliError(str(error)) from error
     if name not in config.models:
-        known = ", ".join([*MODEL_NAMES, *config.models])
-        raise CliError(f"unknown model {name!r}; known models: {known}")
-    return build_pipeline(config.models[name])
-
-
-def _is_diffusers_dir(name: str) -> bool:
-    index = json.loads((Path(name) / "model_index.json").read_text())
-    return index.get("_class_name") != "DigitsPipeline"
+        raise CliError(f"unknown model {name!r}; known models: {', '.join(config.models)}")
+    return build_pipeline(config.models[name], root=config.weights_root)
 
 
 def parse_seeds(text: str) -> list[int]:
