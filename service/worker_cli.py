@@ -57,6 +57,9 @@ class WorkerProbe:
         self.models_loaded = False
         self.queue_ok = False
         self.last_tick = time.monotonic()
+        # Read at scrape time, so /metrics never lags behind /readyz.
+        self.workers_ready.set_function(lambda: 1.0 if self.ready else 0.0)
+        metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
 
     @property
     def ready(self) -> bool:
@@ -114,8 +117,6 @@ async def _watch(queue: RedisJobQueue, probe: WorkerProbe, stop: asyncio.Event) 
             if probe.queue_ok:
                 log.warning("queue unavailable: %s", error)
             probe.queue_ok = False
-        probe.workers_ready.set(1 if probe.ready else 0)
-        probe.metrics.ready.set(1 if probe.ready else 0)
         try:
             await asyncio.wait_for(stop.wait(), READY_POLL_S)
         except TimeoutError:
@@ -172,7 +173,6 @@ async def run_worker(settings: Settings, qsettings: RedisQueueSettings, name: st
     finally:
         stop.set()
         probe.models_loaded = False
-        probe.workers_ready.set(0)
         await watcher
         await queue.release(name)
         await queue.close()

@@ -11,10 +11,12 @@ test pipeline inside the real Engine, see test_redis_support), scraped over loop
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,3 +213,19 @@ def test_real_prometheus_scrapes_the_service_and_accepts_every_query(stack: dict
         server.terminate()
         server.wait(20)
         log.close()
+
+
+def test_the_image_healthcheck_command_probes_api_and_worker(stack: dict[str, Any]) -> None:
+    """The Dockerfile's HEALTHCHECK command, run as written, against the live API and worker."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    command = json.loads(re.search(r"HEALTHCHECK .*?CMD (\[.*\])", text).group(1))
+    assert command[0] == "python"
+    command[0] = sys.executable  # the image's venv python; here the test venv's
+    targets = {
+        f"{stack['api'].url}/healthz": 0,
+        f"{stack['worker'].url}/healthz": 0,
+        f"http://127.0.0.1:{free_port()}/healthz": 1,  # nothing listens: unhealthy
+    }
+    for url, expected in targets.items():
+        run = subprocess.run(command, env={**os.environ, "LESA_HEALTHCHECK_URL": url}, capture_output=True, timeout=30)
+        assert (run.returncode != 0) == bool(expected), (url, run.returncode, run.stderr[-500:])
