@@ -61,6 +61,26 @@ METHODS: dict[str, tuple[str, int]] = {
     "lesa": ("lesa", 1),
 }
 DEFAULT_METHODS = tuple(METHODS)
+# "lesa-<variant>" names another predictor family (e.g. a paper-exact and an improved predictor side
+# by side); its bundle for level L is <predictors>/<L>-<variant>, or given explicitly in `bundles`.
+LESA_VARIANT_PREFIX = "lesa-"
+
+
+def method_spec(name: str) -> tuple[str, int]:
+    """(lesa_core method, TaylorSeer order) of a benchmark method name; ValueError if unknown."""
+    if name in METHODS:
+        return METHODS[name]
+    if name.startswith(LESA_VARIANT_PREFIX) and len(name) > len(LESA_VARIANT_PREFIX):
+        return ("lesa", 1)
+    raise ValueError(f"unknown methods [{name!r}]; known methods: {', '.join(METHODS)}, lesa-<variant>")
+
+
+def default_bundle_dir(root: Path, method: str, level: str) -> Path:
+    if method == "lesa":
+        return root / level
+    return root / f"{level}-{method[len(LESA_VARIANT_PREFIX) :]}"
+
+
 DEFAULT_LEVELS = tuple(name for name in LEVELS if name != "none")
 # Predictor training records seeds < 1000; the benchmark's defaults start above that range.
 TRAINING_SEED_LIMIT = 1000
@@ -246,13 +266,13 @@ class BenchConfig:
     quality_batch: int = 8
     threads: int | None = 1
     schedules: dict[str, CacheSchedule] | None = None
-    predictors: dict[str, StagePredictor] | None = None
+    predictors: dict[str, StagePredictor] | None = None  # level -> predictor, for method "lesa"
     predictors_dir: Path | None = None
+    bundles: dict[tuple[str, str], Path] | None = None  # (method, level) -> bundle directory
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; known methods: {', '.join(METHODS)}")
+        for method in self.methods:
+            method_spec(method)
         if any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
         if self.repeats < 1:
@@ -287,7 +307,12 @@ class BenchResult:
     kind: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"header": self.header, "notes": self.notes, "records": self.records}
+        return {
+            "header": self.header,
+            "notes": self.notes,
+            "targets": target_checks(self.records),
+            "records": self.records,
+        }
 
 
 # ----------------------------------------------------------------------------------- machine
@@ -357,7 +382,7 @@ def _variants(config: BenchConfig, pipe: Any, notes: list[str]) -> list[Variant]
     for method in config.methods:
         if method == "none":
             continue
-        kind, order = METHODS[method]
+        kind, order = method_spec(method)
         for level in config.levels:
             schedule = config.schedules[level] if config.schedules is not None else level_schedule(level, steps)
             if kind != "lesa":
@@ -365,25 +390,26 @@ def _variants(config: BenchConfig, pipe: Any, notes: list[str]) -> list[Variant]
                 variants.append(Variant(method, level, schedule, cache))
                 continue
             predictor, bundle = None, None
-            if config.predictors is not None and level in config.predictors:
+            explicit = (config.bundles or {}).get((method, level))
+            if method == "lesa" and config.predictors is not None and level in config.predictors:
                 predictor = config.predictors[level]
-            elif bundles_root is not None:
-                bundle = bundles_root / level
+            elif explicit is not None or bundles_root is not None:
+                bundle = Path(explicit) if explicit is not None else default_bundle_dir(bundles_root, method, level)
                 if not (bundle / "config.json").is_file():
-                    notes.append(f"lesa skipped at {level}: no predictor bundle at {bundle}")
+                    notes.append(f"{method} skipped at {level}: no predictor bundle at {bundle}")
                     continue
                 try:
                     predictor = StagePredictor.from_pretrained(bundle)
                 except BundleError as error:
-                    notes.append(f"lesa skipped at {level}: {error}")
+                    notes.append(f"{method} skipped at {level}: {error}")
                     continue
             else:
-                notes.append(f"lesa skipped at {level}: no predictor given and the model has no bundle directory")
+                notes.append(f"{method} skipped at {level}: no predictor given and the model has no bundle directory")
                 continue
             try:
                 predictor.check_compatible(schedule, family=None, hidden_size=None)
             except BundleError as error:
-                notes.append(f"lesa skipped at {level}: {error}")
+                notes.append(f"{method} skipped at {level}: {error}")
                 continue
             cache = CacheConfig(method="lesa", schedule=schedule, predictor=predictor)
             variants.append(Variant(method, level, schedule, cache, bundle))
@@ -516,7 +542,7 @@ def run_quality_benchmark(config: BenchConfig, pipe: Any = None, log: Callable[[
         psnrs = psnr_per_sample(out, reference)
         ssims = ssim_per_sample(out, reference)
         digits = digit_hits(kind, out, prompts)
-        kind_name, order = METHODS[variant.method]
+        kind_name, order = method_spec(variant.method)
         record: dict[str, Any] = {
             "model": config.model,
             "method": variant.method,
@@ -555,6 +581,71 @@ def run_quality_benchmark(config: BenchConfig, pipe: Any = None, log: Callable[[
     header["load_average_after_timing"] = {f"b{b}": t[2] for b, t in timings.items()}
     header["seconds_total"] = round(time.perf_counter() - started, 1)
     return BenchResult(header, records, notes, prompts, seeds, reference, samples, kind)
+
+
+# ------------------------------------------------------------------------------------- targets
+
+TARGET_LEVELS = ("5x", "6.25x")  # where issue 4 asks LESA to halve the best TaylorSeer's MSE
+
+
+def target_checks(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 4's targets, checked on this run's records (only where the compared records exist)."""
+    checks: list[dict[str, Any]] = []
+    by_key = {(r["method"], r["level"]): r for r in records}
+    lesa_methods = [m for m in dict.fromkeys(r["method"] for r in records) if method_spec(m)[0] == "lesa"]
+    for method in lesa_methods:
+        for level in dict.fromkeys(r["level"] for r in records if r["method"] == method):
+            lesa = by_key[(method, level)]
+            taylors = [by_key[(t, level)] for t in ("taylorseer1", "taylorseer2") if (t, level) in by_key]
+            if level in TARGET_LEVELS and taylors:
+                best = min(taylors, key=lambda r: r["mse"])
+                ratio = lesa["mse"] / best["mse"] if best["mse"] > 0 else math.inf
+                checks.append(
+                    {
+                        "target": "MSE <= 0.5x best TaylorSeer",
+                        "method": method,
+                        "level": level,
+                        "passed": ratio <= 0.5,
+                        "detail": f"{lesa['mse']:.3g} vs {best['method']} {best['mse']:.3g} (ratio {ratio:.2f}, "
+                        f"{lesa['psnr'] - best['psnr']:+.2f} dB)",
+                    }
+                )
+            reuse = by_key.get(("reuse", level))
+            if reuse is not None:
+                checks.append(
+                    {
+                        "target": "better than reuse",
+                        "method": method,
+                        "level": level,
+                        "passed": lesa["mse"] < reuse["mse"],
+                        "detail": f"MSE {lesa['mse']:.3g} vs reuse {reuse['mse']:.3g}",
+                    }
+                )
+            if level == "5x":
+                delta = lesa["agreement_delta_pp"]
+                checks.append(
+                    {
+                        "target": "agreement within 2 pp of full compute",
+                        "method": method,
+                        "level": level,
+                        "passed": abs(delta) <= 2.0,
+                        "detail": f"{100 * lesa['agreement']:.1f}% vs {100 * lesa['agreement_full']:.1f}% "
+                        f"({delta:+.1f} pp)",
+                    }
+                )
+            wall = lesa.get("speedup_wall_b8")
+            if wall is not None:
+                theory = lesa["speedup_theoretical"]
+                checks.append(
+                    {
+                        "target": "wall speed-up b8 >= 0.9x theoretical",
+                        "method": method,
+                        "level": level,
+                        "passed": wall >= 0.9 * theory,
+                        "detail": f"{wall:.2f}x vs {theory:.2f}x ({wall / theory:.2f})",
+                    }
+                )
+    return checks
 
 
 # ------------------------------------------------------------------------------------- outputs
@@ -620,6 +711,13 @@ def markdown_table(result: BenchResult) -> str:
     )
     for note in result.notes:
         lines.append(f"Note: {note}.")
+    checks = target_checks(result.records)
+    if checks:
+        lines += ["", "Targets (issue 4), checked on this run:", ""]
+        lines += ["| target | method | level | result | measured |", "| --- | --- | --- | --- | --- |"]
+        for c in checks:
+            verdict = "PASS" if c["passed"] else "FAIL"
+            lines.append(f"| {c['target']} | {c['method']} | {c['level']} | {verdict} | {c['detail']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -814,7 +912,7 @@ def update_quality_cards(result: BenchResult) -> list[Path]:
     written = []
     for record in result.records:
         bundle = record.get("bundle")
-        if record["method"] != "lesa" or not bundle:
+        if method_spec(record["method"])[0] != "lesa" or not bundle:
             continue
         predictor = StagePredictor.from_pretrained(bundle)
         predictor.config.quality = quality_card(result, record)

@@ -33,7 +33,11 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, default=None, help="file, one prompt per line (default: held-out)")
     parser.add_argument("--seeds", default="1000-1015", help="e.g. 1000-1015 or 1000,1004 (training uses seeds < 1000)")
     parser.add_argument("--levels", default=",".join(DEFAULT_LEVELS), help="comma-separated lesa_core levels")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="none,reuse,taylorseer1,taylorseer2,lesa")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="none,reuse,taylorseer1,taylorseer2,lesa; lesa-<variant> uses bundles <predictors>/<level>-<variant>",
+    )
     parser.add_argument("--batch-sizes", default="1,8", help="batch sizes for the wall-clock speed-up")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (LESA bundles are trained at 50)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
@@ -41,11 +45,29 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality-batch", type=int, default=8, help="batch size of the quality runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
     parser.add_argument("--predictors", type=Path, default=None, help="bundle root (default <model>/predictors)")
+    parser.add_argument(
+        "--bundle",
+        action="append",
+        default=[],
+        metavar="METHOD:LEVEL=DIR",
+        help="explicit predictor bundle for one LESA method and level (repeatable)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="JSON output (default <out-dir>/quality.json)")
     parser.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results/<model>")
     parser.add_argument(
         "--update-cards", action="store_true", help="write each LESA level's figures into its bundle's config.json"
     )
+
+
+def _bundles(items: list[str]) -> dict[tuple[str, str], Path]:
+    bundles = {}
+    for item in items:
+        key, sep, path = item.partition("=")
+        method, colon, level = key.partition(":")
+        if not (sep and colon and method and level and path):
+            raise ValueError(f"--bundle {item!r}: expected METHOD:LEVEL=DIR, e.g. lesa:5x=path/to/bundle")
+        bundles[(method, level)] = Path(path)
+    return bundles
 
 
 def run_quality_command(args: argparse.Namespace) -> int:
@@ -65,6 +87,7 @@ def run_quality_command(args: argparse.Namespace) -> int:
             quality_batch=args.quality_batch,
             threads=args.threads or None,
             predictors_dir=args.predictors,
+            bundles=_bundles(args.bundle),
         )
     except (ValueError, OSError) as error:
         raise CliError(str(error)) from error

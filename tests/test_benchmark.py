@@ -198,6 +198,51 @@ def test_in_memory_predictor_and_none_only(image_pipe) -> None:
     assert result.records[1]["mse"] > 0
 
 
+def test_lesa_variants_load_their_own_bundles(image_pipe, tmp_path: Path) -> None:
+    bundles = tmp_path / "predictors"
+    random_predictor(SCHEDULES["tiny4x"], seed=2).save_pretrained(bundles / "tiny4x-paper")
+    elsewhere = tmp_path / "somewhere"
+    random_predictor(SCHEDULES["tiny4x"], seed=3).save_pretrained(elsewhere)
+    config = tiny_config(
+        "digits-image",
+        methods=["lesa-paper", "lesa-x"],
+        levels=["tiny4x"],
+        predictors_dir=bundles,
+        bundles={("lesa-x", "tiny4x"): elsewhere},
+        batch_sizes=[1],
+    )
+    result = run_quality_benchmark(config, image_pipe, log=lambda _: None)
+    assert [(r["method"], r["bundle"]) for r in result.records] == [
+        ("lesa-paper", str(bundles / "tiny4x-paper")),
+        ("lesa-x", str(elsewhere)),
+    ]
+    assert result.records[0]["forecaster"] == "lesa"
+
+
+def test_target_checks_on_synthetic_records() -> None:
+    def rec(method: str, level: str, mse: float, agreement: float = 1.0, wall: float | None = 4.8) -> dict:
+        return dict(
+            method=method,
+            level=level,
+            mse=mse,
+            psnr=-10 * np.log10(mse),
+            agreement=agreement,
+            agreement_full=1.0,
+            agreement_delta_pp=100 * (agreement - 1.0),
+            speedup_theoretical=5.0,
+            speedup_wall_b8=wall,
+        )
+
+    records = [rec("reuse", "5x", 1e-2), rec("taylorseer1", "5x", 4e-3), rec("taylorseer2", "5x", 8e-3)]
+    records.append(rec("lesa", "5x", 1e-3, agreement=0.9375, wall=4.0))
+    checks = {c["target"]: c for c in benchmark.target_checks(records)}
+    assert checks["MSE <= 0.5x best TaylorSeer"]["passed"]  # 1e-3 <= 0.5 * 4e-3
+    assert "taylorseer1" in checks["MSE <= 0.5x best TaylorSeer"]["detail"]
+    assert checks["better than reuse"]["passed"]
+    assert not checks["agreement within 2 pp of full compute"]["passed"]  # -6.25 pp
+    assert not checks["wall speed-up b8 >= 0.9x theoretical"]["passed"]  # 4.0 < 4.5
+
+
 def test_unknown_method_or_level_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown methods"):
         BenchConfig(model="digits-image", methods=["fora"])
