@@ -117,6 +117,10 @@ class Engine:
         each with the LESA bundles that load and fit it."""
         from lesa_core.production import load_models
 
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
         t0 = time.perf_counter()
         served = load_models(
             settings.models_config,

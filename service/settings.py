@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="weights/compute dtype (default: bfloat16 on CUDA, float32 on CPU)"
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads for CPU generation (default: torch's choice); 1 avoids "
+        "oversubscription when the cores are shared with other processes",
+    )
     warmup: bool = Field(True, description="run one tiny generation per model before reporting ready")
     warmup_steps: int = Field(4, ge=1, le=100)
     default_level: str = Field("none", description="acceleration level when a request names none")

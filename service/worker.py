@@ -34,6 +34,7 @@ from service.queue import Job, JobError, JobQueue, JobResult
 log = logging.getLogger("lesa.worker")
 
 CANCEL_POLL_S = 0.05  # how often a running batch checks its jobs' cancellation flags
+PROGRESS_MIN_INTERVAL_S = 0.02
 
 
 class Worker:
@@ -148,10 +149,17 @@ class Worker:
         progress_signal = asyncio.Event()
         latest: list[int] = [0, 1]  # (done, total) of the running generation
 
+        last_signal = [0.0]
+
         def on_step(done: int, total: int) -> bool:
-            # Runs in the generation thread: only cheap, thread-safe work here.
+            # Runs in the generation thread: only cheap, thread-safe work here. Waking the event
+            # loop costs a syscall and a context switch, so fast steps wake it at most every 20 ms
+            # (the monitor polls anyway); slow steps, the ones users watch, wake it every step.
             latest[0], latest[1] = done, total
-            loop.call_soon_threadsafe(progress_signal.set)
+            now = time.monotonic()
+            if now - last_signal[0] >= PROGRESS_MIN_INTERVAL_S:
+                last_signal[0] = now
+                loop.call_soon_threadsafe(progress_signal.set)
             return not stop_flag.is_set()
 
         finished = False
@@ -192,6 +200,7 @@ class Worker:
             raise
         finally:
             finished = True
+            progress_signal.set()  # wake the monitor now rather than at its next poll
             try:
                 await asyncio.wait_for(monitor_task, timeout=10 * CANCEL_POLL_S + 5)
             except (TimeoutError, Exception):  # noqa: BLE001 - the monitor only reports progress
