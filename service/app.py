@@ -25,7 +25,7 @@ from service.deps import Services, require_api_key
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.queue import InProcessJobQueue, JobQueue, QueueFull, QueueUnavailable
-from service.routers import health, images, models, videos
+from service.routers import health, images, models, playground, videos
 from service.settings import Settings
 from service.worker import Worker
 
@@ -253,5 +253,8 @@ def create_app(
     app.include_router(videos.router, dependencies=auth)
     app.include_router(models.router, dependencies=auth)
     app.include_router(health.router)
+    app.include_router(playground.router, dependencies=auth)
+    app.include_router(playground.page)  # GET /: the browser playground
+    app.mount(playground.STATIC_URL, playground.static_files(), name="static")
     app.add_middleware(LimitsAndMetricsMiddleware, services=services)
     return app

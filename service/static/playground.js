@@ -1,0 +1,505 @@
+// LESA playground: a plain client of this server's public API (no framework, no CDN).
+//
+// Images run as jobs (POST /v1/images/jobs) rather than through the synchronous endpoint so the
+// page can show progress and cancel them; videos are OpenAI video jobs. Validation is left to
+// the server on purpose: the page shows the server's own message next to the field it names
+// (error.param), so what users see here is exactly what API clients get.
+"use strict";
+
+const POLL_MS = 200;
+// Example prompts per model; the reference digit models only understand digit captions.
+const EXAMPLES = {
+  "digits-image": ["a handwritten seven", "the number 3", "digit 0", "a bold eight", "an image of a 5"],
+  "digits-video": ["digit 3 moving left", "a seven moving up", "the number 1 moves right", "a handwritten two sliding down"],
+  image: ["a lighthouse on a cliff at dusk, oil painting", "a red fox in fresh snow, photo", "a bowl of ramen, studio light"],
+  video: ["waves rolling onto a beach at sunset", "a paper boat drifting down a stream", "timelapse of clouds over mountains"],
+};
+// Server `param` -> the form field that shows its error (the rest go to the general line).
+const PARAM_ALIASES = { seconds: "num_frames", n: null, response_format: null, output_format: null };
+
+const $ = (id) => document.getElementById(id);
+const state = { models: [], model: null, running: null, apiKey: sessionStorage.getItem("lesa-api-key") || "" };
+
+// ------------------------------------------------------------------------------------- API
+
+class ApiFailure extends Error {
+  constructor(status, body, headers) {
+    const err = (body && body.error) || {};
+    super(err.message || `HTTP ${status}`);
+    this.status = status;
+    this.param = err.param || null;
+    this.code = err.code || null;
+    this.retryAfter = headers ? headers.get("Retry-After") : null;
+  }
+}
+
+async function api(method, path, body, signal) {
+  const headers = {};
+  if (state.apiKey) headers.Authorization = `Bearer ${state.apiKey}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const type = response.headers.get("Content-Type") || "";
+  const data = type.includes("json") ? await response.json() : null;
+  if (!response.ok) throw new ApiFailure(response.status, data, response.headers);
+  return data;
+}
+
+// Outputs behind the API key cannot be an <img src>: fetch them with the header, show a blob URL.
+async function blobUrl(url) {
+  const path = new URL(url, location.href);
+  const headers = state.apiKey ? { Authorization: `Bearer ${state.apiKey}` } : {};
+  const response = await fetch(path.pathname + path.search, { headers });
+  if (!response.ok) {
+    let body = null;
+    try { body = await response.json(); } catch (_) { /* not JSON */ }
+    throw new ApiFailure(response.status, body, response.headers);
+  }
+  return URL.createObjectURL(await response.blob());
+}
+
+// ---------------------------------------------------------------------------------- errors
+
+function clearErrors() {
+  document.querySelectorAll(".error").forEach((el) => { el.textContent = ""; });
+  document.querySelectorAll("[aria-invalid]").forEach((el) => el.removeAttribute("aria-invalid"));
+  showBanner(null);
+}
+
+function showBanner(text, kind) {
+  const banner = $("banner");
+  banner.hidden = !text;
+  banner.textContent = text || "";
+  banner.dataset.kind = kind || "";
+}
+
+function showError(error) {
+  if (error.name === "AbortError") return;
+  if (!(error instanceof ApiFailure)) {
+    $("error-general").textContent = `Cannot reach the server: ${error.message}`;
+    return;
+  }
+  if (error.status === 429) {
+    const wait = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : "";
+    showBanner(`Server busy (429): ${error.message}.${wait}`, "busy");
+    return;
+  }
+  if (error.status === 503) {
+    showBanner(`Server not ready (503): ${error.message}`, "not-ready");
+    watchReadiness();
+    return;
+  }
+  if (error.status === 401) {
+    $("key-row").hidden = false;
+    showBanner(`API key required (401): ${error.message}`, "auth");
+    return;
+  }
+  const param = error.param in PARAM_ALIASES ? PARAM_ALIASES[error.param] : error.param;
+  const slot = param && document.querySelector(`.error[data-param="${CSS.escape(param)}"]`);
+  if (slot) {
+    slot.textContent = error.message;
+    const input = document.querySelector(`[name="${CSS.escape(param)}"]`);
+    if (input) input.setAttribute("aria-invalid", "true");
+  } else {
+    $("error-general").textContent = error.message;
+  }
+}
+
+// ------------------------------------------------------------------------- readiness, models
+
+let readinessTimer = null;
+
+async function checkReady() {
+  const pill = $("server-status");
+  try {
+    const response = await fetch("/readyz");
+    const body = await response.json();
+    const ready = response.ok;
+    pill.dataset.state = ready ? "ready" : "not-ready";
+    pill.textContent = ready ? "ready" : `not ready: ${Object.entries(body.checks || {})
+      .filter(([, v]) => v !== "ok").map(([k, v]) => `${k} ${v}`).join(", ")}`;
+    return ready;
+  } catch (error) {
+    pill.dataset.state = "not-ready";
+    pill.textContent = "server unreachable";
+    return false;
+  }
+}
+
+// While the server is starting (models loading) or failed, poll /readyz and load the models once ready.
+function watchReadiness() {
+  if (readinessTimer) return;
+  readinessTimer = setInterval(async () => {
+    if (await checkReady()) {
+      clearInterval(readinessTimer);
+      readinessTimer = null;
+      showBanner(null);
+      if (!state.models.length) loadModels();
+    }
+  }, 1000);
+}
+
+async function loadModels() {
+  try {
+    const list = await api("GET", "/v1/models");
+    state.models = list.data;
+  } catch (error) {
+    showError(error);
+    return;
+  }
+  const select = $("model");
+  select.replaceChildren(...state.models.map((m) => new Option(`${m.id} (${m.kind})`, m.id)));
+  if (state.models.length) selectModel(state.models[0].id);
+  document.body.dataset.state = "idle";
+}
+
+function fmt(value, digits = 2) {
+  return typeof value === "number" ? value.toFixed(digits) : "–";
+}
+
+function cardPsnr(quality) {
+  if (!quality) return null;
+  for (const key of ["psnr", "psnr_db", "psnr_vs_full", "psnr_mean"]) {
+    if (typeof quality[key] === "number") return quality[key];
+  }
+  return null;
+}
+
+function cardSpeedup(quality) {
+  if (!quality) return null;
+  for (const key of ["speedup_wall_b1", "speedup_wall_b8", "speedup", "realised_speedup"]) {
+    if (typeof quality[key] === "number") return quality[key];
+  }
+  return null;
+}
+
+function levelCard(model, level) {
+  const label = document.createElement("label");
+  label.className = "level";
+  const input = document.createElement("input");
+  Object.assign(input, { type: "radio", name: "acceleration", value: level.level });
+  const title = document.createElement("b");
+  title.textContent = level.level === "none" ? "none (full)" : level.level;
+  const detail = document.createElement("span");
+  detail.className = "card";
+  if (level.level === "none") {
+    detail.textContent = `all ${model.default_steps} steps in full`;
+  } else {
+    const lines = [`${level.full_steps}/${model.default_steps} full steps`];
+    const psnr = cardPsnr(level.quality);
+    if (level.lesa_available && psnr !== null) {
+      const speed = cardSpeedup(level.quality);
+      lines.push(`LESA: PSNR ${fmt(psnr, 1)} dB vs full`);
+      lines.push(speed !== null ? `${fmt(speed)}× measured` : `${fmt(level.theoretical_speedup)}× in steps`);
+      if (level.lesa_steps) lines.push(`trained @ ${level.lesa_steps} steps`);
+      detail.classList.add("measured");
+    } else {
+      lines.push(`${fmt(level.theoretical_speedup)}× in steps`);
+      lines.push(level.lesa_available ? "LESA, no quality card" : "TaylorSeer: no card");
+    }
+    // One line per fact: the cards are narrow.
+    detail.replaceChildren(...lines.map((text) => {
+      const line = document.createElement("span");
+      line.textContent = text;
+      return line;
+    }));
+  }
+  detail.title = level.quality ? JSON.stringify(level.quality, null, 1) : "";
+  label.append(input, title, detail);
+  return label;
+}
+
+function autoCard() {
+  const label = document.createElement("label");
+  label.className = "level";
+  const input = document.createElement("input");
+  Object.assign(input, { type: "radio", name: "acceleration", value: "auto" });
+  const title = document.createElement("b");
+  title.textContent = "auto";
+  const detail = document.createElement("span");
+  detail.className = "card";
+  detail.textContent = "fastest LESA level meeting the server's PSNR floor";
+  label.append(input, title, detail);
+  return label;
+}
+
+// The level a visitor most likely wants to see first: the fastest one with a measured LESA
+// card, else 5x (TaylorSeer), else whatever the server defaults to.
+function preferredLevel(model) {
+  const measured = model.acceleration.filter((l) => l.lesa_available && cardPsnr(l.quality) !== null);
+  if (measured.length) return measured.sort((a, b) => b.theoretical_speedup - a.theoretical_speedup)[0].level;
+  if (model.acceleration.some((l) => l.level === "5x")) return "5x";
+  return model.default_acceleration;
+}
+
+function selectModel(id) {
+  const model = state.models.find((m) => m.id === id);
+  state.model = model;
+  $("model").value = id;
+  $("model-info").textContent = `${model.kind} model · sizes ${model.sizes.join(", ")} · steps ` +
+    `${model.step_range[0]}–${model.step_range[1]} (default ${model.default_steps})` +
+    (model.kind === "video" ? ` · ${model.fps} fps` : "");
+  $("size").replaceChildren(...model.sizes.map((s) => new Option(s, s)));
+  $("frames-field").hidden = model.kind !== "video";
+  $("num_frames").replaceChildren(...(model.num_frames || []).map(
+    (f) => new Option(`${f} (${(f / (model.fps || 1)).toFixed(1)} s)`, String(f))));
+  $("steps").value = model.default_steps;
+  $("steps").placeholder = `${model.step_range[0]}–${model.step_range[1]}`;
+  $("guidance").value = model.default_guidance_scale;
+  const examples = EXAMPLES[model.id] || EXAMPLES[model.kind];
+  $("examples").replaceChildren(...examples.map((text) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = text;
+    button.addEventListener("click", () => { $("prompt").value = text; });
+    return button;
+  }));
+  if (!examples.includes($("prompt").value)) $("prompt").value = examples[0];
+  const levels = $("levels");
+  levels.replaceChildren(...model.acceleration.map((l) => levelCard(model, l)), autoCard());
+  const wanted = preferredLevel(model);
+  const radio = levels.querySelector(`input[value="${CSS.escape(wanted)}"]`) || levels.querySelector("input");
+  radio.checked = true;
+  updateButtons();
+}
+
+// ------------------------------------------------------------------------------ the request
+
+function intOrNull(id) {
+  const raw = $(id).value.trim();
+  return raw === "" ? null : Number(raw);
+}
+
+function requestBody() {
+  const model = state.model;
+  const body = {
+    model: model.id,
+    prompt: $("prompt").value,
+    size: $("size").value || null,
+    seed: intOrNull("seed"),
+    num_inference_steps: intOrNull("steps"),
+    guidance_scale: intOrNull("guidance"),
+    acceleration: (document.querySelector('input[name="acceleration"]:checked') || {}).value || null,
+    method: $("method").value || null,
+  };
+  if (model.kind === "video") body.num_frames = intOrNull("num_frames");
+  // null = "server default": leave the key out rather than send an explicit null.
+  return Object.fromEntries(Object.entries(body).filter(([, v]) => v !== null));
+}
+
+function updateButtons() {
+  const running = Boolean(state.running);
+  const level = (document.querySelector('input[name="acceleration"]:checked') || {}).value;
+  $("generate").disabled = running || !state.model;
+  // The comparison is made on lossless PNGs, so it is offered for image models only.
+  $("compare").disabled = running || !state.model || state.model.kind !== "image" || level === "none";
+  $("compare").title = state.model && state.model.kind !== "image"
+    ? "comparison with full compute is available for image models" : "";
+  $("cancel").disabled = !running;
+}
+
+function setRunning(job, text) {
+  state.running = job;
+  $("busy").hidden = !job;
+  $("busy").textContent = text || "";
+  document.body.dataset.state = job ? "running" : document.body.dataset.state;
+  updateButtons();
+}
+
+function finish(outcome) {
+  state.running = null;
+  $("busy").hidden = true;
+  document.body.dataset.state = outcome;
+  updateButtons();
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function showStats(lesa, clientMs) {
+  const rows = [
+    ["level", `${lesa.level}${lesa.requested_acceleration ? ` (asked: ${lesa.requested_acceleration})` : ""}`],
+    ["method", lesa.method],
+    ["steps", `${lesa.num_inference_steps}: ${lesa.full_steps ?? "–"} full, ${lesa.predicted_steps ?? "–"} predicted`],
+    ["realised speed-up", lesa.realised_speedup ? `${fmt(lesa.realised_speedup)}× (estimated on this run)` : "–"],
+    ["generation", `${fmt(lesa.generation_ms, 0)} ms (queue ${fmt(lesa.queue_ms, 0)} ms, page ${fmt(clientMs, 0)} ms)`],
+    ["seed", String(lesa.seed)],
+  ];
+  $("stats").replaceChildren(...rows.flatMap(([k, v]) => {
+    const dt = document.createElement("dt");
+    const dd = document.createElement("dd");
+    dt.textContent = k;
+    dd.textContent = v;
+    return [dt, dd];
+  }));
+}
+
+async function pollJob(job, path, onDone) {
+  const progress = $("progress");
+  for (;;) {
+    const current = await api("GET", path);
+    progress.value = current.progress || 0;
+    $("busy").textContent = `${current.status.replace("_", " ")} ${current.progress || 0}%`;
+    if (current.status === "completed") return onDone(current);
+    if (current.status === "failed") throw new Error(current.error ? current.error.message : "generation failed");
+    if (current.status === "cancelled") return "cancelled";
+    if (state.running !== job) return "cancelled";
+    await sleep(POLL_MS);
+  }
+}
+
+async function generate() {
+  clearErrors();
+  const model = state.model;
+  const body = requestBody();
+  const started = performance.now();
+  $("result").hidden = false;
+  $("output").replaceChildren();
+  $("stats").replaceChildren();
+  $("progress").hidden = false;
+  $("progress").value = 0;
+  const job = { kind: model.kind };
+  setRunning(job, "submitting…");
+  try {
+    let outcome;
+    if (model.kind === "image") {
+      const created = await api("POST", "/v1/images/jobs", body);
+      job.id = created.id;
+      job.cancelPath = `/v1/images/jobs/${created.id}`;
+      outcome = await pollJob(job, job.cancelPath, async (done) => {
+        const images = await Promise.all(done.result.data.map(async (d) => {
+          const img = new Image();
+          img.alt = done.prompt;
+          img.src = await blobUrl(d.url);
+          return img;
+        }));
+        $("output").replaceChildren(...images);
+        showStats(done.result.lesa, performance.now() - started);
+        return "done";
+      });
+    } else {
+      const created = await api("POST", "/v1/videos", body);
+      job.id = created.id;
+      job.cancelPath = `/v1/videos/${created.id}`;
+      outcome = await pollJob(job, job.cancelPath, async (done) => {
+        await showVideo(done);
+        showStats(done.lesa, performance.now() - started);
+        return "done";
+      });
+    }
+    $("progress").hidden = outcome === "done";
+    if (outcome === "cancelled") $("error-general").textContent = `Cancelled at ${$("progress").value}%.`;
+    finish(outcome);
+  } catch (error) {
+    showError(error);
+    finish("error");
+  }
+}
+
+// MP4 inline; if this browser cannot decode it (some headless builds lack H.264), the PNG
+// thumbnail (middle frame) stands in, with a link to download the MP4.
+async function showVideo(done) {
+  const thumb = await blobUrl(`/v1/videos/${done.id}/content?variant=thumbnail`);
+  const mp4 = await blobUrl(`/v1/videos/${done.id}/content`);
+  const video = document.createElement("video");
+  Object.assign(video, { src: mp4, poster: thumb, controls: true, autoplay: true, loop: true, muted: true });
+  video.playsInline = true;
+  const link = document.createElement("a");
+  link.href = mp4;
+  link.download = `${done.id}.mp4`;
+  link.textContent = "download MP4";
+  video.addEventListener("error", () => {
+    const img = new Image();
+    img.src = thumb;
+    img.alt = "middle frame (this browser cannot play the MP4)";
+    video.replaceWith(img);
+  });
+  $("output").replaceChildren(video, link);
+}
+
+async function compareWithFull() {
+  clearErrors();
+  const body = requestBody();
+  const controller = new AbortController();
+  const job = { kind: "compare", controller };
+  $("comparison").hidden = false;
+  $("cmp-caption").textContent = "running: accelerated, then full compute…";
+  for (const id of ["cmp-fast", "cmp-full"]) $(id).removeAttribute("src");
+  for (const id of ["cmp-speedup", "cmp-psnr", "cmp-fast-time", "cmp-full-time", "cmp-card", "cmp-fast-label"]) {
+    $(id).textContent = "";
+  }
+  setRunning(job, "comparing…");
+  try {
+    const result = await api("POST", "/v1/playground/compare", body, controller.signal);
+    const fast = result.accelerated;
+    $("cmp-fast").src = `data:image/png;base64,${fast.image}`;
+    $("cmp-full").src = `data:image/png;base64,${result.full.image}`;
+    $("cmp-fast-label").textContent = `${fast.lesa.level} · ${fast.lesa.method}`;
+    $("cmp-fast-time").textContent = `${fmt(fast.wall_ms, 0)} ms · ${fast.lesa.full_steps}/` +
+      `${fast.lesa.num_inference_steps} full steps`;
+    $("cmp-full-time").textContent = `${fmt(result.full.wall_ms, 0)} ms · ` +
+      `${result.full.lesa.num_inference_steps}/${result.full.lesa.num_inference_steps} full steps`;
+    $("cmp-speedup").textContent = `${fmt(result.speedup)}×`;
+    $("cmp-psnr").textContent = result.psnr_db >= 100 ? "identical" : `${fmt(result.psnr_db, 1)} dB`;
+    $("cmp-caption").textContent = `“${result.prompt}”, seed ${result.seed}`;
+    const card = result.quality_card;
+    $("cmp-card").textContent = card
+      ? `Benchmark card for this level: PSNR ${fmt(cardPsnr(card), 1)} dB, ` +
+        `${cardSpeedup(card) !== null ? `${fmt(cardSpeedup(card))}×` : "–"} (${card.measured_by || "benchmark"})`
+      : "No benchmark card for this level and step count: these figures are this run's own.";
+    finish("done");
+  } catch (error) {
+    $("cmp-caption").textContent = error.name === "AbortError" ? "cancelled" : "failed";
+    if (error.name === "AbortError") $("error-general").textContent = "Comparison cancelled.";
+    showError(error);
+    finish(error.name === "AbortError" ? "cancelled" : "error");
+  }
+}
+
+async function cancel() {
+  const job = state.running;
+  if (!job) return;
+  $("cancel").disabled = true;
+  if (job.kind === "compare") {
+    // Closing the request is the cancel: the server cancels both jobs when the client goes away.
+    job.controller.abort();
+    return;
+  }
+  if (!job.cancelPath) return; // not submitted yet; the poll loop will see it was abandoned
+  try {
+    await api("DELETE", job.cancelPath);
+  } catch (error) {
+    showError(error);
+  }
+}
+
+// ----------------------------------------------------------------------------------- wiring
+
+function randomSeed() {
+  $("seed").value = Math.floor(Math.random() * 1_000_000);
+}
+
+document.addEventListener("DOMContentLoaded", async () => {
+  document.body.dataset.state = "loading";
+  randomSeed();
+  $("model").addEventListener("change", (e) => selectModel(e.target.value));
+  $("levels").addEventListener("change", updateButtons);
+  $("random-seed").addEventListener("click", randomSeed);
+  $("form").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
+  $("compare").addEventListener("click", compareWithFull);
+  $("cancel").addEventListener("click", cancel);
+  $("save-key").addEventListener("click", () => {
+    state.apiKey = $("api-key").value.trim();
+    sessionStorage.setItem("lesa-api-key", state.apiKey);
+    $("key-row").hidden = true;
+    showBanner(null);
+    if (!state.models.length) loadModels();
+  });
+  updateButtons();
+  if (await checkReady()) {
+    loadModels();
+  } else {
+    showBanner("The server is not ready yet (models loading); this page will continue when it is.", "not-ready");
+    watchReadiness();
+  }
+});

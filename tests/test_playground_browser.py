@@ -1,0 +1,217 @@
+"""The playground in a real browser: Debian's headless Chromium driven by Selenium, against the
+real app on uvicorn (free port) with the real `digits-image` model and the embedded worker.
+
+Chromium and chromedriver are the system packages (`.ci/run` installs `chromium` and
+`chromium-driver`); nothing is downloaded: Selenium is given both paths, so Selenium Manager
+never runs. Few denoising steps keep it affordable on 2 shared CPU cores.
+
+The screenshot taken after the comparison goes to pytest's tmp dir; set
+`LESA_PLAYGROUND_SCREENSHOT=docs/playground.png` to refresh the README's picture.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from test_service_e2e import _weights_present, free_port
+
+from service.app import create_app
+from service.settings import Settings
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+MODEL = "digits-image"
+STEPS = 8  # cheap; the page's own default (the model's 50) would cost ~3 s per full run here
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+        reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver); "
+        ".ci/run installs them: apt-get install -y chromium chromium-driver",
+    ),
+    pytest.mark.skipif(not _weights_present(MODEL), reason=f"no {MODEL} checkpoint in lesa_models/weights"),
+]
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the test extras: pip install selenium")
+from selenium.webdriver.common.by import By  # noqa: E402 - after the importorskip above
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    import uvicorn
+
+    port = free_port()
+    settings = Settings(
+        _env_file=None, port=port, models=MODEL, warmup=True, warmup_steps=2, max_wait_ms=5,
+        default_level="none", sync_timeout_s=120,
+    )  # fmt: skip
+    uv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server not ready in time"
+        assert thread.is_alive(), "uvicorn exited"
+        time.sleep(0.2)
+    yield url
+    uv.should_exit = True
+    thread.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}", "--window-size=1280,900",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait(driver, condition, timeout: float = 90.0, message: str = ""):
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d), message)
+
+
+def loaded(driver, element_id: str) -> bool:
+    """An <img> with decoded pixels (not just a src)."""
+    return bool(
+        driver.execute_script(
+            "const i = document.querySelector(arguments[0]); return i && i.complete && i.naturalWidth > 0;",
+            element_id,
+        )
+    )
+
+
+def fill(driver, element_id: str, value: str) -> None:
+    element = driver.find_element(By.ID, element_id)
+    element.clear()
+    if value:
+        element.send_keys(value)
+
+
+def choose_level(driver, level: str) -> None:
+    driver.find_element(By.CSS_SELECTOR, f'#levels input[value="{level}"]').click()
+
+
+def field_error(driver, param: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, f'.error[data-param="{param}"]').text
+
+
+def open_page(driver, url: str) -> None:
+    driver.get(url + "/")
+    wait(driver, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle", 30,
+         "the page did not load the models")  # fmt: skip
+
+
+def test_page_loads_with_models_levels_and_examples(server_url: str, browser) -> None:
+    open_page(browser, server_url)
+    assert browser.title == "LESA playground"
+    assert browser.find_element(By.ID, "server-status").text == "ready"
+    models = [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options]
+    assert models == [MODEL]
+    levels = [e.get_attribute("value") for e in browser.find_elements(By.CSS_SELECTOR, "#levels input")]
+    assert levels == ["none", "2x", "3.3x", "5x", "6.25x", "auto"]
+    assert "full steps" in browser.find_element(By.CSS_SELECTOR, '#levels input[value="5x"] ~ .card').text
+    examples = browser.find_elements(By.CSS_SELECTOR, "#examples button")
+    assert len(examples) >= 3
+    examples[1].click()
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == examples[1].text
+    assert browser.find_element(By.ID, "steps").get_attribute("value") == "50"  # the model's default
+
+
+def test_invalid_input_shows_the_servers_message_next_to_the_field(server_url: str, browser) -> None:
+    open_page(browser, server_url)
+    fill(browser, "prompt", "")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: field_error(d, "prompt"), 30, "no error next to the prompt")
+    assert "prompt" in field_error(browser, "prompt")
+    assert browser.find_element(By.ID, "prompt").get_attribute("aria-invalid") == "true"
+
+    fill(browser, "prompt", "a seven")
+    fill(browser, "steps", "500")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: field_error(d, "num_inference_steps"), 30, "no error next to the steps")
+    # The server's own message (engine.resolve_image), not a page-side rule.
+    assert field_error(browser, "num_inference_steps") == "num_inference_steps must be in 4..100 for digits-image"
+    assert field_error(browser, "prompt") == ""  # the previous error was cleared
+
+    fill(browser, "steps", "8")
+    choose_level(browser, "none")
+    assert not browser.find_element(By.ID, "compare").is_enabled()  # nothing to compare at "none"
+
+
+def test_generation_shows_an_image_with_its_stats(server_url: str, browser) -> None:
+    open_page(browser, server_url)
+    fill(browser, "prompt", "a handwritten seven")
+    fill(browser, "steps", str(STEPS))
+    fill(browser, "seed", "7")
+    choose_level(browser, "5x")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: loaded(d, "#output img"), message="no image appeared")
+    stats = browser.find_element(By.ID, "stats").text
+    assert "5x" in stats and "taylorseer" in stats and "4 full, 4 predicted" in stats and "7" in stats
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done"
+    assert not browser.find_element(By.ID, "cancel").is_enabled()
+
+
+def test_cancel_stops_a_running_generation(server_url: str, browser) -> None:
+    open_page(browser, server_url)
+    fill(browser, "steps", "100")
+    choose_level(browser, "none")
+    browser.find_element(By.ID, "generate").click()
+    cancel = browser.find_element(By.ID, "cancel")
+    wait(browser, lambda d: cancel.is_enabled() and int(d.find_element(By.ID, "progress").get_attribute("value")) > 0,
+         60, "the job never started")  # fmt: skip
+    cancel.click()
+    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "cancelled", 30,
+         "the page never reported the cancellation")  # fmt: skip
+    assert browser.find_element(By.ID, "error-general").text.startswith("Cancelled at ")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#output img")
+
+
+def test_comparison_shows_both_images_speedup_and_psnr(server_url: str, browser, tmp_path: Path) -> None:
+    open_page(browser, server_url)
+    fill(browser, "prompt", "a handwritten seven")
+    fill(browser, "steps", "20")
+    fill(browser, "seed", "7")
+    choose_level(browser, "5x")
+    browser.find_element(By.ID, "compare").click()
+    wait(browser, lambda d: loaded(d, "#cmp-fast") and loaded(d, "#cmp-full"), message="comparison never shown")
+    speedup = browser.find_element(By.ID, "cmp-speedup").text
+    assert re.fullmatch(r"\d+\.\d\d×", speedup), speedup
+    assert re.fullmatch(r"\d+\.\d dB|identical", browser.find_element(By.ID, "cmp-psnr").text)
+    assert re.fullmatch(r"\d+ ms · 6/20 full steps", browser.find_element(By.ID, "cmp-fast-time").text)
+    assert re.fullmatch(r"\d+ ms · 20/20 full steps", browser.find_element(By.ID, "cmp-full-time").text)
+    assert browser.find_element(By.ID, "cmp-fast-label").text == "5x · taylorseer"
+    # The whole page in the picture: grow the window to the document (the clicks also scrolled it).
+    browser.set_window_size(1280, browser.execute_script("return document.documentElement.scrollHeight") + 140)
+    browser.execute_script("window.scrollTo(0, 0)")
+    screenshot = Path(os.environ.get("LESA_PLAYGROUND_SCREENSHOT") or tmp_path / "playground.png")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(screenshot))
