@@ -179,7 +179,9 @@ def measure_overhead(args: argparse.Namespace, null: bool) -> dict[str, Any]:
     direct, http, floor = [], [], []
     try:
         with httpx.Client(base_url=server.url, timeout=300) as client:
-            for i in range(args.overhead_warmup + args.overhead_requests):
+            # The null model is cheap: many more samples give a stable p50 of the server path alone.
+            requests = args.overhead_requests * (5 if null else 1)
+            for i in range(args.overhead_warmup + requests):
                 body = request_body(model, args.steps, seed=i)
                 spec = engine.resolve_image(ImageGenerationRequest(**body))
                 t0 = time.perf_counter()
@@ -236,7 +238,9 @@ def measure_throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
                 # One untimed round first: connections open, the worker is in its steady state.
                 asyncio.run(closed_loop(server.url, args.model, args.steps, clients, 1))
                 before = server.batch_stats()
-                wall, latencies = asyncio.run(closed_loop(server.url, args.model, args.steps, clients, args.rounds))
+                # At least 8 timed requests per point, so the 1-client figure is not 3 samples.
+                rounds = max(args.rounds, -(-8 // clients))
+                wall, latencies = asyncio.run(closed_loop(server.url, args.model, args.steps, clients, rounds))
                 after = server.batch_stats()
                 batches = after[1] - before[1]
                 rows.append({
@@ -294,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['model']} | {r['requests']} | {r['direct_p50_ms']} | {r['http_p50_ms']} | "
               f"{r['added_p50_ms']} | {r['added_paired_p50_ms']} | {r['http_floor_healthz_p50_ms']} |")  # fmt: skip
     if throughput:
-        print(f"\nThroughput, {args.model}, {args.steps} steps (closed loop, {args.rounds} requests per client)")
+        print(f"\nThroughput, {args.model}, {args.steps} steps, max_wait_ms {args.max_wait_ms} (closed loop)")
         print("| max_batch | clients | requests | images/s | p50 latency s | p95 latency s | mean batch |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in throughput:

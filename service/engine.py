@@ -211,7 +211,14 @@ class Engine:
                 for b in entry.bundles.values()
                 if b.num_steps == steps and b.psnr is not None and b.psnr >= self.settings.auto_min_psnr
             ]
-            if method not in (None, "lesa") or not candidates:
+            if method not in (None, "lesa"):
+                raise bad_request(
+                    f'"auto" chooses among measured LESA levels; to use method {method!r}, name a level '
+                    f"({', '.join(entry.levels)})",
+                    "acceleration",
+                    "auto_needs_lesa",
+                )
+            if not candidates:
                 # "auto" promises measured quality; only LESA bundles carry a measurement.
                 return "none", "none"
             best = max(candidates, key=lambda b: _theoretical_speedup(b.level, steps))

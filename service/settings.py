@@ -46,7 +46,11 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="run one tiny generation per model before reporting ready")
     warmup_steps: int = Field(4, ge=1, le=100)
-    default_level: str = Field("none", description="acceleration level when a request names none")
+    default_level: str = Field(
+        "auto",
+        description='acceleration level when a request names none; "auto" = the fastest LESA level whose '
+        "quality card meets auto_min_psnr, else none",
+    )
     auto_min_psnr: float = Field(
         28.0,
         description='"auto" picks the fastest level whose quality card PSNR (vs full compute) is at least this',

@@ -179,6 +179,7 @@ def test_url_format_and_content_endpoint(client: TestClient) -> None:
         ({"prompt": "x", "acceleration": "2x", "method": "lesa"}, 400, "method"),
         ({"prompt": "x", "acceleration": "5x", "method": "lesa", "num_inference_steps": 20}, 400, "method"),
         ({"prompt": "x", "method": "magic"}, 400, "method"),
+        ({"prompt": "x", "acceleration": "auto", "method": "taylorseer"}, 400, "acceleration"),
         ({"prompt": "x", "response_format": "gif"}, 400, "response_format"),
         ({"prompt": "x", "seed": -1}, 400, "seed"),
         ({"prompt": "   "}, 400, "prompt"),
@@ -284,26 +285,27 @@ def test_failed_generation_is_reported_and_server_keeps_serving(client: TestClie
 
 
 def test_compatible_jobs_are_batched_and_incompatible_ones_are_not() -> None:
-    s = settings(max_batch=8, max_wait_ms=300)
-    engine = make_engine(s)
+    s = settings(max_batch=8, max_wait_ms=50)
+    engine = make_engine(s, step_delay=0.04)
     with TestClient(create_app(s, engine=engine)) as client:
+        # An incompatible job (other size) keeps the worker busy while four compatible ones queue.
+        blocker = client.post("/v1/images/jobs", json={"prompt": "other", "size": "32x16"}).json()
+        wait_for(client, f"/v1/images/jobs/{blocker['id']}", {"in_progress"})
         results: list[dict] = []
 
-        def post(prompt: str, size: str) -> None:
-            body = {"prompt": prompt, "size": size, "seed": len(prompt)}
+        def post(i: int) -> None:
+            body = {"prompt": f"p{i}", "size": "16x16", "seed": i}
             results.append(client.post("/v1/images/generations", json=body).json())
 
-        threads = [threading.Thread(target=post, args=(f"p{'x' * i}", "16x16")) for i in range(4)]
-        threads.append(threading.Thread(target=post, args=("other", "32x16")))
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         calls = engine.models["fake-image"].pipe.calls
-        assert sorted(len(c["prompts"]) for c in calls) == [1, 4]
-        assert all(len({c["size"]}) == 1 for c in calls)
-        batch_sizes = sorted(r["lesa"]["batch_size"] for r in results)
-        assert batch_sizes == [1, 4, 4, 4, 4]
+        assert [(len(c["prompts"]), c["size"]) for c in calls] == [(1, (32, 16)), (4, (16, 16))]
+        assert sorted(r["lesa"]["batch_size"] for r in results) == [4, 4, 4, 4]
+        assert sorted(r["lesa"]["seed"] for r in results) == [0, 1, 2, 3]  # each job keeps its own seed
         metrics = client.get("/metrics").text
         assert 'lesa_batch_size_count{model="fake-image"} 2.0' in metrics
 

@@ -55,19 +55,35 @@ def test_batches_group_compatible_jobs_in_order_and_respect_max_batch() -> None:
     run(scenario())
 
 
-def test_claim_waits_max_wait_ms_for_compatible_arrivals() -> None:
+def test_batching_window_opens_only_under_concurrency() -> None:
     async def scenario() -> None:
         q = make_queue()
+        loop = asyncio.get_running_loop()
+
+        async def submit_later(seed: int, delay: float) -> None:
+            await asyncio.sleep(delay)
+            await q.submit(spec(seed=seed))
+
+        # A lone client: no wait (a fixed window would add max_wait_ms to every request).
         await q.submit(spec(seed=1))
-
-        async def late() -> None:
-            await asyncio.sleep(0.02)
-            await q.submit(spec(seed=2))
-
-        task = asyncio.create_task(late())
+        t0 = loop.time()
+        assert [j.spec.seed for j in await q.claim_batch("w", max_batch=4, max_wait_ms=500, timeout_s=1)] == [1]
+        assert loop.time() - t0 < 0.25
+        # Two arrivals close together: the window opens and catches a compatible late one.
+        await asyncio.sleep(0.6)
+        await q.submit(spec(seed=2))
+        await q.submit(spec(seed=3))
+        late = asyncio.create_task(submit_later(4, 0.05))
+        batch = await q.claim_batch("w", max_batch=4, max_wait_ms=500, timeout_s=1)
+        await late
+        assert [j.spec.seed for j in batch] == [2, 3, 4]
+        # The previous batch was concurrent, so the next claim waits too.
+        await asyncio.sleep(0.6)
+        await q.submit(spec(seed=5))
+        late = asyncio.create_task(submit_later(6, 0.05))
         batch = await q.claim_batch("w", max_batch=2, max_wait_ms=500, timeout_s=1)
-        await task
-        assert [j.spec.seed for j in batch] == [1, 2]
+        await late
+        assert [j.spec.seed for j in batch] == [5, 6]
 
     run(scenario())
 
