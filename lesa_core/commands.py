@@ -107,6 +107,12 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--phase2-epochs", type=int, default=TrainDefaults.phase2_epochs)
     train.add_argument("--batch-size", type=int, default=TrainDefaults.batch_size)
     train.add_argument("--lr", type=float, default=TrainDefaults.lr)
+    train.add_argument(
+        "--kan-hidden",
+        default="256,256",
+        help="KAN hidden widths (the paper: 256,256; the gain is one scalar per step)",
+    )
+    train.add_argument("--phase1-tokens", type=int, default=None, help="tokens sampled per batch in phase 1")
     train.add_argument("--per-branch", action="store_true", help="separate experts per CFG branch")
     train.add_argument(
         "--base",
@@ -144,6 +150,16 @@ def _record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(v) for v in text.split(","))
+    except ValueError as error:
+        raise CliError(f"--kan-hidden {text!r}: expected comma-separated widths like 256,256") from error
+    if not widths or min(widths) < 1:
+        raise CliError(f"--kan-hidden {text!r}: widths must be positive")
+    return widths
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
@@ -170,6 +186,8 @@ def _train_predictor(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         per_branch=args.per_branch,
+        phase1_tokens=args.phase1_tokens,
+        kan_hidden=_parse_widths(args.kan_hidden),
         base=args.base,
         seed=args.seed,
     )
