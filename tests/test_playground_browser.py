@@ -215,3 +215,108 @@ def test_comparison_shows_both_images_speedup_and_psnr(server_url: str, browser,
     screenshot = Path(os.environ.get("LESA_PLAYGROUND_SCREENSHOT") or tmp_path / "playground.png")
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(screenshot))
+
+
+# ------------------------------------------------------------------------------------------
+# Video, busy (429) and not-ready (503) on the fake pipeline of tests/test_service_api.py: no
+# video weights are committed, and a full queue or a starting server is easy to arrange there.
+# The browser, the HTTP server, the queue, the worker and the MP4 encoding are all real.
+
+
+@pytest.fixture(scope="module")
+def fake_server() -> Iterator[tuple[str, object]]:
+    import uvicorn
+    from test_service_api import make_engine, settings
+
+    port = free_port()
+    s = settings(max_backlog=1, sync_timeout_s=30)
+    app = create_app(s, engine=make_engine(s, step_delay=0.03))
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, name="uvicorn-fake", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "fake server not ready in time"
+        time.sleep(0.05)
+    yield url, app.state.services
+    uv.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_video_shows_progress_then_plays_inline(fake_server, browser) -> None:
+    url, _ = fake_server
+    open_page(browser, url)
+    Select(browser.find_element(By.ID, "model")).select_by_value("fake-video")
+    assert browser.find_element(By.ID, "frames-field").is_displayed()
+    assert not browser.find_element(By.ID, "compare").is_enabled()  # comparisons are for images
+    fill(browser, "steps", "60")  # ~2 s at 30 ms a step: long enough to watch the progress move
+    browser.find_element(By.ID, "generate").click()
+    seen: set[int] = set()
+
+    def progressed(d) -> bool:
+        seen.add(int(d.find_element(By.ID, "progress").get_attribute("value")))
+        return any(0 < p < 100 for p in seen)
+
+    wait(browser, progressed, 30, "no live progress")
+    assert "in progress" in browser.find_element(By.ID, "busy").text
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#output video, #output img"), 30, "no video")
+    # The MP4 decodes inline, or (a browser without H.264) the thumbnail stands in for it.
+    played = wait(
+        browser,
+        lambda d: d.execute_script(
+            "const v = document.querySelector('#output video');"
+            "if (v) return v.readyState >= 2 && v.videoWidth > 0 ? 'video' : false;"
+            "const i = document.querySelector('#output img'); return i && i.naturalWidth > 0 ? 'thumbnail' : false;"
+        ),
+        30,
+        "neither the video nor its thumbnail rendered",
+    )
+    assert played in ("video", "thumbnail")
+    assert "fake-video" not in browser.find_element(By.ID, "error-general").text
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done"
+
+
+def test_busy_server_429_is_shown_plainly(fake_server, browser) -> None:
+    url, _ = fake_server
+    open_page(browser, url)
+    body = {"prompt": "a one", "model": "fake-image", "num_inference_steps": 100}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        running = client.post("/v1/images/jobs", json=body).json()["id"]
+        deadline = time.monotonic() + 10
+        while client.get(f"/v1/images/jobs/{running}").json()["status"] != "in_progress":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        queued = client.post("/v1/images/jobs", json=body).json()["id"]  # fills the backlog of 1
+        try:
+            browser.find_element(By.ID, "generate").click()
+            banner = browser.find_element(By.ID, "banner")
+            wait(browser, lambda d: banner.is_displayed(), 10, "no busy banner")
+            assert banner.text.startswith("Server busy (429): the server is busy")
+            assert "Try again in" in banner.text
+            assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error"
+        finally:
+            for job in (queued, running):
+                client.delete(f"/v1/images/jobs/{job}")
+
+
+def test_not_ready_503_is_shown_and_the_page_recovers(fake_server, browser) -> None:
+    url, services = fake_server
+    services.engine.ready = False  # what a starting server looks like (models still warming up)
+    try:
+        browser.get(url + "/")
+        pill = browser.find_element(By.ID, "server-status")
+        wait(browser, lambda d: pill.get_attribute("data-state") == "not-ready", 10, "not-ready not shown")
+        assert "warming up" in pill.text
+        banner = browser.find_element(By.ID, "banner")
+        assert banner.is_displayed() and "not ready" in banner.text
+    finally:
+        services.engine.ready = True
+    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle", 10,
+         "the page did not load the models once the server was ready")  # fmt: skip
+    assert pill.text == "ready" and not banner.is_displayed()
