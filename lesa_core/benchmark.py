@@ -377,6 +377,11 @@ def _variants(config: BenchConfig, pipe: Any, notes: list[str]) -> list[Variant]
     if "none" in config.methods:
         variants.append(Variant("none", "none", CacheSchedule.every_step(steps), CacheConfig(method="none")))
     bundles_root = config.predictors_dir
+    # A bundle trained on another transformer class or width is reported, not run.
+    transformer = getattr(pipe, "transformer", None)
+    family = type(transformer).__name__ if transformer is not None else None
+    info = getattr(pipe, "info", None)
+    hidden_size = getattr(info, "hidden_size", None)
     if bundles_root is None and getattr(pipe, "root", None) is not None:
         bundles_root = Path(pipe.root) / "predictors"
     for method in config.methods:
@@ -407,7 +412,7 @@ def _variants(config: BenchConfig, pipe: Any, notes: list[str]) -> list[Variant]
                 notes.append(f"{method} skipped at {level}: no predictor given and the model has no bundle directory")
                 continue
             try:
-                predictor.check_compatible(schedule, family=None, hidden_size=None)
+                predictor.check_compatible(schedule, family=family, hidden_size=hidden_size)
             except BundleError as error:
                 notes.append(f"{method} skipped at {level}: {error}")
                 continue

@@ -219,6 +219,16 @@ def test_lesa_variants_load_their_own_bundles(image_pipe, tmp_path: Path) -> Non
     assert result.records[0]["forecaster"] == "lesa"
 
 
+def test_bundle_for_another_model_is_skipped_with_a_note(image_pipe, tmp_path: Path) -> None:
+    wrong = random_predictor(SCHEDULES["tiny4x"])
+    wrong.config.family = "WanTransformer3DModel"  # digits-image is a FLUX transformer
+    wrong.save_pretrained(tmp_path / "tiny4x")
+    config = tiny_config("digits-image", methods=["lesa"], levels=["tiny4x"], predictors_dir=tmp_path, batch_sizes=[1])
+    result = run_quality_benchmark(config, image_pipe, log=lambda _: None)
+    assert result.records == []
+    assert any("lesa skipped at tiny4x" in n and "WanTransformer3DModel" in n for n in result.notes)
+
+
 def test_target_checks_on_synthetic_records() -> None:
     def rec(method: str, level: str, mse: float, agreement: float = 1.0, wall: float | None = 4.8) -> dict:
         return dict(
