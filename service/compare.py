@@ -132,7 +132,12 @@ async def compare(
     # The engine validates it exactly like a generation request (same messages, same `param`).
     fast = engine.resolve_image(request)
     if fast.level == "none":
-        raise ApiError(400, "pick an acceleration level other than 'none' to compare with full compute",
+        why = (
+            "'auto' resolves to full compute here (no LESA level meets the PSNR floor at these steps)"
+            if body.acceleration == "auto"
+            else "level 'none' is full compute already"
+        )
+        raise ApiError(400, f"{why}: pick an acceleration level to compare with full compute",
                        param="acceleration", code="nothing_to_compare")  # fmt: skip
     # Same resolved seed, size, steps and guidance; only the acceleration differs.
     full = fast.model_copy(update={"level": "none", "method": "none"})

@@ -73,6 +73,8 @@ def test_compare_runs_both_with_one_seed_and_measures_them(client: TestClient) -
     assert body["quality_card"]["psnr"] == 31.5
     # A training-free method has no card: none is shown rather than the LESA one.
     assert compare(client, method="taylorseer").json()["quality_card"] is None
+    # "auto" at the bundle's step count resolves to the measured LESA level.
+    assert compare(client, acceleration="auto").json()["accelerated"]["lesa"]["level"] == "5x"
     # No seed: one random seed, used for both runs.
     body = compare(client).json()
     assert body["accelerated"]["lesa"]["seed"] == body["full"]["lesa"]["seed"] == body["seed"]
@@ -87,6 +89,7 @@ def test_compare_runs_both_with_one_seed_and_measures_them(client: TestClient) -
         ({"num_inference_steps": 2}, 400, "num_inference_steps"),
         ({"acceleration": "7x"}, 400, "acceleration"),
         ({"acceleration": "none"}, 400, "acceleration"),
+        ({"acceleration": "auto", "num_inference_steps": 20}, 400, "acceleration"),  # no bundle at 20: full
         ({"model": "fake-video"}, 400, "model"),
         ({"model": "nope"}, 404, "model"),
         ({"size": "64x64"}, 400, "size"),

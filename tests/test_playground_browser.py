@@ -16,6 +16,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -37,7 +38,6 @@ pytestmark = [
         reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver); "
         ".ci/run installs them: apt-get install -y chromium chromium-driver",
     ),
-    pytest.mark.skipif(not _weights_present(MODEL), reason=f"no {MODEL} checkpoint in lesa_models/weights"),
 ]
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the test extras: pip install selenium")
@@ -45,21 +45,17 @@ from selenium.webdriver.common.by import By  # noqa: E402 - after the importorsk
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
+@contextmanager
+def serving(app, port: int, ready_within_s: float) -> Iterator[str]:
+    """`app` on real uvicorn in a thread of this process (the model loads once per module)."""
     import uvicorn
 
-    port = free_port()
-    settings = Settings(
-        _env_file=None, port=port, models=MODEL, warmup=True, warmup_steps=2, max_wait_ms=5,
-        default_level="none", sync_timeout_s=120,
-    )  # fmt: skip
-    uv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, name="uvicorn", daemon=True)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
+    deadline = time.monotonic() + ready_within_s
+    while True:  # /healthz answers at once; /readyz once models are loaded and warm
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 break
@@ -67,10 +63,25 @@ def server_url() -> Iterator[str]:
             pass
         assert time.monotonic() < deadline, "server not ready in time"
         assert thread.is_alive(), "uvicorn exited"
-        time.sleep(0.2)
-    yield url
-    uv.should_exit = True
-    thread.join(timeout=60)
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    if not _weights_present(MODEL):  # only these tests need it; the fake-pipeline ones below run anyway
+        pytest.skip(f"no {MODEL} checkpoint in lesa_models/weights")
+    port = free_port()
+    settings = Settings(
+        _env_file=None, port=port, models=MODEL, warmup=True, warmup_steps=2, max_wait_ms=5,
+        default_level="none", sync_timeout_s=120,
+    )  # fmt: skip
+    with serving(create_app(settings), port, 240) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +186,8 @@ def test_generation_shows_an_image_with_its_stats(server_url: str, browser) -> N
     browser.find_element(By.ID, "generate").click()
     wait(browser, lambda d: loaded(d, "#output img"), message="no image appeared")
     stats = browser.find_element(By.ID, "stats").text
-    assert "5x" in stats and "taylorseer" in stats and "4 full, 4 predicted" in stats and "7" in stats
+    # taylorseer unless a LESA predictor trained for 8 steps is committed one day
+    assert "5x" in stats and re.search(r"\b(taylorseer|lesa)\b", stats) and "4 full, 4 predicted" in stats
     assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done"
     assert not browser.find_element(By.ID, "cancel").is_enabled()
 
@@ -208,9 +220,9 @@ def test_comparison_shows_both_images_speedup_and_psnr(server_url: str, browser,
     assert re.fullmatch(r"\d+\.\d dB|identical", browser.find_element(By.ID, "cmp-psnr").text)
     assert re.fullmatch(r"\d+ ms · 6/20 full steps", browser.find_element(By.ID, "cmp-fast-time").text)
     assert re.fullmatch(r"\d+ ms · 20/20 full steps", browser.find_element(By.ID, "cmp-full-time").text)
-    assert browser.find_element(By.ID, "cmp-fast-label").text == "5x · taylorseer"
+    assert re.fullmatch(r"5x · (taylorseer|lesa)", browser.find_element(By.ID, "cmp-fast-label").text)
     # The whole page in the picture: grow the window to the document (the clicks also scrolled it).
-    browser.set_window_size(1280, browser.execute_script("return document.documentElement.scrollHeight") + 140)
+    browser.set_window_size(1280, browser.execute_script("return document.documentElement.scrollHeight") + 200)
     browser.execute_script("window.scrollTo(0, 0)")
     screenshot = Path(os.environ.get("LESA_PLAYGROUND_SCREENSHOT") or tmp_path / "playground.png")
     screenshot.parent.mkdir(parents=True, exist_ok=True)
@@ -223,30 +235,18 @@ def test_comparison_shows_both_images_speedup_and_psnr(server_url: str, browser,
 # The browser, the HTTP server, the queue, the worker and the MP4 encoding are all real.
 
 
-@pytest.fixture(scope="module")
-def fake_server() -> Iterator[tuple[str, object]]:
-    import uvicorn
+def fake_app(**overrides):
     from test_service_api import make_engine, settings
 
-    port = free_port()
-    s = settings(max_backlog=1, sync_timeout_s=30)
-    app = create_app(s, engine=make_engine(s, step_delay=0.03))
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, name="uvicorn-fake", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "fake server not ready in time"
-        time.sleep(0.05)
-    yield url, app.state.services
-    uv.should_exit = True
-    thread.join(timeout=30)
+    s = settings(**overrides)
+    return create_app(s, engine=make_engine(s, step_delay=0.03))
+
+
+@pytest.fixture(scope="module")
+def fake_server() -> Iterator[tuple[str, object]]:
+    app = fake_app(max_backlog=1, sync_timeout_s=30)
+    with serving(app, free_port(), 30) as url:
+        yield url, app.state.services
 
 
 def test_video_shows_progress_then_plays_inline(fake_server, browser) -> None:
@@ -320,3 +320,28 @@ def test_not_ready_503_is_shown_and_the_page_recovers(fake_server, browser) -> N
     wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle", 10,
          "the page did not load the models once the server was ready")  # fmt: skip
     assert pill.text == "ready" and not banner.is_displayed()
+
+
+def test_api_key_is_asked_for_and_used_for_outputs(browser) -> None:
+    """With LESA_API_KEYS set the page loads, asks for a key on 401, and sends it with every call,
+    including the image download (an <img src> could not carry the header)."""
+    with serving(fake_app(api_keys="browser-key"), free_port(), 30) as url:
+        browser.get(url + "/")
+        key_row = browser.find_element(By.ID, "key-row")
+        wait(browser, lambda d: key_row.is_displayed(), 10, "the page did not ask for a key")
+        assert "API key required (401)" in browser.find_element(By.ID, "banner").text
+        fill(browser, "api-key", "browser-key")
+        browser.find_element(By.ID, "save-key").click()
+        wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle", 10,
+             "models not loaded with the key")  # fmt: skip
+        fill(browser, "steps", "8")
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, lambda d: loaded(d, "#output img"), 30, "no image with the key")
+        assert (
+            browser.find_element(By.ID, "output")
+            .find_element(By.TAG_NAME, "img")
+            .get_attribute("src")
+            .startswith("blob:")
+        )
+        # The key lives in this tab's sessionStorage only; leave the next test a clean slate.
+        browser.execute_script("sessionStorage.clear()")
