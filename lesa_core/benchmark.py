@@ -803,8 +803,19 @@ def _still(sample: np.ndarray) -> np.ndarray:
     return sample if sample.ndim == 2 else sample[len(sample) // 2]
 
 
-def write_grid(result: BenchResult, path: Path, seed_index: int = 0, scale: int = 6) -> Path:
-    """PNG: rows = methods (full compute first), columns = levels, all for one seed."""
+DIFF_GAIN = 8.0  # |sample - full| is small; amplified so a reader can see where the error sits
+
+
+def write_grid(result: BenchResult, path: Path, seed_index: int = 0, scale: int = 6, difference: bool = False) -> Path:
+    """PNG: rows = methods (full compute first), columns = levels, all for one seed.
+
+    With `difference`, each method's cell shows |sample - full compute| x DIFF_GAIN instead.
+    """
+    reference = _still(result.reference[seed_index])
+
+    def shown(sample: np.ndarray) -> np.ndarray:
+        return np.clip(np.abs(_still(sample) - reference) * DIFF_GAIN, 0, 1) if difference else _still(sample)
+
     levels = list(dict.fromkeys(level for (_, level) in result.samples if level != "none"))
     methods = list(dict.fromkeys(method for (method, _) in result.samples if method != "none"))
     rows, cells = [FULL], {}
@@ -815,7 +826,7 @@ def write_grid(result: BenchResult, path: Path, seed_index: int = 0, scale: int 
         for j, level in enumerate(levels):
             out = result.samples.get((method, level))
             if out is not None:
-                cells[(i, j)] = _still(out[seed_index])
+                cells[(i, j)] = shown(out[seed_index])
     if not levels:  # only `none` ran: one column
         levels = ["none"]
         cells = {(0, 0): _still(result.reference[seed_index])}
@@ -913,6 +924,7 @@ def write_outputs(result: BenchResult, out_dir: Path, json_path: Path | None = N
         "json": json_path,
         "markdown": markdown,
         "grid": write_grid(result, out_dir / f"{model}_grid.png"),
+        "difference_grid": write_grid(result, out_dir / f"{model}_grid_diff.png", difference=True),
         "plot": write_plot(result, out_dir / f"{model}_psnr_vs_speedup.png"),
     }
     if result.kind == "video":

@@ -173,7 +173,7 @@ def test_run_writes_json_markdown_and_pngs(image_pipe, tmp_path: Path) -> None:
     assert {"cpu", "torch_threads", "torch", "load_average_start", "date"} <= set(data["header"])
     table = Path(paths["markdown"]).read_text()
     assert "| taylorseer2 | tiny4x | 2/8 |" in table and "wall b2" in table
-    for key in ("grid", "plot"):
+    for key in ("grid", "difference_grid", "plot"):
         with Image.open(paths[key]) as image:
             assert image.format == "PNG" and image.width > 32
 
