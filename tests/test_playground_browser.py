@@ -249,6 +249,19 @@ def fake_server() -> Iterator[tuple[str, object]]:
         yield url, app.state.services
 
 
+def test_level_cards_show_the_measured_quality(fake_server, browser) -> None:
+    """A level with a trained predictor shows its card (the fake 5x bundle: PSNR 31.5, 1.6x)
+    and is the level the page preselects; the others say they have none."""
+    url, _ = fake_server
+    open_page(browser, url)
+    card = browser.find_element(By.CSS_SELECTOR, '#levels input[value="5x"] ~ .card')
+    assert "LESA: PSNR 31.5 dB vs full" in card.text and "1.60× measured" in card.text
+    assert "trained @ 8 steps" in card.text
+    assert browser.find_element(By.CSS_SELECTOR, '#levels input[value="5x"]').is_selected()
+    other = browser.find_element(By.CSS_SELECTOR, '#levels input[value="2x"] ~ .card').text
+    assert "TaylorSeer: no card" in other
+
+
 def test_video_shows_progress_then_plays_inline(fake_server, browser) -> None:
     url, _ = fake_server
     open_page(browser, url)
