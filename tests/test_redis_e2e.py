@@ -279,3 +279,26 @@ def test_redis_down_gives_503_and_everything_recovers_by_itself(tmp_path: Path, 
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_reference_model_through_redis_with_the_openai_client(tmp_path: Path, prefix: str, procs: list[Proc]) -> None:
+    """The real thing, once: `digits-image` loaded from the package weights by a real API and a
+    real `lesa worker`, requests from the official `openai` client (plain and accelerated)."""
+    openai = pytest.importorskip("openai")
+    env = dict(LESA_MODELS="digits-image", LESA_TEST_REAL_ENGINE="1")
+    api = start_api(tmp_path, prefix, **env)
+    procs.append(api)
+    procs += start_workers(tmp_path, prefix, ["real"], cli=True, real_model=True, **env)
+    client = openai.OpenAI(base_url=api.url + "/v1", api_key="unused", timeout=300, max_retries=0)
+    for acceleration in ("none", "2x"):
+        result = client.images.generate(
+            model="digits-image",
+            prompt="a handwritten seven",
+            n=2,
+            extra_body={"num_inference_steps": 4, "acceleration": acceleration, "seed": 7},
+        )
+        assert len(result.data) == 2
+        assert all(base64.b64decode(d.b64_json)[:4] == b"\x89PNG" for d in result.data)
+        lesa = result.model_extra["lesa"]
+        assert lesa["level"] == acceleration and lesa["batch_size"] == 2
+        assert lesa["full_steps"] + lesa["predicted_steps"] == 4

@@ -203,14 +203,18 @@ def start_api(tmp: Path, prefix: str, name: str = "api", **env: str) -> Proc:
     return proc
 
 
-def start_workers(tmp: Path, prefix: str, names: list[str], *, cli: bool = False, **env: str) -> list[Proc]:
+def start_workers(
+    tmp: Path, prefix: str, names: list[str], *, cli: bool = False, real_model: bool = False, **env: str
+) -> list[Proc]:
     """Worker processes, started in parallel and ready (models loaded, Redis reached).
 
-    `cli=True`: the real `lesa worker` command. Otherwise `python -m service.worker_cli`: the
+    `cli=True`: the real `lesa worker` command. `real_model=True`: the models from settings
+    (`Engine.load`, e.g. LESA_MODELS=digits-image) instead of the test pipeline. Otherwise `python -m service.worker_cli`: the
     same code without the `lesa` dispatcher, which imports every package's commands (torch
     included) and costs several seconds per process on 2 cores.
     """
     command = [LESA, "worker"] if cli and _lesa_has_worker() else [PYTHON, "-m", "service.worker_cli"]
+    engine = "" if real_model else "test_redis_support:make_engine"  # "": Engine.load from settings
     procs = []
     for name in names:
         port = free_port()
@@ -219,7 +223,7 @@ def start_workers(tmp: Path, prefix: str, names: list[str], *, cli: bool = False
                 [*command, "--name", name, "--metrics-port", str(port)],
                 # Warm-up on: the one-off imports of a first generation (torch, encoders) happen
                 # before /readyz, not inside a timed or visibility-timeout-sensitive batch.
-                base_env(prefix, LESA_WORKER_ENGINE="test_redis_support:make_engine", LESA_WARMUP="true", **env),
+                base_env(prefix, LESA_WORKER_ENGINE=engine, LESA_WARMUP="true", **env),
                 tmp / f"worker-{name}.log",
                 port,
             )
@@ -291,7 +295,9 @@ def _serve(port: int) -> None:
     from service.settings import Settings
 
     settings = Settings(port=port)
-    app = create_app(settings, engine=make_engine(settings))
+    # LESA_TEST_REAL_ENGINE=1: the models from settings (Engine.load), exactly as `lesa serve`.
+    engine = None if os.environ.get("LESA_TEST_REAL_ENGINE") == "1" else make_engine(settings)
+    app = create_app(settings, engine=engine)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
