@@ -230,29 +230,46 @@ async def closed_loop(url: str, model: str, steps: int, clients: int, per_client
 
 
 def measure_throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
-    for max_batch in args.max_batch:
-        server = ServerProcess(args, max_batch=max_batch)
-        try:
+    """Every max_batch server runs at once and the points are interleaved, repeated
+    `--repeats` times: background load on a shared machine then hits every configuration alike
+    instead of whichever happened to run during a busy minute."""
+    servers = {}
+    try:
+        for max_batch in args.max_batch:
+            servers[max_batch] = ServerProcess(args, max_batch=max_batch)
+        samples: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for repeat in range(args.repeats):
             for clients in args.concurrency:
-                # One untimed round first: connections open, the worker is in its steady state.
-                asyncio.run(closed_loop(server.url, args.model, args.steps, clients, 1))
-                before = server.batch_stats()
-                # At least 8 timed requests per point, so the 1-client figure is not 3 samples.
-                rounds = max(args.rounds, -(-8 // clients))
-                wall, latencies = asyncio.run(closed_loop(server.url, args.model, args.steps, clients, rounds))
-                after = server.batch_stats()
-                batches = after[1] - before[1]
-                rows.append({
-                    "max_batch": max_batch, "clients": clients, "requests": len(latencies),
-                    "wall_s": round(wall, 3), "images_per_s": round(len(latencies) / wall, 3),
-                    "p50_latency_s": round(percentile(latencies, 0.5), 3),
-                    "p95_latency_s": round(percentile(latencies, 0.95), 3),
-                    "mean_batch": round((after[0] - before[0]) / batches, 2) if batches else None,
-                })  # fmt: skip
-                print(f"  max_batch={max_batch} clients={clients}: {rows[-1]['images_per_s']} images/s", flush=True)
-        finally:
+                for max_batch, server in servers.items():
+                    # One untimed round first: connections open, the worker is in its steady state.
+                    asyncio.run(closed_loop(server.url, args.model, args.steps, clients, 1))
+                    before = server.batch_stats()
+                    # At least 8 timed requests per point, so the 1-client figure is not 3 samples.
+                    rounds = max(args.rounds, -(-8 // clients))
+                    wall, latencies = asyncio.run(closed_loop(server.url, args.model, args.steps, clients, rounds))
+                    after = server.batch_stats()
+                    batches = after[1] - before[1]
+                    samples.setdefault((max_batch, clients), []).append({
+                        "wall": wall, "latencies": latencies,
+                        "mean_batch": (after[0] - before[0]) / batches if batches else None,
+                    })  # fmt: skip
+                    print(f"  [{repeat + 1}/{args.repeats}] max_batch={max_batch} clients={clients}: "
+                          f"{len(latencies) / wall:.3f} images/s", flush=True)  # fmt: skip
+    finally:
+        for server in servers.values():
             server.stop()
+    rows = []
+    for (max_batch, clients), runs in sorted(samples.items()):
+        rates = [len(r["latencies"]) / r["wall"] for r in runs]
+        latencies = [x for r in runs for x in r["latencies"]]
+        batches = [r["mean_batch"] for r in runs if r["mean_batch"] is not None]
+        rows.append({
+            "max_batch": max_batch, "clients": clients, "requests": len(latencies),
+            "images_per_s": round(statistics.median(rates), 3), "images_per_s_runs": [round(v, 3) for v in rates],
+            "p50_latency_s": round(percentile(latencies, 0.5), 3),
+            "p95_latency_s": round(percentile(latencies, 0.95), 3),
+            "mean_batch": round(statistics.mean(batches), 2) if batches else None,
+        })  # fmt: skip
     return rows
 
 
@@ -262,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="denoising steps per request")
     parser.add_argument("--concurrency", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 8])
     parser.add_argument("--max-batch", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8])
-    parser.add_argument("--max-wait-ms", type=float, default=20.0)
+    parser.add_argument("--max-wait-ms", type=float, default=50.0)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions of the throughput grid")
     parser.add_argument("--rounds", type=int, default=3, help="requests per client per measurement")
     parser.add_argument("--overhead-requests", type=int, default=30)
     parser.add_argument("--overhead-warmup", type=int, default=3)
@@ -299,11 +317,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['added_p50_ms']} | {r['added_paired_p50_ms']} | {r['http_floor_healthz_p50_ms']} |")  # fmt: skip
     if throughput:
         print(f"\nThroughput, {args.model}, {args.steps} steps, max_wait_ms {args.max_wait_ms} (closed loop)")
-        print("| max_batch | clients | requests | images/s | p50 latency s | p95 latency s | mean batch |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| max_batch | clients | requests | images/s (median of runs) | runs | p50 latency s | p95 latency s "
+              "| mean batch |")  # fmt: skip
+        print("| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
         for r in throughput:
             print(f"| {r['max_batch']} | {r['clients']} | {r['requests']} | {r['images_per_s']} | "
-                  f"{r['p50_latency_s']} | {r['p95_latency_s']} | {r['mean_batch']} |")  # fmt: skip
+                  f"{', '.join(map(str, r['images_per_s_runs']))} | {r['p50_latency_s']} | {r['p95_latency_s']} | "
+                  f"{r['mean_batch']} |")  # fmt: skip
         by = {(r["max_batch"], r["clients"]): r["images_per_s"] for r in throughput}
         for clients in args.concurrency:
             lo, hi = by.get((min(args.max_batch), clients)), by.get((max(args.max_batch), clients))

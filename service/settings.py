@@ -59,7 +59,12 @@ class Settings(BaseSettings):
     # ---- queue and worker ----
     embedded_worker: bool = Field(True, description="run a worker inside the API process (local demo default)")
     max_batch: int = Field(8, ge=1, le=64, description="most samples per batched generation")
-    max_wait_ms: float = Field(10.0, ge=0, description="how long a worker waits for compatible jobs before starting")
+    max_wait_ms: float = Field(
+        50.0,
+        ge=0,
+        description="how long a worker waits for compatible jobs before starting a batch (only when "
+        "requests are arriving concurrently: a lone client never waits)",
+    )
     max_backlog: int = Field(256, ge=1, description="queued jobs beyond which requests get 429")
     result_ttl_s: float = Field(3600.0, gt=0, description="how long finished jobs and outputs are kept")
     max_jobs_kept: int = Field(1000, ge=1, description="in-process queue: most finished jobs remembered")

@@ -335,3 +335,49 @@ def test_metrics_probes_and_docs(client: TestClient) -> None:
     image_fields = schema["components"]["schemas"]["ImageGenerationRequest"]["properties"]
     assert all("description" in f for f in image_fields.values())
     assert "multipart/form-data" in schema["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
+
+
+@pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the client's notice, not ours
+def test_official_openai_client_videos_lifecycle() -> None:
+    """The official client's `videos` resource (multipart create, retrieve, list, download, delete)
+    against real uvicorn; the fake video model keeps it fast (the real one is in the e2e tests)."""
+    openai = pytest.importorskip("openai")
+    import socket
+
+    import uvicorn
+
+    if not hasattr(openai.OpenAI, "videos"):
+        pytest.skip("this openai client has no videos resource")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    s = settings(port=port, api_keys="sk-test")
+    server = uvicorn.Server(uvicorn.Config(create_app(s, engine=make_engine(s)), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test", max_retries=0)
+        video = client.videos.create(
+            model="fake-video", prompt="a five", seconds="1",  # type: ignore[arg-type]
+            size="32x16",  # type: ignore[arg-type]
+            extra_body={"seed": 5, "num_inference_steps": 6, "acceleration": "2x"},
+        )  # fmt: skip
+        assert video.object == "video" and video.size == "32x16" and video.seconds == "1"
+        while video.status in ("queued", "in_progress"):
+            time.sleep(0.02)
+            video = client.videos.retrieve(video.id)
+        assert video.status == "completed" and video.progress == 100
+        assert video.model_extra["lesa"]["level"] == "2x" and video.model_extra["lesa"]["seed"] == 5
+        assert client.videos.download_content(video.id).content[4:8] == b"ftyp"
+        assert client.videos.download_content(video.id, variant="thumbnail").content.startswith(b"\x89PNG")
+        assert [v.id for v in client.videos.list(limit=10).data] == [video.id]
+        with pytest.raises(openai.BadRequestError):
+            client.videos.create(model="fake-video", prompt="x", size="720x1280")  # type: ignore[arg-type]
+        assert client.videos.delete(video.id).deleted
+        with pytest.raises(openai.NotFoundError):
+            client.videos.retrieve(video.id)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

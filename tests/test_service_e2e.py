@@ -118,6 +118,7 @@ def test_http_image_generation_reports_what_ran(server: Server) -> None:
         assert f'lesa_denoising_steps_total{{kind="predicted",level="5x",model="{MODEL}"}}' in metrics
 
 
+@pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the client's notice, not ours
 def test_official_openai_client(server: Server) -> None:
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
