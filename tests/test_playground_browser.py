@@ -218,6 +218,7 @@ def test_comparison_shows_both_images_speedup_and_psnr(server_url: str, browser,
     speedup = browser.find_element(By.ID, "cmp-speedup").text
     assert re.fullmatch(r"\d+\.\d\d×", speedup), speedup
     assert re.fullmatch(r"\d+\.\d dB|identical", browser.find_element(By.ID, "cmp-psnr").text)
+    assert browser.find_element(By.ID, "cmp-theory").text == "(3.33× fewer full steps)"
     assert re.fullmatch(r"\d+ ms · 6/20 full steps", browser.find_element(By.ID, "cmp-fast-time").text)
     assert re.fullmatch(r"\d+ ms · 20/20 full steps", browser.find_element(By.ID, "cmp-full-time").text)
     assert re.fullmatch(r"5x · (taylorseer|lesa)", browser.find_element(By.ID, "cmp-fast-label").text)
@@ -358,3 +359,32 @@ def test_api_key_is_asked_for_and_used_for_outputs(browser) -> None:
         )
         # The key lives in this tab's sessionStorage only; leave the next test a clean slate.
         browser.execute_script("sessionStorage.clear()")
+
+
+def test_cancelling_a_comparison_cancels_its_server_job(fake_server, browser) -> None:
+    """Cancel aborts the compare request; the server notices the closed connection and cancels
+    the job it was waiting for, so an abandoned comparison does not keep the worker busy."""
+    import asyncio
+
+    url, services = fake_server
+    open_page(browser, url)
+    fill(browser, "steps", "100")  # 3 s a run on the fake pipeline
+    browser.find_element(By.ID, "compare").click()
+
+    def jobs():
+        # Read from this thread while the server's thread may add a job: retry a torn read.
+        for _ in range(10):
+            try:
+                return asyncio.run(services.queue.list(kind="image", limit=5))[0]
+            except RuntimeError:  # dictionary changed size during iteration
+                time.sleep(0.01)
+        raise AssertionError("could not read the job list")
+
+    wait(browser, lambda d: any(j.status == "in_progress" and j.spec.level == "5x" for j in jobs()), 10)
+    job_id = next(j.id for j in jobs() if j.status == "in_progress")
+    browser.find_element(By.ID, "cancel").click()
+    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "cancelled", 10)
+    assert browser.find_element(By.ID, "error-general").text == "Comparison cancelled."
+    wait(browser, lambda d: next(j for j in jobs() if j.id == job_id).status == "cancelled", 10,
+         "the server did not cancel the abandoned comparison's job")  # fmt: skip
+    assert not any(j.spec.level == "none" for j in jobs() if j.status != "cancelled")  # full run never started
