@@ -34,7 +34,9 @@ incompatible entries it has read in a small local carry-over list (bounded by `m
 starts them first in its next batch. They stay in the PEL meanwhile: if the worker dies, or is
 slower than the visibility timeout, another worker takes them (the start script checks the worker
 still owns an entry, so nobody runs a job that was handed to someone else). On shutdown the
-carry-over is released for other workers at once.
+carry-over is released for other workers at once. The `max_wait_ms` window for compatible late
+arrivals opens only under concurrency (previous batch held several jobs, or others were waiting),
+so a lone client never pays it.
 
 Not supported: Redis Cluster (the scripts touch a few keys they derive instead of declare).
 """
@@ -395,6 +397,8 @@ class RedisJobQueue(JobQueue):
         self._carry: dict[str, list[_Entry]] = {}  # worker id -> delivered, not started
         self._active: dict[str, tuple[str, str, float]] = {}  # job id -> (worker, entry, last heartbeat)
         self._last_reclaim = 0.0
+        self._last_batch: dict[str, int] = {}  # consumer -> jobs in its previous batch
+        self._last_seen: dict[str, float] = {}  # consumer -> last heartbeat written to <p>:workers
         self._last_housekeeping = 0.0
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task[None] | None = None
@@ -803,7 +807,10 @@ class RedisJobQueue(JobQueue):
             if self.draining:
                 await self.release(worker_id, consumer=True)
                 return []
-            await self._redis.zadd(self.k_workers, {worker_id: time.time()})
+            now = time.time()
+            if now - self._last_seen.get(worker_id, 0.0) >= 1.0:  # liveness for Retry-After; 1/s is plenty
+                await self._redis.zadd(self.k_workers, {worker_id: now})
+                self._last_seen[worker_id] = now
             await self._reclaim(worker_id, carry, limit=max_batch)
             if not carry:
                 remaining = deadline - time.monotonic()
@@ -820,17 +827,21 @@ class RedisJobQueue(JobQueue):
             samples = head.spec.n
 
             samples = _take_compatible(carry, chosen, key, samples, max_batch)
-            wait_until = time.monotonic() + max_wait_ms / 1000.0
-            first = True
-            # Read more only while there is room, and stop hoarding incompatible entries that
-            # another worker could be running (the carry-over is bounded by max_batch).
+            # Entries already in the stream join for free (one non-blocking read), within room and
+            # without hoarding: the carry-over is bounded by max_batch, others may run the rest.
+            if samples < max_batch and len(carry) - len(chosen) < max_batch:
+                await self._read_new(worker_id, carry, count=max_batch - samples, block_s=None)
+                samples = _take_compatible(carry, chosen, key, samples, max_batch)
+            # The max_wait_ms window opens only when there is concurrency to exploit (as the
+            # in-process queue does): this consumer's previous batch held several jobs, or other
+            # jobs were waiting with this one. A lone client never pays the window.
+            concurrent = self._last_batch.get(worker_id, 0) > 1 or len(carry) > 1
+            wait_until = time.monotonic() + (max_wait_ms / 1000.0 if concurrent else 0.0)
             while samples < max_batch and len(carry) - len(chosen) < max_batch:
                 remaining = wait_until - time.monotonic()
-                if remaining <= 0 and not first:
+                if remaining <= 0:
                     break
-                # The first read never blocks: entries already in the stream join for free.
-                await self._read_new(worker_id, carry, count=max_batch - samples, block_s=None if first else remaining)
-                first = False
+                await self._read_new(worker_id, carry, count=max_batch - samples, block_s=remaining)
                 samples = _take_compatible(carry, chosen, key, samples, max_batch)
 
             if self.draining:
@@ -858,6 +869,7 @@ class RedisJobQueue(JobQueue):
                     self._active[entry.job_id] = (worker_id, entry.entry_id, time.monotonic())
             jobs = [j for j in await self._get_many(started) if j is not None]
             if jobs:
+                self._last_batch[worker_id] = len(jobs)
                 return jobs
             if time.monotonic() >= deadline and not carry:
                 return []
