@@ -638,16 +638,22 @@ class RedisJobQueue(JobQueue):
         order: Literal["asc", "desc"] = "desc",
     ) -> tuple[list[Job], bool]:
         index = self.k_index if kind is None else f"{self.k_index}:{kind}"
-        ids = [i.decode() for i in await self._redis.zrange(index, 0, -1, desc=order == "desc")]
+        desc = order == "desc"
+        start = 0
         if after is not None:
-            ids = ids[ids.index(after) + 1 :] if after in ids else []
+            # Rank lookups are O(log n): pages never read the whole index.
+            rank = await (self._redis.zrevrank if desc else self._redis.zrank)(index, after)
+            if rank is None:
+                return [], False
+            start = rank + 1
         page: list[Job] = []
         gone: list[str] = []
-        position = 0
         # Fetch in chunks: some ids may have expired (their hashes are gone); prune those.
-        while position < len(ids) and len(page) <= limit:
-            chunk = ids[position : position + limit + 1]
-            position += len(chunk)
+        while len(page) <= limit:
+            chunk = [i.decode() for i in await self._redis.zrange(index, start, start + limit, desc=desc)]
+            if not chunk:
+                break
+            start += len(chunk)
             for job_id, job in zip(chunk, await self._get_many(chunk), strict=True):
                 if job is None:
                     gone.append(job_id)

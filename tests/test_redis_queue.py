@@ -194,3 +194,28 @@ def test_unreachable_redis_raises_queue_unavailable_quickly() -> None:
         await q.close()
 
     asyncio.run(scenario())
+
+
+def test_list_pages_by_cursor_skips_expired_jobs_and_filters_by_kind(prefix: str) -> None:
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix)
+        ids = [(await q.submit(spec(seed=i))).id for i in range(5)]
+        video = await q.submit(spec(kind="video", num_frames=9, seed=9))
+        await q._redis.delete(q._k_job(ids[2]))  # as if its TTL ran out
+        seen: list[str] = []
+        after = None
+        while True:
+            page, more = await q.list(kind="image", after=after, limit=2, order="asc")
+            seen += [j.id for j in page]
+            if not more:
+                break
+            after = page[-1].id
+        assert seen == [ids[0], ids[1], ids[3], ids[4]]
+        assert [j.id for j in (await q.list(kind="video"))[0]] == [video.id]
+        newest, more = await q.list(limit=1)
+        assert [j.id for j in newest] == [video.id] and more
+        assert await q._redis.zscore(q.k_index, ids[2]) is None  # pruned from the index
+        assert await q.list(after="job_unknown") == ([], False)
+        await q.close()
+
+    asyncio.run(scenario())
