@@ -83,9 +83,9 @@ def _load(name: str) -> Any:
 def resolve_acceleration(pipe: Any, level: str, steps: int, method: str = "lesa", predictor: Path | None = None) -> Any:
     """CacheConfig for a named lesa_core level, or None for full compute.
 
-    This is the one place the CLI turns `--acceleration` into hooks; LESA needs a predictor bundle
-    trained for the exact schedule (looked up next to the model as `lesa/<schedule name>` when no
-    `--predictor` is given).
+    This is the one place the CLI turns `--acceleration` into hooks. LESA needs a predictor bundle
+    trained for the exact schedule: `--predictor`, else `<model dir>/predictors/<level>/` (the
+    weights-tree layout deploy/models.toml and the service use).
     """
     if level == "none":
         return None
@@ -98,12 +98,14 @@ def resolve_acceleration(pipe: Any, level: str, steps: int, method: str = "lesa"
     if method != "lesa":
         return lesa_core.CacheConfig(method=method, schedule=schedule)
     if predictor is None:
-        bundles = Path(pipe.bundle_root) if hasattr(pipe, "bundle_root") else None
-        raise CliError(
-            f"--acceleration {level} with --method lesa needs --predictor BUNDLE "
-            f"(no bundle registered for {pipe.name}{'' if bundles is None else f' under {bundles}'}); "
-            "or use --method taylorseer|reuse"
-        )
+        root = getattr(pipe, "root", None)
+        candidate = None if root is None else Path(root) / "predictors" / level
+        if candidate is None or not candidate.is_dir():
+            raise CliError(
+                f"--acceleration {level} with --method lesa needs a predictor bundle: none at {candidate}; "
+                "pass --predictor BUNDLE or use --method taylorseer|reuse"
+            )
+        predictor = candidate
     try:
         bundle = lesa_core.StagePredictor.from_pretrained(predictor)
     except Exception as error:  # a user-supplied path: report it as one line

@@ -169,8 +169,14 @@ def render_clip(digit8: np.ndarray, direction: str, start: tuple[int, int], fram
     return clip
 
 
-def random_start(direction: str, rng: random.Random, frames: int = VIDEO_FRAMES) -> tuple[int, int]:
-    """A start position keeping the whole track inside the canvas."""
+def random_start(
+    direction: str, rng: random.Random, frames: int = VIDEO_FRAMES, centred: bool = False
+) -> tuple[int, int]:
+    """A start position keeping the whole track inside the canvas.
+
+    `centred` keeps a still axis within one pixel of the canvas centre: every direction then has
+    (nearly) one track, which the small video model learns several times faster.
+    """
     dx, dy = DIRECTIONS[direction]
     span = VIDEO_SIZE - DIGIT_SIZE  # positions 0..span
     travel = frames - 1
@@ -180,6 +186,8 @@ def random_start(direction: str, rng: random.Random, frames: int = VIDEO_FRAMES)
             return rng.randint(0, span - travel)
         if d < 0:
             return rng.randint(travel, span)
+        if centred:
+            return rng.randint(span // 2 - 1, span // 2 + 1)
         return rng.randint(0, span)
 
     return axis(dx), axis(dy)
@@ -202,7 +210,7 @@ def all_video_captions() -> list[str]:
 
 
 def sample_video_batch(
-    split: DigitSplit, batch: int, rng: random.Random
+    split: DigitSplit, batch: int, rng: random.Random, centred: bool = False
 ) -> tuple[torch.Tensor, list[str], list[int], list[str]]:
     """Clips [B, F, 16, 16] in [0, 1], captions, digit labels, direction names."""
     clips, captions, labels, directions = [], [], [], []
@@ -210,7 +218,7 @@ def sample_video_batch(
     for _ in range(batch):
         i = rng.randrange(len(split.labels))
         direction = rng.choice(names)
-        clips.append(render_clip(split.images[i], direction, random_start(direction, rng)))
+        clips.append(render_clip(split.images[i], direction, random_start(direction, rng, centred=centred)))
         labels.append(int(split.labels[i]))
         directions.append(direction)
         captions.append(video_caption(labels[-1], direction, rng))

@@ -115,3 +115,12 @@ def clip_strip(clips: np.ndarray, pad: int = 1) -> np.ndarray:
     """[N, F, H, W] clips -> [F, H', W']: the clips side by side, frame by frame (one animated row each)."""
     clips = np.asarray(clips, dtype=np.float32)
     return np.stack([grid(clips[:, f], rows=1, pad=pad) for f in range(clips.shape[1])])
+
+
+# Names the service's media module looks up (service/media.py delegates to these when present).
+def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
+    return mp4_bytes(frames, fps=fps)
+
+
+def thumbnail(frames: np.ndarray) -> bytes:
+    return thumbnail_png(frames)

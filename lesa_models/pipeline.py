@@ -123,6 +123,8 @@ class DigitsPipeline:
         self.num_frames_options = [int(f) for f in num_frames]
         self.default_steps = default_steps
         self.default_guidance = float(default_guidance)
+        # Directory this pipeline was loaded from; LESA bundles live in <root>/predictors/<level>/.
+        self.root: Path | None = None
         # The cache hooks keep per-generation state on the transformer: one generation at a time.
         self._lock = threading.Lock()
 
@@ -164,7 +166,7 @@ class DigitsPipeline:
         if te_config.get("package") != PACKAGE_NAME:
             raise ValueError(f"text_encoder/config.json names package {te_config.get('package')!r}")
         text_encoder = get_text_encoder(int(te_config.get("max_length", DEFAULT_MAX_LENGTH)))
-        return cls(
+        pipe = cls(
             transformer,
             scheduler,
             text_encoder,
@@ -175,6 +177,8 @@ class DigitsPipeline:
             default_steps=settings.get("default_steps", 50),
             default_guidance=settings.get("default_guidance", 4.0),
         )
+        pipe.root = root
+        return pipe
 
     def save_pretrained(self, path: str | Path) -> None:
         root = Path(path)
