@@ -208,8 +208,11 @@ def test_queue_full_429_and_sync_timeout_504() -> None:
     s = settings(max_backlog=1, sync_timeout_s=0.2)
     # No worker: jobs stay queued, so the backlog fills and sync requests time out.
     with TestClient(create_app(s, engine=make_engine(s), run_worker=False)) as client:
-        error = assert_error(client.post("/v1/images/generations", json={"prompt": "x"}), 504, None)
+        response = client.post("/v1/images/generations", json={"prompt": "x"})
+        error = assert_error(response, 504, None)
         assert error["type"] == "timeout" and error["job_id"].startswith("job_") and "0.2 s" in error["message"]
+        # SDKs must not retry it: that would start a second generation of the same request.
+        assert response.headers["x-should-retry"] == "false"
         job = client.get(f"/v1/images/jobs/{error['job_id']}").json()
         assert job["status"] == "queued" and job["object"] == "image.job"
         response = client.post("/v1/images/jobs", json={"prompt": "y"})

@@ -54,19 +54,24 @@ async def create_images(
     if job.status == JobStatus.completed:
         return await images_response(
             job, services.queue, response_format=body.response_format, base_url=base_url(request, services),
-            requested=body.acceleration,
+            requested=body.acceleration or services.settings.default_level,
         )  # fmt: skip
     if job.status == JobStatus.failed:
         message = job.error.message if job.error else "generation failed"
         raise ApiError(500, message, type="server_error", code="generation_failed", extra={"job_id": job.id})
+    # OpenAI SDKs retry 409 and 5xx by default; a retry here would start a second generation
+    # while the first continues (or was cancelled on purpose), so tell them not to.
+    no_retry = {"x-should-retry": "false"}
     if job.status == JobStatus.cancelled:
-        raise ApiError(409, f"job {job.id} was cancelled", code="cancelled", extra={"job_id": job.id})
+        raise ApiError(409, f"job {job.id} was cancelled", code="cancelled", extra={"job_id": job.id},
+                       headers=no_retry)  # fmt: skip
     raise ApiError(
         504,
         f"the images were not ready within {timeout:g} s; job {job.id} continues: poll GET /v1/images/jobs/{job.id}",
         type="timeout",
         code="timeout",
         extra={"job_id": job.id},
+        headers=no_retry,
     )
 
 
