@@ -289,7 +289,9 @@ def _translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await fn(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError, TimeoutError) as error:
+        # Builtin ConnectionError / TimeoutError: socket-level failures redis-py lets through.
+        # Not OSError at large: a full output disk is not "Redis unavailable".
+        except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, ConnectionError, TimeoutError) as error:
             queue = args[0]
             assert isinstance(queue, RedisJobQueue)
             raise QueueUnavailable(f"the job queue (Redis at {queue.where}) is unavailable: {error}") from error
@@ -998,7 +1000,7 @@ class RedisJobQueue(JobQueue):
                     justid=True,
                 )
             await self._redis.zrem(self.k_workers, worker_id)
-        except (RedisConnectionError, RedisTimeoutError, OSError):
+        except (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError):
             pass  # Redis is gone: the entries come back after the visibility timeout anyway
 
     async def close(self) -> None:
