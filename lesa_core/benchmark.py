@@ -198,11 +198,18 @@ def direction_hits(samples: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
 # ----------------------------------------------------------------------------------- settings
 
 
+# Wordings for the held-out prompts: templates and attributes the predictor-training prompt files
+# (prompts/<model>-train.txt: "a handwritten seven", "the number 7", "digit 7", "a bold seven";
+# "digit 7 moving up", "a seven moving down") never use, so prompts are held out as well as seeds.
+HELD_OUT_IMAGE = ("a {word}", "the digit {word}", "an image of a {d}", "a thin {word}", "a small {word}")
+HELD_OUT_VIDEO = ("the number {d} moves {p}", "a handwritten {word} sliding {p}")
+
+
 def default_prompts(kind: str, count: int) -> list[str]:
     """Held-out evaluation prompts: digits 0..9 in turn, wording (and direction) varying by round.
 
-    These are the evaluator's fixed prompt wordings; what keeps the benchmark held out from
-    predictor training is the seeds (training records seeds < 1000).
+    Every digit appears once per ten prompts; video prompts cycle through all eight directions,
+    diagonals included (training prompts use only left/right/up/down).
     """
     from lesa_models import data
 
@@ -210,14 +217,15 @@ def default_prompts(kind: str, count: int) -> list[str]:
     names = list(data.DIRECTIONS)
     for i in range(count):
         digit, round_ = i % 10, i // 10
+        word = data.DIGIT_WORDS[digit]
         if kind == "image":
-            template = data.IMAGE_TEMPLATES[(digit + round_) % len(data.IMAGE_TEMPLATES)]
-            prompts.append(template.format(a="", d=digit, word=data.DIGIT_WORDS[digit]))
+            template = HELD_OUT_IMAGE[(digit + round_) % len(HELD_OUT_IMAGE)]
+            prompts.append(template.format(d=digit, word=word))
         else:
             direction = names[(digit + 3 * round_) % len(names)]
-            template = data.VIDEO_TEMPLATES[(digit + round_) % len(data.VIDEO_TEMPLATES)]
+            template = HELD_OUT_VIDEO[(digit + round_) % len(HELD_OUT_VIDEO)]
             phrase = data.DIRECTION_PHRASES[direction][round_ % len(data.DIRECTION_PHRASES[direction])]
-            prompts.append(template.format(d=digit, word=data.DIGIT_WORDS[digit], p=phrase))
+            prompts.append(template.format(d=digit, word=word, p=phrase))
     return prompts
 
 

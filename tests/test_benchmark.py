@@ -84,6 +84,12 @@ def test_seed_parsing_and_default_prompts() -> None:
     assert [parse_prompt_digit(p) for p in image[:10]] == list(range(10))
     video = benchmark.default_prompts("video", 16)
     assert all(parse_prompt_direction(p) is not None and parse_prompt_digit(p) is not None for p in video)
+    # Held out from the predictor-training prompt files, not only by seed.
+    root = Path(__file__).resolve().parent.parent / "prompts"
+    for kind, prompts in (("image", image), ("video", video)):
+        train = root / f"digits-{kind}-train.txt"
+        if train.is_file():
+            assert not set(prompts) & set(train.read_text().splitlines())
 
 
 # ------------------------------------------------------------------------------------- the run
