@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -384,3 +385,38 @@ def test_official_openai_client_videos_lifecycle() -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_progress_events_stream_until_the_job_ends() -> None:
+    s = settings()
+    with TestClient(create_app(s, engine=make_engine(s, step_delay=0.03))) as client:
+        video = client.post("/v1/videos", json={"prompt": "a six", "num_inference_steps": 20}).json()
+        events: list[tuple[str, dict]] = []
+        with client.stream("GET", f"/v1/videos/{video['id']}/events") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            name = None
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    name = line[len("event: ") :]
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line[len("data: ") :])))
+        assert events[-1][0] == "completed" and events[-1][1]["progress"] == 100
+        progress = [data["progress"] for _, data in events]
+        assert progress == sorted(progress) and len(set(progress)) >= 4  # per-step updates, in order
+        assert_error(client.get("/v1/videos/job_nope/events"), 404, "video_id")
+
+
+def test_cancelling_one_job_of_a_batch_spares_the_others() -> None:
+    s = settings(max_batch=8, max_wait_ms=50)
+    engine = make_engine(s, step_delay=0.02)
+    with TestClient(create_app(s, engine=engine)) as client:
+        blocker = client.post("/v1/images/jobs", json={"prompt": "other", "size": "32x16"}).json()
+        wait_for(client, f"/v1/images/jobs/{blocker['id']}", {"in_progress"})
+        keep = client.post("/v1/images/jobs", json={"prompt": "keep", "num_inference_steps": 40}).json()
+        drop = client.post("/v1/images/jobs", json={"prompt": "drop", "num_inference_steps": 40}).json()
+        wait_for(client, f"/v1/images/jobs/{drop['id']}", {"in_progress"})
+        assert client.delete(f"/v1/images/jobs/{drop['id']}").json()["status"] == "cancelled"
+        kept = wait_for(client, f"/v1/images/jobs/{keep['id']}", {"completed", "failed", "cancelled"})
+        assert kept["status"] == "completed" and kept["result"]["lesa"]["batch_size"] == 2
+        assert client.get(f"/v1/images/jobs/{drop['id']}").json()["status"] == "cancelled"
+        assert engine.models["fake-image"].pipe.last_step == 40  # the shared batch ran to the end

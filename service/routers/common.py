@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
 from fastapi import Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from service.deps import Services, get_job
 from service.errors import ApiError
@@ -38,3 +44,40 @@ async def cancel_or_delete(services: Services, job_id: str, kind: str, object_na
         return DeletedObject(id=job_id, object=object_name, deleted=True, status=job.status.value)
     await services.queue.delete(job_id)
     return DeletedObject(id=job_id, object=object_name, deleted=True, status=job.status.value)
+
+
+EVENT_POLL_S = 0.1  # how often an event stream re-reads its job (works the same on every queue backend)
+EVENT_KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
+
+
+def job_events(
+    services: Services, job_id: str, kind: str, render: Callable[[Job], Awaitable[BaseModel]]
+) -> StreamingResponse:
+    """Server-sent events: one `data:` line with the job object whenever its status or progress
+    changes, ending after the terminal state. Lets a browser show per-step progress without polling."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        last: tuple[str, int] | None = None
+        quiet_since = time.monotonic()
+        while True:
+            assert services.queue is not None
+            job = await services.queue.get(job_id)
+            if job is None or job.spec.kind != kind:
+                yield b'event: error\ndata: {"code": "not_found"}\n\n'
+                return
+            state = (job.status.value, job.progress)
+            if state != last:
+                last = state
+                quiet_since = time.monotonic()
+                payload = (await render(job)).model_dump_json()
+                yield f"event: {job.status.value}\ndata: {payload}\n\n".encode()
+                if job.status.terminal:
+                    return
+            elif time.monotonic() - quiet_since > EVENT_KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(EVENT_POLL_S)
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

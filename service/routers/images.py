@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from service.deps import ReadyDep, get_job, submit, unavailable
 from service.errors import ApiError
-from service.queue import JobStatus, QueueUnavailable
-from service.routers.common import artifact_response, cancel_or_delete
+from service.queue import Job, JobStatus, QueueUnavailable
+from service.routers.common import artifact_response, cancel_or_delete, job_events
 from service.schemas import DeletedObject, ErrorResponse, ImageGenerationRequest, ImageJobObject, ImagesResponse
 from service.views import image_job_object, images_response
 
@@ -96,6 +97,25 @@ async def get_image_job(job_id: str, request: Request, services: ReadyDep) -> Im
     job = await get_job(services, job_id, "image")
     assert services.queue is not None
     return await image_job_object(job, services.queue, base_url(request, services))
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+    summary="Image job progress as server-sent events",
+)
+async def image_job_events(job_id: str, request: Request, services: ReadyDep) -> StreamingResponse:
+    """`event: <status>` + `data: <image job>` on every status or progress change; ends when the
+    job does (the last event carries the image URLs)."""
+    await get_job(services, job_id, "image")
+    url = base_url(request, services)
+
+    async def render(job: Job) -> ImageJobObject:
+        assert services.queue is not None
+        return await image_job_object(job, services.queue, url)
+
+    return job_events(services, job_id, "image", render)
 
 
 @router.delete("/jobs/{job_id}", response_model=DeletedObject, summary="Cancel (or delete) an image job")

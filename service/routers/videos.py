@@ -6,11 +6,13 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from service.deps import ReadyDep, get_job, submit
 from service.errors import ApiError
-from service.routers.common import artifact_response, cancel_or_delete
+from service.queue import Job
+from service.routers.common import artifact_response, cancel_or_delete, job_events
 from service.schemas import DeletedObject, ErrorResponse, ListResponse, VideoCreateRequest, VideoObject
 from service.views import video_object
 
@@ -107,6 +109,23 @@ async def video_content(
 ) -> Response:
     job = await get_job(services, video_id, "video", "video_id")
     return await artifact_response(services, job, index=0, variant="primary" if variant == "video" else "thumbnail")
+
+
+@router.get(
+    "/{video_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+    summary="Progress as server-sent events",
+)
+async def video_events(video_id: str, services: ReadyDep) -> StreamingResponse:
+    """`event: <status>` + `data: <video object>` on every status or progress change (per
+    denoising step); the stream ends after `completed`, `failed` or `cancelled`."""
+    await get_job(services, video_id, "video", "video_id")  # 404 before the stream starts
+
+    async def render(job: Job) -> VideoObject:
+        return video_object(job)
+
+    return job_events(services, video_id, "video", render)
 
 
 @router.delete("/{video_id}", response_model=DeletedObject, summary="Cancel a running video / delete a finished one")
