@@ -302,3 +302,16 @@ def test_reference_model_through_redis_with_the_openai_client(tmp_path: Path, pr
         lesa = result.model_extra["lesa"]
         assert lesa["level"] == acceleration and lesa["batch_size"] == 2
         assert lesa["full_steps"] + lesa["predicted_steps"] == 4
+
+
+def test_backlog_limit_answers_429_with_retry_after(tmp_path: Path, prefix: str, procs: list[Proc]) -> None:
+    """No worker, LESA_MAX_BACKLOG=2: the third queued job is refused with 429 + Retry-After."""
+    api = start_api(tmp_path, prefix, LESA_MAX_BACKLOG="2")
+    procs.append(api)
+    with httpx.Client(base_url=api.url, timeout=30) as client:
+        for seed in range(2):
+            assert client.post("/v1/images/jobs", json=image_body(seed=seed)).status_code == 202
+        full = client.post("/v1/images/jobs", json=image_body(seed=2))
+        assert full.status_code == 429 and int(full.headers["Retry-After"]) >= 1
+        assert full.json()["error"]["code"] == "queue_full"
+        assert "lesa_queue_depth 2.0" in client.get("/metrics").text
