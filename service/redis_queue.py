@@ -718,6 +718,16 @@ class RedisJobQueue(JobQueue):
         await self._redis.ping()
         await self._ensure_group()
 
+    @_translate_errors
+    async def stream_stats(self) -> dict[str, int | None]:
+        """The consumer group's `pending` (delivered, not yet acknowledged) and `lag` (not yet
+        delivered to any worker: KEDA's scaling signal; None when Redis cannot tell)."""
+        groups = await self._with_group(lambda: self._redis.xinfo_groups(self.stream))
+        for group in groups:
+            if _s(group["name"]) == self.group:
+                return {"pending": int(group["pending"]), "lag": group.get("lag")}
+        return {"pending": 0, "lag": None}
+
     async def live_workers(self, within_s: float = 30.0) -> int:
         """Workers that heartbeated within `within_s` (they do so on every claim loop turn)."""
         return int(await self._redis.zcount(self.k_workers, time.time() - within_s, "+inf"))

@@ -9,7 +9,7 @@ up, then runs `service.worker.Worker` against `RedisJobQueue`. It serves its own
 endpoint (`LESA_WORKER_METRICS_PORT`, default 9101) for Prometheus and for orchestrator probes:
 
 * `/metrics`  the worker's `lesa_*` metrics (generation time, batch size, steps, speed-up, ...)
-  plus `lesa_workers_ready`;
+  plus `lesa_workers_ready` and the stream's `lesa_queue_stream_lag` / `lesa_queue_stream_pending`;
 * `/healthz`  200 while the event loop is alive (a hung loop answers 503, so a liveness probe
   restarts the process; its jobs are then reclaimed by other workers);
 * `/readyz`   200 once models are loaded and Redis answers.
@@ -57,6 +57,18 @@ class WorkerProbe:
         self.models_loaded = False
         self.queue_ok = False
         self.last_tick = time.monotonic()
+        # The stream as KEDA sees it (refreshed with the readiness poll): worth a panel next to
+        # the queue depth when deciding how many workers to run.
+        self.stream_lag = Gauge(
+            "lesa_queue_stream_lag",
+            "stream entries not yet delivered to any worker (consumer-group lag; KEDA scales on it)",
+            registry=metrics.registry,
+        )
+        self.stream_pending = Gauge(
+            "lesa_queue_stream_pending",
+            "jobs delivered to workers and not yet acknowledged (running, held, or awaiting reclaim)",
+            registry=metrics.registry,
+        )
         # Read at scrape time, so /metrics never lags behind /readyz.
         self.workers_ready.set_function(lambda: 1.0 if self.ready else 0.0)
         metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
@@ -112,6 +124,10 @@ async def _watch(queue: RedisJobQueue, probe: WorkerProbe, stop: asyncio.Event) 
         try:
             await queue.ping()
             probe.metrics.queue_depth.set(await queue.depth())
+            stats = await queue.stream_stats()
+            probe.stream_pending.set(stats["pending"] or 0)
+            if stats["lag"] is not None:
+                probe.stream_lag.set(stats["lag"])
             probe.queue_ok = True
         except QueueUnavailable as error:
             if probe.queue_ok:

@@ -176,6 +176,8 @@ def test_backlog_limit_gives_queue_full_with_retry_after(prefix: str) -> None:
         assert 1 <= full.value.retry_after_s <= 600
         assert await q.depth() == 3
         await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
+        # What KEDA scales on (lag) and what is being worked on (pending), from XINFO GROUPS.
+        assert await q.stream_stats() == {"pending": 1, "lag": 2}
         await q.submit(spec(seed=10))  # room again once one was taken
         await q.close()
 

@@ -179,6 +179,13 @@ def build() -> dict[str, Any]:
                    "ops", "queue_full = 429s, queue_unavailable = Redis down, generation_failed, ..."), 12, 8,
     )  # fmt: skip
     layout.add(
+        timeseries("Redis stream: lag and pending",
+                   [("max(lesa_queue_stream_lag)", "lag (not yet delivered: KEDA's signal)"),
+                    ("max(lesa_queue_stream_pending)", "pending (delivered, not acknowledged)")],
+                   "none", "From the consumer group (XINFO GROUPS), as each worker sees it. Pending well "
+                   "above workers x max_batch means deliveries wait for reclaim (dead workers)."), 12, 8,
+    )  # fmt: skip
+    layout.add(
         timeseries("Workers and finished jobs",
                    [("sum(lesa_workers_ready)", "ready workers"),
                     (f"sum by (status) (rate(lesa_jobs_total{{{MODEL}}}[{WINDOW}]))", "jobs/s {{status}}")],
