@@ -51,11 +51,15 @@ class DigitClassifier(nn.Module):
 
 
 def _augmented_batch(split: data.DigitSplit, batch: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out digits with the generators' attributes, plus up to 2px shifts and contrast jitter."""
+    """Held-out digits with the generators' attributes and softening, up to 2px shifts, contrast jitter."""
     idx = [rng.randrange(len(split.labels)) for _ in range(batch)]
     strokes = [rng.choice((None, None, "thick", "thin")) for _ in idx]
     sizes = [rng.choice((None, None, None, "small")) for _ in idx]
-    x = data.render_images(torch.from_numpy(split.images[idx]), INPUT_SIZE, strokes, sizes)
+    digits8 = split.images[idx].copy()
+    for i in range(batch):  # the video model is trained on softened strokes (data.soften)
+        if rng.random() < 0.3:
+            digits8[i] = data.soften(digits8[i][None])[0]
+    x = data.render_images(torch.from_numpy(digits8), INPUT_SIZE, strokes, sizes)
     out = torch.zeros_like(x)
     for i in range(batch):
         dx, dy = rng.randint(-2, 2), rng.randint(-2, 2)

@@ -93,6 +93,20 @@ def image_ids(height: int, width: int) -> torch.Tensor:
     return ids.reshape(h * w, 3)
 
 
+def _load_transformer(cls: type, directory: Path) -> FluxTransformer2DModel | WanTransformer3DModel:
+    """Config + safetensors state dict, strictly.
+
+    Not `cls.from_pretrained`: without `accelerate` installed, diffusers refuses to load Wan (its
+    `keep_in_fp32_modules` requires low_cpu_mem_usage, which needs accelerate). These models are a
+    few MB, so building from the config and loading the tensors is just as fast.
+    """
+    from safetensors.torch import load_file
+
+    model = cls.from_config(cls.load_config(directory))
+    model.load_state_dict(load_file(directory / "diffusion_pytorch_model.safetensors"), strict=True)
+    return model
+
+
 # ---------------------------------------------------------------------------------------- pipeline
 
 
@@ -160,7 +174,7 @@ class DigitsPipeline:
             "FluxTransformer2DModel": FluxTransformer2DModel,
             "WanTransformer3DModel": WanTransformer3DModel,
         }[index["transformer"][1]]
-        transformer = transformer_cls.from_pretrained(root / "transformer", use_safetensors=True)
+        transformer = _load_transformer(transformer_cls, root / "transformer")
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
         te_config = json.loads((root / "text_encoder" / "config.json").read_text())
         if te_config.get("package") != PACKAGE_NAME:

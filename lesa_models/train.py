@@ -97,9 +97,9 @@ RECIPES: dict[str, Recipe] = {
         ),
         size=data.VIDEO_SIZE,
         num_frames=data.VIDEO_FRAMES,
-        steps=1600,
+        steps=3000,
         batch_size=16,
-        extra={"centred": True},
+        extra={"centred": True, "soft": True},
     ),
 }
 
@@ -228,7 +228,11 @@ def train(
             x0 = pixels[:, None] * 2 - 1
         else:
             clips, caps, _, _ = data.sample_video_batch(
-                split, recipe.batch_size, rng, centred=bool(recipe.extra.get("centred", False))
+                split,
+                recipe.batch_size,
+                rng,
+                centred=bool(recipe.extra.get("centred", False)),
+                soft=bool(recipe.extra.get("soft", False)),
             )
             x0 = clips[:, None] * 2 - 1
         caps = ["" if rng.random() < recipe.caption_dropout else c for c in caps]
