@@ -722,7 +722,13 @@ class RedisJobQueue(JobQueue):
     async def stream_stats(self) -> dict[str, int | None]:
         """The consumer group's `pending` (delivered, not yet acknowledged) and `lag` (not yet
         delivered to any worker: KEDA's scaling signal; None when Redis cannot tell)."""
-        groups = await self._with_group(lambda: self._redis.xinfo_groups(self.stream))
+        try:
+            groups = await self._redis.xinfo_groups(self.stream)
+        except ResponseError as error:
+            if "no such key" not in str(error).lower():
+                raise
+            self._group_ready = False  # Redis lost the stream (restart without persistence)
+            return {"pending": 0, "lag": 0}
         for group in groups:
             if _s(group["name"]) == self.group:
                 return {"pending": int(group["pending"]), "lag": group.get("lag")}

@@ -133,6 +133,9 @@ async def _watch(queue: RedisJobQueue, probe: WorkerProbe, stop: asyncio.Event) 
             if probe.queue_ok:
                 log.warning("queue unavailable: %s", error)
             probe.queue_ok = False
+        except Exception:  # noqa: BLE001 - the probe loop must outlive any one odd reply
+            log.exception("queue check failed")
+            probe.queue_ok = False
         try:
             await asyncio.wait_for(stop.wait(), READY_POLL_S)
         except TimeoutError:

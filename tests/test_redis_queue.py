@@ -169,6 +169,7 @@ def test_cancelled_jobs_are_acknowledged_and_idempotency_spans_api_instances(pre
 def test_backlog_limit_gives_queue_full_with_retry_after(prefix: str) -> None:
     async def scenario() -> None:
         q = RedisJobQueue(REDIS_URL, prefix=prefix, max_backlog=3)
+        assert await q.stream_stats() == {"pending": 0, "lag": 0}  # no stream yet (or Redis lost it)
         for seed in range(3):
             await q.submit(spec(seed=seed))
         with pytest.raises(QueueFull) as full:
