@@ -62,7 +62,8 @@ METHODS: dict[str, tuple[str, int]] = {
 }
 DEFAULT_METHODS = tuple(METHODS)
 # "lesa-<variant>" names another predictor family (e.g. a paper-exact and an improved predictor side
-# by side); its bundle for level L is <predictors>/<L>-<variant>, or given explicitly in `bundles`.
+# by side); its bundle for level L is <predictors>/<variant>/<L> (the layout training runs write),
+# or given explicitly in `bundles`.
 LESA_VARIANT_PREFIX = "lesa-"
 
 
@@ -78,7 +79,7 @@ def method_spec(name: str) -> tuple[str, int]:
 def default_bundle_dir(root: Path, method: str, level: str) -> Path:
     if method == "lesa":
         return root / level
-    return root / f"{level}-{method[len(LESA_VARIANT_PREFIX) :]}"
+    return root / method[len(LESA_VARIANT_PREFIX) :] / level
 
 
 DEFAULT_LEVELS = tuple(name for name in LEVELS if name != "none")

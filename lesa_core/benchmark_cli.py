@@ -36,7 +36,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help="none,reuse,taylorseer1,taylorseer2,lesa; lesa-<variant> uses bundles <predictors>/<level>-<variant>",
+        help="none,reuse,taylorseer1,taylorseer2,lesa; lesa-<variant> uses bundles <predictors>/<variant>/<level>",
     )
     parser.add_argument("--batch-sizes", default="1,8", help="batch sizes for the wall-clock speed-up")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (LESA bundles are trained at 50)")

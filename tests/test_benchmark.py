@@ -206,7 +206,7 @@ def test_in_memory_predictor_and_none_only(image_pipe) -> None:
 
 def test_lesa_variants_load_their_own_bundles(image_pipe, tmp_path: Path) -> None:
     bundles = tmp_path / "predictors"
-    random_predictor(SCHEDULES["tiny4x"], seed=2).save_pretrained(bundles / "tiny4x-paper")
+    random_predictor(SCHEDULES["tiny4x"], seed=2).save_pretrained(bundles / "paper" / "tiny4x")
     elsewhere = tmp_path / "somewhere"
     random_predictor(SCHEDULES["tiny4x"], seed=3).save_pretrained(elsewhere)
     config = tiny_config(
@@ -219,7 +219,7 @@ def test_lesa_variants_load_their_own_bundles(image_pipe, tmp_path: Path) -> Non
     )
     result = run_quality_benchmark(config, image_pipe, log=lambda _: None)
     assert [(r["method"], r["bundle"]) for r in result.records] == [
-        ("lesa-paper", str(bundles / "tiny4x-paper")),
+        ("lesa-paper", str(bundles / "paper" / "tiny4x")),
         ("lesa-x", str(elsewhere)),
     ]
     assert result.records[0]["forecaster"] == "lesa"
