@@ -204,6 +204,8 @@ class StagePredictor(nn.Module):
         if self.base_order == 0:
             return out + trajectory[:, steps_t - 1]
         full = sorted(full_steps)
+        if not full:
+            raise ValueError(f"a predictor with base {self.config.base!r} needs the schedule's full_steps")
         bases = []
         for step in steps_t.tolist():
             anchors = [f for f in full if f < step][-(self.base_order + 1) :]

@@ -80,7 +80,7 @@ def forecast_loss(
     predicted = [s for s in range(schedule.num_steps) if not schedule.is_full(s)]
     losses = []
     for branch, trajectory in inputs.items():
-        forecast = predictor.predict_steps(trajectory, predicted, times, branch)
+        forecast = predictor.predict_steps(trajectory, predicted, times, branch, schedule.full_steps)
         losses.append(F.l1_loss(forecast, targets[branch][:, predicted]))
     return torch.stack(losses).mean()
 

@@ -85,17 +85,20 @@ def test_corrupt_shard_is_detected_and_re_recorded(pipe, recorded, tmp_path):
         )
 
 
-def test_two_phase_training_writes_a_usable_bundle_and_resumes(pipe, recorded, tmp_path):
+@pytest.mark.parametrize("base", ["last", "taylor1"])
+def test_two_phase_training_writes_a_usable_bundle_and_resumes(pipe, recorded, tmp_path, base):
     out, _ = recorded
     schedule = CacheSchedule.from_full_steps(STEPS, [0, 1, 3])
-    settings = TrainSettings(phase1_epochs=3, phase2_epochs=1, batch_size=4, kan_hidden=(8,), validate_every=2)
+    settings = TrainSettings(
+        phase1_epochs=3, phase2_epochs=1, batch_size=4, kan_hidden=(8,), validate_every=2, base=base, phase1_tokens=4
+    )
     predictor, report = train_predictor(pipe, out, schedule, tmp_path / "bundle", settings, progress=False)
     assert report.best_epoch != "none" and report.best_val_mse < float("inf")
     phases = {h["phase"] for h in report.history if "phase" in h}
     assert phases == {1, 2}
     loaded = StagePredictor.from_pretrained(tmp_path / "bundle")
     assert loaded.config.training["data"]["samples"] == 5
-    assert loaded.config.hidden_size == pipe.info.hidden_size
+    assert loaded.config.hidden_size == pipe.info.hidden_size and loaded.config.base == base
     # resuming a finished run trains no further epochs and keeps the same best bundle
     again, report2 = train_predictor(pipe, out, schedule, tmp_path / "bundle", settings, progress=False)
     assert report2.best_epoch == report.best_epoch
