@@ -33,14 +33,18 @@ class Services:
         return self.engine is not None and bool(getattr(self.engine, "ready", False)) and self.queue is not None
 
 
-def get_services(request: Request) -> Services:
+# Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread
+# pool, and those thread hops were most of the server's per-request overhead under load.
+
+
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def require_api_key(request: Request, services: ServicesDep) -> None:
+async def require_api_key(request: Request, services: ServicesDep) -> None:
     """Bearer auth on /v1/*, only when `LESA_API_KEYS` is set (off for the local demo)."""
     keys = services.settings.api_key_set
     if not keys:
@@ -57,7 +61,7 @@ def require_api_key(request: Request, services: ServicesDep) -> None:
         )
 
 
-def require_ready(services: ServicesDep) -> Services:
+async def require_ready(services: ServicesDep) -> Services:
     """Generation endpoints need loaded models: 503 (retry later) while starting or broken."""
     if services.startup_error is not None:
         raise ApiError(503, f"server failed to start: {services.startup_error}", type="server_error",

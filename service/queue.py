@@ -286,12 +286,19 @@ class InProcessJobQueue(JobQueue):
         self._last_batch_jobs = 0  # jobs in the previous claimed batch
         # Seconds per claimed batch, smoothed: turns the backlog into a Retry-After estimate.
         self._batch_seconds = 1.0
+        self._last_sweep = 0.0
 
     # ---- helpers --------------------------------------------------------------------------
 
     def _sweep(self) -> None:
-        """Forget expired jobs, and the oldest finished ones beyond `max_jobs_kept`."""
+        """Forget expired jobs, and the oldest finished ones beyond `max_jobs_kept`.
+
+        At most once a second: it scans every kept job, and runs on every API call.
+        """
         now = time.time()
+        if now - self._last_sweep < 1.0 and len(self._jobs) <= self.max_jobs_kept:
+            return
+        self._last_sweep = now
         expired = [j.id for j in self._jobs.values() if j.expires_at is not None and j.expires_at <= now]
         for job_id in expired:
             self._forget(job_id)
@@ -342,9 +349,17 @@ class InProcessJobQueue(JobQueue):
         self._arrival.set()
         return job
 
+    def _fresh(self, job_id: str) -> Job | None:
+        """The job unless it has expired (checked per job: the full sweep is throttled)."""
+        job = self._jobs.get(job_id)
+        if job is not None and job.expires_at is not None and job.expires_at <= time.time():
+            self._forget(job_id)
+            return None
+        return job
+
     async def get(self, job_id: str) -> Job | None:
         self._sweep()
-        return self._jobs.get(job_id)
+        return self._fresh(job_id)
 
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
         job = self._jobs.get(job_id)
@@ -367,7 +382,12 @@ class InProcessJobQueue(JobQueue):
         order: Literal["asc", "desc"] = "desc",
     ) -> tuple[list[Job], bool]:
         self._sweep()
-        jobs = [j for j in self._jobs.values() if kind is None or j.spec.kind == kind]
+        now = time.time()
+        jobs = [
+            j
+            for j in self._jobs.values()
+            if (kind is None or j.spec.kind == kind) and (j.expires_at is None or j.expires_at > now)
+        ]
         if order == "desc":
             jobs.reverse()
         if after is not None:
@@ -393,6 +413,8 @@ class InProcessJobQueue(JobQueue):
 
     async def get_artifact(self, job_id: str, name: str) -> bytes | None:
         self._sweep()
+        if self._fresh(job_id) is None:
+            return None
         return self._artifacts.get(job_id, {}).get(name)
 
     async def depth(self) -> int:

@@ -140,3 +140,17 @@ def test_cancel_while_running_is_seen_by_worker_and_wins_over_complete() -> None
         assert timed_out.status == JobStatus.cancelled
 
     run(scenario())
+
+
+def test_finished_jobs_expire_with_their_outputs() -> None:
+    async def scenario() -> None:
+        q = make_queue(result_ttl_s=0.05)
+        a = await q.submit(spec())
+        await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
+        await q.complete(a.id, JobResult(outputs=[OutputRef(name="0.png", content_type="image/png")]), {"0.png": b"x"})
+        assert await q.get_artifact(a.id, "0.png") == b"x"
+        await asyncio.sleep(0.1)
+        assert (await q.list())[0] == []  # (before any per-job check forgot it)
+        assert await q.get(a.id) is None and await q.get_artifact(a.id, "0.png") is None
+
+    run(scenario())
