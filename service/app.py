@@ -63,8 +63,12 @@ async def _start(services: Services, run_worker: bool) -> None:
             from service.engine import Engine
 
             t0 = time.perf_counter()
-            engine = await asyncio.to_thread(Engine.load, settings)
-            log.info("models loaded in %.1fs: %s", time.perf_counter() - t0, ", ".join(engine.models))
+            if settings.redis_url and not run_worker:
+                # API tier of a Redis deployment: validate against the catalogue, load no weights.
+                engine = await asyncio.to_thread(Engine.catalogue, settings)
+            else:
+                engine = await asyncio.to_thread(Engine.load, settings)
+            log.info("models ready in %.1fs: %s", time.perf_counter() - t0, ", ".join(engine.models))
             services.engine = engine
         engine = services.engine
         if not engine.ready:

@@ -145,6 +145,70 @@ class Engine:
         log.info("models loaded in %.1fs", time.perf_counter() - t0)
         return cls(settings, models)
 
+    @classmethod
+    def catalogue(cls, settings: Settings) -> Engine:
+        """The API tier of a Redis deployment: what each model offers, without loading weights.
+
+        Read from the model config, the reference checkpoints' `model_index.json` and each LESA
+        bundle's `config.json` (schedule + quality card). The API validates requests and answers
+        GET /v1/models from it; GPU workers (`lesa worker`) load the real models. Without this an
+        API on a CPU node could not accept requests for a GPU-only model. (A bundle the workers'
+        loader rejects fails its jobs with a message; `lesa worker` logs why at start-up.)
+        """
+        from lesa_core import CacheSchedule
+        from lesa_core.production import FAMILIES, read_config
+        from lesa_core.production.backend import DEFAULT_MAX_STEPS, DEFAULT_MIN_STEPS
+
+        config = read_config(settings.models_config, settings.weights_dir)
+        names = settings.model_list or [n for n, m in config.models.items() if m.enabled]
+        unknown = [n for n in names if n not in config.models]
+        if unknown:
+            raise ValueError(f"{config.path}: unknown model(s) {unknown}; configured: {', '.join(config.models)}")
+        models: dict[str, ModelEntry] = {}
+        for name in names:
+            model = config.models[name]
+            if model.backend == "digits":
+                index = _digits_index(config.weights_root, model.source)
+                if index is None:
+                    if settings.model_list:
+                        raise FileNotFoundError(f"model {name}: no checkpoint for {model.source!r}")
+                    log.warning("model %s: no checkpoint for %s, not in the catalogue", name, model.source)
+                    continue
+                kind, sizes = index["kind"], [(int(w), int(h)) for w, h in index["sizes"]]
+                frames = [int(f) for f in index.get("num_frames", [1])]
+                default_steps, guidance = int(index.get("default_steps", 50)), float(index.get("default_guidance", 4.0))
+                min_steps, max_steps, fps = DEFAULT_MIN_STEPS, DEFAULT_MAX_STEPS, model.fps
+            else:
+                family = FAMILIES[model.pipeline or ""]
+                kind, sizes, frames = family.kind, list(model.sizes), list(model.num_frames)
+                default_steps, min_steps, max_steps = model.default_steps, model.min_steps, model.max_steps
+                guidance = float(
+                    model.default_guidance if model.default_guidance is not None else family.default_guidance
+                )
+                fps = model.fps or family.default_fps
+            entry = ModelEntry(
+                name=name, kind=kind, pipe=None, sizes=sizes, num_frames=frames if kind == "video" else [1],
+                fps=int(fps or DEFAULT_VIDEO_FPS), default_steps=default_steps, min_steps=min_steps,
+                max_steps=max_steps, default_guidance=guidance, levels=list(_levels()),
+                description=model.description,
+            )  # fmt: skip
+            for level, path in model.bundle_paths().items():
+                try:
+                    data = json.loads((path / "config.json").read_text())
+                    schedule = CacheSchedule.from_dict(data["schedule"])
+                except (OSError, ValueError, KeyError, TypeError) as error:
+                    log.warning("model %s: bundle %s unreadable, level %s not offered as LESA: %s",
+                                name, path, level, error)  # fmt: skip
+                    continue
+                if level in entry.levels and level != "none":
+                    entry.bundles[level] = Bundle(level, None, schedule.num_steps, dict(data.get("quality") or {}))
+            models[name] = entry
+        if not models:
+            raise RuntimeError("no model in the catalogue: check LESA_MODELS / LESA_WEIGHTS_DIR / deploy/models.toml")
+        engine = cls(settings, models)
+        engine.ready = True  # nothing to warm up: this process never generates
+        return engine
+
     def warmup(self) -> None:
         """One tiny generation per model (plain, then cached) so the first request isn't slow."""
         for entry in self.models.values():
@@ -431,6 +495,27 @@ def _realised_speedup(step_times: list[float], schedule: Any, denoise_s: float) 
     mean_full = sum(full) / len(full)
     estimate = denoise_s + sum(mean_full - t for t in predicted)
     return round(estimate / denoise_s, 3) if denoise_s > 0 else 1.0
+
+
+def _levels() -> list[str]:
+    import lesa_core
+
+    return list(lesa_core.LEVELS)
+
+
+def _digits_index(weights_root: Any, source: str) -> dict[str, Any] | None:
+    """`lesa_digits` of a reference checkpoint's model_index.json, found as the loader finds it."""
+    from pathlib import Path
+
+    from lesa_models.registry import MODEL_NAMES, model_path
+
+    candidates = [Path(weights_root) / source] if weights_root is not None else []
+    candidates.append(model_path(source) if source in MODEL_NAMES else Path(source))
+    for root in candidates:
+        index = root / "model_index.json"
+        if index.is_file():
+            return json.loads(index.read_text())["lesa_digits"]
+    return None
 
 
 def entry_from_pipeline(

@@ -420,3 +420,33 @@ def test_cancelling_one_job_of_a_batch_spares_the_others() -> None:
         assert kept["status"] == "completed" and kept["result"]["lesa"]["batch_size"] == 2
         assert client.get(f"/v1/images/jobs/{drop['id']}").json()["status"] == "cancelled"
         assert engine.models["fake-image"].pipe.last_step == 40  # the shared batch ran to the end
+
+
+def test_catalogue_engine_for_an_api_tier_loads_no_weights(tmp_path) -> None:
+    """The API of a Redis deployment validates against the model config and the bundles'
+    metadata only: a GPU-only model (weights never downloaded here) is still offered."""
+    bundle = tmp_path / "weights" / "big-flux" / "predictors" / "5x"
+    bundle.mkdir(parents=True)
+    card = {"psnr": 33.0, "speedup_wall_b1": 4.6}
+    (bundle / "config.json").write_text(json.dumps({"schedule": level_schedule("5x", 50).to_dict(), "quality": card}))
+    config = tmp_path / "models.toml"
+    config.write_text(
+        f'[defaults]\nweights_root = "{tmp_path / "weights"}"\n\n'
+        '[models.big-flux]\nbackend = "diffusers"\nsource = "nobody/never-downloaded"\npipeline = "FluxPipeline"\n'
+        'enabled = "gpu"\nsizes = [[1024, 1024], [768, 1344]]\nlevels_dir = "big-flux/predictors"\n'
+    )
+    s = settings(models_config=config, default_level="auto")
+    engine = Engine.catalogue(s)
+    entry = engine.models["big-flux"]
+    assert entry.pipe is None and entry.kind == "image" and entry.default_guidance == 3.5  # FLUX's default
+    with TestClient(create_app(s, engine=engine, run_worker=False)) as client:
+        (model,) = client.get("/v1/models").json()["data"]
+        levels = {lvl["level"]: lvl for lvl in model["acceleration"]}
+        assert levels["5x"]["lesa_available"] and levels["5x"]["quality"]["psnr"] == 33.0
+        assert model["sizes"] == ["1024x1024", "768x1344"]
+        job = client.post("/v1/images/jobs", json={"model": "big-flux", "prompt": "a fox", "size": "768x1344"})
+        assert job.status_code == 202 and job.json()["status"] == "queued"
+        queued = client.app.state.services.queue._jobs[job.json()["id"]].spec
+        assert (queued.level, queued.method, queued.num_inference_steps) == ("5x", "lesa", 50)  # "auto"
+        assert_error(client.post("/v1/images/jobs", json={"model": "big-flux", "prompt": "x", "size": "16x16"}),
+                     400, "size")  # fmt: skip
