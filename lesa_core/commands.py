@@ -112,13 +112,19 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
         default="256,256",
         help="KAN hidden widths (the paper: 256,256; the gain is one scalar per step)",
     )
-    train.add_argument("--phase1-tokens", type=int, default=None, help="tokens sampled per batch in phase 1")
+    train.add_argument("--train-tokens", type=int, default=None, help="tokens sampled per update (default: all)")
+    train.add_argument(
+        "--phase2-updates",
+        type=int,
+        default=TrainDefaults.phase2_updates_per_rollout,
+        help="optimizer steps per closed-loop rollout",
+    )
     train.add_argument("--per-branch", action="store_true", help="separate experts per CFG branch")
     train.add_argument(
         "--base",
-        choices=("last", "taylor1", "taylor2"),
+        choices=("last", "reuse", "taylor1", "taylor2"),
         default="last",
-        help="what the learned term corrects: last = h_-1 (the paper), taylorN = TaylorSeer order N (improved)",
+        help="what the learned term corrects: last = h_-1 (the paper); reuse = last full step, taylorN = TaylorSeer order N (improved)",
     )
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train_predictor)
@@ -186,7 +192,8 @@ def _train_predictor(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         per_branch=args.per_branch,
-        phase1_tokens=args.phase1_tokens,
+        train_tokens=args.train_tokens,
+        phase2_updates_per_rollout=args.phase2_updates,
         kan_hidden=_parse_widths(args.kan_hidden),
         base=args.base,
         seed=args.seed,

@@ -58,7 +58,7 @@ class ReuseForecaster(Forecaster):
     name = "reuse"
 
     def forecast(self, memory: BranchHistory, step: int, context: ForecastContext) -> torch.Tensor:
-        return memory.full_points[-1][1]
+        return extrapolate_full_points(memory.full_points, step, 0)
 
 
 class TaylorSeerForecaster(Forecaster):
@@ -82,6 +82,7 @@ class TaylorSeerForecaster(Forecaster):
 
 
 def extrapolate_full_points(points: Sequence[tuple[int, torch.Tensor]], step: int, order: int) -> torch.Tensor:
+    """Order 0 is the last full step's hidden state (FORA), 1 and 2 TaylorSeer's extrapolations."""
     anchors = points[-(order + 1) :]
     return newton_extrapolate([s for s, _ in anchors], [h for _, h in anchors], step)
 
@@ -102,8 +103,8 @@ class LesaForecaster(Forecaster):
                 "before each generation"
             )
         t_curr = float(context.timesteps[step])
-        order = self.predictor.base_order
-        base = None if order == 0 else extrapolate_full_points(memory.full_points, step, order)
+        anchors = self.predictor.base_anchors
+        base = None if anchors == 0 else extrapolate_full_points(memory.full_points, step, anchors - 1)
         if torch.is_grad_enabled() and self.predictor.training:
             return self.predictor.predict(memory.history, context.timesteps, t_curr, context.branch, base=base)
         coefficients, constant = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)

@@ -48,8 +48,9 @@ class PredictorConfig:
     spline_order: int = 3
     grid_range: tuple[float, float] = (-3.0, 3.0)
     branches: tuple[str, ...] = (SHARED_BRANCH,)
-    # What the learned term corrects: "last" = h_-1 (the paper); "taylor1" / "taylor2" = a
-    # TaylorSeer extrapolation from the last full steps (our improved variant, see README).
+    # What the learned term corrects: "last" = h_-1 (the paper); "reuse" = the last full step's
+    # hidden state (FORA), "taylor1" / "taylor2" = a TaylorSeer extrapolation from the last full
+    # steps (our improved variants, see README). Anchored bases stop forecasts compounding.
     base: str = "last"
     family: str | None = None  # transformer class name, e.g. "FluxTransformer2DModel"
     hidden_size: int | None = None  # channels of the forecast hidden state
@@ -103,9 +104,9 @@ class StagePredictor(nn.Module):
                 nn.init.zeros_(head.bias)
 
     @property
-    def base_order(self) -> int:
-        """0 for the paper's base h_-1, else the order of the Taylor extrapolation used as base."""
-        return {"last": 0, "taylor1": 1, "taylor2": 2}[self.config.base]
+    def base_anchors(self) -> int:
+        """0 for the paper's base h_-1, else how many full steps the base extrapolates from."""
+        return {"last": 0, "reuse": 1, "taylor1": 2, "taylor2": 3}[self.config.base]
 
     @property
     def max_depth(self) -> int:
@@ -159,7 +160,7 @@ class StagePredictor(nn.Module):
         """
         if not history:
             raise ValueError("predict needs at least one past hidden state")
-        if (base is None) != (self.base_order == 0):
+        if (base is None) != (self.base_anchors == 0):
             raise ValueError(f"this predictor's base is {self.config.base!r}: pass base= exactly when it is not 'last'")
         t_curr = float(t_curr)
         weights, bias = self.history_weights(t_curr, branch)
@@ -201,14 +202,14 @@ class StagePredictor(nn.Module):
             gains = kan((times[chosen].unsqueeze(1) - times.unsqueeze(0)).to(weight.device, weight.dtype))
             gains = gains.reshape(1, -1, *([1] * (trajectory.dim() - 2))).to(trajectory.dtype)
             out[:, select] = gains * latent
-        if self.base_order == 0:
+        if self.base_anchors == 0:
             return out + trajectory[:, steps_t - 1]
         full = sorted(full_steps)
         if not full:
             raise ValueError(f"a predictor with base {self.config.base!r} needs the schedule's full_steps")
         bases = []
         for step in steps_t.tolist():
-            anchors = [f for f in full if f < step][-(self.base_order + 1) :]
+            anchors = [f for f in full if f < step][-self.base_anchors :]
             bases.append(newton_extrapolate(anchors, [trajectory[:, f] for f in anchors], step))
         return out + torch.stack(bases, dim=1)
 

@@ -49,12 +49,13 @@ class TrainSettings:
     val_fraction: float = 0.15
     per_branch: bool = False  # one expert set per CFG branch (the HunyuanVideo variant)
     kan_hidden: tuple[int, ...] = (256, 256)
-    base: str = "last"  # "last" = the paper's predictor; "taylor1"/"taylor2" = our improved variant
+    base: str = "last"  # "last" = the paper's predictor; "reuse"/"taylor1"/"taylor2" = improved variants
     seed: int = 0
     validate_every: int = 50  # phase 1 epochs between closed-loop validations
-    # Phase 1 trains on a random subset of tokens per batch: the predictor's weights are shared by
-    # every token and channel, so a subset gives an unbiased gradient at a fraction of the cost.
-    phase1_tokens: int | None = None
+    # Each update trains on a random subset of tokens: the predictor's weights are shared by every
+    # token and channel, so a subset gives an unbiased gradient at a fraction of the cost.
+    train_tokens: int | None = None
+    phase2_updates_per_rollout: int = 8
 
 
 @dataclass
@@ -117,6 +118,13 @@ def closed_loop(
             seen.setdefault(branch, []).append(steps)
     merged = {b: torch.cat([torch.stack(c, dim=1) for c in chunks]) for b, chunks in seen.items()}
     return merged, torch.cat(finals)
+
+
+def _token_subset(hidden: dict[str, torch.Tensor], count: int | None, generator: torch.Generator) -> torch.Tensor:
+    tokens = next(iter(hidden.values())).shape[2]
+    if not count or count >= tokens:
+        return torch.arange(tokens)
+    return torch.randperm(tokens, generator=generator)[:count]
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -206,6 +214,10 @@ def train_predictor(
         )
 
     total_epochs = settings.phase1_epochs + settings.phase2_epochs
+    if start_epoch == 0:
+        # The untrained predictor is a baseline too (an anchored base with a zero head *is* FORA
+        # or TaylorSeer): training keeps it unless an epoch does better on held-out samples.
+        validate("init")
     bar = tqdm(range(start_epoch, total_epochs), desc=f"train {schedule.describe()}", disable=not progress)
     bar.update(0)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -219,23 +231,28 @@ def train_predictor(
         for start in range(0, len(order), settings.batch_size):
             batch = train.subset(order[start : start + settings.batch_size])
             if phase == 1:
-                predictor.train()
-                hidden = batch.hidden
-                tokens = next(iter(hidden.values())).shape[2]
-                if settings.phase1_tokens and settings.phase1_tokens < tokens:
-                    keep = torch.randperm(tokens, generator=generator)[: settings.phase1_tokens]
-                    hidden = {b: h[:, :, keep] for b, h in hidden.items()}
-                loss = forecast_loss(predictor, hidden, hidden, times, schedule)
+                inputs, updates = batch.hidden, 1
             else:
-                seen, _ = closed_loop(pipe, predictor, batch, schedule, settings.batch_size)
-                predictor.train()
-                loss = forecast_loss(predictor, seen, batch.hidden, times, schedule)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(predictor.parameters(), settings.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+                # One closed-loop rollout is expensive (it runs the model); the forecasts made from
+                # its hidden states are cheap, so each rollout feeds several optimizer steps.
+                inputs, _ = closed_loop(pipe, predictor, batch, schedule, settings.batch_size)
+                updates = settings.phase2_updates_per_rollout
+            predictor.train()
+            for _ in range(updates):
+                keep = _token_subset(batch.hidden, settings.train_tokens, generator)
+                loss = forecast_loss(
+                    predictor,
+                    {b: h[:, :, keep] for b, h in inputs.items()},
+                    {b: h[:, :, keep] for b, h in batch.hidden.items()},
+                    times,
+                    schedule,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(predictor.parameters(), settings.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
         mean_loss = sum(losses) / len(losses)
         postfix = {"phase": phase, "l1": f"{mean_loss:.4f}"}
         last_phase1 = epoch == settings.phase1_epochs - 1

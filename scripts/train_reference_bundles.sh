@@ -15,12 +15,8 @@ out=lesa_models/weights/$model/predictors
 $lesa record --model "$model" --prompts "prompts/$model-train.txt" --seeds 0-63 --steps 50 --out "$data"
 
 for level in $levels; do
-  # The paper's predictor (base = h_-1) ...
+  # The paper's predictor (base = h_-1); phase 2 (closed loop) is where it learns the most.
   $lesa train-predictor --model "$model" --data "$data" --level "$level" --steps 50 \
-    --phase1-epochs 120 --phase2-epochs 4 --phase1-tokens 16 --kan-hidden 64,64 --base last \
-    --out "runs/bundles/$model/paper/$level" --work-dir "runs/work/$model/paper/$level"
-  # ... and the improved variant (a learned correction on TaylorSeer order 1).
-  $lesa train-predictor --model "$model" --data "$data" --level "$level" --steps 50 \
-    --phase1-epochs 120 --phase2-epochs 4 --phase1-tokens 16 --kan-hidden 64,64 --base taylor1 \
-    --out "runs/bundles/$model/taylor1/$level" --work-dir "runs/work/$model/taylor1/$level"
+    --phase1-epochs 40 --phase2-epochs 6 --phase2-updates 8 --train-tokens 16 --kan-hidden 64,64 --base last \
+    --out "$out/$level" --work-dir "runs/work/$model/$level"
 done

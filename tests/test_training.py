@@ -90,7 +90,14 @@ def test_two_phase_training_writes_a_usable_bundle_and_resumes(pipe, recorded, t
     out, _ = recorded
     schedule = CacheSchedule.from_full_steps(STEPS, [0, 1, 3])
     settings = TrainSettings(
-        phase1_epochs=3, phase2_epochs=1, batch_size=4, kan_hidden=(8,), validate_every=2, base=base, phase1_tokens=4
+        phase1_epochs=3,
+        phase2_epochs=1,
+        batch_size=4,
+        kan_hidden=(8,),
+        validate_every=2,
+        base=base,
+        train_tokens=4,
+        phase2_updates_per_rollout=2,
     )
     predictor, report = train_predictor(pipe, out, schedule, tmp_path / "bundle", settings, progress=False)
     assert report.best_epoch != "none" and report.best_val_mse < float("inf")
