@@ -160,7 +160,9 @@ class Engine:
         from lesa_core.production.backend import DEFAULT_MAX_STEPS, DEFAULT_MIN_STEPS
 
         config = read_config(settings.models_config, settings.weights_dir)
-        names = settings.model_list or [n for n, m in config.models.items() if m.enabled]
+        # Unnamed, only the models enabled everywhere: a GPU-only model offered by an API whose
+        # workers cannot run it would queue jobs forever. Name the workers' models in LESA_MODELS.
+        names = settings.model_list or [n for n, m in config.models.items() if m.enabled is True]
         unknown = [n for n in names if n not in config.models]
         if unknown:
             raise ValueError(f"{config.path}: unknown model(s) {unknown}; configured: {', '.join(config.models)}")

@@ -436,6 +436,9 @@ def test_catalogue_engine_for_an_api_tier_loads_no_weights(tmp_path) -> None:
         'enabled = "gpu"\nsizes = [[1024, 1024], [768, 1344]]\nlevels_dir = "big-flux/predictors"\n'
     )
     s = settings(models_config=config, default_level="auto")
+    with pytest.raises(RuntimeError):  # GPU-only models are offered when named, not by default
+        Engine.catalogue(s)
+    s = settings(models_config=config, default_level="auto", models="big-flux")
     engine = Engine.catalogue(s)
     entry = engine.models["big-flux"]
     assert entry.pipe is None and entry.kind == "image" and entry.default_guidance == 3.5  # FLUX's default
