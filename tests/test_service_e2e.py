@@ -190,3 +190,20 @@ def test_cancel_mid_run_stops_the_generation(server: Server) -> None:
         per_step = elapsed / 4
         assert elapsed < 20 * per_step + 5, f"worker did not stop: next request took {elapsed:.1f}s"
         assert f'lesa_jobs_total{{model="{MODEL}",status="cancelled"}} 1.0' in client.get("/metrics").text
+
+
+def test_delete_cancels_a_running_video(server: Server) -> None:
+    if not _weights_present("digits-video"):
+        pytest.skip("no digits-video checkpoint")
+    with server.client() as client:
+        body = {"prompt": "a slow nine", "model": "digits-video", "num_inference_steps": 100, "acceleration": "none"}
+        video = client.post("/v1/videos", json=body).json()
+        deadline = time.monotonic() + 120
+        while (state := client.get(f"/v1/videos/{video['id']}").json())["progress"] < 2:
+            assert state["status"] in ("queued", "in_progress") and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.delete(f"/v1/videos/{video['id']}").json()["status"] == "cancelled"
+        generate(client, num_inference_steps=4, guidance_scale=1.0)  # served: the worker stopped the video
+        final = client.get(f"/v1/videos/{video['id']}").json()
+        assert final["status"] == "cancelled" and final["progress"] < 50 and final["error"]["code"] == "cancelled"
+        assert client.get(f"/v1/videos/{video['id']}/content").status_code == 404
