@@ -1,0 +1,147 @@
+"""The reference pipelines: offline loading, the call contract, determinism, prompts honoured."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # loading must never touch the network
+
+import numpy as np
+import pytest
+import torch
+
+from lesa_models import MODEL_NAMES, GenerationCancelled, load_pipeline
+from lesa_models.evaluator import classify_digits, classify_frames, motion_direction, parse_prompt_direction
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def image_pipe():
+    return load_pipeline("digits-image")
+
+
+@pytest.fixture(scope="module")
+def video_pipe():
+    return load_pipeline("digits-video")
+
+
+def _size(pipe):
+    width, height = pipe.info.sizes[0]
+    return dict(height=height, width=width)
+
+
+def test_models_load_from_committed_directories(image_pipe, video_pipe):
+    assert set(MODEL_NAMES) == {"digits-image", "digits-video"}
+    info = image_pipe.info
+    assert info.kind == "image" and info.transformer_class == "FluxTransformer2DModel"
+    assert (info.min_steps, info.max_steps, info.default_steps) == (4, 100, 50)
+    assert video_pipe.info.kind == "video" and video_pipe.info.transformer_class == "WanTransformer3DModel"
+    assert video_pipe.info.num_frames == [8]
+
+
+def test_generation_is_deterministic_per_seed(image_pipe):
+    a = image_pipe(["a handwritten seven"], seeds=[3], num_inference_steps=STEPS, **_size(image_pipe))
+    b = image_pipe(["a handwritten seven"], seeds=[3], num_inference_steps=STEPS, **_size(image_pipe))
+    c = image_pipe(["a handwritten seven"], seeds=[4], num_inference_steps=STEPS, **_size(image_pipe))
+    assert a.samples.dtype == np.float32 and a.samples.shape == (1, 16, 16)
+    assert 0.0 <= a.samples.min() and a.samples.max() <= 1.0
+    np.testing.assert_array_equal(a.samples, b.samples)
+    assert not np.allclose(a.samples, c.samples)
+    assert a.stats["transformer_calls"] == 2 * STEPS and "wall_time_s" in a.stats
+
+
+def test_sample_does_not_depend_on_its_batch(image_pipe):
+    alone = image_pipe(["digit 2"], seeds=[11], num_inference_steps=STEPS, **_size(image_pipe))
+    batch = image_pipe(
+        ["the number 5", "digit 2", "a nine"], seeds=[1, 11, 7], num_inference_steps=STEPS, **_size(image_pipe)
+    )
+    # Same noise and same maths; only the batch size of the matmuls differs (float rounding).
+    np.testing.assert_allclose(batch.samples[1], alone.samples[0], atol=1e-4)
+
+
+def test_latents_override_the_seeded_noise(image_pipe):
+    noise = image_pipe.initial_noise([5, 6], **_size(image_pipe))
+    assert noise.shape == (2, 1, 16, 16)
+    by_seed = image_pipe(["a one", "a two"], seeds=[5, 6], num_inference_steps=STEPS, **_size(image_pipe))
+    by_latents = image_pipe(
+        ["a one", "a two"], seeds=[0, 0], latents=noise, num_inference_steps=STEPS, **_size(image_pipe)
+    )
+    np.testing.assert_array_equal(by_seed.samples, by_latents.samples)
+
+
+def test_callback_reports_progress_and_cancels(image_pipe):
+    seen = []
+    image_pipe(
+        ["a six"], seeds=[0], num_inference_steps=STEPS, callback=lambda d, t: seen.append((d, t)), **_size(image_pipe)
+    )
+    assert seen == [(i, STEPS) for i in range(1, STEPS + 1)]
+    with pytest.raises(GenerationCancelled):
+        image_pipe(["a six"], seeds=[0], num_inference_steps=STEPS, callback=lambda d, t: d < 2, **_size(image_pipe))
+
+
+def test_guidance_one_skips_the_unconditional_branch(image_pipe):
+    out = image_pipe(["a six"], seeds=[0], num_inference_steps=STEPS, guidance_scale=1.0, **_size(image_pipe))
+    assert out.stats["transformer_calls"] == STEPS
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(prompts=["a one"], seeds=[0], height=17, width=16), "size"),
+        (dict(prompts=["a one"], seeds=[0], height=16, width=16, num_inference_steps=3), "num_inference_steps"),
+        (dict(prompts=["a one"], seeds=[0], height=16, width=16, num_inference_steps=101), "num_inference_steps"),
+        (dict(prompts=["  "], seeds=[0], height=16, width=16), "prompts[0]"),
+        (dict(prompts=[], seeds=[], height=16, width=16), "prompts"),
+        (dict(prompts=["a one"], seeds=[0, 1], height=16, width=16), "seeds"),
+        (dict(prompts=["a one"], seeds=[0], height=16, width=16, guidance_scale=-1.0), "guidance_scale"),
+        (dict(prompts=["a one"], seeds=[0], height=16, width=16, num_frames=8), "num_frames"),
+    ],
+)
+def test_bad_inputs_raise_value_errors_naming_the_field(image_pipe, kwargs, field):
+    prompts = kwargs.pop("prompts")
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        image_pipe(prompts, **kwargs)
+
+
+def test_unknown_model_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="digits-image, digits-video"):
+        load_pipeline("digits-audio")
+
+
+def test_image_prompts_are_honoured(image_pipe):
+    prompts = [f"the number {d}" for d in range(10)]
+    out = image_pipe(prompts, seeds=list(range(500, 510)), num_inference_steps=20, **_size(image_pipe))
+    hits = (classify_digits(out.samples) == np.arange(10)).sum()
+    assert hits >= 8, f"only {hits}/10 digits recognised"
+
+
+def test_video_clip_shape_digit_and_motion(video_pipe):
+    prompts = ["digit 3 moving to the right", "a seven moving up"]
+    out = video_pipe(prompts, seeds=[900, 901], num_inference_steps=20, **_size(video_pipe))
+    assert out.samples.shape == (2, 8, 16, 16)
+    directions = [motion_direction(c) for c in out.samples]
+    agree = sum(d == parse_prompt_direction(p) for d, p in zip(directions, prompts, strict=True))
+    digits = np.mean([(classify_frames(out.samples[0]) == 3).mean(), (classify_frames(out.samples[1]) == 7).mean()])
+    assert agree >= 1 and digits >= 0.5, (directions, digits)
+
+
+def test_acceleration_hooks_attach_and_detach(image_pipe):
+    lesa_core = pytest.importorskip("lesa_core")
+    schedule = lesa_core.CacheSchedule.from_full_steps(8, [0, 1, 2, 4, 6])
+    config = lesa_core.CacheConfig(method="reuse", schedule=schedule)
+    out = image_pipe(["a four"], seeds=[2], num_inference_steps=8, cache=config, **_size(image_pipe))
+    assert "cache" in out.stats
+    assert not lesa_core.is_cache_enabled(image_pipe.transformer)
+    full = image_pipe(["a four"], seeds=[2], num_inference_steps=8, **_size(image_pipe))
+    assert full.samples.shape == out.samples.shape
+
+
+def test_text_encoder_caches_and_pads():
+    from lesa_models.text_encoder import get_text_encoder
+
+    enc = get_text_encoder()
+    a = enc.encode(["a seven", ""])
+    assert a.tokens.shape == (2, 16, 384) and a.pooled.shape == (2, 384)
+    assert torch.all(a.tokens[a.mask == 0] == 0)
+    np.testing.assert_array_equal(enc.encode(["a seven"]).tokens[0].numpy(), a.tokens[0].numpy())

@@ -1,0 +1,134 @@
+"""Evaluator, media encoders and the `lesa generate` command."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import random
+
+import numpy as np
+import pytest
+
+from lesa_models import data, evaluator, media
+
+
+def test_prompt_parsers():
+    assert evaluator.parse_prompt_digit("a bold seven") == 7
+    assert evaluator.parse_prompt_digit("digit 4 moving up") == 4
+    assert evaluator.parse_prompt_digit("a cat") is None
+    assert evaluator.parse_prompt_direction("digit 7 moving to the left") == "left"
+    assert evaluator.parse_prompt_direction("a two sliding to the upper right") == "up-right"
+    assert evaluator.parse_prompt_direction("the number 1 moves diagonally down-left") == "down-left"
+    assert evaluator.parse_prompt_direction("a nine") is None
+
+
+def test_judge_recognises_training_style_data():
+    train_split, _ = data.digit_splits()
+    rng = random.Random(1)
+    clips, _, labels, directions = data.sample_video_batch(train_split, 16, rng)
+    assert all(evaluator.motion_direction(c.numpy()) == d for c, d in zip(clips, directions, strict=True))
+    frames = np.mean([(evaluator.classify_frames(c.numpy()) == y).mean() for c, y in zip(clips, labels, strict=True)])
+    assert frames >= 0.9
+    images, _, labels = data.sample_image_batch(train_split, 40, 16, rng)
+    assert (evaluator.classify_digits(images.numpy()) == np.array(labels)).mean() >= 0.9
+    assert evaluator.motion_direction(np.zeros((8, 16, 16), np.float32)) == "static"
+
+
+def test_media_encoders():
+    rng = np.random.default_rng(0)
+    image = rng.random((16, 16), dtype=np.float32)
+    clip = rng.random((8, 16, 16), dtype=np.float32)
+    assert media.image_bytes(image, "png").startswith(b"\x89PNG")
+    assert media.image_bytes(image, "jpeg").startswith(b"\xff\xd8")
+    assert media.image_bytes(image, "webp")[8:12] == b"WEBP"
+    assert media.gif_bytes(clip).startswith(b"GIF8")
+    assert media.mp4_bytes(clip)[4:8] == b"ftyp"
+    assert media.thumbnail_png(clip).startswith(b"\x89PNG")
+    assert media.grid(rng.random((10, 16, 16)), rows=2).shape == (2 * 17 + 1, 5 * 17 + 1)
+    with pytest.raises(ValueError, match="format"):
+        media.image_bytes(image, "bmp")
+
+
+def test_cli_generate_writes_png(tmp_path):
+    from lesa_core.cli import main
+
+    out = tmp_path / "seven.png"
+    rc = main(
+        [
+            "generate",
+            "--model",
+            "digits-image",
+            "--prompt",
+            "a bold seven",
+            "--seed",
+            "3",
+            "--steps",
+            "4",
+            "--guidance",
+            "4",
+            "--acceleration",
+            "none",
+            "--output",
+            str(out),
+        ]
+    )
+    assert rc == 0 and out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_cli_generate_reports_user_errors(tmp_path, capsys):
+    from lesa_core.cli import main
+
+    rc = main(["generate", "--model", "digits-audio", "--prompt", "x", "--output", str(tmp_path / "x.png")])
+    assert rc == 2 and "known models" in capsys.readouterr().err
+    rc = main(["generate", "--prompt", "a one", "--steps", "2", "--output", str(tmp_path / "x.png")])
+    assert rc == 2 and "num_inference_steps" in capsys.readouterr().err
+
+
+def test_cli_acceleration_levels(tmp_path, capsys):
+    from lesa_core.cli import main
+
+    out = tmp_path / "four.png"
+    rc = main(
+        [
+            "generate",
+            "--prompt",
+            "a four",
+            "--steps",
+            "20",
+            "--acceleration",
+            "5x",
+            "--method",
+            "taylorseer",
+            "--output",
+            str(out),
+        ]
+    )
+    assert rc == 0 and out.read_bytes().startswith(b"\x89PNG")
+    rc = main(["generate", "--prompt", "a four", "--acceleration", "9x", "--output", str(out)])
+    assert rc == 2 and "known levels" in capsys.readouterr().err
+
+
+def test_cli_generate_video_gif_and_prompt_file(tmp_path):
+    from lesa_core.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("digit 1 moving left\n\na two moving up\n")
+    rc = main(
+        [
+            "generate",
+            "--model",
+            "digits-video",
+            "--prompts",
+            str(prompts),
+            "--steps",
+            "4",
+            "--output",
+            str(tmp_path / "clips" / "c.gif"),
+        ]
+    )
+    assert rc == 0
+    written = sorted((tmp_path / "clips").iterdir())
+    assert [p.name for p in written] == ["c-000.gif", "c-001.gif"]
+    assert all(p.read_bytes().startswith(b"GIF8") for p in written)
