@@ -390,7 +390,7 @@ def test_official_openai_client_videos_lifecycle() -> None:
 def test_progress_events_stream_until_the_job_ends() -> None:
     s = settings()
     with TestClient(create_app(s, engine=make_engine(s, step_delay=0.03))) as client:
-        video = client.post("/v1/videos", json={"prompt": "a six", "num_inference_steps": 20}).json()
+        video = client.post("/v1/videos", json={"prompt": "a six", "num_inference_steps": 40}).json()
         events: list[tuple[str, dict]] = []
         with client.stream("GET", f"/v1/videos/{video['id']}/events") as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")

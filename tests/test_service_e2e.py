@@ -180,15 +180,12 @@ def test_cancel_mid_run_stops_the_generation(server: Server) -> None:
             time.sleep(0.05)
         cancelled = client.delete(f"/v1/images/jobs/{job['id']}").json()
         assert cancelled["status"] == "cancelled"
-        # The worker stops at the next step: a new request is served long before the 100 steps
-        # of the cancelled one could have finished.
-        t0 = time.monotonic()
-        generate(client, num_inference_steps=4, guidance_scale=1.0)
-        elapsed = time.monotonic() - t0
+        # The worker stops at the next step, so a new request waits in the queue about one step,
+        # not the >= 97 remaining steps (2 transformer calls each with CFG) of the cancelled job.
+        followup = generate(client, num_inference_steps=4, guidance_scale=1.0)["lesa"]  # 4 calls
         final = client.get(f"/v1/images/jobs/{job['id']}").json()
         assert final["status"] == "cancelled" and final["progress"] < 50 and final["result"] is None
-        per_step = elapsed / 4
-        assert elapsed < 20 * per_step + 5, f"worker did not stop: next request took {elapsed:.1f}s"
+        assert followup["queue_ms"] < 10 * followup["generation_ms"], f"worker did not stop: {followup}"
         assert f'lesa_jobs_total{{model="{MODEL}",status="cancelled"}} 1.0' in client.get("/metrics").text
 
 
