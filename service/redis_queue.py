@@ -176,7 +176,7 @@ if attempts >= tonumber(ARGV[5]) then
   local now = tonumber(ARGV[4])
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', err, 'completed_at', ARGV[4],
     'expires_at', tostring(now + tonumber(ARGV[7])))
-  redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[7])))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[7]) * 1000))
   ack()
   redis.call('PUBLISH', ARGV[8], ARGV[1])
   return 'dead'
@@ -225,7 +225,7 @@ if (not status) or status == 'completed' or status == 'failed' or status == 'can
   return 0
 end
 local now = tonumber(ARGV[5])
-local ttl = math.ceil(tonumber(ARGV[6]))
+local ttl = math.ceil(tonumber(ARGV[6]) * 1000)  -- milliseconds: sub-second TTLs expire on time
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'completed_at', ARGV[5], 'expires_at', tostring(now + tonumber(ARGV[6])))
 if ARGV[3] == 'completed' then
   redis.call('HSET', KEYS[1], 'result', ARGV[4], 'progress', '100')
@@ -244,11 +244,11 @@ for _ = 1, n_files do
   redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
-redis.call('EXPIRE', KEYS[1], ttl)
-if n_inline > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
-if n_files > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
+redis.call('PEXPIRE', KEYS[1], ttl)
+if n_inline > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+if n_files > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
 local idem = redis.call('HGET', KEYS[1], 'idem')
-if idem and idem ~= '' then redis.call('EXPIRE', idem, ttl) end
+if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
 redis.call('ZREM', KEYS[6], ARGV[1])
 -- Smoothed seconds per job (start to finish), for the Retry-After estimate.
 local started = tonumber(redis.call('HGET', KEYS[1], 'started_at') or '')
@@ -268,9 +268,9 @@ if not status then return false end
 if status == 'completed' or status == 'failed' or status == 'cancelled' then return status end
 local now = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2], 'expires_at', tostring(now + tonumber(ARGV[3])))
-redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
 local idem = redis.call('HGET', KEYS[1], 'idem')
-if idem and idem ~= '' then redis.call('EXPIRE', idem, math.ceil(tonumber(ARGV[3]))) end
+if idem and idem ~= '' then redis.call('PEXPIRE', idem, math.ceil(tonumber(ARGV[3]) * 1000)) end
 -- The stream entry stays: the worker that reads it (or is running it) acknowledges it.
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('PUBLISH', ARGV[4], ARGV[1])
