@@ -93,7 +93,9 @@ def main() -> None:
                     "ratio": predicted / full,
                 }
             )
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print(f"DiT with {params / 1e6:.2f}M parameters, 256 tokens, on {machine}")
     print("| batch | method | full step (ms) | predicted step (ms) | predicted / full |")
     print("| --- | --- | --- | --- | --- |")
