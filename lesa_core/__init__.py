@@ -12,6 +12,7 @@ from lesa_core.hooks import (
 )
 from lesa_core.kan import KAN, KANLinear
 from lesa_core.levels import LEVELS, level_schedule
+from lesa_core.pipeline_types import GenerationCancelled, GenerationOutput, PipelineInfo
 from lesa_core.predictor import BundleError, PredictorConfig, StagePredictor
 from lesa_core.schedule import CacheSchedule
 
@@ -22,8 +23,11 @@ __all__ = [
     "CacheConfig",
     "CacheSchedule",
     "Forecaster",
+    "GenerationCancelled",
+    "GenerationOutput",
     "KANLinear",
     "LesaForecaster",
+    "PipelineInfo",
     "PredictorConfig",
     "ReuseForecaster",
     "StagePredictor",

@@ -17,7 +17,6 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, WanTransformer3DModel
 
+from lesa_core.pipeline_types import GenerationCancelled, GenerationOutput, PipelineInfo
 from lesa_models.text_encoder import DEFAULT_MAX_LENGTH, PACKAGE_NAME, TextEncoder, TextEncoding, get_text_encoder
 
 if TYPE_CHECKING:  # lesa_core is only needed when acceleration is asked for
@@ -33,37 +33,6 @@ if TYPE_CHECKING:  # lesa_core is only needed when acceleration is asked for
 MIN_STEPS = 4
 MAX_STEPS = 100
 MODEL_INDEX = "model_index.json"
-
-
-class GenerationCancelled(Exception):
-    """Raised when the step callback returns False (the service cancels a job this way)."""
-
-
-@dataclass(frozen=True)
-class PipelineInfo:
-    """What a caller may ask of a pipeline; the service builds its API limits from this."""
-
-    name: str
-    kind: str  # "image" | "video"
-    sizes: list[tuple[int, int]]  # supported (width, height)
-    num_frames: list[int]  # supported clip lengths; [1] for images
-    default_steps: int
-    default_guidance: float
-    min_steps: int
-    max_steps: int
-    hidden_size: int
-    transformer_class: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class GenerationOutput:
-    """samples: float32 in [0, 1], [B, H, W] (image) or [B, F, H, W] (video); stats: timings, cache use."""
-
-    samples: np.ndarray
-    stats: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------- FLUX packing

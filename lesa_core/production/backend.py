@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 import lesa_core
+from lesa_core.pipeline_types import GenerationCancelled, GenerationOutput, PipelineInfo
 from lesa_core.production.batching import plan_chunks, run_with_oom_split, sample_cost
-from lesa_models.pipeline import GenerationCancelled, GenerationOutput, PipelineInfo
 
 logger = logging.getLogger(__name__)
 
