@@ -48,5 +48,11 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, host=args.host, port=args.port, embedded_worker=False if args.no_worker else None)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_keep_alive=settings.keep_alive_s,
+    )
     return 0

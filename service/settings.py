@@ -20,6 +20,12 @@ class Settings(BaseSettings):
     # ---- network ----
     host: str = Field("127.0.0.1", description="interface `lesa serve` binds to")
     port: int = Field(8000, ge=0, le=65535)
+    keep_alive_s: int = Field(
+        75,
+        ge=1,
+        description="idle keep-alive connections are closed after this; keep it above the idle timeout of "
+        "clients and load balancers (uvicorn's 5 s default equals httpx's, so a reused connection can race the close)",
+    )
     public_base_url: str | None = Field(
         None,
         description="base URL clients reach this server at, used to build `url` outputs "

@@ -298,7 +298,14 @@ def _serve(port: int) -> None:
     # LESA_TEST_REAL_ENGINE=1: the models from settings (Engine.load), exactly as `lesa serve`.
     engine = None if os.environ.get("LESA_TEST_REAL_ENGINE") == "1" else make_engine(settings)
     app = create_app(settings, engine=engine)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=settings.keep_alive_s,
+    )
 
 
 if __name__ == "__main__":
