@@ -41,7 +41,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="1,8", help="batch sizes for the wall-clock speed-up")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (LESA bundles are trained at 50)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per cell (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per cell (fastest and median reported)")
     parser.add_argument("--quality-batch", type=int, default=8, help="batch size of the quality runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
     parser.add_argument("--predictors", type=Path, default=None, help="bundle root (default <model>/predictors)")

@@ -154,6 +154,7 @@ def test_run_writes_json_markdown_and_pngs(image_pipe, tmp_path: Path) -> None:
     for r in result.records:
         assert r["psnr"] <= benchmark.PSNR_CAP_DB and 0.0 <= r["agreement"] <= 1.0
         assert r["total_steps"] == STEPS and r["speedup_wall_b1"] > 0 and r["speedup_wall_b2"] > 0
+        assert r["speedup_wall_median_b1"] == r["speedup_wall_b1"]  # one repeat: its fastest is its median
         assert r["speedup_wall_b8"] is None  # not measured in this run: said so, not invented
     reuse = next(r for r in result.records if (r["method"], r["level"]) == ("reuse", "tiny4x"))
     assert reuse["mse"] > 0 and reuse["full_steps"] == 2 and reuse["speedup_theoretical"] == 4.0
