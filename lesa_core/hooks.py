@@ -8,7 +8,10 @@ Three kinds of hooks, registered with diffusers' own `HookRegistry`:
   no block computes anything;
 * on the final layer (`norm_out`): on a full step it records the incoming hidden state; on a
   predicted step it replaces that input with the forecast. The final layer then runs with the
-  current timestep's conditioning, as the method requires.
+  current timestep's conditioning, as the method requires;
+* on the embedders whose output only the blocks read (patch/text embedders, rotary tables; see
+  `BLOCK_ONLY_INPUTS`): on a predicted step they are skipped too and hand the skipped blocks
+  their last full step's output, whose values nothing reads. The timestep embedding still runs.
 
 State lives in a diffusers `StateManager`, keyed by the `cache_context` name ("cond",
 "uncond"; "default" for models without contexts), and is wiped by `new_generation`: nothing
@@ -36,7 +39,16 @@ logger = logging.getLogger(__name__)
 MODEL_HOOK = "lesa_model"
 BLOCK_HOOK = "lesa_block"
 FINAL_LAYER_HOOK = "lesa_final_layer"
+BLOCK_INPUT_HOOK = "lesa_block_input"
 FINAL_LAYER_NAME = "norm_out"
+# Per family, the children of the transformer whose outputs feed the blocks and nothing else
+# (read off each family's forward in diffusers 0.42). Families not listed keep their embedders.
+BLOCK_ONLY_INPUTS: dict[str, tuple[str, ...]] = {
+    "FluxTransformer2DModel": ("x_embedder", "context_embedder", "pos_embed"),
+    "QwenImageTransformer2DModel": ("img_in", "txt_norm", "txt_in", "pos_embed"),
+    "WanTransformer3DModel": ("patch_embedding", "rope"),
+    "HunyuanVideoTransformer3DModel": ("x_embedder", "context_embedder", "rope"),
+}
 DEFAULT_BRANCH = "default"
 
 # An observer sees every hidden state entering the final layer: (branch, step, hidden, full).
@@ -72,6 +84,7 @@ class _BranchState(BaseState):
         self.full = 0
         self.predicted = 0
         self.shape: torch.Size | None = None
+        self.block_inputs: dict[str, tuple] = {}  # embedder -> (input shapes, output) of the last full step
 
 
 class _BranchStateManager(StateManager):
@@ -162,6 +175,38 @@ class BlockSkipHook(ModelHook):
         return tuple(outputs)
 
 
+class BlockInputHook(ModelHook):
+    """On a predicted step, skip an embedder that only the (skipped) blocks read.
+
+    The blocks still receive arguments of the right shapes: the embedder's output from this
+    branch's last full step. Step 0 is always full, so a predicted step always finds one.
+    """
+
+    def __init__(self, session: _Session, name: str) -> None:
+        super().__init__()
+        self.session = session
+        self.name = name
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        state = self.session.current
+        if state is None:  # called outside a denoising forward
+            return self.fn_ref.original_forward(*args, **kwargs)
+        # Inputs of other shapes (a call that does not belong to this generation) are computed, so
+        # the final layer's shape check still sees them and says so.
+        shapes = _shapes(args, kwargs)
+        cached = state.block_inputs.get(self.name)
+        if self.session.predicting and cached is not None and cached[0] == shapes:
+            return cached[1]
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        state.block_inputs[self.name] = (shapes, output)
+        return output
+
+
+def _shapes(args: tuple, kwargs: dict) -> tuple:
+    values = (*args, *kwargs.values())
+    return tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in values)
+
+
 class FinalLayerHook(ModelHook):
     """Record the final layer's input on full steps; substitute the forecast on predicted ones."""
 
@@ -235,6 +280,11 @@ def enable_cache(model: nn.Module, config: CacheConfig) -> None:
     for _, block, metadata in blocks:
         HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockSkipHook(session, metadata), BLOCK_HOOK)
     HookRegistry.check_if_exists_or_initialize(final_layer).register_hook(FinalLayerHook(session), FINAL_LAYER_HOOK)
+    for name in BLOCK_ONLY_INPUTS.get(type(model).__name__, ()):
+        embedder = getattr(model, name, None)
+        if isinstance(embedder, nn.Module):
+            registry = HookRegistry.check_if_exists_or_initialize(embedder)
+            registry.register_hook(BlockInputHook(session, name), BLOCK_INPUT_HOOK)
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
 
 
@@ -243,7 +293,7 @@ def disable_cache(model: nn.Module) -> None:
     registry = getattr(model, "_diffusers_hook", None)
     if registry is None:
         return
-    for name in (MODEL_HOOK, BLOCK_HOOK, FINAL_LAYER_HOOK):
+    for name in (MODEL_HOOK, BLOCK_HOOK, BLOCK_INPUT_HOOK, FINAL_LAYER_HOOK):
         registry.remove_hook(name, recurse=True)
     registry.invalidate_child_registries_cache()
 

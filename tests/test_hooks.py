@@ -16,6 +16,7 @@ from lesa_core import (
     enable_cache,
     new_generation,
 )
+from lesa_core.hooks import BLOCK_ONLY_INPUTS
 
 TIMES = [1.0, 0.95, 0.85, 0.7, 0.55, 0.4, 0.25, 0.1]
 
@@ -61,6 +62,12 @@ def test_predicted_steps_run_no_block_and_apply_final_layer_to_forecast(name):
     model = family.model
     schedule = CacheSchedule.from_full_steps(len(TIMES), [0, 1, 4])
     captured: dict[int, torch.Tensor] = {}
+    # Count what the embedders compute: wrap their forward before the hooks wrap it in turn.
+    embedders = BLOCK_ONLY_INPUTS.get(type(model).__name__, ())
+    embedded: list[str] = []
+    for embedder in embedders:
+        module = getattr(model, embedder)
+        module.forward = lambda *a, _f=module.forward, _n=embedder, **k: embedded.append(_n) or _f(*a, **k)
     enable_cache(
         model,
         CacheConfig(
@@ -69,15 +76,19 @@ def test_predicted_steps_run_no_block_and_apply_final_layer_to_forecast(name):
     )
     new_generation(model)
     calls = count_block_attention(model)
-    outputs, per_step = [], []
+    outputs, per_step, embedded_per_step = [], [], []
     with torch.no_grad():
         for t in TIMES:
             before = calls[0]
+            embedded.clear()
             outputs.append(family.call(t))
             per_step.append(calls[0] - before)
+            embedded_per_step.append(sorted(embedded))
     assert cache_stats(model) == {"default": {"full": 3, "predicted": 5}}
     for step, n in enumerate(per_step):
         assert (n > 0) == schedule.is_full(step), f"step {step}: {n} attention calls in blocks"
+        # the embedders only the blocks read run on full steps only
+        assert embedded_per_step[step] == (sorted(embedders) if schedule.is_full(step) else []), step
     # reuse forecasts the last full step's hidden state ...
     assert torch.equal(captured[2], captured[1]) and torch.equal(captured[7], captured[4])
     disable_cache(model)
