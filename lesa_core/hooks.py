@@ -41,12 +41,19 @@ BLOCK_HOOK = "lesa_block"
 FINAL_LAYER_HOOK = "lesa_final_layer"
 BLOCK_INPUT_HOOK = "lesa_block_input"
 FINAL_LAYER_NAME = "norm_out"
-# Per family, the children of the transformer whose outputs feed the blocks and nothing else
+# Per family, the submodules of the transformer whose outputs feed the blocks and nothing else
 # (read off each family's forward in diffusers 0.42). Families not listed keep their embedders.
+# Wan's condition_embedder also makes the final layer's temb, so only its block-only parts are here.
 BLOCK_ONLY_INPUTS: dict[str, tuple[str, ...]] = {
     "FluxTransformer2DModel": ("x_embedder", "context_embedder", "pos_embed"),
     "QwenImageTransformer2DModel": ("img_in", "txt_norm", "txt_in", "pos_embed"),
-    "WanTransformer3DModel": ("patch_embedding", "rope"),
+    "WanTransformer3DModel": (
+        "patch_embedding",
+        "rope",
+        "condition_embedder.time_proj",
+        "condition_embedder.text_embedder",
+        "condition_embedder.image_embedder",
+    ),
     "HunyuanVideoTransformer3DModel": ("x_embedder", "context_embedder", "rope"),
 }
 DEFAULT_BRANCH = "default"
@@ -281,7 +288,10 @@ def enable_cache(model: nn.Module, config: CacheConfig) -> None:
         HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockSkipHook(session, metadata), BLOCK_HOOK)
     HookRegistry.check_if_exists_or_initialize(final_layer).register_hook(FinalLayerHook(session), FINAL_LAYER_HOOK)
     for name in BLOCK_ONLY_INPUTS.get(type(model).__name__, ()):
-        embedder = getattr(model, name, None)
+        try:
+            embedder = model.get_submodule(name)
+        except AttributeError:  # e.g. Wan without an image embedder
+            continue
         if isinstance(embedder, nn.Module):
             registry = HookRegistry.check_if_exists_or_initialize(embedder)
             registry.register_hook(BlockInputHook(session, name), BLOCK_INPUT_HOOK)

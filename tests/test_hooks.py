@@ -63,10 +63,11 @@ def test_predicted_steps_run_no_block_and_apply_final_layer_to_forecast(name):
     schedule = CacheSchedule.from_full_steps(len(TIMES), [0, 1, 4])
     captured: dict[int, torch.Tensor] = {}
     # Count what the embedders compute: wrap their forward before the hooks wrap it in turn.
-    embedders = BLOCK_ONLY_INPUTS.get(type(model).__name__, ())
+    names = [n for n, _ in model.named_modules()]
+    embedders = [e for e in BLOCK_ONLY_INPUTS.get(type(model).__name__, ()) if e in names]
     embedded: list[str] = []
     for embedder in embedders:
-        module = getattr(model, embedder)
+        module = model.get_submodule(embedder)
         module.forward = lambda *a, _f=module.forward, _n=embedder, **k: embedded.append(_n) or _f(*a, **k)
     enable_cache(
         model,
