@@ -16,7 +16,7 @@ out=lesa_models/weights/$model/predictors
 $lesa record --model "$model" --prompts "prompts/$model-train.txt" --seeds "$seeds" --steps 50 --out "$data"
 
 for level in $levels; do
-  # digits-video 6.25x: 20 teacher-forced + 12 closed-loop epochs (the 40 + 6 run never beat its
+  # digits-video 6.25x: 20 teacher-forced + 12 closed-loop epochs (on the first video model the 40 + 6 run never beat its
   # untrained start on held-out samples); every other bundle: 40 + 6.
   if [ "$model:$level" = "digits-video:6.25x" ]; then p1=20 p2=12; else p1=40 p2=6; fi
   # The paper's predictor (base = h_-1); phase 2 (closed loop) is where it learns the most.
