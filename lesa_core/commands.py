@@ -126,6 +126,12 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
         default="last",
         help="what the learned term corrects: last = h_-1 (the paper); reuse = last full step, taylorN = TaylorSeer order N (improved)",
     )
+    train.add_argument(
+        "--history-weights",
+        choices=("scalar", "channel"),
+        default="scalar",
+        help="scalar = one weight per history slot (the paper); channel = one per slot and channel (improved)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train_predictor)
 
@@ -196,6 +202,7 @@ def _train_predictor(args: argparse.Namespace) -> int:
         phase2_updates_per_rollout=args.phase2_updates,
         kan_hidden=_parse_widths(args.kan_hidden),
         base=args.base,
+        history_weights=args.history_weights,
         seed=args.seed,
     )
     pipe = load_any_pipeline(args.model)

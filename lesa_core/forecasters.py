@@ -109,9 +109,16 @@ class LesaForecaster(Forecaster):
             return self.predictor.predict(memory.history, context.timesteps, t_curr, context.branch, base=base)
         coefficients, constant = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)
         window = pad_history(memory.history, len(coefficients))
-        out = (window[-1] if base is None else base) + constant
+        last = window[-1]
+        if isinstance(constant, torch.Tensor):  # per-channel weights
+            constant = constant.to(last.device, last.dtype)
+            coefficients = [c.to(last.device, last.dtype) for c in coefficients]
+        out = (last if base is None else base) + constant
         for weight, hidden in zip(coefficients, window, strict=True):
-            out.add_(hidden, alpha=weight)
+            if isinstance(weight, torch.Tensor):
+                out.addcmul_(hidden, weight)
+            else:
+                out.add_(hidden, alpha=weight)
         return out
 
 

@@ -4,6 +4,7 @@ For the last K hidden states H = [h_-K, ..., h_-1] (oldest first), the current n
 time t (1 = noise, 0 = clean) and the schedule's times T = (t_0, ..., t_S):
 
     latent = Linear_K->1(H)                 # one weight per history slot, plus a bias
+                                            # (history_weights="channel": one per slot and channel)
     gain   = KAN([t - t_i for t_i in T])    # a scalar
     h_pred = h_-1 + gain * latent
 
@@ -52,6 +53,9 @@ class PredictorConfig:
     # hidden state (FORA), "taylor1" / "taylor2" = a TaylorSeer extrapolation from the last full
     # steps (our improved variants, see README). Anchored bases stop forecasts compounding.
     base: str = "last"
+    # "scalar" = the paper's Linear_K->1, shared by every channel; "channel" = one weight per
+    # history slot and channel (an improved variant: channels move at different speeds).
+    history_weights: str = "scalar"
     family: str | None = None  # transformer class name, e.g. "FluxTransformer2DModel"
     hidden_size: int | None = None  # channels of the forecast hidden state
     training: dict[str, Any] = field(default_factory=dict)  # how it was trained
@@ -81,8 +85,13 @@ class StagePredictor(nn.Module):
         self.schedule = CacheSchedule.from_dict(config.schedule)
         widths = [config.num_times, *config.kan_hidden, 1]
         # Module names mirror the reference checkpoints: latent.{stage}, timestep.{stage}.
+        if config.history_weights not in ("scalar", "channel"):
+            raise BundleError(f"history_weights must be 'scalar' or 'channel', got {config.history_weights!r}")
+        if config.history_weights == "channel" and not config.hidden_size:
+            raise BundleError("history_weights='channel' needs hidden_size")
+        out = 1 if config.history_weights == "scalar" else int(config.hidden_size)
         self.latent = nn.ModuleDict(
-            {b: nn.ModuleList(nn.Linear(k, 1) for k in config.history_depths) for b in config.branches}
+            {b: nn.ModuleList(nn.Linear(k, out) for k in config.history_depths) for b in config.branches}
         )
         self.timestep = nn.ModuleDict(
             {
@@ -142,8 +151,11 @@ class StagePredictor(nn.Module):
         return kan((t - times).to(weight.device, weight.dtype).unsqueeze(0)).reshape(())
 
     def history_weights(self, t_curr: float, branch: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, bias) of the stage's head: [K] and [] (scalar), or [C, K] and [C] (channel)."""
         head = self.latent[self._branch(branch)][self.stage(t_curr)]
-        return head.weight.reshape(-1), head.bias.reshape(())
+        if self.config.history_weights == "scalar":
+            return head.weight.reshape(-1), head.bias.reshape(())
+        return head.weight, head.bias
 
     def predict(
         self,
@@ -164,9 +176,9 @@ class StagePredictor(nn.Module):
             raise ValueError(f"this predictor's base is {self.config.base!r}: pass base= exactly when it is not 'last'")
         t_curr = float(t_curr)
         weights, bias = self.history_weights(t_curr, branch)
-        window = pad_history(history, weights.numel())
-        stacked = torch.stack(window, dim=-1)  # (..., K)
-        latent = stacked @ weights.to(stacked.dtype) + bias.to(stacked.dtype)
+        window = pad_history(history, weights.shape[-1])
+        stacked = torch.stack(window, dim=-1)  # (..., C, K)
+        latent = (stacked * weights.to(stacked.dtype)).sum(-1) + bias.to(stacked.dtype)
         gain = self.gain(torch.as_tensor(timesteps, dtype=torch.float32), t_curr, branch).to(stacked.dtype)
         return (window[-1] if base is None else base) + gain * latent
 
@@ -194,10 +206,13 @@ class StagePredictor(nn.Module):
             select = (stages == stage).nonzero().flatten()
             chosen = steps_t[select]
             head, kan = self.latent[b][stage], self.timestep[b][stage]
-            depth = head.weight.numel()
+            depth = head.weight.shape[1]
             # front-pad with the first state: a short history repeats its oldest entry
             padded = torch.cat([trajectory[:, :1].expand(-1, depth, *trajectory.shape[2:]), trajectory], dim=1)
-            latent = sum(head.weight[0, k] * padded[:, chosen + k] for k in range(depth)) + head.bias[0]
+            # weight[:, k] is one scalar, or one weight per channel broadcast over the last axis
+            slot = head.weight if self.config.history_weights == "channel" else head.weight[0]
+            bias = head.bias if self.config.history_weights == "channel" else head.bias[0]
+            latent = sum(slot[..., k] * padded[:, chosen + k] for k in range(depth)) + bias
             weight = kan.layers[0].base_weight
             gains = kan((times[chosen].unsqueeze(1) - times.unsqueeze(0)).to(weight.device, weight.dtype))
             gains = gains.reshape(1, -1, *([1] * (trajectory.dim() - 2))).to(trajectory.dtype)
@@ -215,8 +230,10 @@ class StagePredictor(nn.Module):
 
     def step_coefficients(
         self, timesteps: torch.Tensor, t_curr: float, branch: str | None = None
-    ) -> tuple[list[float], float]:
+    ) -> tuple[list[float] | list[torch.Tensor], float | torch.Tensor]:
         """The forecast folded into constants: h_pred = h_-1 + sum_k c_k H_k + c_0.
+
+        Scalar history weights fold to floats; per-channel ones to [C] tensors (float32, CPU).
 
         The gain depends only on the schedule, so for inference it is computed once per step and
         the forecast becomes one weighted sum over the history (no stack, no KAN on the hot path).
@@ -232,7 +249,10 @@ class StagePredictor(nn.Module):
             with torch.no_grad():
                 weights, bias = self.history_weights(t_curr, branch)
                 gain = self.gain(times, t_curr, branch)
-                folded = (gain * weights).float().cpu().tolist(), float(gain * bias)
+                if self.config.history_weights == "scalar":
+                    folded = (gain * weights).float().cpu().tolist(), float(gain * bias)
+                else:
+                    folded = list((gain * weights).float().cpu().unbind(-1)), (gain * bias).float().cpu()
             if len(self._coefficient_cache) > 100_000:
                 self._coefficient_cache.clear()
             self._coefficient_cache[key] = folded

@@ -50,6 +50,7 @@ class TrainSettings:
     per_branch: bool = False  # one expert set per CFG branch (the HunyuanVideo variant)
     kan_hidden: tuple[int, ...] = (256, 256)
     base: str = "last"  # "last" = the paper's predictor; "reuse"/"taylor1"/"taylor2" = improved variants
+    history_weights: str = "scalar"  # "scalar" = the paper's Linear_K->1; "channel" = per channel (improved)
     seed: int = 0
     validate_every: int = 50  # phase 1 epochs between closed-loop validations
     # Each update trains on a random subset of tokens: the predictor's weights are shared by every
@@ -165,6 +166,7 @@ def train_predictor(
         kan_hidden=tuple(settings.kan_hidden),
         branches=branches,
         base=settings.base,
+        history_weights=settings.history_weights,
         family=getattr(info, "transformer_class", None),
         hidden_size=int(sample_hidden.shape[-1]),
     )

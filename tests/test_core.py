@@ -201,6 +201,42 @@ def test_predict_steps_equals_predict_per_step():
         torch.testing.assert_close(batched[:, i], predictor.predict(history, times, float(times[step])))
 
 
+def test_channel_history_weights_variant(tmp_path):
+    """One weight per history slot and channel: the formula, the folded inference path, the
+    vectorised training path and a bundle round trip all agree."""
+    predictor = _predictor(history_weights="channel", hidden_size=4)
+    times = torch.linspace(1, 0, 11, dtype=torch.float64)
+    history = [torch.randn(2, 3, 4, dtype=torch.float64) for _ in range(6)]
+    for t_curr, stage, depth in ((0.95, 0, 4), (0.3, 2, 8)):
+        kan, head = predictor.timestep["shared"][stage], predictor.latent["shared"][stage]
+        assert head.weight.shape == (4, depth)
+        gain = float(kan((t_curr - times).float().unsqueeze(0).double()).squeeze())
+        window = [history[0]] * max(0, depth - len(history)) + history[-depth:]
+        latent = sum(head.weight[:, k] * window[k] for k in range(depth)) + head.bias
+        expected = history[-1] + gain * latent
+        torch.testing.assert_close(predictor.predict(history, times, t_curr), expected)
+        coefficients, constant = predictor.step_coefficients(times, t_curr)
+        folded = window[-1] + constant.double() + sum(c.double() * h for c, h in zip(coefficients, window, strict=True))
+        torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)  # folded in float32
+    trajectory = torch.randn(3, 10, 5, 4, dtype=torch.float64)
+    batched = predictor.predict_steps(trajectory, [1, 4, 9], times)
+    for i, step in enumerate([1, 4, 9]):
+        expected = predictor.predict([trajectory[:, j] for j in range(step)], times, float(times[step]))
+        torch.testing.assert_close(batched[:, i], expected)
+    forecaster_out = _feed(LesaForecaster(predictor.float().eval()), [h.float() for h in trajectory.unbind(1)],
+                           set(predictor.schedule.full_steps), 10)  # fmt: skip
+    window = [forecaster_out[s] for s in range(4)]
+    torch.testing.assert_close(forecaster_out[4], predictor.predict(window, times.float(), float(times[4])))
+    predictor.save_pretrained(tmp_path / "bundle")
+    loaded = StagePredictor.from_pretrained(tmp_path / "bundle")
+    assert loaded.config.history_weights == "channel"
+    torch.testing.assert_close(
+        loaded.predict(window, times.float(), 0.3), predictor.predict(window, times.float(), 0.3)
+    )
+    with pytest.raises(BundleError, match="hidden_size"):
+        _predictor(history_weights="channel")
+
+
 def test_taylor_base_variant_corrects_taylorseer():
     # With its history head at zero, the improved variant is exactly TaylorSeer ...
     torch.manual_seed(0)
