@@ -193,9 +193,12 @@ def test_real_prometheus_scrapes_the_service_and_accepts_every_query(stack: dict
         for expr in dashboard_exprs() + alert_exprs():
             answer = query(as_promql(expr))
             assert answer["status"] == "success", (expr, answer)
-        # The scraped histograms give the dashboard real numbers (not just valid queries).
-        p95 = query("histogram_quantile(0.95, sum by (le) (rate(lesa_job_e2e_seconds_bucket[1m])))")
-        assert p95["data"]["result"], p95
+        # The scraped histograms give the dashboard real numbers (not just valid queries). rate()
+        # needs two scrapes of the worker's series, so wait for the second one.
+        p95_expr = "histogram_quantile(0.95, sum by (le) (rate(lesa_job_e2e_seconds_bucket[1m])))"
+        while not (p95 := query(p95_expr))["data"]["result"]:
+            assert time.monotonic() < deadline, p95
+            time.sleep(0.5)
 
         while True:
             groups = httpx.get(f"{base}/api/v1/rules", timeout=10).json()["data"]["groups"]
