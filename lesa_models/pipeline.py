@@ -98,6 +98,7 @@ class DigitsPipeline:
         if kind not in ("image", "video"):
             raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
         self.transformer = transformer.eval()
+        self.dtype: torch.dtype = next(transformer.parameters()).dtype  # what the transformer computes in
         self.scheduler = scheduler
         self.text_encoder = text_encoder
         self.name = name
@@ -190,6 +191,29 @@ class DigitsPipeline:
         }
         (root / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
+    # ---------------------------------------------------------------------------- device, dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DigitsPipeline:
+        """Move the transformer to `device` / `dtype` (e.g. "cuda", torch.bfloat16), like a diffusers pipeline.
+
+        Modules the family keeps in float32 (`_keep_in_fp32_modules`, e.g. Wan's norms and time
+        embedder) stay float32, as diffusers' `from_pretrained(torch_dtype=...)` leaves them. The
+        frozen text encoder stays on the CPU (its embeddings are cached per prompt and moved per
+        call); noise is still drawn on the CPU per seed, so a seed starts from the same noise on any
+        device, and the sampler's state stays float32 whatever the transformer's dtype.
+        """
+        keep = set(getattr(self.transformer, "_keep_in_fp32_modules", None) or ())
+        if dtype is not None:
+            self.dtype = dtype
+        for name, tensor in [*self.transformer.named_parameters(), *self.transformer.named_buffers()]:
+            wanted = torch.float32 if keep & set(name.split(".")) else self.dtype
+            tensor.data = tensor.data.to(device=device, dtype=wanted if tensor.is_floating_point() else None)
+        return self
+
     # ------------------------------------------------------------------------------ model calls
 
     def encode(self, prompts: list[str]) -> TextEncoding:
@@ -200,24 +224,26 @@ class DigitsPipeline:
 
         Shared by training and sampling so both feed the transformer identically.
         """
+        device, dtype = self.device, self.dtype
+        tokens = text.tokens.to(device, dtype)
         if self.kind == "image":
             _, _, h, w = x.shape
             out = self.transformer(
-                hidden_states=pack_latents(x),
-                encoder_hidden_states=text.tokens,
-                pooled_projections=text.pooled,
-                timestep=sigma,  # FLUX scales by 1000 inside, as FluxPipeline passes t / 1000
-                img_ids=image_ids(h, w),
-                txt_ids=torch.zeros(text.tokens.shape[1], 3),
+                hidden_states=pack_latents(x).to(device, dtype),
+                encoder_hidden_states=tokens,
+                pooled_projections=text.pooled.to(device, dtype),
+                timestep=sigma.to(device, dtype),  # FLUX scales by 1000 inside, as FluxPipeline passes t / 1000
+                img_ids=image_ids(h, w).to(device),
+                txt_ids=torch.zeros(tokens.shape[1], 3, device=device),
                 return_dict=False,
             )[0]
-            return unpack_latents(out, h, w)
+            return unpack_latents(out, h, w).to(x.dtype)
         return self.transformer(
-            hidden_states=x,
-            timestep=sigma * 1000.0,
-            encoder_hidden_states=text.tokens,
+            hidden_states=x.to(device, dtype),
+            timestep=(sigma * 1000.0).to(device, dtype),
+            encoder_hidden_states=tokens,
             return_dict=False,
-        )[0]
+        )[0].to(x.dtype)
 
     def noise_shape(self, height: int, width: int, num_frames: int | None) -> tuple[int, ...]:
         if self.kind == "image":
@@ -318,6 +344,7 @@ class DigitsPipeline:
             if tuple(latents.shape) != expected:
                 raise ValueError(f"latents must have shape {list(expected)}, got {list(latents.shape)}")
             x = latents.detach().to(torch.float32).clone()
+        x = x.to(self.device)
 
         do_cfg = guidance_scale > 1.0
         cond = self.encode(list(prompts))
@@ -336,7 +363,7 @@ class DigitsPipeline:
                 if cache is not None:
                     lesa_core.new_generation(self.transformer, timesteps=sched.sigmas.clone())
                 for i, t in enumerate(sched.timesteps):
-                    sigma = (t / 1000.0).expand(x.shape[0]).to(torch.float32)
+                    sigma = (t / 1000.0).expand(x.shape[0]).to(x.device, torch.float32)
                     with self.transformer.cache_context("cond"):
                         v = self.predict_velocity(x, sigma, cond)
                     calls += 1
@@ -355,7 +382,7 @@ class DigitsPipeline:
                 if cache is not None:
                     lesa_core.disable_cache(self.transformer)
 
-        samples = ((x[:, 0] + 1.0) / 2.0).clamp(0.0, 1.0).numpy().astype(np.float32)
+        samples = ((x[:, 0] + 1.0) / 2.0).clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
         stats.update(
             wall_time_s=time.perf_counter() - started,
             num_inference_steps=num_inference_steps,

@@ -137,6 +137,26 @@ def test_acceleration_hooks_attach_and_detach(image_pipe):
     assert full.samples.shape == out.samples.shape
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_pipeline_moves_to_another_dtype(name):
+    """`.to(device, dtype)` like a diffusers pipeline: bfloat16 samples, with and without acceleration
+    hooks, stay close to the float32 ones, and the family's float32 modules stay float32."""
+    lesa_core = pytest.importorskip("lesa_core")
+    pipe = load_pipeline(name, shared=False)  # a private copy: the shared one stays float32
+    call = dict(prompts=["a three moving up"], seeds=[7], num_inference_steps=8, guidance_scale=1.0, **_size(pipe))
+    reference = pipe(**call).samples
+    schedule = lesa_core.CacheSchedule.from_full_steps(8, [0, 1, 2, 5])
+    assert pipe.to("cpu", torch.bfloat16) is pipe and pipe.dtype == torch.bfloat16
+    keep = set(getattr(pipe.transformer, "_keep_in_fp32_modules", None) or ())
+    for param_name, param in pipe.transformer.named_parameters():
+        assert param.dtype == (torch.float32 if keep & set(param_name.split(".")) else torch.bfloat16), param_name
+    for cache in (None, lesa_core.CacheConfig(method="taylorseer", schedule=schedule)):
+        low = pipe(**call, cache=cache).samples
+        assert low.dtype == np.float32 and low.shape == reference.shape
+        correlation = np.corrcoef(low.ravel(), reference.ravel())[0, 1]
+        assert correlation > 0.9, correlation
+
+
 def test_text_encoder_caches_and_pads():
     from lesa_models.text_encoder import get_text_encoder
 

@@ -219,11 +219,6 @@ def build_pipeline(
         wanted = config.dtype or dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
         if torch.device(device).type == "cpu" and wanted == "float32":
             return pipe
-        if not hasattr(pipe, "to"):
-            # The reference pipeline may only run on CPU float32: serve it there rather than not at all.
-            logger.warning("model %s: this DigitsPipeline cannot move to %s %s; serving it on CPU float32",
-                           config.name, device, wanted)  # fmt: skip
-            return pipe
         pipe.to(device, getattr(torch, wanted))
         return pipe
     options = BackendOptions(
