@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from lesa_core.pipeline_types import PipelineInfo  # noqa: E402 - after the path insert, for a checkout without install
+
 NULL_MODEL = "null-image"
 THREADS: list[int | None] = [None]  # --torch-threads, for this process and the servers it starts
 
@@ -46,24 +47,13 @@ THREADS: list[int | None] = [None]  # --torch-threads, for this process and the 
 # ------------------------------------------------------------------------ null (zero-cost) model
 
 
-@dataclass(frozen=True)
-class NullInfo:
-    name: str = NULL_MODEL
-    kind: str = "image"
-    sizes: tuple[tuple[int, int], ...] = ((16, 16),)
-    num_frames: tuple[int, ...] = (1,)
-    default_steps: int = 8
-    default_guidance: float = 4.0
-    min_steps: int = 1
-    max_steps: int = 100
-    hidden_size: int = 8
-    transformer_class: str = "Null"
-
-
 class NullPipe:
     """The pipeline call contract with no compute: measures everything around the model."""
 
-    info = NullInfo()
+    info = PipelineInfo(
+        name=NULL_MODEL, kind="image", sizes=[(16, 16)], num_frames=[1], default_steps=8, default_guidance=4.0,
+        min_steps=1, max_steps=100, hidden_size=8, transformer_class="Null",
+    )  # fmt: skip
 
     def __call__(self, prompts, *, seeds, height, width, num_frames=None, num_inference_steps=8,
                  guidance_scale=None, cache=None, callback=None):  # fmt: skip

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_service_api import assert_error, make_engine, settings
+from service_support import assert_error, make_engine, settings
 
 from service.app import create_app
 from service.compare import psnr_db

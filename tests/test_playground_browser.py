@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_service_e2e import _weights_present, free_port
+from service_support import free_port, make_engine, settings, weights_present
 
 from service.app import create_app
 from service.settings import Settings
@@ -73,7 +73,7 @@ def serving(app, port: int, ready_within_s: float) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
-    if not _weights_present(MODEL):  # only these tests need it; the fake-pipeline ones below run anyway
+    if not weights_present(MODEL):  # only these tests need it; the fake-pipeline ones below run anyway
         pytest.skip(f"no {MODEL} checkpoint in lesa_models/weights")
     port = free_port()
     settings = Settings(
@@ -237,8 +237,6 @@ def test_comparison_shows_both_images_speedup_and_psnr(server_url: str, browser,
 
 
 def fake_app(**overrides):
-    from test_service_api import make_engine, settings
-
     s = settings(**overrides)
     return create_app(s, engine=make_engine(s, step_delay=0.03))
 

@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from service_support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -126,12 +126,6 @@ def cleanup_prefix(prefix: str, url: str = REDIS_URL) -> None:
             client.delete(*keys[i : i + 500])
     finally:
         client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def base_env(prefix: str, **extra: str) -> dict[str, str]:

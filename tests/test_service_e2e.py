@@ -8,7 +8,6 @@ process so the model loads once for the whole module.
 from __future__ import annotations
 
 import base64
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from service_support import free_port, weights_present
 
 from service.app import create_app
 from service.settings import Settings
@@ -24,22 +24,10 @@ MODEL = "digits-image"
 KEY = "e2e-test-key"
 
 
-def _weights_present(name: str) -> bool:
-    from lesa_models.registry import model_path
-
-    return (model_path(name) / "model_index.json").is_file()
-
-
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not _weights_present(MODEL), reason=f"no {MODEL} checkpoint in lesa_models/weights"),
+    pytest.mark.skipif(not weights_present(MODEL), reason=f"no {MODEL} checkpoint in lesa_models/weights"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -56,7 +44,7 @@ def server() -> Iterator[Server]:
     import uvicorn
 
     port = free_port()
-    models = ",".join(m for m in ("digits-image", "digits-video") if _weights_present(m))
+    models = ",".join(m for m in ("digits-image", "digits-video") if weights_present(m))
     settings = Settings(
         _env_file=None, port=port, models=models, warmup=True, warmup_steps=4, max_batch=8, max_wait_ms=20,
         api_keys=KEY, default_level="none", sync_timeout_s=120,
@@ -190,7 +178,7 @@ def test_cancel_mid_run_stops_the_generation(server: Server) -> None:
 
 
 def test_delete_cancels_a_running_video(server: Server) -> None:
-    if not _weights_present("digits-video"):
+    if not weights_present("digits-video"):
         pytest.skip("no digits-video checkpoint")
     with server.client() as client:
         body = {"prompt": "a slow nine", "model": "digits-video", "num_inference_steps": 100, "acceleration": "none"}
