@@ -45,6 +45,8 @@ FINAL_LAYER_NAME = "norm_out"
 # (read off each family's forward in diffusers 0.42). Families not listed keep their embedders.
 # Wan's condition_embedder also makes the final layer's temb, so only its block-only parts are here.
 BLOCK_ONLY_INPUTS: dict[str, tuple[str, ...]] = {
+    "DiTTransformer2DModel": ("pos_embed",),
+    "PixArtTransformer2DModel": ("pos_embed", "caption_projection"),
     "FluxTransformer2DModel": ("x_embedder", "context_embedder", "pos_embed"),
     "QwenImageTransformer2DModel": ("img_in", "txt_norm", "txt_in", "pos_embed"),
     "WanTransformer3DModel": (
