@@ -12,15 +12,24 @@ seeds=$([ "$model" = digits-video ] && echo 0-47 || echo 0-63)
 out=lesa_models/weights/$model/predictors
 
 # KAN widths 64,64 instead of the paper's 256,256: the KAN maps the schedule to one gain per step, and
-# 64 keeps each committed bundle under 1 MB (256 would be ~9.5 MB). Training seeds 0-63; the benchmark's held-out seeds start at 1000.
+# 64 keeps a shared-expert bundle under 1 MB, a per-branch one under 2 MB (256 would be ~9.5 MB per expert set).
+# Training seeds 0-63 (0-255 for digits-image 6.25x); the benchmark's held-out seeds start at 1000.
 $lesa record --model "$model" --prompts "prompts/$model-train.txt" --seeds "$seeds" --steps 50 --out "$data"
 
 for level in $levels; do
   # digits-video 6.25x: 20 teacher-forced + 12 closed-loop epochs (on the first video model the 40 + 6 run never beat its
   # untrained start on held-out samples); every other bundle: 40 + 6.
   if [ "$model:$level" = "digits-video:6.25x" ]; then p1=20 p2=12; else p1=40 p2=6; fi
+  # digits-image 6.25x: cond / uncond experts on 256 trajectories (+1 dB over shared experts on 64, and the
+  # only variant that beats reuse there; at 2x-5x it was within 0.2 dB either way: see
+  # benchmarks/results/digits-image/variants-5x).
+  level_data=$data extra=()
+  if [ "$model:$level" = "digits-image:6.25x" ]; then
+    level_data=$data-256 extra=(--per-branch)
+    $lesa record --model "$model" --prompts "prompts/$model-train.txt" --seeds 0-255 --steps 50 --out "$level_data"
+  fi
   # The paper's predictor (base = h_-1); phase 2 (closed loop) is where it learns the most.
-  $lesa train-predictor --model "$model" --data "$data" --level "$level" --steps 50 \
+  $lesa train-predictor --model "$model" --data "$level_data" --level "$level" --steps 50 \
     --phase1-epochs $p1 --phase2-epochs $p2 --phase2-updates 8 --train-tokens 16 --kan-hidden 64,64 --base last \
-    --out "$out/$level" --work-dir "runs/work/$model/$level"
+    "${extra[@]}" --out "$out/$level" --work-dir "runs/work/$model/$level"
 done
