@@ -22,7 +22,7 @@ for level in $levels; do
   if [ "$model:$level" = "digits-video:6.25x" ]; then p1=20 p2=12; else p1=40 p2=6; fi
   # digits-image 6.25x: cond / uncond experts on 256 trajectories (+1 dB over shared experts on 64, and the
   # only variant that beats reuse there; at 2x-5x it was within 0.2 dB either way: see
-  # benchmarks/results/digits-image/variants-5x).
+  # benchmarks/results/digits-image/variants-per-branch).
   level_data=$data extra=()
   if [ "$model:$level" = "digits-image:6.25x" ]; then
     level_data=$data-256 extra=(--per-branch)
