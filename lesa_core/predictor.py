@@ -209,10 +209,9 @@ class StagePredictor(nn.Module):
             depth = head.weight.shape[1]
             # front-pad with the first state: a short history repeats its oldest entry
             padded = torch.cat([trajectory[:, :1].expand(-1, depth, *trajectory.shape[2:]), trajectory], dim=1)
-            # weight[:, k] is one scalar, or one weight per channel broadcast over the last axis
-            slot = head.weight if self.config.history_weights == "channel" else head.weight[0]
-            bias = head.bias if self.config.history_weights == "channel" else head.bias[0]
-            latent = sum(slot[..., k] * padded[:, chosen + k] for k in range(depth)) + bias
+            # weight[:, k] and bias are [1] (scalar weights) or [C] (per channel): both broadcast
+            # over the channel axis
+            latent = sum(head.weight[:, k] * padded[:, chosen + k] for k in range(depth)) + head.bias
             weight = kan.layers[0].base_weight
             gains = kan((times[chosen].unsqueeze(1) - times.unsqueeze(0)).to(weight.device, weight.dtype))
             gains = gains.reshape(1, -1, *([1] * (trajectory.dim() - 2))).to(trajectory.dtype)
