@@ -95,6 +95,8 @@ class LesaForecaster(Forecaster):
     def __init__(self, predictor: StagePredictor) -> None:
         self.predictor = predictor
         self.keeps = predictor.max_depth
+        self._memo: dict[tuple[str, int], tuple] = {}
+        self._memo_times: torch.Tensor | None = None
 
     def forecast(self, memory: BranchHistory, step: int, context: ForecastContext) -> torch.Tensor:
         if context.timesteps is None:
@@ -107,7 +109,7 @@ class LesaForecaster(Forecaster):
         base = None if anchors == 0 else extrapolate_full_points(memory.full_points, step, anchors - 1)
         if torch.is_grad_enabled() and self.predictor.training:
             return self.predictor.predict(memory.history, context.timesteps, t_curr, context.branch, base=base)
-        coefficients, constant = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)
+        coefficients, constant = self._coefficients(context, step, t_curr)
         window = pad_history(memory.history, len(coefficients))
         last = window[-1]
         if isinstance(constant, torch.Tensor):  # per-channel weights
@@ -120,6 +122,16 @@ class LesaForecaster(Forecaster):
             else:
                 out.add_(hidden, alpha=weight)
         return out
+
+    def _coefficients(self, context: ForecastContext, step: int, t_curr: float) -> tuple:
+        # One lookup per (branch, step) and generation: the predictor's own cache key (it hashes
+        # the schedule and the weights' versions) costs a fifth of a forecast on small models.
+        if context.timesteps is not self._memo_times:
+            self._memo, self._memo_times = {}, context.timesteps
+        key = (context.branch, step)
+        if key not in self._memo:
+            self._memo[key] = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)
+        return self._memo[key]
 
 
 def make_forecaster(method: str, predictor: StagePredictor | None = None, taylor_order: int = 1) -> Forecaster:

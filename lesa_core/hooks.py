@@ -11,7 +11,11 @@ Three kinds of hooks, registered with diffusers' own `HookRegistry`:
   current timestep's conditioning, as the method requires;
 * on the embedders whose output only the blocks read (patch/text embedders, rotary tables; see
   `BLOCK_ONLY_INPUTS`): on a predicted step they are skipped too and hand the skipped blocks
-  their last full step's output, whose values nothing reads. The timestep embedding still runs.
+  their last full step's output, whose values nothing reads. The timestep embedding still runs;
+* on the embedders whose inputs repeat within a generation (`REPEATED_INPUTS`: the timestep
+  embedding, the same for both CFG branches of a step; the pooled-text projection, the same for
+  every step of a branch): a call whose inputs equal a recent call's returns that call's output.
+  On a predicted step these embedders and the final layer are all that still computes.
 
 State lives in a diffusers `StateManager`, keyed by the `cache_context` name ("cond",
 "uncond"; "default" for models without contexts), and is wiped by `new_generation`: nothing
@@ -58,6 +62,19 @@ BLOCK_ONLY_INPUTS: dict[str, tuple[str, ...]] = {
     ),
     "HunyuanVideoTransformer3DModel": ("x_embedder", "context_embedder", "rope"),
 }
+# Per family, the submodules whose inputs repeat within a generation (read off diffusers 0.42;
+# each returns a fresh tensor that its caller does not modify in place).
+REPEATED_INPUTS: dict[str, tuple[str, ...]] = {
+    "FluxTransformer2DModel": (
+        "time_text_embed.time_proj",
+        "time_text_embed.timestep_embedder",
+        "time_text_embed.guidance_embedder",
+        "time_text_embed.text_embedder",
+    ),
+    "WanTransformer3DModel": ("condition_embedder.timesteps_proj", "condition_embedder.time_embedder"),
+}
+REPEATED_INPUT_HOOK = "lesa_repeated_input"
+MEMO_SIZE = 4  # two CFG branches x (this step, the step before)
 DEFAULT_BRANCH = "default"
 
 # An observer sees every hidden state entering the final layer: (branch, step, hidden, full).
@@ -124,6 +141,7 @@ class _Session:
         self.states = _BranchStateManager(_BranchState)
         self.predicting = False  # True while a predicted step's forward runs
         self.current: _BranchState | None = None
+        self.memo: dict[str, list[tuple[tuple, object]]] = {}  # RepeatedInputHook: name -> [(inputs, output)]
 
 
 class LesaModelHook(ModelHook):
@@ -211,6 +229,48 @@ class BlockInputHook(ModelHook):
         return output
 
 
+class RepeatedInputHook(ModelHook):
+    """Return a recent call's output when this call's inputs are equal to that call's.
+
+    Inputs are compared by value (copies are kept, so a caller reusing an input buffer cannot
+    fool it); the memo lives for one generation (`new_generation`, `disable_cache` clear it), so
+    changed weights are never served from it.
+    """
+
+    def __init__(self, session: _Session, name: str) -> None:
+        super().__init__()
+        self.session = session
+        self.name = name
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        if self.session.current is None:  # called outside a denoising forward
+            return self.fn_ref.original_forward(*args, **kwargs)
+        values = (*args, *kwargs.values())
+        key = (tuple(kwargs), len(args))
+        memo = self.session.memo.setdefault(self.name, [])
+        for (seen_key, seen), output in memo:
+            if seen_key == key and all(_equal(a, b) for a, b in zip(seen, values, strict=True)):
+                return output
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        copies = tuple(v.detach().clone() if isinstance(v, torch.Tensor) else v for v in values)
+        memo.append(((key, copies), output))
+        del memo[:-MEMO_SIZE]
+        return output
+
+
+def _equal(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and torch.equal(a, b)
+        )
+    return a == b
+
+
 def _shapes(args: tuple, kwargs: dict) -> tuple:
     values = (*args, *kwargs.values())
     return tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in values)
@@ -289,14 +349,19 @@ def enable_cache(model: nn.Module, config: CacheConfig) -> None:
     for _, block, metadata in blocks:
         HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockSkipHook(session, metadata), BLOCK_HOOK)
     HookRegistry.check_if_exists_or_initialize(final_layer).register_hook(FinalLayerHook(session), FINAL_LAYER_HOOK)
-    for name in BLOCK_ONLY_INPUTS.get(type(model).__name__, ()):
-        try:
-            embedder = model.get_submodule(name)
-        except AttributeError:  # e.g. Wan without an image embedder
-            continue
-        if isinstance(embedder, nn.Module):
-            registry = HookRegistry.check_if_exists_or_initialize(embedder)
-            registry.register_hook(BlockInputHook(session, name), BLOCK_INPUT_HOOK)
+    family = type(model).__name__
+    for names, hook_class, hook_name in (
+        (BLOCK_ONLY_INPUTS, BlockInputHook, BLOCK_INPUT_HOOK),
+        (REPEATED_INPUTS, RepeatedInputHook, REPEATED_INPUT_HOOK),
+    ):
+        for name in names.get(family, ()):
+            try:
+                embedder = model.get_submodule(name)
+            except AttributeError:  # e.g. Wan without an image embedder, FLUX without guidance
+                continue
+            if isinstance(embedder, nn.Module):
+                registry = HookRegistry.check_if_exists_or_initialize(embedder)
+                registry.register_hook(hook_class(session, name), hook_name)
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
 
 
@@ -305,7 +370,10 @@ def disable_cache(model: nn.Module) -> None:
     registry = getattr(model, "_diffusers_hook", None)
     if registry is None:
         return
-    for name in (MODEL_HOOK, BLOCK_HOOK, BLOCK_INPUT_HOOK, FINAL_LAYER_HOOK):
+    hook = registry.get_hook(MODEL_HOOK)
+    if hook is not None:
+        hook.session.memo.clear()
+    for name in (MODEL_HOOK, BLOCK_HOOK, BLOCK_INPUT_HOOK, REPEATED_INPUT_HOOK, FINAL_LAYER_HOOK):
         registry.remove_hook(name, recurse=True)
     registry.invalidate_child_registries_cache()
 
@@ -332,6 +400,7 @@ def new_generation(model: nn.Module, timesteps: Sequence[float] | torch.Tensor |
     """
     session = _session(model)
     session.states.reset()
+    session.memo.clear()
     if timesteps is None:
         session.timesteps = None
         return

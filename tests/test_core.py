@@ -190,6 +190,30 @@ def test_lesa_forecaster_feeds_back_predictions():
     torch.testing.assert_close(out[5], trajectory[5])  # step 5 is full
 
 
+def test_lesa_forecaster_recomputes_its_constants_for_each_generation():
+    predictor = _predictor().float().eval()
+    forecaster = LesaForecaster(predictor)
+    history = [torch.randn(2, 4) for _ in range(8)]
+    first = forecaster.forecast(BranchHistory(history=list(history)), 4, _context())
+    with torch.no_grad():
+        for head in predictor.latent["shared"]:
+            head.weight.mul_(2.0)
+    # same generation: the step's constants are reused; a new generation (new times) sees new weights
+    assert torch.equal(forecaster.forecast(BranchHistory(history=list(history)), 4, _context(same=True)), first)
+    again = forecaster.forecast(BranchHistory(history=list(history)), 4, _context())
+    torch.testing.assert_close(again, predictor.predict(history, torch.linspace(1, 0, 11), 0.6))
+    assert not torch.equal(again, first)
+
+
+_TIMES = [torch.linspace(1, 0, 11)]
+
+
+def _context(same: bool = False) -> ForecastContext:
+    if not same:  # new_generation hands the forecaster a new times tensor
+        _TIMES[0] = torch.linspace(1, 0, 11)
+    return ForecastContext(branch="default", timesteps=_TIMES[0])
+
+
 def test_predict_steps_equals_predict_per_step():
     predictor = _predictor()
     times = torch.linspace(1, 0, 11, dtype=torch.float64)

@@ -16,7 +16,7 @@ from lesa_core import (
     enable_cache,
     new_generation,
 )
-from lesa_core.hooks import BLOCK_ONLY_INPUTS
+from lesa_core.hooks import BLOCK_ONLY_INPUTS, REPEATED_INPUTS
 
 TIMES = [1.0, 0.95, 0.85, 0.7, 0.55, 0.4, 0.25, 0.1]
 
@@ -100,6 +100,40 @@ def test_predicted_steps_run_no_block_and_apply_final_layer_to_forecast(name):
         expected = family.call(TIMES[2])
     handle.remove()
     torch.testing.assert_close(outputs[2], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_embedders_with_repeated_inputs_compute_once_per_distinct_input(name):
+    family = build(name)
+    model = family.model
+    assert all(n in dict(model.named_modules()) for n in REPEATED_INPUTS[type(model).__name__] if "guidance" not in n)
+    timestep_embedder = {"flux": "time_text_embed.timestep_embedder", "wan": "condition_embedder.time_embedder"}[name]
+    module = model.get_submodule(timestep_embedder)
+    computed = [0]
+    module.forward = lambda *a, _f=module.forward, **k: computed.__setitem__(0, computed[0] + 1) or _f(*a, **k)
+
+    reference = []
+    with torch.no_grad():
+        for t in TIMES[:4]:
+            reference += [family.call(t), family.call(t)]
+    computed[0] = 0
+    enable_cache(model, CacheConfig(method="none"))
+    new_generation(model)
+    outputs = []
+    with torch.no_grad():
+        for t in TIMES[:4]:
+            for branch in ("cond", "uncond"):
+                with model.cache_context(branch):
+                    outputs.append(family.call(t))
+    # both CFG branches of a step share one timestep embedding; outputs stay bit for bit the same
+    assert computed[0] == 4
+    assert all(torch.equal(a, b) for a, b in zip(outputs, reference, strict=True))
+    # a new generation starts with an empty memo
+    new_generation(model)
+    with torch.no_grad(), model.cache_context("cond"):
+        family.call(TIMES[0])
+    assert computed[0] == 5
+    disable_cache(model)
 
 
 def test_branches_keep_separate_histories_and_generations_do_not_leak():

@@ -80,6 +80,21 @@ def test_callback_reports_progress_and_cancels(image_pipe):
         image_pipe(["a six"], seeds=[0], num_inference_steps=STEPS, callback=lambda d, t: d < 2, **_size(image_pipe))
 
 
+def test_sampler_step_is_the_diffusers_flow_match_euler_step(image_pipe):
+    """The pipeline inlines the scheduler's Euler step; it must stay bit for bit the same."""
+    pipe, guidance = image_pipe, 4.0
+    out = pipe(["digit 5"], seeds=[2], num_inference_steps=STEPS, guidance_scale=guidance, **_size(pipe))
+    sched = pipe._fresh_scheduler(STEPS)
+    x = pipe.initial_noise([2], **_size(pipe))
+    cond, uncond = pipe.encode(["digit 5"]), pipe.encode([""])
+    with torch.no_grad():
+        for t in sched.timesteps:
+            sigma = (t / 1000.0).expand(1)
+            v_cond, v_uncond = pipe.predict_velocity(x, sigma, cond), pipe.predict_velocity(x, sigma, uncond)
+            x = sched.step(v_uncond + guidance * (v_cond - v_uncond), t, x, return_dict=False)[0]
+    np.testing.assert_array_equal(out.samples, ((x[:, 0] + 1.0) / 2.0).clamp(0.0, 1.0).numpy())
+
+
 def test_guidance_one_skips_the_unconditional_branch(image_pipe):
     out = image_pipe(["a six"], seeds=[0], num_inference_steps=STEPS, guidance_scale=1.0, **_size(image_pipe))
     assert out.stats["transformer_calls"] == STEPS
