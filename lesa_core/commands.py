@@ -132,6 +132,13 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
         default="scalar",
         help="scalar = one weight per history slot (the paper); channel = one per slot and channel (improved)",
     )
+    train.add_argument(
+        "--loss",
+        choices=("l1", "guided"),
+        default="l1",
+        help="l1 = L1 on each branch's hidden state (the paper); guided = the error after the final layer's "
+        "norm, CFG and the step size, squared (improved)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train_predictor)
 
@@ -203,6 +210,7 @@ def _train_predictor(args: argparse.Namespace) -> int:
         kan_hidden=_parse_widths(args.kan_hidden),
         base=args.base,
         history_weights=args.history_weights,
+        loss=args.loss,
         seed=args.seed,
     )
     pipe = load_any_pipeline(args.model)

@@ -51,6 +51,9 @@ class TrainSettings:
     kan_hidden: tuple[int, ...] = (256, 256)
     base: str = "last"  # "last" = the paper's predictor; "reuse"/"taylor1"/"taylor2" = improved variants
     history_weights: str = "scalar"  # "scalar" = the paper's Linear_K->1; "channel" = per channel (improved)
+    # "l1" = the paper: L1 on each branch's hidden state. "guided" (improved): the error the
+    # sampler sees, see `forecast_loss`.
+    loss: str = "l1"
     seed: int = 0
     validate_every: int = 50  # phase 1 epochs between closed-loop validations
     # Each update trains on a random subset of tokens: the predictor's weights are shared by every
@@ -73,18 +76,41 @@ def forecast_loss(
     targets: dict[str, torch.Tensor],
     times: torch.Tensor,
     schedule: CacheSchedule,
+    loss: str = "l1",
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Mean L1 over every predicted step and branch of forecasts made from `inputs` vs `targets`.
+    """The error of the forecasts made from `inputs` at every predicted step, vs `targets`.
 
     Phase 1 passes the ground truth as inputs (teacher forcing); phase 2 passes the hidden states
     the closed-loop sampler actually produced. Both are [n, steps, tokens, channels] per branch.
+
+    "l1" (the paper): mean L1 over steps and branches. "guided" weighs each error by what the
+    sampler does with it: the final layer's LayerNorm removes each token's channel mean and
+    divides by its spread, CFG moves the sample by g * cond - (g - 1) * uncond (so errors the two
+    branches share cancel and the ones they do not are amplified g-fold), and the Euler step
+    scales the velocity by the step's dt. Squared, as the quality metric is.
     """
     predicted = [s for s in range(schedule.num_steps) if not schedule.is_full(s)]
-    losses = []
-    for branch, trajectory in inputs.items():
-        forecast = predictor.predict_steps(trajectory, predicted, times, branch, schedule.full_steps)
-        losses.append(F.l1_loss(forecast, targets[branch][:, predicted]))
-    return torch.stack(losses).mean()
+    forecasts = {
+        branch: predictor.predict_steps(trajectory, predicted, times, branch, schedule.full_steps)
+        for branch, trajectory in inputs.items()
+    }
+    if loss == "l1":
+        return torch.stack([F.l1_loss(f, targets[b][:, predicted]) for b, f in forecasts.items()]).mean()
+    if loss != "guided":
+        raise ValueError(f"loss must be 'l1' or 'guided', got {loss!r}")
+    errors = {}
+    for branch, forecast in forecasts.items():
+        truth = targets[branch][:, predicted]
+        error = forecast - truth
+        errors[branch] = (error - error.mean(-1, keepdim=True)) / (truth.std(-1, keepdim=True) + 1e-6)
+    if "cond" in errors and "uncond" in errors and guidance_scale > 1.0:
+        error = guidance_scale * errors["cond"] - (guidance_scale - 1.0) * errors["uncond"]
+    else:
+        error = torch.stack(list(errors.values())).mean(0)
+    dt = (times[predicted] - times[[s + 1 for s in predicted]]).abs()
+    weight = (dt / dt.mean()).reshape(1, -1, *([1] * (error.dim() - 2))).to(error.dtype)
+    return (weight * error.square()).mean()
 
 
 def closed_loop(
@@ -248,6 +274,8 @@ def train_predictor(
                     {b: h[:, :, keep] for b, h in batch.hidden.items()},
                     times,
                     schedule,
+                    settings.loss,
+                    data.settings.guidance_scale,
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -256,11 +284,11 @@ def train_predictor(
                 scheduler.step()
                 losses.append(loss.item())
         mean_loss = sum(losses) / len(losses)
-        postfix = {"phase": phase, "l1": f"{mean_loss:.4f}"}
+        postfix = {"phase": phase, settings.loss: f"{mean_loss:.4f}"}
         last_phase1 = epoch == settings.phase1_epochs - 1
         if phase == 2 or last_phase1 or (epoch + 1) % settings.validate_every == 0:
             postfix["val_mse"] = f"{validate(f'phase{phase}-epoch{epoch + 1}'):.5f}"
-        report.history.append({"epoch": epoch + 1, "phase": phase, "train_l1": mean_loss})
+        report.history.append({"epoch": epoch + 1, "phase": phase, "train_loss": mean_loss})
         bar.set_postfix(postfix)
         save_state(epoch + 1)
     report.seconds = time.perf_counter() - started

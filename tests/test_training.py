@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lesa_core import CacheSchedule, StagePredictor
+from lesa_core import CacheSchedule, PredictorConfig, StagePredictor
 from lesa_core.cli import main
-from lesa_core.training import TrainSettings, train_predictor
+from lesa_core.training import TrainSettings, forecast_loss, train_predictor
 from lesa_core.trajectories import RecordSettings, TrajectoryError, load_trajectories, record
 
 STEPS = 6
@@ -114,6 +114,32 @@ def test_two_phase_training_writes_a_usable_bundle_and_resumes(pipe, recorded, t
         train_predictor(
             pipe, out, schedule, tmp_path / "bundle", TrainSettings(phase1_epochs=9, kan_hidden=(8,)), progress=False
         )
+
+
+def test_guided_loss_weighs_errors_as_the_sampler_sees_them():
+    schedule = CacheSchedule.from_full_steps(6, [0, 1, 3])
+    predictor = StagePredictor(PredictorConfig(schedule=schedule.to_dict(), kan_hidden=(4,)))  # zero head: h_-1
+    times = torch.linspace(1, 0, 7)
+    state = torch.randn(2, 1, 3, 8).expand(2, 6, 3, 8)  # a constant trajectory: h_-1 forecasts it exactly
+    truth = {"cond": state, "uncond": state}
+
+    def loss(inputs: dict, kind: str = "guided") -> float:
+        with torch.no_grad():
+            return float(forecast_loss(predictor, inputs, truth, times, schedule, kind, 4.0))
+
+    assert loss(truth) == 0.0
+    # CFG moves the sample by 4 cond - 3 uncond: an error both branches share counts once, one in
+    # the cond branch alone four times (16x squared)
+    shift = torch.randn(1, 1, 3, 8)
+    shared = loss({"cond": state + shift, "uncond": state + shift})
+    cond_only = loss({"cond": state + shift, "uncond": state})
+    assert shared > 0
+    assert cond_only == pytest.approx(16 * shared, rel=1e-4)
+    # an offset of a whole token is invisible to the final layer's LayerNorm; L1 counts it
+    offset = {b: state + torch.randn(1, 1, 3, 1) for b in truth}
+    assert loss(offset) < 1e-10 < loss(offset, "l1")
+    with pytest.raises(ValueError, match="loss must be"):
+        loss(truth, "l2")
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
