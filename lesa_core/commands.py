@@ -105,6 +105,12 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--work-dir", default=None, help="resumable state (default: OUT.work)")
     train.add_argument("--phase1-epochs", type=int, default=TrainDefaults.phase1_epochs)
     train.add_argument("--phase2-epochs", type=int, default=TrainDefaults.phase2_epochs)
+    train.add_argument(
+        "--phase3-epochs",
+        type=int,
+        default=TrainDefaults.phase3_epochs,
+        help="epochs of final-sample MSE through the whole sampler (improved; reference models only)",
+    )
     train.add_argument("--batch-size", type=int, default=TrainDefaults.batch_size)
     train.add_argument("--lr", type=float, default=TrainDefaults.lr)
     train.add_argument(
@@ -139,6 +145,7 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
         help="l1 = L1 on each branch's hidden state (the paper); guided = the error after the final layer's "
         "norm, CFG and the step size, squared (improved)",
     )
+    train.add_argument("--init", default=None, help="start from this bundle's weights (e.g. phase 3 fine-tuning)")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train_predictor)
 
@@ -202,6 +209,7 @@ def _train_predictor(args: argparse.Namespace) -> int:
     settings = TrainSettings(
         phase1_epochs=args.phase1_epochs,
         phase2_epochs=args.phase2_epochs,
+        phase3_epochs=args.phase3_epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         per_branch=args.per_branch,
@@ -211,6 +219,7 @@ def _train_predictor(args: argparse.Namespace) -> int:
         base=args.base,
         history_weights=args.history_weights,
         loss=args.loss,
+        init_from=args.init,
         seed=args.seed,
     )
     pipe = load_any_pipeline(args.model)

@@ -13,14 +13,22 @@ keeps the phase usable on billion-parameter pipelines whose `__call__` runs unde
 the inputs still carry the predictor's own accumulated error, which is what this phase teaches
 it to correct.
 
+Phase 3 (optional, not in the paper): the loss is the MSE of the final sample against the
+recorded full-compute sample, backpropagated through the whole accelerated sampler (the
+transformer's full steps included, its weights frozen). It trains what the benchmark measures,
+but needs a pipeline whose sampler can run with gradients (`denoise`, as the reference models
+have; diffusers pipelines run under no_grad).
+
 Validation: closed-loop generation on held-out trajectories; the score is the MSE of the final
 sample against the recorded full-compute sample (what users see). The best epoch is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +47,13 @@ from lesa_core.trajectories import Trajectories, load_trajectories
 class TrainSettings:
     phase1_epochs: int = 300
     phase2_epochs: int = 6
+    # Phase 3 (ours, optional): the MSE of the final sample, backpropagated through the whole
+    # accelerated sampler. Needs a pipeline with a differentiable `denoise` (the reference models).
+    phase3_epochs: int = 0
     batch_size: int = 16
     lr: float = 1e-3
     phase2_lr: float = 2e-4
+    phase3_lr: float = 2e-4
     weight_decay: float = 1e-4
     lr_step: int = 500  # StepLR period (optimizer steps), as in the reference code
     lr_gamma: float = 0.5
@@ -55,6 +67,7 @@ class TrainSettings:
     # sampler sees, see `forecast_loss`.
     loss: str = "l1"
     seed: int = 0
+    init_from: str | None = None  # start from this bundle's weights (fine-tuning) instead of the zero head
     validate_every: int = 50  # phase 1 epochs between closed-loop validations
     # Each update trains on a random subset of tokens: the predictor's weights are shared by every
     # token and channel, so a subset gives an unbiased gradient at a fraction of the cost.
@@ -147,6 +160,27 @@ def closed_loop(
     return merged, torch.cat(finals)
 
 
+def sample_loss(pipe: Any, predictor: StagePredictor, data: Trajectories, schedule: CacheSchedule) -> torch.Tensor:
+    """Phase 3: MSE of the accelerated sampler's final samples vs full compute, with gradients."""
+    s = data.settings
+    predictor.train()
+    # the transformer's weights stay out of the graph (autograd records requires_grad at forward
+    # time): only its activations carry the gradient back to earlier forecasts
+    with torch.enable_grad(), _frozen(pipe):
+        samples, _ = pipe.denoise(
+            data.prompts,
+            seeds=data.seeds,
+            height=s.height,
+            width=s.width,
+            num_frames=s.num_frames,
+            num_inference_steps=s.num_steps,
+            guidance_scale=s.guidance_scale,
+            cache=CacheConfig(method="lesa", schedule=schedule, predictor=predictor),
+            latents=data.noise,
+        )
+        return F.mse_loss(samples, data.final.to(samples.device, samples.dtype))
+
+
 def _token_subset(hidden: dict[str, torch.Tensor], count: int | None, generator: torch.Generator) -> torch.Tensor:
     tokens = next(iter(hidden.values())).shape[2]
     if not count or count >= tokens:
@@ -175,6 +209,11 @@ def train_predictor(
     the same arguments continues where it stopped.
     """
     settings = settings or TrainSettings()
+    if settings.phase3_epochs and not callable(getattr(pipe, "denoise", None)):
+        raise ValueError(
+            "phase 3 backpropagates through the sampler: it needs a pipeline with a differentiable "
+            "`denoise` (the reference models); diffusers pipelines run under no_grad"
+        )
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     data = load_trajectories(data_dir)
@@ -197,6 +236,8 @@ def train_predictor(
         hidden_size=int(sample_hidden.shape[-1]),
     )
     predictor = StagePredictor(config)
+    if settings.init_from:
+        _load_initial(predictor, settings.init_from)
     times = data.times
 
     work = Path(work_dir) if work_dir else Path(out_dir).with_name(Path(out_dir).name + ".work")
@@ -241,7 +282,15 @@ def train_predictor(
             state_path,
         )
 
-    total_epochs = settings.phase1_epochs + settings.phase2_epochs
+    def update(loss: torch.Tensor) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(predictor.parameters(), settings.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        return loss.item()
+
+    total_epochs = settings.phase1_epochs + settings.phase2_epochs + settings.phase3_epochs
     if start_epoch == 0:
         # The untrained predictor is a baseline too (an anchored base with a zero head *is* FORA
         # or TaylorSeer): training keeps it unless an epoch does better on held-out samples.
@@ -250,14 +299,22 @@ def train_predictor(
     bar.update(0)
     generator = torch.Generator().manual_seed(settings.seed)
     for epoch in bar:
-        phase = 1 if epoch < settings.phase1_epochs else 2
-        if phase == 2 and epoch == settings.phase1_epochs:
+        phase = (
+            1 if epoch < settings.phase1_epochs else 2 if epoch < settings.phase1_epochs + settings.phase2_epochs else 3
+        )
+        if phase > 1 and epoch == settings.phase1_epochs + (settings.phase2_epochs if phase == 3 else 0):
             for group in optimizer.param_groups:
-                group["lr"] = settings.phase2_lr
+                group["lr"] = settings.phase2_lr if phase == 2 else settings.phase3_lr
+            if phase == 3 and report.best_epoch != "none":
+                # fine-tune the best predictor so far, not wherever phase 2 wandered to
+                predictor.load_state_dict(StagePredictor.from_pretrained(out_dir).state_dict())
         order = torch.randperm(len(train), generator=generator).tolist()
         losses = []
         for start in range(0, len(order), settings.batch_size):
             batch = train.subset(order[start : start + settings.batch_size])
+            if phase == 3:
+                losses.append(update(sample_loss(pipe, predictor, batch, schedule)))
+                continue
             if phase == 1:
                 inputs, updates = batch.hidden, 1
             else:
@@ -277,16 +334,11 @@ def train_predictor(
                     settings.loss,
                     data.settings.guidance_scale,
                 )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(predictor.parameters(), settings.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                losses.append(loss.item())
+                losses.append(update(loss))
         mean_loss = sum(losses) / len(losses)
-        postfix = {"phase": phase, settings.loss: f"{mean_loss:.4f}"}
+        postfix = {"phase": phase, ("sample_mse" if phase == 3 else settings.loss): f"{mean_loss:.5f}"}
         last_phase1 = epoch == settings.phase1_epochs - 1
-        if phase == 2 or last_phase1 or (epoch + 1) % settings.validate_every == 0:
+        if phase > 1 or last_phase1 or (epoch + 1) % settings.validate_every == 0:
             postfix["val_mse"] = f"{validate(f'phase{phase}-epoch{epoch + 1}'):.5f}"
         report.history.append({"epoch": epoch + 1, "phase": phase, "train_loss": mean_loss})
         bar.set_postfix(postfix)
@@ -294,6 +346,29 @@ def train_predictor(
     report.seconds = time.perf_counter() - started
     best = StagePredictor.from_pretrained(out_dir)
     return best, report
+
+
+def _load_initial(predictor: StagePredictor, bundle: str | Path) -> None:
+    """Start from a trained bundle's weights; it must be the same predictor for the same schedule."""
+    start = StagePredictor.from_pretrained(bundle)
+    for name in ("schedule", "branches", "history_depths", "kan_hidden", "grid_size", "base", "history_weights"):
+        ours, theirs = getattr(predictor.config, name), getattr(start.config, name)
+        if ours != theirs:
+            raise ValueError(f"{bundle}: its {name} is {theirs!r} but this training run's is {ours!r}")
+    predictor.load_state_dict(start.state_dict())
+
+
+@contextlib.contextmanager
+def _frozen(pipe: Any) -> Iterator[None]:
+    """Turn off requires_grad on the transformer's weights for the duration (restored after)."""
+    params = [p for p in pipe.transformer.parameters() if p.requires_grad]
+    for param in params:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in params:
+            param.requires_grad_(True)
 
 
 def _save(
@@ -305,7 +380,8 @@ def _save(
     started: float,
 ) -> None:
     predictor.config.training = {
-        "method": "LESA two-phase (GT-guided, then closed-loop)",
+        "method": "LESA two-phase (GT-guided, then closed-loop)"
+        + (", then sample-space (phase 3)" if settings.phase3_epochs else ""),
         "settings": asdict(settings),
         "data": {"samples": len(data), **asdict(data.settings)},
         "best_epoch": report.best_epoch,

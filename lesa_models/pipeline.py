@@ -334,7 +334,41 @@ class DigitsPipeline:
         callback: Callable[[int, int], bool | None] | None = None,
         latents: torch.Tensor | None = None,
     ) -> GenerationOutput:
-        """Generate one sample per prompt.
+        """Generate one sample per prompt (the contract: see `denoise`); samples as float32 numpy in [0, 1]."""
+        x, stats = self.denoise(
+            prompts,
+            seeds=seeds,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            cache=cache,
+            callback=callback,
+            latents=latents,
+        )
+        samples = x.clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
+        return GenerationOutput(samples=samples, stats=stats)
+
+    def denoise(
+        self,
+        prompts: list[str],
+        *,
+        seeds: list[int],
+        height: int,
+        width: int,
+        num_frames: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        cache: CacheConfig | None = None,
+        callback: Callable[[int, int], bool | None] | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Generate one sample per prompt: the samples as a float32 tensor on the [0, 1] scale
+        (unclamped; [B, H, W] or [B, F, H, W]) and the call's stats.
+
+        Runs under whatever autograd mode the caller chose: `__call__` runs it under no_grad;
+        sample-space predictor training (lesa_core.training, phase 3) backpropagates through it.
 
         - Sample i starts from noise drawn by its own generator seeded with seeds[i] (or `latents[i]`,
           shaped like `initial_noise(...)`), so it does not depend on the rest of the batch.
@@ -395,7 +429,6 @@ class DigitsPipeline:
                 if cache is not None:
                     lesa_core.disable_cache(self.transformer)
 
-        samples = ((x[:, 0] + 1.0) / 2.0).clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
         stats.update(
             wall_time_s=time.perf_counter() - started,
             num_inference_steps=num_inference_steps,
@@ -403,4 +436,4 @@ class DigitsPipeline:
             batch_size=len(prompts),
             transformer_calls=calls,
         )
-        return GenerationOutput(samples=samples, stats=stats)
+        return (x[:, 0] + 1.0) / 2.0, stats

@@ -3,12 +3,14 @@ bundles are trained once, offline, and committed; CI never retrains them)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from lesa_core import CacheSchedule, PredictorConfig, StagePredictor
 from lesa_core.cli import main
-from lesa_core.training import TrainSettings, forecast_loss, train_predictor
+from lesa_core.training import TrainSettings, forecast_loss, sample_loss, train_predictor
 from lesa_core.trajectories import RecordSettings, TrajectoryError, load_trajectories, record
 
 STEPS = 6
@@ -114,6 +116,48 @@ def test_two_phase_training_writes_a_usable_bundle_and_resumes(pipe, recorded, t
         train_predictor(
             pipe, out, schedule, tmp_path / "bundle", TrainSettings(phase1_epochs=9, kan_hidden=(8,)), progress=False
         )
+
+
+def test_phase3_backpropagates_the_final_sample_error_through_the_sampler(pipe, recorded, tmp_path):
+    out, _ = recorded
+    schedule = CacheSchedule.from_full_steps(STEPS, [0, 1, 3])
+    data = load_trajectories(out)
+    predictor = StagePredictor(PredictorConfig(schedule=schedule.to_dict(), kan_hidden=(8,)))
+    loss = sample_loss(pipe, predictor, data.subset([0, 1]), schedule)
+    loss.backward()
+    # the gradient reaches every stage's history weights that a predicted step (2, 4, 5) used
+    assert all(
+        head.weight.grad is not None and head.weight.grad.abs().sum() > 0 for head in predictor.latent["shared"][1:]
+    )
+    assert all(p.grad is None for p in pipe.transformer.parameters())  # only activations carry it
+    settings = TrainSettings(
+        phase1_epochs=1,
+        phase2_epochs=1,
+        phase3_epochs=2,
+        batch_size=4,
+        kan_hidden=(8,),
+        train_tokens=4,
+        phase2_updates_per_rollout=1,
+    )
+    _, report = train_predictor(pipe, out, schedule, tmp_path / "bundle", settings, progress=False)
+    assert {h["phase"] for h in report.history if "phase" in h} == {1, 2, 3}
+    assert any(str(h["epoch"]).startswith("phase3") for h in report.history)
+    assert all(p.requires_grad for p in pipe.transformer.parameters())  # unfrozen afterwards
+
+    # --init fine-tunes a trained bundle: its first validation is that bundle's best score
+    tune = dataclasses.replace(
+        settings, phase1_epochs=0, phase2_epochs=0, phase3_epochs=1, init_from=str(tmp_path / "bundle")
+    )
+    _, tuned = train_predictor(pipe, out, schedule, tmp_path / "tuned", tune, progress=False)
+    assert tuned.history[0] == {"epoch": "init", "val_final_mse": pytest.approx(report.best_val_mse)}
+    with pytest.raises(ValueError, match="kan_hidden"):
+        train_predictor(pipe, out, schedule, tmp_path / "x", dataclasses.replace(tune, kan_hidden=(4,)), progress=False)
+
+    class NoGradPipeline:  # what a diffusers pipeline offers: no differentiable sampler
+        info = pipe.info
+
+    with pytest.raises(ValueError, match="differentiable"):
+        train_predictor(NoGradPipeline(), out, schedule, tmp_path / "other", settings, progress=False)
 
 
 def test_guided_loss_weighs_errors_as_the_sampler_sees_them():
