@@ -145,6 +145,12 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
         help="l1 = L1 on each branch's hidden state (the paper); guided = the error after the final layer's "
         "norm, CFG and the step size, squared (improved)",
     )
+    train.add_argument(
+        "--taylor-stages",
+        default="",
+        help="comma-separated stages (0: t > 0.9, 1: 0.5 < t <= 0.9, 2: t <= 0.5) forecast by TaylorSeer "
+        "order 1 instead of the learned experts (improved variant)",
+    )
     train.add_argument("--init", default=None, help="start from this bundle's weights (e.g. phase 3 fine-tuning)")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train_predictor)
@@ -186,6 +192,16 @@ def _parse_widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _parse_stages(text: str) -> tuple[int, ...]:
+    try:
+        stages = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError as error:
+        raise CliError(f"--taylor-stages {text!r}: expected stage numbers like 0 or 0,1") from error
+    if any(s not in (0, 1, 2) for s in stages):
+        raise CliError(f"--taylor-stages {text!r}: stages are 0, 1 and 2")
+    return stages
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
@@ -220,6 +236,7 @@ def _train_predictor(args: argparse.Namespace) -> int:
         history_weights=args.history_weights,
         loss=args.loss,
         init_from=args.init,
+        taylor_stages=_parse_stages(args.taylor_stages),
         seed=args.seed,
     )
     pipe = load_any_pipeline(args.model)

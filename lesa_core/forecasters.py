@@ -105,6 +105,8 @@ class LesaForecaster(Forecaster):
                 "before each generation"
             )
         t_curr = float(context.timesteps[step])
+        if self.predictor.stage(t_curr) in self.predictor.config.taylor_stages:
+            return extrapolate_full_points(memory.full_points, step, 1)
         anchors = self.predictor.base_anchors
         base = None if anchors == 0 else extrapolate_full_points(memory.full_points, step, anchors - 1)
         if torch.is_grad_enabled() and self.predictor.training:

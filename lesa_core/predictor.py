@@ -56,6 +56,11 @@ class PredictorConfig:
     # "scalar" = the paper's Linear_K->1, shared by every channel; "channel" = one weight per
     # history slot and channel (an improved variant: channels move at different speeds).
     history_weights: str = "scalar"
+    # Stages whose steps are not forecast by the learned experts but by TaylorSeer order 1 from the
+    # last two full steps (an improved variant): on the reference image model the high-noise
+    # steps decide the digit's shape, and a learned forecast there can tip a sample into another
+    # shape (benchmarks/bench_stage_mix.py). Applied by the forecaster and the training losses.
+    taylor_stages: tuple[int, ...] = ()
     family: str | None = None  # transformer class name, e.g. "FluxTransformer2DModel"
     hidden_size: int | None = None  # channels of the forecast hidden state
     training: dict[str, Any] = field(default_factory=dict)  # how it was trained
@@ -72,7 +77,7 @@ class PredictorConfig:
         if unknown:
             raise BundleError(f"unknown predictor config keys: {sorted(unknown)}")
         data = dict(data)
-        for key in ("stage_thresholds", "history_depths", "kan_hidden", "grid_range", "branches"):
+        for key in ("stage_thresholds", "history_depths", "kan_hidden", "grid_range", "branches", "taylor_stages"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -126,6 +131,15 @@ class StagePredictor(nn.Module):
         if t_curr > high:
             return 0
         return 1 if t_curr > low else 2
+
+    def learned_steps(self, timesteps: torch.Tensor) -> list[int]:
+        """The predicted steps of the schedule that the learned experts forecast (not `taylor_stages`)."""
+        taylor = set(self.config.taylor_stages)
+        return [
+            s
+            for s in range(self.schedule.num_steps)
+            if not self.schedule.is_full(s) and self.stage(float(timesteps[s])) not in taylor
+        ]
 
     def _branch(self, branch: str | None) -> str:
         if SHARED_BRANCH in self.latent:

@@ -68,6 +68,7 @@ class TrainSettings:
     loss: str = "l1"
     seed: int = 0
     init_from: str | None = None  # start from this bundle's weights (fine-tuning) instead of the zero head
+    taylor_stages: tuple[int, ...] = ()  # stages forecast by TaylorSeer order 1, not learned (improved variant)
     validate_every: int = 50  # phase 1 epochs between closed-loop validations
     # Each update trains on a random subset of tokens: the predictor's weights are shared by every
     # token and channel, so a subset gives an unbiased gradient at a fraction of the cost.
@@ -103,7 +104,7 @@ def forecast_loss(
     branches share cancel and the ones they do not are amplified g-fold), and the Euler step
     scales the velocity by the step's dt. Squared, as the quality metric is.
     """
-    predicted = [s for s in range(schedule.num_steps) if not schedule.is_full(s)]
+    predicted = predictor.learned_steps(times)
     forecasts = {
         branch: predictor.predict_steps(trajectory, predicted, times, branch, schedule.full_steps)
         for branch, trajectory in inputs.items()
@@ -232,10 +233,13 @@ def train_predictor(
         branches=branches,
         base=settings.base,
         history_weights=settings.history_weights,
+        taylor_stages=tuple(settings.taylor_stages),
         family=getattr(info, "transformer_class", None),
         hidden_size=int(sample_hidden.shape[-1]),
     )
     predictor = StagePredictor(config)
+    if not predictor.learned_steps(data.times):
+        raise ValueError(f"taylor_stages {settings.taylor_stages} cover every predicted step: nothing to learn")
     if settings.init_from:
         _load_initial(predictor, settings.init_from)
     times = data.times

@@ -286,3 +286,20 @@ def test_taylor_base_variant_corrects_taylorseer():
         torch.testing.assert_close(batched[:, i], lesa[step])
     with pytest.raises(ValueError, match="base"):
         predictor.predict([trajectory[0]], times, 0.5)
+
+
+def test_taylor_stages_variant_forecasts_those_stages_like_taylorseer(tmp_path):
+    # schedule times linspace(1, 0, 11): steps 3, 4 are stage 1 (0.5 < t <= 0.9), 6-9 stage 2
+    predictor = _predictor(taylor_stages=(1,)).float().eval()
+    times = torch.linspace(1, 0, 11)
+    assert predictor.learned_steps(times) == [6, 7, 8, 9]
+    trajectory = [torch.randn(2, 4) for _ in range(10)]
+    full = set(predictor.schedule.full_steps)
+    mixed = _feed(LesaForecaster(predictor), trajectory, full, 10)
+    taylor = _feed(TaylorSeerForecaster(1), trajectory, full, 10)
+    for step in (3, 4):  # stage 1: TaylorSeer order 1 from the last two full steps
+        torch.testing.assert_close(mixed[step], taylor[step])
+    window = [mixed[s] for s in range(6)]  # stage 2: the learned expert, fed the TaylorSeer forecasts
+    torch.testing.assert_close(mixed[6], predictor.predict(window, times, float(times[6])))
+    predictor.save_pretrained(tmp_path / "bundle")
+    assert StagePredictor.from_pretrained(tmp_path / "bundle").config.taylor_stages == (1,)

@@ -204,6 +204,9 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
         == 2
     )
     assert "no dataset.json" in capsys.readouterr().err
+    args = ["train-predictor", "--model", "digits-image", "--data", str(tmp_path), "--level", "5x", "--out", "b"]
+    assert main([*args, "--taylor-stages", "0,3"]) == 2
+    assert "--taylor-stages '0,3': stages are 0, 1 and 2" in capsys.readouterr().err
     assert (
         main(
             [
