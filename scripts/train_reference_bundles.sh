@@ -34,8 +34,23 @@ for level in $levels; do
     level_data=$data-256 extra=(--per-branch)
     $lesa record --model "$model" --prompts "prompts/$model-train.txt" --seeds 0-255 --steps 50 --out "$level_data"
   fi
+  # digits-image 5x / 6.25x: then phase 3 (ours): the final sample's MSE backpropagated through the whole
+  # sampler, as a fine-tune of the two-phase bundle (--init; each run keeps its best epoch on held-out
+  # trajectories). 5x: 30 epochs in the first run, 60 more from its best; 6.25x: 15 on the 256 trajectories.
+  case "$model:$level" in
+    digits-image:5x) p3=30 tune=60 ;;
+    digits-image:6.25x) p3=0 tune=15 ;;
+    *) p3=0 tune=0 ;;
+  esac
+  first=$out/$level
+  if [ "$tune" -gt 0 ]; then first=runs/work/$model/$level-two-phase; fi
   # The paper's predictor (base = h_-1); phase 2 (closed loop) is where it learns the most.
   $lesa train-predictor --model "$model" --data "$level_data" --level "$level" --steps 50 \
-    --phase1-epochs $p1 --phase2-epochs $p2 --phase2-updates 8 --train-tokens 16 --kan-hidden 64,64 --base last \
-    "${extra[@]}" --out "$out/$level" --work-dir "runs/work/$model/$level"
+    --phase1-epochs $p1 --phase2-epochs $p2 --phase3-epochs $p3 --phase2-updates 8 --train-tokens 16 \
+    --kan-hidden 64,64 --base last "${extra[@]}" --out "$first" --work-dir "runs/work/$model/$level"
+  if [ "$tune" -gt 0 ]; then
+    $lesa train-predictor --model "$model" --data "$level_data" --level "$level" --steps 50 --init "$first" \
+      --phase1-epochs 0 --phase2-epochs 0 --phase3-epochs $tune --kan-hidden 64,64 --base last "${extra[@]}" \
+      --out "$out/$level" --work-dir "runs/work/$model/$level-tune"
+  fi
 done
