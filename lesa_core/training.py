@@ -241,7 +241,9 @@ def train_predictor(
     if not predictor.learned_steps(data.times):
         raise ValueError(f"taylor_stages {settings.taylor_stages} cover every predicted step: nothing to learn")
     if settings.init_from:
-        _load_initial(predictor, settings.init_from)
+        initial_training = _load_initial(predictor, settings.init_from)
+    else:
+        initial_training = None
     times = data.times
 
     work = Path(work_dir) if work_dir else Path(out_dir).with_name(Path(out_dir).name + ".work")
@@ -268,7 +270,7 @@ def train_predictor(
         report.history.append({"epoch": label, "val_final_mse": mse})
         if mse < report.best_val_mse:
             report.best_val_mse, report.best_epoch = mse, label
-            _save(predictor, out_dir, settings, report, data, started)
+            _save(predictor, out_dir, settings, report, data, started, initial_training)
         return mse
 
     def save_state(epoch: int) -> None:
@@ -352,14 +354,15 @@ def train_predictor(
     return best, report
 
 
-def _load_initial(predictor: StagePredictor, bundle: str | Path) -> None:
-    """Start from a trained bundle's weights; it must be the same predictor for the same schedule."""
+def _load_initial(predictor: StagePredictor, bundle: str | Path) -> dict[str, Any]:
+    """Start from a trained bundle's weights (same predictor, same schedule); returns how it was trained."""
     start = StagePredictor.from_pretrained(bundle)
     for name in ("schedule", "branches", "history_depths", "kan_hidden", "grid_size", "base", "history_weights"):
         ours, theirs = getattr(predictor.config, name), getattr(start.config, name)
         if ours != theirs:
             raise ValueError(f"{bundle}: its {name} is {theirs!r} but this training run's is {ours!r}")
     predictor.load_state_dict(start.state_dict())
+    return start.config.training
 
 
 @contextlib.contextmanager
@@ -382,6 +385,7 @@ def _save(
     report: TrainReport,
     data: Trajectories,
     started: float,
+    initial_training: dict[str, Any] | None = None,
 ) -> None:
     predictor.config.training = {
         "method": "LESA two-phase (GT-guided, then closed-loop)"
@@ -393,4 +397,6 @@ def _save(
         "seconds_so_far": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,
     }
+    if initial_training is not None:  # a fine-tune: keep the record of what it started from
+        predictor.config.training["initial"] = initial_training
     predictor.save_pretrained(out_dir)

@@ -150,6 +150,8 @@ def test_phase3_backpropagates_the_final_sample_error_through_the_sampler(pipe, 
     )
     _, tuned = train_predictor(pipe, out, schedule, tmp_path / "tuned", tune, progress=False)
     assert tuned.history[0] == {"epoch": "init", "val_final_mse": pytest.approx(report.best_val_mse)}
+    record = StagePredictor.from_pretrained(tmp_path / "tuned").config.training
+    assert record["initial"]["settings"]["phase3_epochs"] == 2  # how the starting bundle was trained
     with pytest.raises(ValueError, match="kan_hidden"):
         train_predictor(pipe, out, schedule, tmp_path / "x", dataclasses.replace(tune, kan_hidden=(4,)), progress=False)
 
