@@ -1,6 +1,6 @@
 """Attach a forecaster and a schedule to a diffusers transformer, without editing its code.
 
-Three kinds of hooks, registered with diffusers' own `HookRegistry`:
+Five kinds of hooks, registered with diffusers' own `HookRegistry`:
 
 * on the transformer: counts denoising calls per CFG branch and decides, from the schedule,
   whether this call is a full or a predicted step;
@@ -230,7 +230,7 @@ class BlockInputHook(ModelHook):
 
 
 class RepeatedInputHook(ModelHook):
-    """Return a recent call's output when this call's inputs are equal to that call's.
+    """Return a recent call's output when this call's inputs are equal to that call's (CPU inputs).
 
     Inputs are compared by value (copies are kept, so a caller reusing an input buffer cannot
     fool it); the memo lives for one generation (`new_generation`, `disable_cache` clear it), so
@@ -246,6 +246,10 @@ class RepeatedInputHook(ModelHook):
         if self.session.current is None:  # called outside a denoising forward
             return self.fn_ref.original_forward(*args, **kwargs)
         values = (*args, *kwargs.values())
+        if any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
+            # comparing accelerator tensors would make the host wait for the device on every call,
+            # which costs more than the few small kernels the memo could save
+            return self.fn_ref.original_forward(*args, **kwargs)
         key = (tuple(kwargs), len(args))
         memo = self.session.memo.setdefault(self.name, [])
         for (seen_key, seen), output in memo:

@@ -297,6 +297,7 @@ def train_predictor(
         return loss.item()
 
     total_epochs = settings.phase1_epochs + settings.phase2_epochs + settings.phase3_epochs
+    first_epoch = {1: 0, 2: settings.phase1_epochs, 3: settings.phase1_epochs + settings.phase2_epochs}
     if start_epoch == 0:
         # The untrained predictor is a baseline too (an anchored base with a zero head *is* FORA
         # or TaylorSeer): training keeps it unless an epoch does better on held-out samples.
@@ -305,10 +306,8 @@ def train_predictor(
     bar.update(0)
     generator = torch.Generator().manual_seed(settings.seed)
     for epoch in bar:
-        phase = (
-            1 if epoch < settings.phase1_epochs else 2 if epoch < settings.phase1_epochs + settings.phase2_epochs else 3
-        )
-        if phase > 1 and epoch == settings.phase1_epochs + (settings.phase2_epochs if phase == 3 else 0):
+        phase = max(p for p, first in first_epoch.items() if epoch >= first)
+        if phase > 1 and epoch == first_epoch[phase]:
             for group in optimizer.param_groups:
                 group["lr"] = settings.phase2_lr if phase == 2 else settings.phase3_lr
             if phase == 3 and report.best_epoch != "none":

@@ -7,7 +7,7 @@ sigma (FLUX multiplies by 1000 inside). For the video model the clip goes in as 
 Wan patchifies it itself; it gets the timestep on the 0..1000 scale, as `WanPipeline` passes it.
 
 The call contract (the service, the trainers and the benchmarks rely on it) is documented on
-`DigitsPipeline.__call__`.
+`DigitsPipeline.denoise`, which `__call__` runs under no_grad.
 """
 
 from __future__ import annotations
