@@ -95,7 +95,7 @@ class LesaForecaster(Forecaster):
     def __init__(self, predictor: StagePredictor) -> None:
         self.predictor = predictor
         self.keeps = predictor.max_depth
-        self._memo: dict[tuple[str, int], tuple] = {}
+        self._memo: dict[str, dict[int, tuple]] = {}  # branch -> the predictor's folded steps
         self._memo_times: torch.Tensor | None = None
 
     def forecast(self, memory: BranchHistory, step: int, context: ForecastContext) -> torch.Tensor:
@@ -126,14 +126,14 @@ class LesaForecaster(Forecaster):
         return out
 
     def _coefficients(self, context: ForecastContext, step: int, t_curr: float) -> tuple:
-        # One lookup per (branch, step) and generation: the predictor's own cache key (it hashes
-        # the schedule and the weights' versions) costs a fifth of a forecast on small models.
-        if context.timesteps is not self._memo_times:
+        if context.timesteps is not self._memo_times:  # a new generation: look the tables up once
             self._memo, self._memo_times = {}, context.timesteps
-        key = (context.branch, step)
-        if key not in self._memo:
-            self._memo[key] = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)
-        return self._memo[key]
+        table = self._memo.get(context.branch)
+        if table is None:
+            table = self._memo[context.branch] = self.predictor.folded_steps(context.timesteps, context.branch)
+        if step not in table:
+            table[step] = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)
+        return table[step]
 
 
 def make_forecaster(method: str, predictor: StagePredictor | None = None, taylor_order: int = 1) -> Forecaster:

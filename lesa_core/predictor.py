@@ -107,8 +107,8 @@ class StagePredictor(nn.Module):
             }
         )
         self.reset_history_weights()
-        # (branch, step time, schedule times, weight versions) -> folded coefficients
-        self._coefficient_cache: dict[tuple, tuple[list[float], float]] = {}
+        # (branch, schedule times, weight versions) -> {step: folded coefficients}
+        self._folded_cache: dict[tuple, dict[int, tuple]] = {}
 
     def reset_history_weights(self) -> None:
         # Start as "repeat the last hidden state" (latent = 0): training moves away from FORA.
@@ -247,29 +247,34 @@ class StagePredictor(nn.Module):
         """The forecast folded into constants: h_pred = h_-1 + sum_k c_k H_k + c_0.
 
         Scalar history weights fold to floats; per-channel ones to [C] tensors (float32, CPU).
-
-        The gain depends only on the schedule, so for inference it is computed once per step and
-        the forecast becomes one weighted sum over the history (no stack, no KAN on the hot path).
-        Cached per schedule: a server computes each step's constants once, not once per request.
+        The gain depends only on the schedule, so for inference the forecast becomes one weighted
+        sum over the history (no stack, no KAN on the hot path); `folded_steps` caches them.
         """
         times = torch.as_tensor(timesteps, dtype=torch.float32)
-        b, stage = self._branch(branch), self.stage(float(t_curr))
-        # Tensor versions change with every in-place update (optimizer steps, load_state_dict),
-        # so a cached entry can never outlive the weights it was computed from.
-        params = (*self.latent[b][stage].parameters(), *self.timestep[b][stage].parameters())
-        key = (b, float(t_curr), times.numpy().tobytes(), tuple(p._version for p in params))
-        if key not in self._coefficient_cache:
-            with torch.no_grad():
-                weights, bias = self.history_weights(t_curr, branch)
-                gain = self.gain(times, t_curr, branch)
-                if self.config.history_weights == "scalar":
-                    folded = (gain * weights).float().cpu().tolist(), float(gain * bias)
-                else:
-                    folded = list((gain * weights).float().cpu().unbind(-1)), (gain * bias).float().cpu()
-            if len(self._coefficient_cache) > 100_000:
-                self._coefficient_cache.clear()
-            self._coefficient_cache[key] = folded
-        return self._coefficient_cache[key]
+        with torch.no_grad():
+            weights, bias = self.history_weights(t_curr, branch)
+            gain = self.gain(times, t_curr, branch)
+            if self.config.history_weights == "scalar":
+                return (gain * weights).float().cpu().tolist(), float(gain * bias)
+            return list((gain * weights).float().cpu().unbind(-1)), (gain * bias).float().cpu()
+
+    def folded_steps(self, timesteps: torch.Tensor, branch: str | None = None) -> dict[int, tuple]:
+        """One branch's table step -> `step_coefficients`, shared by every generation on these times.
+
+        Inference fills it as the steps come: a server folds each step once, not once per request,
+        and a generation pays for one lookup of this table, not one per step (the key hashes the
+        times and the weights' versions, a fifth of a forecast on the small models). Tensor
+        versions change with every in-place update (optimizer steps, load_state_dict), so a table
+        never outlives the weights it was computed from.
+        """
+        times = torch.as_tensor(timesteps, dtype=torch.float32).detach().cpu()
+        key = (self._branch(branch), times.numpy().tobytes(), tuple(p._version for p in self.parameters()))
+        table = self._folded_cache.get(key)
+        if table is None:
+            if len(self._folded_cache) >= 64:
+                self._folded_cache.clear()
+            table = self._folded_cache[key] = {}
+        return table
 
     # -- bundles ---------------------------------------------------------------------------
 
