@@ -35,6 +35,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
 from lesa_core.forecasters import BranchHistory, ForecastContext, Forecaster, make_forecaster
+from lesa_core.predicted_step import PREDICTED_FORWARD, PredictedForward
 from lesa_core.predictor import StagePredictor
 from lesa_core.schedule import CacheSchedule
 
@@ -98,6 +99,9 @@ class CacheConfig:
     predictor: StagePredictor | None = None
     taylor_order: int = 1
     observer: Observer | None = field(default=None, repr=False)
+    # Predicted steps of the families in `PREDICTED_FORWARD` call only the submodules after the
+    # blocks; False runs the model's own forward with skipped blocks (same output, slower).
+    predicted_forward: bool = True
 
 
 class _BranchState(BaseState):
@@ -147,10 +151,11 @@ class _Session:
 class LesaModelHook(ModelHook):
     _is_stateful = True
 
-    def __init__(self, session: _Session) -> None:
+    def __init__(self, session: _Session, predicted_forward: PredictedForward | None = None) -> None:
         super().__init__()
         self.session = session
         self.state_manager = session.states  # found by diffusers' cache_context machinery
+        self.predicted_forward = predicted_forward
 
     def pre_forward(self, module: nn.Module, *args, **kwargs):
         session = self.session
@@ -162,6 +167,13 @@ class LesaModelHook(ModelHook):
         session.current = state
         session.predicting = schedule is not None and not schedule.is_full(state.step)
         return args, kwargs
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        if self.session.predicting and self.predicted_forward is not None and not args:
+            output = self.predicted_forward(module, **kwargs)
+            if output is not None:
+                return output
+        return self.fn_ref.original_forward(*args, **kwargs)
 
     def post_forward(self, module: nn.Module, output):
         session = self.session
@@ -349,11 +361,12 @@ def enable_cache(model: nn.Module, config: CacheConfig) -> None:
     forecaster = make_forecaster(config.method, config.predictor, config.taylor_order)
     session = _Session(config, forecaster, schedule)
 
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(LesaModelHook(session), MODEL_HOOK)
+    family = type(model).__name__
+    model_hook = LesaModelHook(session, PREDICTED_FORWARD.get(family) if config.predicted_forward else None)
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(model_hook, MODEL_HOOK)
     for _, block, metadata in blocks:
         HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockSkipHook(session, metadata), BLOCK_HOOK)
     HookRegistry.check_if_exists_or_initialize(final_layer).register_hook(FinalLayerHook(session), FINAL_LAYER_HOOK)
-    family = type(model).__name__
     for names, hook_class, hook_name in (
         (BLOCK_ONLY_INPUTS, BlockInputHook, BLOCK_INPUT_HOOK),
         (REPEATED_INPUTS, RepeatedInputHook, REPEATED_INPUT_HOOK),
@@ -408,7 +421,8 @@ def new_generation(model: nn.Module, timesteps: Sequence[float] | torch.Tensor |
     if timesteps is None:
         session.timesteps = None
         return
-    times = torch.as_tensor(timesteps, dtype=torch.float32).detach().cpu().reshape(-1)
+    # a copy: forecasts keyed on these times must not change if the caller reuses its tensor
+    times = torch.as_tensor(timesteps, dtype=torch.float32).detach().cpu().reshape(-1).clone()
     schedule = session.schedule
     if schedule is not None:
         if times.numel() == schedule.num_steps:

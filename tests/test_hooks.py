@@ -17,6 +17,7 @@ from lesa_core import (
     new_generation,
 )
 from lesa_core.hooks import BLOCK_ONLY_INPUTS, REPEATED_INPUTS
+from lesa_core.predicted_step import PREDICTED_FORWARD
 
 TIMES = [1.0, 0.95, 0.85, 0.7, 0.55, 0.4, 0.25, 0.1]
 
@@ -100,6 +101,31 @@ def test_predicted_steps_run_no_block_and_apply_final_layer_to_forecast(name):
         expected = family.call(TIMES[2])
     handle.remove()
     torch.testing.assert_close(outputs[2], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+@pytest.mark.parametrize("method", ["reuse", "taylorseer"])
+def test_predicted_forward_skips_the_model_forward_with_the_same_output(name, method):
+    family = build(name)
+    model = family.model
+    assert type(model).__name__ in PREDICTED_FORWARD
+    schedule = CacheSchedule.from_full_steps(len(TIMES), [0, 1, 4])
+    # the rotary tables are computed by the model's forward only (its BlockInputHook's cached
+    # copy still counts as a call): uncalled means the forward did not run
+    rotary = model.get_submodule({"flux": "pos_embed", "wan": "rope"}[name])
+    forwards = [0]
+    rotary.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    outputs = {}
+    for shortcut in (False, True):
+        enable_cache(model, CacheConfig(method=method, schedule=schedule, predicted_forward=shortcut))
+        new_generation(model)
+        forwards[0] = 0
+        outputs[shortcut] = run_loop(family)
+        assert forwards[0] == (schedule.num_full if shortcut else len(TIMES))
+        assert cache_stats(model) == {"default": {"full": 3, "predicted": 5}}
+        disable_cache(model)
+    for generic, short in zip(outputs[False], outputs[True], strict=True):
+        assert torch.equal(generic, short)
 
 
 @pytest.mark.parametrize("name", ["flux", "wan"])

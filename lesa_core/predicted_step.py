@@ -1,0 +1,96 @@
+"""A predicted step without the transformer's forward: only what follows the blocks.
+
+On a predicted step the hooks make every block return its inputs, so the transformer's own
+forward computes nothing that reaches its output except the timestep embedding and the final
+layer. It still walks every embedder, rotary table and block in Python, which on a small model
+or a fast accelerator costs more than the final layer itself: the realised speed-up falls short
+of the theoretical one. For the families below, the model hook calls only the submodules whose
+output reaches the sample, in the order the family's forward calls them (read off diffusers
+0.42). `tests/test_hooks.py` pins each against the full forward with skipped blocks.
+
+Each function takes the transformer and the keyword arguments of its forward and returns the
+forward's output, or None when the call uses an option it does not cover (positional
+arguments, LoRA scales, controlnet residuals, per-token timesteps): the hook then runs the
+model's forward, with skipped blocks, as for any other family.
+
+The final layer is called with a placeholder of the shape the blocks would hand it: its hook
+replaces it with the forecast, and checks the shape against the generation's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from torch import nn
+
+PredictedForward = Callable[..., Any]
+
+
+def _hidden_size(model: nn.Module) -> int:
+    return int(model.config.num_attention_heads) * int(model.config.attention_head_dim)
+
+
+def _wrap(output: torch.Tensor, return_dict: bool) -> Any:
+    return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
+
+def flux_predicted_forward(
+    model: nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    pooled_projections: torch.Tensor | None = None,
+    timestep: torch.Tensor | None = None,
+    img_ids: torch.Tensor | None = None,
+    txt_ids: torch.Tensor | None = None,
+    guidance: torch.Tensor | None = None,
+    joint_attention_kwargs: dict | None = None,
+    controlnet_block_samples: Any = None,
+    controlnet_single_block_samples: Any = None,
+    return_dict: bool = True,
+    controlnet_blocks_repeat: bool = False,
+) -> Any:
+    if joint_attention_kwargs or controlnet_block_samples is not None or controlnet_single_block_samples is not None:
+        return None
+    dtype = model.x_embedder.weight.dtype  # the dtype the embedded hidden states would have
+    timestep = timestep.to(dtype) * 1000
+    if guidance is None:
+        temb = model.time_text_embed(timestep, pooled_projections)
+    else:
+        temb = model.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled_projections)
+    batch, tokens = hidden_states.shape[:2]
+    placeholder = hidden_states.new_empty((batch, tokens, _hidden_size(model)), dtype=dtype)
+    return _wrap(model.proj_out(model.norm_out(placeholder, temb)), return_dict)
+
+
+def wan_predicted_forward(
+    model: nn.Module,
+    hidden_states: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_hidden_states_image: torch.Tensor | None = None,
+    return_dict: bool = True,
+    attention_kwargs: dict | None = None,
+) -> Any:
+    if attention_kwargs or timestep.ndim != 1:
+        return None
+    batch, _, frames, height, width = hidden_states.shape
+    p_t, p_h, p_w = model.config.patch_size
+    frames, height, width = frames // p_t, height // p_h, width // p_w
+    temb, _, _, _ = model.condition_embedder(timestep, encoder_hidden_states, encoder_hidden_states_image)
+    shift, scale = (model.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+    dtype = model.patch_embedding.weight.dtype
+    placeholder = hidden_states.new_empty((batch, frames * height * width, _hidden_size(model)), dtype=dtype)
+    shift, scale = shift.to(placeholder.device), scale.to(placeholder.device)
+    hidden = (model.norm_out(placeholder.float()) * (1 + scale) + shift).type_as(placeholder)
+    hidden = model.proj_out(hidden)
+    hidden = hidden.reshape(batch, frames, height, width, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return _wrap(hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3), return_dict)
+
+
+PREDICTED_FORWARD: dict[str, PredictedForward] = {
+    "FluxTransformer2DModel": flux_predicted_forward,
+    "WanTransformer3DModel": wan_predicted_forward,
+}
