@@ -146,6 +146,8 @@ class _Session:
         self.predicting = False  # True while a predicted step's forward runs
         self.current: _BranchState | None = None
         self.memo: dict[str, list[tuple[tuple, object]]] = {}  # RepeatedInputHook: name -> [(inputs, output)]
+        # every (registry, hook name) enable_cache added, so disable_cache need not walk the model
+        self.registered: list[tuple[HookRegistry, str]] = []
 
 
 class LesaModelHook(ModelHook):
@@ -264,7 +266,7 @@ class RepeatedInputHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         key = (tuple(kwargs), len(args))
         memo = self.session.memo.setdefault(self.name, [])
-        for (seen_key, seen), output in memo:
+        for (seen_key, seen), output in reversed(memo):  # newest first: this step's other branch
             if seen_key == key and all(_equal(a, b) for a, b in zip(seen, values, strict=True)):
                 return output
         output = self.fn_ref.original_forward(*args, **kwargs)
@@ -361,12 +363,18 @@ def enable_cache(model: nn.Module, config: CacheConfig) -> None:
     forecaster = make_forecaster(config.method, config.predictor, config.taylor_order)
     session = _Session(config, forecaster, schedule)
 
+    def register(module: nn.Module, hook: ModelHook, name: str) -> None:
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        registry.register_hook(hook, name)
+        session.registered.append((registry, name))
+
     family = type(model).__name__
-    model_hook = LesaModelHook(session, PREDICTED_FORWARD.get(family) if config.predicted_forward else None)
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(model_hook, MODEL_HOOK)
+    register(
+        model, LesaModelHook(session, PREDICTED_FORWARD.get(family) if config.predicted_forward else None), MODEL_HOOK
+    )
     for _, block, metadata in blocks:
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockSkipHook(session, metadata), BLOCK_HOOK)
-    HookRegistry.check_if_exists_or_initialize(final_layer).register_hook(FinalLayerHook(session), FINAL_LAYER_HOOK)
+        register(block, BlockSkipHook(session, metadata), BLOCK_HOOK)
+    register(final_layer, FinalLayerHook(session), FINAL_LAYER_HOOK)
     for names, hook_class, hook_name in (
         (BLOCK_ONLY_INPUTS, BlockInputHook, BLOCK_INPUT_HOOK),
         (REPEATED_INPUTS, RepeatedInputHook, REPEATED_INPUT_HOOK),
@@ -377,8 +385,7 @@ def enable_cache(model: nn.Module, config: CacheConfig) -> None:
             except AttributeError:  # e.g. Wan without an image embedder, FLUX without guidance
                 continue
             if isinstance(embedder, nn.Module):
-                registry = HookRegistry.check_if_exists_or_initialize(embedder)
-                registry.register_hook(hook_class(session, name), hook_name)
+                register(embedder, hook_class(session, name), hook_name)
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
 
 
@@ -390,8 +397,11 @@ def disable_cache(model: nn.Module) -> None:
     hook = registry.get_hook(MODEL_HOOK)
     if hook is not None:
         hook.session.memo.clear()
-    for name in (MODEL_HOOK, BLOCK_HOOK, BLOCK_INPUT_HOOK, REPEATED_INPUT_HOOK, FINAL_LAYER_HOOK):
-        registry.remove_hook(name, recurse=True)
+        for module_registry, name in reversed(hook.session.registered):
+            module_registry.remove_hook(name, recurse=False)
+    else:  # nothing recorded what was registered: look everywhere (walks every submodule)
+        for name in (MODEL_HOOK, BLOCK_HOOK, BLOCK_INPUT_HOOK, REPEATED_INPUT_HOOK, FINAL_LAYER_HOOK):
+            registry.remove_hook(name, recurse=True)
     registry.invalidate_child_registries_cache()
 
 
