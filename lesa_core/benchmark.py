@@ -82,6 +82,14 @@ def default_bundle_dir(root: Path, method: str, level: str) -> Path:
     return root / method[len(LESA_VARIANT_PREFIX) :] / level
 
 
+def portable_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies under it: results name no machine paths."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 DEFAULT_LEVELS = tuple(name for name in LEVELS if name != "none")
 # Predictor training records seeds < 1000; the benchmark's defaults start above that range.
 TRAINING_SEED_LIMIT = 1000
@@ -630,7 +638,7 @@ def run_quality_benchmark(config: BenchConfig, pipe: Any = None, log: Callable[[
             record[f"cpu_seconds_full_b{batch}"] = round(t.full_cpu, 4)
             record[f"speedup_cpu_b{batch}"] = round(t.full_cpu / t.cpu[key], 4)
         if variant.bundle is not None:
-            record["bundle"] = str(variant.bundle)
+            record["bundle"] = portable_path(variant.bundle)
         records.append(record)
 
     header["load_average_end"] = load_average()
