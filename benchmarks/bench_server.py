@@ -324,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg()},
-        "config": {k: v for k, v in vars(args).items() if k not in ("serve", "port", "max_batch_serve", "null")},
+        "config": {
+            k: (v.relative_to(ROOT) if isinstance(v, Path) and v.is_relative_to(ROOT) else v)
+            for k, v in vars(args).items()
+            if k not in ("serve", "port", "max_batch_serve", "null")
+        },
         "overhead": overhead,
         "throughput": throughput,
     }  # fmt: skip
