@@ -27,9 +27,14 @@ for level in $levels; do
     *) p1=40 p2=6 ;;
   esac
   # digits-image 6.25x: cond / uncond experts on 256 trajectories (+1 dB over shared experts on 64, and the
-  # only variant that beats reuse there; at 2x-5x it was within 0.2 dB either way: see
-  # benchmarks/results/digits-image/variants-per-branch).
+  # only variant that beats reuse there; at 2x-3.3x it was within 0.2 dB either way: see
+  # benchmarks/results/digits-image/variants-per-branch). digits-image 5x: cond / uncond experts on the 64
+  # trajectories; with phase 3 they reach 0.46x / 0.50x TaylorSeer's MSE on 128 / 512 validation seeds, shared experts 0.57x / 0.58x
+  # (benchmarks/results/digits-image/validation).
   level_data=$data extra=()
+  if [ "$model:$level" = "digits-image:5x" ]; then
+    extra=(--per-branch)
+  fi
   if [ "$model:$level" = "digits-image:6.25x" ]; then
     level_data=$data-256 extra=(--per-branch)
     $lesa record --model "$model" --prompts "prompts/$model-train.txt" --seeds 0-255 --steps 50 --out "$level_data"
