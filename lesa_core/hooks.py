@@ -3,7 +3,9 @@
 Five kinds of hooks, registered with diffusers' own `HookRegistry`:
 
 * on the transformer: counts denoising calls per CFG branch and decides, from the schedule,
-  whether this call is a full or a predicted step;
+  whether this call is a full or a predicted step; on a predicted step of FLUX or Wan it calls
+  only the timestep embedding and the final layer instead of the model's forward
+  (`lesa_core/predicted_step.py`), and the hooks below then matter for the final layer alone;
 * on every transformer block: on a predicted step the block returns its inputs untouched, so
   no block computes anything;
 * on the final layer (`norm_out`): on a full step it records the incoming hidden state; on a
