@@ -98,6 +98,20 @@ def test_predictor_matches_formula_written_out():
         torch.testing.assert_close(folded, expected)
 
 
+def test_folded_steps_are_shared_per_schedule_and_never_outlive_the_weights():
+    predictor = _predictor()
+    times = torch.linspace(1, 0, 11)
+    table = predictor.folded_steps(times, "cond")
+    assert predictor.folded_steps(times.clone(), "cond") is table  # same times by value: one table
+    assert predictor.folded_steps(torch.linspace(1, 0.1, 11), "cond") is not table
+    # a LESA forecast fills the table; an optimizer-style in-place update gives a fresh one
+    table[3] = predictor.step_coefficients(times, float(times[3]))
+    with torch.no_grad():
+        predictor.latent["shared"][0].bias.add_(1.0)
+    fresh = predictor.folded_steps(times, "cond")
+    assert fresh is not table and fresh == {}
+
+
 def test_predictor_preserves_dtype_and_batches():
     predictor = _predictor().float()
     times = torch.linspace(1, 0, 11)
