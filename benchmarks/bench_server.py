@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from lesa_core.benchmark import portable_path  # noqa: E402 - after the path insert
 from lesa_core.pipeline_types import PipelineInfo  # noqa: E402 - after the path insert, for a checkout without install
 
 NULL_MODEL = "null-image"
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg()},
         "config": {
-            k: (v.relative_to(ROOT) if isinstance(v, Path) and v.is_relative_to(ROOT) else v)
+            k: portable_path(v, ROOT) if isinstance(v, Path) else v
             for k, v in vars(args).items()
             if k not in ("serve", "port", "max_batch_serve", "null")
         },

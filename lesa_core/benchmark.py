@@ -82,10 +82,10 @@ def default_bundle_dir(root: Path, method: str, level: str) -> Path:
     return root / method[len(LESA_VARIANT_PREFIX) :] / level
 
 
-def portable_path(path: Path) -> str:
-    """`path` relative to the working directory when it lies under it: results name no machine paths."""
+def portable_path(path: Path, base: Path | None = None) -> str:
+    """`path` relative to `base` (the working directory) when it lies under it: results name no machine paths."""
     try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+        return str(Path(path).resolve().relative_to((base or Path.cwd()).resolve()))
     except ValueError:
         return str(path)
 

@@ -397,13 +397,11 @@ def disable_cache(model: nn.Module) -> None:
     if registry is None:
         return
     hook = registry.get_hook(MODEL_HOOK)
-    if hook is not None:
-        hook.session.memo.clear()
-        for module_registry, name in reversed(hook.session.registered):
-            module_registry.remove_hook(name, recurse=False)
-    else:  # nothing recorded what was registered: look everywhere (walks every submodule)
-        for name in (MODEL_HOOK, BLOCK_HOOK, BLOCK_INPUT_HOOK, REPEATED_INPUT_HOOK, FINAL_LAYER_HOOK):
-            registry.remove_hook(name, recurse=True)
+    if hook is None:  # enable_cache registers the model hook first: without it there is nothing of ours
+        return
+    hook.session.memo.clear()
+    for module_registry, name in reversed(hook.session.registered):
+        module_registry.remove_hook(name, recurse=False)
     registry.invalidate_child_registries_cache()
 
 
