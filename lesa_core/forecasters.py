@@ -113,6 +113,11 @@ class LesaForecaster(Forecaster):
             return self.predictor.predict(memory.history, context.timesteps, t_curr, context.branch, base=base)
         coefficients, constant = self._coefficients(context, step, t_curr)
         window = pad_history(memory.history, len(coefficients))
+        if self._folds_last:  # h_-1's unit weight and the constant are in the table (see _fold)
+            out = torch.add(constant, window[0], alpha=coefficients[0])
+            for weight, hidden in zip(coefficients[1:], window[1:], strict=True):
+                out.add_(hidden, alpha=weight)
+            return out
         last = window[-1]
         if isinstance(constant, torch.Tensor):  # per-channel weights
             constant = constant.to(last.device, last.dtype)
@@ -132,8 +137,21 @@ class LesaForecaster(Forecaster):
         if table is None:
             table = self._memo[context.branch] = self.predictor.folded_steps(context.timesteps, context.branch)
         if step not in table:
-            table[step] = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)
+            table[step] = self._fold(*self.predictor.step_coefficients(context.timesteps, t_curr, context.branch))
         return table[step]
+
+    @property
+    def _folds_last(self) -> bool:
+        config = self.predictor.config
+        return self.predictor.base_anchors == 0 and config.history_weights == "scalar"
+
+    def _fold(self, coefficients: list, constant: float | torch.Tensor) -> tuple:
+        """The paper's predictor (base h_-1, scalar weights) as one weighted sum started from the
+        constant: h_-1's unit weight joins its coefficient, so a forecast makes one pass over the
+        hidden state per history slot and none more (it is memory-bound)."""
+        if not self._folds_last:
+            return coefficients, constant
+        return [*coefficients[:-1], coefficients[-1] + 1.0], torch.tensor(float(constant))
 
 
 def make_forecaster(method: str, predictor: StagePredictor | None = None, taylor_order: int = 1) -> Forecaster:

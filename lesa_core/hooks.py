@@ -10,7 +10,8 @@ Five kinds of hooks, registered with diffusers' own `HookRegistry`:
   no block computes anything;
 * on the final layer (`norm_out`): on a full step it records the incoming hidden state; on a
   predicted step it replaces that input with the forecast. The final layer then runs with the
-  current timestep's conditioning, as the method requires;
+  current timestep's conditioning, as the method requires (its norm with faster kernels:
+  `fast_final_norm` in `lesa_core/predicted_step.py`);
 * on the embedders whose output only the blocks read (patch/text embedders, rotary tables; see
   `BLOCK_ONLY_INPUTS`): on a predicted step they are skipped too and hand the skipped blocks
   their last full step's output, whose values nothing reads. The timestep embedding still runs;
@@ -27,6 +28,8 @@ survives from one request to the next.
 from __future__ import annotations
 
 import logging
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +40,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
 from lesa_core.forecasters import BranchHistory, ForecastContext, Forecaster, make_forecaster
-from lesa_core.predicted_step import PREDICTED_FORWARD, PredictedForward
+from lesa_core.predicted_step import PREDICTED_FORWARD, PredictedForward, fast_final_norm
 from lesa_core.predictor import StagePredictor
 from lesa_core.schedule import CacheSchedule
 
@@ -78,6 +81,10 @@ REPEATED_INPUTS: dict[str, tuple[str, ...]] = {
 }
 REPEATED_INPUT_HOOK = "lesa_repeated_input"
 MEMO_SIZE = 4  # two CFG branches x (this step, the step before)
+LASTING_MEMO_SIZE = 1024  # per weightless embedder: every time of a few schedules and batch sizes
+MEMO_MAX_NUMEL = 1 << 16  # inputs larger than this are not worth hashing
+# weightless embedder -> its memo across generations (dropped with the model)
+_LASTING_MEMOS: weakref.WeakKeyDictionary[nn.Module, OrderedDict] = weakref.WeakKeyDictionary()
 DEFAULT_BRANCH = "default"
 
 # An observer sees every hidden state entering the final layer: (branch, step, hidden, full).
@@ -147,7 +154,7 @@ class _Session:
         self.states = _BranchStateManager(_BranchState)
         self.predicting = False  # True while a predicted step's forward runs
         self.current: _BranchState | None = None
-        self.memo: dict[str, list[tuple[tuple, object]]] = {}  # RepeatedInputHook: name -> [(inputs, output)]
+        self.memo: dict[str, OrderedDict] = {}  # RepeatedInputHook: name -> {inputs: output}, this generation
         # every (registry, hook name) enable_cache added, so disable_cache need not walk the model
         self.registered: list[tuple[HookRegistry, str]] = []
 
@@ -246,49 +253,61 @@ class BlockInputHook(ModelHook):
 
 
 class RepeatedInputHook(ModelHook):
-    """Return a recent call's output when this call's inputs are equal to that call's (CPU inputs).
+    """Return an earlier call's output when this call's inputs equal that call's (small CPU inputs).
 
-    Inputs are compared by value (copies are kept, so a caller reusing an input buffer cannot
-    fool it); the memo lives for one generation (`new_generation`, `disable_cache` clear it), so
-    changed weights are never served from it.
+    Inputs are compared by value (their bytes are copied into the key, so a caller reusing an
+    input buffer cannot fool it). The memo of a module with weights lives for one generation
+    (`new_generation`, `disable_cache` clear it), so changed weights are never served from it. A
+    module without weights or buffers (the sinusoidal timestep projection) is a pure function of
+    its inputs: its memo outlives generations, so a server computes each schedule time's
+    projection once, not once per step of every request.
     """
 
-    def __init__(self, session: _Session, name: str) -> None:
+    def __init__(self, session: _Session, name: str, module: nn.Module) -> None:
         super().__init__()
         self.session = session
         self.name = name
+        pure = next(iter(module.parameters()), None) is None and next(iter(module.buffers()), None) is None
+        self.lasting = _LASTING_MEMOS.setdefault(module, OrderedDict()) if pure else None
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         if self.session.current is None:  # called outside a denoising forward
             return self.fn_ref.original_forward(*args, **kwargs)
-        values = (*args, *kwargs.values())
-        if any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
-            # comparing accelerator tensors would make the host wait for the device on every call,
-            # which costs more than the few small kernels the memo could save
+        key = _fingerprint(args, kwargs)
+        if key is None:
+            # accelerator or large inputs: reading them back to compare would make the host wait
+            # for the device, which costs more than the few small kernels the memo could save
             return self.fn_ref.original_forward(*args, **kwargs)
-        key = (tuple(kwargs), len(args))
-        memo = self.session.memo.setdefault(self.name, [])
-        for (seen_key, seen), output in reversed(memo):  # newest first: this step's other branch
-            if seen_key == key and all(_equal(a, b) for a, b in zip(seen, values, strict=True)):
-                return output
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        copies = tuple(v.detach().clone() if isinstance(v, torch.Tensor) else v for v in values)
-        memo.append(((key, copies), output))
-        del memo[:-MEMO_SIZE]
+        if self.lasting is not None:
+            memo, size = self.lasting, LASTING_MEMO_SIZE
+        else:
+            memo, size = self.session.memo.setdefault(self.name, OrderedDict()), MEMO_SIZE
+        output = memo.get(key)
+        if output is None:
+            output = memo[key] = self.fn_ref.original_forward(*args, **kwargs)
+            while len(memo) > size:
+                memo.popitem(last=False)
         return output
 
 
-def _equal(a: object, b: object) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.shape == b.shape
-            and a.dtype == b.dtype
-            and a.device == b.device
-            and torch.equal(a, b)
-        )
-    return a == b
+def _fingerprint(args: tuple, kwargs: dict) -> tuple | None:
+    """A hashable copy of the inputs' values, or None where comparing them is not worth it."""
+    key: list[object] = [tuple(kwargs)]
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "cpu" or value.numel() > MEMO_MAX_NUMEL:
+                return None
+            flat = value.detach().contiguous().reshape(-1)
+            if flat.numel() == 1:  # an expanded scalar keeps stride 0, which a byte view refuses
+                flat = flat.as_strided((1,), (1,))
+            key.append((value.dtype, tuple(value.shape), flat.view(torch.uint8).numpy().tobytes()))
+        else:
+            try:
+                hash(value)
+            except TypeError:
+                return None
+            key.append(value)
+    return tuple(key)
 
 
 def _shapes(args: tuple, kwargs: dict) -> tuple:
@@ -326,6 +345,14 @@ class FinalLayerHook(ModelHook):
         if session.config.observer is not None:
             session.config.observer(branch, state.step, hidden, not session.predicting)
         return args, kwargs
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        # On a predicted step the norm is most of the compute left: use the faster equivalent.
+        if self.session.predicting and not kwargs:
+            output = fast_final_norm(module, *args)
+            if output is not None:
+                return output
+        return self.fn_ref.original_forward(*args, **kwargs)
 
 
 def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, object]]:
@@ -377,9 +404,9 @@ def enable_cache(model: nn.Module, config: CacheConfig) -> None:
     for _, block, metadata in blocks:
         register(block, BlockSkipHook(session, metadata), BLOCK_HOOK)
     register(final_layer, FinalLayerHook(session), FINAL_LAYER_HOOK)
-    for names, hook_class, hook_name in (
-        (BLOCK_ONLY_INPUTS, BlockInputHook, BLOCK_INPUT_HOOK),
-        (REPEATED_INPUTS, RepeatedInputHook, REPEATED_INPUT_HOOK),
+    for names, make_hook, hook_name in (
+        (BLOCK_ONLY_INPUTS, lambda name, module: BlockInputHook(session, name), BLOCK_INPUT_HOOK),
+        (REPEATED_INPUTS, lambda name, module: RepeatedInputHook(session, name, module), REPEATED_INPUT_HOOK),
     ):
         for name in names.get(family, ()):
             try:
@@ -387,7 +414,7 @@ def enable_cache(model: nn.Module, config: CacheConfig) -> None:
             except AttributeError:  # e.g. Wan without an image embedder, FLUX without guidance
                 continue
             if isinstance(embedder, nn.Module):
-                register(embedder, hook_class(session, name), hook_name)
+                register(embedder, make_hook(name, embedder), hook_name)
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
 
 

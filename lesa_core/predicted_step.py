@@ -15,15 +15,22 @@ model's forward, with skipped blocks, as for any other family.
 
 The final layer is called with a placeholder of the shape the blocks would hand it: its hook
 replaces it with the forecast, and checks the shape against the generation's.
+
+`fast_final_norm` is the final layer's norm on a predicted step (every family, either path): the
+same math as the module's forward with faster CPU kernels, because on a predicted step the norm
+is most of what is left to compute.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.normalization import AdaLayerNormContinuous, FP32LayerNorm
 from torch import nn
 
 PredictedForward = Callable[..., Any]
@@ -94,3 +101,38 @@ PREDICTED_FORWARD: dict[str, PredictedForward] = {
     "FluxTransformer2DModel": flux_predicted_forward,
     "WanTransformer3DModel": wan_predicted_forward,
 }
+
+
+@functools.lru_cache(maxsize=16)
+def _unit_affine(size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ones(size, dtype=dtype, device=device), torch.zeros(size, dtype=dtype, device=device)
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)`, bit for bit. torch's CPU kernel is ~1.5x faster given a weight and a bias than
+    without them, so a norm without an affine gets ones and zeros (the same numbers)."""
+    weight, bias = norm.weight, norm.bias
+    if weight is None or bias is None:
+        ones, zeros = _unit_affine(x.shape[-1], x.dtype, x.device)
+        weight = ones if weight is None else weight
+        bias = zeros if bias is None else bias
+    return F.layer_norm(x, norm.normalized_shape, weight.to(x.dtype), bias.to(x.dtype), norm.eps)
+
+
+def fast_final_norm(module: nn.Module, *args: torch.Tensor) -> torch.Tensor | None:
+    """The final layer's norm applied to a predicted step's forecast, faster; None if not covered.
+
+    LayerNorm (FP32LayerNorm: DiT, PixArt, Wan) bit for bit; AdaLayerNormContinuous with a
+    LayerNorm (FLUX, Qwen-Image, HunyuanVideo) modulates with one fused multiply-add instead of a
+    multiply and an add, which can round the last bit differently.
+    """
+    if isinstance(module, FP32LayerNorm) and len(args) == 1:
+        return _layer_norm(module, args[0].float()).to(args[0].dtype)
+    if type(module) is nn.LayerNorm and len(args) == 1:
+        return _layer_norm(module, args[0])
+    if isinstance(module, AdaLayerNormContinuous) and isinstance(module.norm, nn.LayerNorm) and len(args) == 2:
+        x, conditioning = args
+        emb = module.linear(module.silu(conditioning).to(x.dtype))
+        scale, shift = torch.chunk(emb, 2, dim=1)
+        return torch.addcmul(shift[:, None, :], _layer_norm(module.norm, x), 1 + scale[:, None, :])
+    return None

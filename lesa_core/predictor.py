@@ -259,7 +259,8 @@ class StagePredictor(nn.Module):
             return list((gain * weights).float().cpu().unbind(-1)), (gain * bias).float().cpu()
 
     def folded_steps(self, timesteps: torch.Tensor, branch: str | None = None) -> dict[int, tuple]:
-        """One branch's table step -> `step_coefficients`, shared by every generation on these times.
+        """One branch's table step -> folded coefficients (`step_coefficients`, in the form
+        `LesaForecaster` sums them), shared by every generation on these times.
 
         Inference fills it as the steps come: a server folds each step once, not once per request,
         and a generation pays for one lookup of this table, not one per step (the key hashes the
