@@ -1,5 +1,6 @@
 """LESA: learnable stage-aware predictors that let a Diffusion Transformer skip its blocks."""
 
+from lesa_core.ensemble import PredictorEnsemble
 from lesa_core.forecasters import Forecaster, LesaForecaster, ReuseForecaster, TaylorSeerForecaster
 from lesa_core.hooks import (
     CacheConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "LesaForecaster",
     "PipelineInfo",
     "PredictorConfig",
+    "PredictorEnsemble",
     "ReuseForecaster",
     "StagePredictor",
     "TaylorSeerForecaster",

@@ -22,7 +22,45 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--first-enhance", type=int, required=True)
     parser.add_argument("--family", default=None, help="transformer class, e.g. FluxTransformer2DModel")
     parser.set_defaults(func=_import_reference)
+    parser = subparsers.add_parser(
+        "ensemble-predictors",
+        help="combine bundles trained for one schedule into one whose forecast is their mean (improved)",
+    )
+    parser.add_argument("members", nargs="+", metavar="NAME=BUNDLE", help="member name (its subdirectory) and bundle")
+    parser.add_argument("--out", required=True, help="ensemble bundle directory to write")
+    parser.set_defaults(func=_ensemble_predictors)
     add_training_commands(subparsers)
+
+
+def _ensemble_predictors(args: argparse.Namespace) -> int:
+    from lesa_core.ensemble import PredictorEnsemble
+    from lesa_core.predictor import StagePredictor
+
+    names, members = [], []
+    for item in args.members:
+        name, sep, bundle = item.partition("=")
+        if not sep or not name or not bundle or Path(name).name != name:
+            raise CliError(f"member {item!r}: expected NAME=BUNDLE, NAME a plain directory name")
+        try:
+            member = StagePredictor.from_pretrained(bundle)
+        except BundleError as error:
+            raise CliError(f"member {name}: {error}") from error
+        if not isinstance(member, StagePredictor):
+            raise CliError(f"member {name}: {bundle} is itself an ensemble")
+        names.append(name)
+        members.append(member)
+    if len(set(names)) != len(names):
+        raise CliError(f"member names must differ: {names}")
+    for member in members:
+        member.config.quality = {}  # a member's own card would describe it alone, not the ensemble
+    try:
+        training = {"method": "mean forecast of the members (each member's config.json says how it was trained)"}
+        ensemble = PredictorEnsemble(members, training=training, names=names)
+    except BundleError as error:
+        raise CliError(str(error)) from error
+    ensemble.save_pretrained(args.out)
+    print(f"wrote {args.out}: mean of {', '.join(names)} ({ensemble.schedule.describe()})")
+    return 0
 
 
 def _import_reference(args: argparse.Namespace) -> int:

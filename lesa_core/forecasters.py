@@ -111,47 +111,51 @@ class LesaForecaster(Forecaster):
         base = None if anchors == 0 else extrapolate_full_points(memory.full_points, step, anchors - 1)
         if torch.is_grad_enabled() and self.predictor.training:
             return self.predictor.predict(memory.history, context.timesteps, t_curr, context.branch, base=base)
-        coefficients, constant = self._coefficients(context, step, t_curr)
+        last = memory.history[-1]
+        coefficients, constant = self._coefficients(context, step, t_curr, last)
         window = pad_history(memory.history, len(coefficients))
-        if self._folds_last:  # h_-1's unit weight and the constant are in the table (see _fold)
-            out = torch.add(constant, window[0], alpha=coefficients[0])
-            for weight, hidden in zip(coefficients[1:], window[1:], strict=True):
-                out.add_(hidden, alpha=weight)
-            return out
-        last = window[-1]
-        if isinstance(constant, torch.Tensor):  # per-channel weights
-            constant = constant.to(last.device, last.dtype)
-            coefficients = [c.to(last.device, last.dtype) for c in coefficients]
-        out = (last if base is None else base) + constant
+        per_channel = isinstance(coefficients[0], torch.Tensor)
+        if base is None:  # h_-1's unit weight and the constant are folded in (see _fold)
+            if per_channel:
+                out = torch.addcmul(constant, window[0], coefficients[0])
+            else:
+                out = torch.add(constant, window[0], alpha=coefficients[0])
+            window, coefficients = window[1:], coefficients[1:]
+        else:
+            out = base + constant
         for weight, hidden in zip(coefficients, window, strict=True):
-            if isinstance(weight, torch.Tensor):
+            if per_channel:
                 out.addcmul_(hidden, weight)
             else:
                 out.add_(hidden, alpha=weight)
         return out
 
-    def _coefficients(self, context: ForecastContext, step: int, t_curr: float) -> tuple:
+    def _coefficients(self, context: ForecastContext, step: int, t_curr: float, like: torch.Tensor) -> tuple:
         if context.timesteps is not self._memo_times:  # a new generation: look the tables up once
             self._memo, self._memo_times = {}, context.timesteps
         table = self._memo.get(context.branch)
         if table is None:
             table = self._memo[context.branch] = self.predictor.folded_steps(context.timesteps, context.branch)
-        if step not in table:
-            table[step] = self._fold(*self.predictor.step_coefficients(context.timesteps, t_curr, context.branch))
-        return table[step]
+        key = (step, like.device, like.dtype)
+        folded = table.get(key)
+        if folded is None:
+            coefficients, constant = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)
+            folded = table[key] = self._fold(coefficients, constant, like)
+        return folded
 
-    @property
-    def _folds_last(self) -> bool:
-        config = self.predictor.config
-        return self.predictor.base_anchors == 0 and config.history_weights == "scalar"
+    def _fold(self, coefficients: list, constant: float | torch.Tensor, like: torch.Tensor) -> tuple:
+        """A step's coefficients as the forecast sums them, on the hidden states' device and dtype.
 
-    def _fold(self, coefficients: list, constant: float | torch.Tensor) -> tuple:
-        """The paper's predictor (base h_-1, scalar weights) as one weighted sum started from the
-        constant: h_-1's unit weight joins its coefficient, so a forecast makes one pass over the
-        hidden state per history slot and none more (it is memory-bound)."""
-        if not self._folds_last:
-            return coefficients, constant
-        return [*coefficients[:-1], coefficients[-1] + 1.0], torch.tensor(float(constant))
+        With the paper's base (h_-1), h_-1's unit weight joins its coefficient and the sum starts
+        from the constant: one pass over the hidden state per history slot and none more (the
+        forecast is memory-bound). Kept per step, device and dtype in the predictor's table, so a
+        server converts each step's coefficients once, not on every forecast.
+        """
+        if self.predictor.base_anchors == 0:
+            coefficients = [*coefficients[:-1], coefficients[-1] + 1.0]
+        if isinstance(constant, torch.Tensor):  # per-channel weights
+            return [c.to(like.device, like.dtype) for c in coefficients], constant.to(like.device, like.dtype)
+        return coefficients, torch.tensor(float(constant), dtype=torch.float32)
 
 
 def make_forecaster(method: str, predictor: StagePredictor | None = None, taylor_order: int = 1) -> Forecaster:

@@ -11,7 +11,8 @@ time t (1 = noise, 0 = clean) and the schedule's times T = (t_0, ..., t_S):
 Three experts, chosen by t: stage 0 if t > 0.9 (K = 4), stage 1 if 0.5 < t <= 0.9 (K = 8),
 stage 2 otherwise (K = 8). Optionally one expert set per CFG branch ("cond", "uncond").
 
-A bundle is a directory with `config.json` and `model.safetensors`.
+A bundle is a directory with `config.json` and `model.safetensors` (or, for an ensemble of
+predictors, `config.json` listing member bundles: `lesa_core/ensemble.py`).
 """
 
 from __future__ import annotations
@@ -288,14 +289,23 @@ class StagePredictor(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> StagePredictor:
+        """Load a bundle; a bundle listing `members` loads as a `PredictorEnsemble` (same interface)."""
         path = Path(path)
         config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
         if not config_path.is_file():
             raise BundleError(f"{config_path}: missing (a predictor bundle holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+        try:
+            data = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise BundleError(f"{config_path}: not a valid predictor config ({error})") from error
+        if isinstance(data, dict) and "members" in data:
+            from lesa_core.ensemble import PredictorEnsemble
+
+            return PredictorEnsemble.from_pretrained(path, map_location)  # type: ignore[return-value]
         if not weights_path.is_file():
             raise BundleError(f"{weights_path}: missing")
         try:
-            config = PredictorConfig.from_dict(json.loads(config_path.read_text()))
+            config = PredictorConfig.from_dict(data)
             predictor = cls(config)
         except (json.JSONDecodeError, TypeError, KeyError, ValueError) as error:
             raise BundleError(f"{config_path}: not a valid predictor config ({error})") from error
