@@ -26,17 +26,12 @@ for level in $levels; do
     digits-video:6.25x) p1=20 p2=12 ;;
     *) p1=40 p2=6 ;;
   esac
-  # digits-image 6.25x: cond / uncond experts on 256 trajectories (+1 dB over shared experts on 64, and the
-  # only variant that beats reuse there; at 2x-3.3x it was within 0.2 dB either way: see
-  # benchmarks/results/digits-image/variants-per-branch). digits-image 5x: cond / uncond experts on the 64
-  # trajectories; with phase 3 they reach 0.46x / 0.50x TaylorSeer's MSE on 128 / 512 validation seeds, shared experts 0.57x / 0.58x
-  # (benchmarks/results/digits-image/validation).
-  level_data=$data extra=()
-  if [ "$model:$level" = "digits-image:5x" ]; then
-    extra=(--per-branch)
-  fi
+  # digits-image 6.25x: 256 trajectories (cond / uncond experts on them: +1 dB over shared experts on 64, and
+  # the only variant that beat reuse there; at 2x-3.3x it was within 0.2 dB either way: see
+  # benchmarks/results/digits-image/variants-per-branch).
+  level_data=$data
   if [ "$model:$level" = "digits-image:6.25x" ]; then
-    level_data=$data-256 extra=(--per-branch)
+    level_data=$data-256
     $lesa record --model "$model" --prompts "prompts/$model-train.txt" --seeds 0-255 --steps 50 --out "$level_data"
   fi
   # digits-image 5x / 6.25x: then phase 3 (ours): the final sample's MSE backpropagated through the whole
@@ -47,15 +42,42 @@ for level in $levels; do
     digits-image:6.25x) p3=0 tune=15 ;;
     *) p3=0 tune=0 ;;
   esac
-  first=$out/$level
-  if [ "$tune" -gt 0 ]; then first=runs/work/$model/$level-two-phase; fi
-  # The paper's predictor (base = h_-1); phase 2 (closed loop) is where it learns the most.
-  $lesa train-predictor --model "$model" --data "$level_data" --level "$level" --steps 50 \
-    --phase1-epochs $p1 --phase2-epochs $p2 --phase3-epochs $p3 --phase2-updates 8 --train-tokens 16 \
-    --kan-hidden 64,64 --base last "${extra[@]}" --out "$first" --work-dir "runs/work/$model/$level"
-  if [ "$tune" -gt 0 ]; then
-    $lesa train-predictor --model "$model" --data "$level_data" --level "$level" --steps 50 --init "$first" \
-      --phase1-epochs 0 --phase2-epochs 0 --phase3-epochs $tune --kan-hidden 64,64 --base last "${extra[@]}" \
-      --out "$out/$level" --work-dir "runs/work/$model/$level-tune"
+  # digits-image 5x / 6.25x: an ensemble (ours) of three members trained the same way but for shared
+  # experts, cond / uncond experts, and cond / uncond experts with per-channel history weights; the
+  # forecast is their mean, at the cost of one predictor (lesa_core/ensemble.py). On 128 / 512 validation
+  # seeds, TaylorSeer's MSE x 0.41 / 0.44 at 5x (per-branch alone 0.46 / 0.50), x 0.19 / 0.21 at 6.25x
+  # (0.24 / 0.26): benchmarks/results/digits-image/validation. Phase 3 on the 256 trajectories takes
+  # ~14 GB of memory: train the 6.25x members one at a time on a 24 GB machine.
+  members=("")
+  case "$model:$level" in
+    digits-image:5x | digits-image:6.25x)
+      members=("shared" "per-branch:--per-branch" "channel:--per-branch --history-weights channel") ;;
+  esac
+  extra=()
+  assembled=()
+  for member in "${members[@]}"; do
+    name=${member%%:*} member_extra=()
+    if [ -n "$member" ]; then
+      [ "$name" = "$member" ] || read -r -a member_extra <<< "${member#*:}"
+      final=runs/work/$model/$level-members/$name
+      assembled+=("$name=$final")
+    else
+      final=$out/$level
+    fi
+    first=$final
+    if [ "$tune" -gt 0 ]; then first=runs/work/$model/$level-two-phase${name:+-$name}; fi
+    # The paper's predictor (base = h_-1); phase 2 (closed loop) is where it learns the most.
+    $lesa train-predictor --model "$model" --data "$level_data" --level "$level" --steps 50 \
+      --phase1-epochs $p1 --phase2-epochs $p2 --phase3-epochs $p3 --phase2-updates 8 --train-tokens 16 \
+      --kan-hidden 64,64 --base last "${extra[@]}" "${member_extra[@]}" --out "$first" --work-dir "runs/work/$model/$level${name:+-$name}"
+    if [ "$tune" -gt 0 ]; then
+      $lesa train-predictor --model "$model" --data "$level_data" --level "$level" --steps 50 --init "$first" \
+        --phase1-epochs 0 --phase2-epochs 0 --phase3-epochs $tune --kan-hidden 64,64 --base last "${extra[@]}" \
+        "${member_extra[@]}" --out "$final" --work-dir "runs/work/$model/$level${name:+-$name}-tune"
+    fi
+  done
+  if [ ${#assembled[@]} -gt 0 ]; then
+    rm -rf "${out:?}/$level"
+    $lesa ensemble-predictors --out "$out/$level" "${assembled[@]}"
   fi
 done

@@ -180,3 +180,26 @@ def test_text_encoder_caches_and_pads():
     assert a.tokens.shape == (2, 16, 384) and a.pooled.shape == (2, 384)
     assert torch.all(a.tokens[a.mask == 0] == 0)
     np.testing.assert_array_equal(enc.encode(["a seven"]).tokens[0].numpy(), a.tokens[0].numpy())
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_committed_predictor_bundles_fit_their_model_and_forecast_close_to_full_compute(name, request):
+    """Every named level has a loadable bundle made for this model and level, with its measured card,
+    and its forecasts keep a 50-step sample near full compute (a smoke check: targets are in benchmarks)."""
+    lesa_core = pytest.importorskip("lesa_core")
+    pipe = request.getfixturevalue("image_pipe" if name == "digits-image" else "video_pipe")
+    kwargs = dict(num_inference_steps=50, num_frames=None if pipe.info.kind == "image" else 8, **_size(pipe))
+    prompts, seeds = ["a handwritten seven", "the number 2"], [1000, 1001]
+    if pipe.info.kind == "video":
+        prompts = ["digit 7 moving up", "a two moving left"]
+    full = pipe(prompts, seeds=seeds, **kwargs).samples
+    for level in (n for n in lesa_core.LEVELS if n != "none"):
+        schedule = lesa_core.level_schedule(level, 50)
+        predictor = lesa_core.StagePredictor.from_pretrained(pipe.root / "predictors" / level)
+        predictor.check_compatible(schedule, family=pipe.info.transformer_class, hidden_size=pipe.info.hidden_size)
+        assert {"psnr", "mse", "speedup_wall_b8", "seeds", "machine"} <= set(predictor.config.quality), level
+        config = lesa_core.CacheConfig(method="lesa", schedule=schedule, predictor=predictor)
+        out = pipe(prompts, seeds=seeds, cache=config, **kwargs)
+        assert out.stats["cache"]["cond"] == {"full": schedule.num_full, "predicted": 50 - schedule.num_full}
+        psnr = -10 * np.log10(((out.samples - full) ** 2).mean())
+        assert psnr > 24, f"{name} {level}: {psnr:.1f} dB vs full compute"
