@@ -155,7 +155,7 @@ class LesaForecaster(Forecaster):
             coefficients = [*coefficients[:-1], coefficients[-1] + 1.0]
         if isinstance(constant, torch.Tensor):  # per-channel weights
             return [c.to(like.device, like.dtype) for c in coefficients], constant.to(like.device, like.dtype)
-        return coefficients, torch.tensor(float(constant), dtype=torch.float32)
+        return coefficients, torch.tensor(float(constant), dtype=torch.float32, device=like.device)
 
 
 def make_forecaster(method: str, predictor: StagePredictor | None = None, taylor_order: int = 1) -> Forecaster:
