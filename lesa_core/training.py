@@ -356,6 +356,9 @@ def train_predictor(
 def _load_initial(predictor: StagePredictor, bundle: str | Path) -> dict[str, Any]:
     """Start from a trained bundle's weights (same predictor, same schedule); returns how it was trained."""
     start = StagePredictor.from_pretrained(bundle)
+    if not isinstance(start, StagePredictor):  # an ensemble: its members are what was trained
+        names = ", ".join(str(Path(bundle) / n) for n in start.names)
+        raise ValueError(f"{bundle}: an ensemble of predictors; fine-tune one of its members ({names})")
     for name in ("schedule", "branches", "history_depths", "kan_hidden", "grid_size", "base", "history_weights"):
         ours, theirs = getattr(predictor.config, name), getattr(start.config, name)
         if ours != theirs:

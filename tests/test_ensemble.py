@@ -10,6 +10,7 @@ import torch
 from lesa_core import BundleError, CacheSchedule, PredictorConfig, PredictorEnsemble, StagePredictor
 from lesa_core.cli import main
 from lesa_core.forecasters import BranchHistory, ForecastContext, LesaForecaster
+from lesa_core.training import _load_initial
 
 SCHEDULE = CacheSchedule.from_full_steps(10, [0, 1, 2, 5])
 
@@ -81,6 +82,8 @@ def test_ensemble_bundle_round_trip_and_clear_errors(tmp_path):
         for (name, a), (_, b) in zip(original.state_dict().items(), member.state_dict().items(), strict=True):
             assert torch.equal(a, b), name
     loaded.check_compatible(SCHEDULE, family=None, hidden_size=4)
+    with pytest.raises(ValueError, match="fine-tune one of its members"):  # train-predictor --init ENSEMBLE
+        _load_initial(_member(0), tmp_path / "ens")
     with pytest.raises(BundleError, match="num_steps and schedule must match"):
         loaded.check_compatible(CacheSchedule.from_full_steps(10, [0, 1, 5]), family=None, hidden_size=4)
 
