@@ -60,7 +60,7 @@ class PredictorEnsemble(nn.Module):
             quality=dict(quality or {}),
         )
         self.schedule: CacheSchedule = members[0].schedule
-        self._folded_cache: dict[tuple, dict[int, tuple]] = {}
+        self._folded_cache: dict[tuple, dict[tuple, tuple]] = {}
 
     # -- what LesaForecaster asks of a predictor ----------------------------------------------
 

@@ -21,7 +21,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -30,6 +30,9 @@ from torch import nn
 
 from lesa_core.kan import KAN
 from lesa_core.schedule import CacheSchedule
+
+if TYPE_CHECKING:
+    from lesa_core.ensemble import PredictorEnsemble
 
 SHARED_BRANCH = "shared"
 CONFIG_NAME = "config.json"
@@ -108,8 +111,8 @@ class StagePredictor(nn.Module):
             }
         )
         self.reset_history_weights()
-        # (branch, schedule times, weight versions) -> {step: folded coefficients}
-        self._folded_cache: dict[tuple, dict[int, tuple]] = {}
+        # (branch, schedule times, weight versions) -> {(step, device, dtype): folded coefficients}
+        self._folded_cache: dict[tuple, dict[tuple, tuple]] = {}
 
     def reset_history_weights(self) -> None:
         # Start as "repeat the last hidden state" (latent = 0): training moves away from FORA.
@@ -259,9 +262,9 @@ class StagePredictor(nn.Module):
                 return (gain * weights).float().cpu().tolist(), float(gain * bias)
             return list((gain * weights).float().cpu().unbind(-1)), (gain * bias).float().cpu()
 
-    def folded_steps(self, timesteps: torch.Tensor, branch: str | None = None) -> dict[int, tuple]:
-        """One branch's table step -> folded coefficients (`step_coefficients`, in the form
-        `LesaForecaster` sums them), shared by every generation on these times.
+    def folded_steps(self, timesteps: torch.Tensor, branch: str | None = None) -> dict[tuple, tuple]:
+        """One branch's table (step, device, dtype) -> folded coefficients (`step_coefficients`, in
+        the form `LesaForecaster` sums them), shared by every generation on these times.
 
         Inference fills it as the steps come: a server folds each step once, not once per request,
         and a generation pays for one lookup of this table, not one per step (the key hashes the
@@ -288,7 +291,9 @@ class StagePredictor(nn.Module):
         (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> StagePredictor:
+    def from_pretrained(
+        cls, path: str | Path, map_location: str | torch.device = "cpu"
+    ) -> StagePredictor | PredictorEnsemble:
         """Load a bundle; a bundle listing `members` loads as a `PredictorEnsemble` (same interface)."""
         path = Path(path)
         config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
@@ -301,7 +306,7 @@ class StagePredictor(nn.Module):
         if isinstance(data, dict) and "members" in data:
             from lesa_core.ensemble import PredictorEnsemble
 
-            return PredictorEnsemble.from_pretrained(path, map_location)  # type: ignore[return-value]
+            return PredictorEnsemble.from_pretrained(path, map_location)
         if not weights_path.is_file():
             raise BundleError(f"{weights_path}: missing")
         try:
