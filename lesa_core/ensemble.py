@@ -48,6 +48,8 @@ class PredictorEnsemble(nn.Module):
                                       f"vs {getattr(first, setting)!r}")  # fmt: skip
         self.members = nn.ModuleList(members)
         self.names = list(names) if names is not None else [f"member{i}" for i in range(len(members))]
+        if len(self.names) != len(members) or len(set(self.names)) != len(self.names):
+            raise BundleError(f"an ensemble needs one distinct name per member, got {self.names}")
         channel = any(m.config.history_weights == "channel" for m in members)
         # The config the forecaster and the service read: the members' shared settings; "channel"
         # if any member folds to per-channel coefficients.
