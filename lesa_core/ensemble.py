@@ -95,16 +95,23 @@ class PredictorEnsemble(nn.Module):
         self, timesteps: torch.Tensor, t_curr: float, branch: str | None = None
     ) -> tuple[list[float] | list[torch.Tensor], float | torch.Tensor]:
         """The members' folded coefficients, averaged; windows align on the newest hidden state."""
-        depth = max(m.config.history_depths[m.stage(t_curr)] for m in self.members)
+        return self._mean([m.step_coefficients(timesteps, t_curr, branch) for m in self.members])
+
+    def schedule_coefficients(self, timesteps: torch.Tensor, branch: str | None = None) -> dict[int, tuple]:
+        """`step_coefficients` of every predicted step, from each member's batched table."""
+        tables = [m.schedule_coefficients(timesteps, branch) for m in self.members]
+        return {step: self._mean([table[step] for table in tables]) for step in tables[0]}
+
+    def _mean(self, folded: list[tuple]) -> tuple:
+        depth = max(len(coefficients) for coefficients, _ in folded)
         total: list[Any] = [0.0] * depth
         constant: Any = 0.0
-        for member in self.members:
-            coefficients, member_constant = member.step_coefficients(timesteps, t_curr, branch)
+        for coefficients, member_constant in folded:
             offset = depth - len(coefficients)
             for k, c in enumerate(coefficients):
                 total[offset + k] = total[offset + k] + c
             constant = constant + member_constant
-        n = len(self.members)
+        n = len(folded)
         if self.config.history_weights == "scalar":
             return [float(c) / n for c in total], float(constant) / n
         channels = int(self.config.hidden_size)

@@ -138,7 +138,12 @@ class LesaForecaster(Forecaster):
             table = self._memo[context.branch] = self.predictor.folded_steps(context.timesteps, context.branch)
         key = (step, like.device, like.dtype)
         folded = table.get(key)
-        if folded is None:
+        if folded is None:  # the first forecast on these times, device and dtype: fold every step
+            schedule = self.predictor.schedule_coefficients(context.timesteps, context.branch)
+            for other, (coefficients, constant) in schedule.items():
+                table[(other, like.device, like.dtype)] = self._fold(coefficients, constant, like)
+            folded = table.get(key)
+        if folded is None:  # a step the predictor's schedule does not predict
             coefficients, constant = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)
             folded = table[key] = self._fold(coefficients, constant, like)
         return folded

@@ -262,6 +262,32 @@ class StagePredictor(nn.Module):
                 return (gain * weights).float().cpu().tolist(), float(gain * bias)
             return list((gain * weights).float().cpu().unbind(-1)), (gain * bias).float().cpu()
 
+    def schedule_coefficients(self, timesteps: torch.Tensor, branch: str | None = None) -> dict[int, tuple]:
+        """`step_coefficients` of every predicted step of the schedule, one KAN call per stage.
+
+        A server folds a schedule on its first request at that step count; step by step that is
+        one small KAN call per step and branch (~1 ms each on a CPU), batched it is three.
+        """
+        times = self._check_times(torch.as_tensor(timesteps, dtype=torch.float32))
+        by_stage: dict[int, list[int]] = {}
+        for step in range(self.schedule.num_steps):
+            if not self.schedule.is_full(step):
+                by_stage.setdefault(self.stage(float(times[step])), []).append(step)
+        table: dict[int, tuple] = {}
+        with torch.no_grad():
+            for stage, steps in by_stage.items():
+                kan = self.timestep[self._branch(branch)][stage]
+                weight = kan.layers[0].base_weight
+                rows = (times[steps].unsqueeze(1) - times.unsqueeze(0)).to(weight.device, weight.dtype)
+                gains = kan(rows).reshape(-1)
+                weights, bias = self.history_weights(float(times[steps[0]]), branch)
+                for step, gain in zip(steps, gains, strict=True):
+                    if self.config.history_weights == "scalar":
+                        table[step] = (gain * weights).float().cpu().tolist(), float(gain * bias)
+                    else:
+                        table[step] = list((gain * weights).float().cpu().unbind(-1)), (gain * bias).float().cpu()
+        return table
+
     def folded_steps(self, timesteps: torch.Tensor, branch: str | None = None) -> dict[tuple, tuple]:
         """One branch's table (step, device, dtype) -> folded coefficients (`step_coefficients`, in
         the form `LesaForecaster` sums them), shared by every generation on these times.

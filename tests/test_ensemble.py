@@ -67,6 +67,20 @@ def test_ensemble_forecast_is_the_mean_of_its_members_forecasts():
         _run(LesaForecaster(ensemble), trajectory, "default")
 
 
+def test_schedule_coefficients_fold_every_predicted_step_as_step_coefficients_do():
+    times = torch.linspace(1, 0, 11)
+    predicted = [s for s in range(10) if not SCHEDULE.is_full(s)]
+    for predictor in (*_members(), PredictorEnsemble(_members())):
+        for branch in ("cond", "uncond"):
+            table = predictor.schedule_coefficients(times, branch)
+            assert sorted(table) == predicted
+            for step, (coefficients, constant) in table.items():
+                expected, expected_constant = predictor.step_coefficients(times, float(times[step]), branch)
+                assert len(coefficients) == len(expected)
+                for got, want in zip([*coefficients, constant], [*expected, expected_constant], strict=True):
+                    torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(want), rtol=1e-5, atol=1e-6)
+
+
 def test_ensemble_bundle_round_trip_and_clear_errors(tmp_path):
     members = _members()
     for i, member in enumerate(members):
