@@ -45,8 +45,6 @@ def _ensemble_predictors(args: argparse.Namespace) -> int:
             member = StagePredictor.from_pretrained(bundle)
         except BundleError as error:
             raise CliError(f"member {name}: {error}") from error
-        if not isinstance(member, StagePredictor):
-            raise CliError(f"member {name}: {bundle} is itself an ensemble")
         names.append(name)
         members.append(member)
     if len(set(names)) != len(names):

@@ -40,6 +40,8 @@ class PredictorEnsemble(nn.Module):
         super().__init__()
         if not members:
             raise BundleError("an ensemble needs at least one member")
+        if not all(isinstance(m, StagePredictor) for m in members):
+            raise BundleError("an ensemble's members are predictors, not ensembles")
         first = members[0].config
         for member in members[1:]:
             for setting in SHARED_SETTINGS:
@@ -151,9 +153,10 @@ class PredictorEnsemble(nn.Module):
             if Path(name).name != name or name in (".", ".."):
                 raise BundleError(f"{config_path}: member {name!r} must be a subdirectory name of the bundle")
         members = [StagePredictor.from_pretrained(path / name, map_location) for name in names]
-        if any(isinstance(m, PredictorEnsemble) for m in members):
-            raise BundleError(f"{config_path}: a member is itself an ensemble")
         if data.get("schedule") is not None and data["schedule"] != members[0].config.schedule:
             raise BundleError(f"{config_path}: its schedule differs from its members'")
-        ensemble = cls(members, training=data.get("training"), quality=data.get("quality"), names=names)
+        try:
+            ensemble = cls(members, training=data.get("training"), quality=data.get("quality"), names=names)
+        except BundleError as error:
+            raise BundleError(f"{config_path}: {error}") from error
         return ensemble.eval()

@@ -256,11 +256,12 @@ class StagePredictor(nn.Module):
         """
         times = torch.as_tensor(timesteps, dtype=torch.float32)
         with torch.no_grad():
-            weights, bias = self.history_weights(t_curr, branch)
-            gain = self.gain(times, t_curr, branch)
-            if self.config.history_weights == "scalar":
-                return (gain * weights).float().cpu().tolist(), float(gain * bias)
-            return list((gain * weights).float().cpu().unbind(-1)), (gain * bias).float().cpu()
+            return self._fold_gain(self.gain(times, t_curr, branch), *self.history_weights(t_curr, branch))
+
+    def _fold_gain(self, gain: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor) -> tuple:
+        if self.config.history_weights == "scalar":
+            return (gain * weights).float().cpu().tolist(), float(gain * bias)
+        return list((gain * weights).float().cpu().unbind(-1)), (gain * bias).float().cpu()
 
     def schedule_coefficients(self, timesteps: torch.Tensor, branch: str | None = None) -> dict[int, tuple]:
         """`step_coefficients` of every predicted step of the schedule, one KAN call per stage.
@@ -282,10 +283,7 @@ class StagePredictor(nn.Module):
                 gains = kan(rows).reshape(-1)
                 weights, bias = self.history_weights(float(times[steps[0]]), branch)
                 for step, gain in zip(steps, gains, strict=True):
-                    if self.config.history_weights == "scalar":
-                        table[step] = (gain * weights).float().cpu().tolist(), float(gain * bias)
-                    else:
-                        table[step] = list((gain * weights).float().cpu().unbind(-1)), (gain * bias).float().cpu()
+                    table[step] = self._fold_gain(gain, weights, bias)
         return table
 
     def folded_steps(self, timesteps: torch.Tensor, branch: str | None = None) -> dict[tuple, tuple]:

@@ -107,6 +107,8 @@ def test_ensemble_bundle_round_trip_and_clear_errors(tmp_path):
     )
     with pytest.raises(BundleError, match="differ in schedule"):
         PredictorEnsemble([members[0], other])
+    with pytest.raises(BundleError, match="not ensembles"):
+        PredictorEnsemble([members[0], loaded])
     # a member outside the bundle directory is refused
     config = json.loads((tmp_path / "ens" / "config.json").read_text())
     (tmp_path / "ens" / "config.json").write_text(json.dumps({**config, "members": ["../m0"]}))
