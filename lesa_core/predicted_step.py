@@ -69,7 +69,7 @@ def flux_predicted_forward(
         temb = model.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled_projections)
     batch, tokens = hidden_states.shape[:2]
     placeholder = hidden_states.new_empty((batch, tokens, _hidden_size(model)), dtype=dtype)
-    return _wrap(model.proj_out(model.norm_out(placeholder, temb)), return_dict)
+    return _wrap(_linear(model.proj_out, model.norm_out(placeholder, temb)), return_dict)
 
 
 def wan_predicted_forward(
@@ -92,7 +92,7 @@ def wan_predicted_forward(
     placeholder = hidden_states.new_empty((batch, frames * height * width, _hidden_size(model)), dtype=dtype)
     shift, scale = shift.to(placeholder.device), scale.to(placeholder.device)
     hidden = (model.norm_out(placeholder.float()) * (1 + scale) + shift).type_as(placeholder)
-    hidden = model.proj_out(hidden)
+    hidden = _linear(model.proj_out, hidden)
     hidden = hidden.reshape(batch, frames, height, width, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
     return _wrap(hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3), return_dict)
 
@@ -101,6 +101,18 @@ PREDICTED_FORWARD: dict[str, PredictedForward] = {
     "FluxTransformer2DModel": flux_predicted_forward,
     "WanTransformer3DModel": wan_predicted_forward,
 }
+
+
+def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`. A plain nn.Linear without hooks is called as a function: on a small model a
+    module call costs as much as the matmul. Anything else (LoRA, 8-bit, hooked) as a module."""
+    plain = (
+        type(layer) is nn.Linear
+        and "forward" not in vars(layer)  # diffusers' hooks replace the instance's forward
+        and not layer._forward_hooks
+        and not layer._forward_pre_hooks
+    )
+    return F.linear(x, layer.weight, layer.bias) if plain else layer(x)
 
 
 @functools.lru_cache(maxsize=16)
@@ -116,7 +128,9 @@ def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         ones, zeros = _unit_affine(x.shape[-1], x.dtype, x.device)
         weight = ones if weight is None else weight
         bias = zeros if bias is None else bias
-    return F.layer_norm(x, norm.normalized_shape, weight.to(x.dtype), bias.to(x.dtype), norm.eps)
+    if weight.dtype != x.dtype or bias.dtype != x.dtype:
+        weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+    return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
 
 
 def fast_final_norm(module: nn.Module, *args: torch.Tensor) -> torch.Tensor | None:
@@ -132,7 +146,8 @@ def fast_final_norm(module: nn.Module, *args: torch.Tensor) -> torch.Tensor | No
         return _layer_norm(module, args[0])
     if isinstance(module, AdaLayerNormContinuous) and isinstance(module.norm, nn.LayerNorm) and len(args) == 2:
         x, conditioning = args
-        emb = module.linear(module.silu(conditioning).to(x.dtype))
-        scale, shift = torch.chunk(emb, 2, dim=1)
-        return torch.addcmul(shift[:, None, :], _layer_norm(module.norm, x), 1 + scale[:, None, :])
+        activated = (F.silu(conditioning) if type(module.silu) is nn.SiLU else module.silu(conditioning)).to(x.dtype)
+        emb = _linear(module.linear, activated)
+        scale, shift = emb[:, None, :].chunk(2, dim=2)
+        return torch.addcmul(shift, _layer_norm(module.norm, x), scale + 1)
     return None
