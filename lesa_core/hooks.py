@@ -15,14 +15,15 @@ Five kinds of hooks, registered with diffusers' own `HookRegistry`:
 * on the embedders whose output only the blocks read (patch/text embedders, rotary tables; see
   `BLOCK_ONLY_INPUTS`): on a predicted step they are skipped too and hand the skipped blocks
   their last full step's output, whose values nothing reads. The timestep embedding still runs;
-* on the embedders whose inputs repeat within a generation (`REPEATED_INPUTS`: the timestep
-  embedding, the same for both CFG branches of a step; the pooled-text projection, the same for
-  every step of a branch): a call whose inputs equal a recent call's returns that call's output.
+* on the embedders whose inputs repeat (`REPEATED_INPUTS`: the timestep embedding, the same for
+  both CFG branches of a step and for every request on the same schedule; the pooled-text
+  projection, the same for every step of a branch): a call whose inputs equal an earlier call's
+  returns that call's output, for as long as the embedder's weights are unchanged.
   On a predicted step these embedders and the final layer are all that still computes.
 
 State lives in a diffusers `StateManager`, keyed by the `cache_context` name ("cond",
 "uncond"; "default" for models without contexts), and is wiped by `new_generation`: nothing
-survives from one request to the next.
+but those embedders' outputs survives from one request to the next.
 """
 
 from __future__ import annotations
@@ -80,11 +81,23 @@ REPEATED_INPUTS: dict[str, tuple[str, ...]] = {
     "WanTransformer3DModel": ("condition_embedder.timesteps_proj", "condition_embedder.time_embedder"),
 }
 REPEATED_INPUT_HOOK = "lesa_repeated_input"
-MEMO_SIZE = 4  # two CFG branches x (this step, the step before)
-LASTING_MEMO_SIZE = 1024  # per weightless embedder: every time of a few schedules and batch sizes
+MEMO_SIZE = 1024  # per embedder: every time of a few schedules and batch sizes, the recent prompts
 MEMO_MAX_NUMEL = 1 << 16  # inputs larger than this are not worth hashing
-# weightless embedder -> its memo across generations (dropped with the model)
-_LASTING_MEMOS: weakref.WeakKeyDictionary[nn.Module, OrderedDict] = weakref.WeakKeyDictionary()
+MEMO_MAX_WEIGHT_BYTES = 64 << 20  # an embedder with more weights keeps no copy: its memo lasts one generation
+
+
+@dataclass
+class _Memo:
+    """One embedder's outputs by input, valid while its weights equal `weights` (checked once per
+    generation: weights never change inside one, and outputs never outlive the weights that made them)."""
+
+    outputs: OrderedDict = field(default_factory=OrderedDict)
+    weights: list[torch.Tensor] | None = None
+    checked: object = None  # the generation that last compared the weights
+
+
+# embedder -> its memo across generations (dropped with the model)
+_MEMOS: weakref.WeakKeyDictionary[nn.Module, _Memo] = weakref.WeakKeyDictionary()
 DEFAULT_BRANCH = "default"
 
 # An observer sees every hidden state entering the final layer: (branch, step, hidden, full).
@@ -154,7 +167,7 @@ class _Session:
         self.states = _BranchStateManager(_BranchState)
         self.predicting = False  # True while a predicted step's forward runs
         self.current: _BranchState | None = None
-        self.memo: dict[str, OrderedDict] = {}  # RepeatedInputHook: name -> {inputs: output}, this generation
+        self.generation = object()  # a new token per generation: RepeatedInputHook checks weights once per token
         # every (registry, hook name) enable_cache added, so disable_cache need not walk the model
         self.registered: list[tuple[HookRegistry, str]] = []
 
@@ -175,6 +188,7 @@ class LesaModelHook(ModelHook):
         if schedule is not None and state.step >= schedule.num_steps:
             # A new generation began without new_generation(): start this branch afresh.
             state.reset()
+            session.generation = object()
         session.current = state
         session.predicting = schedule is not None and not schedule.is_full(state.step)
         return args, kwargs
@@ -256,19 +270,17 @@ class RepeatedInputHook(ModelHook):
     """Return an earlier call's output when this call's inputs equal that call's (small CPU inputs).
 
     Inputs are compared by value (their bytes are copied into the key, so a caller reusing an
-    input buffer cannot fool it). The memo of a module with weights lives for one generation
-    (`new_generation`, `disable_cache` clear it), so changed weights are never served from it. A
-    module without weights or buffers (the sinusoidal timestep projection) is a pure function of
-    its inputs: its memo outlives generations, so a server computes each schedule time's
-    projection once, not once per step of every request.
+    input buffer cannot fool it). The memo outlives generations, so a server computes each
+    schedule time's timestep embedding once, not once per step of every request: at the first call
+    of each generation the embedder's weights are compared with a copy kept from when the memo was
+    filled, and any difference (a fine-tune, a LoRA, a reload) empties it.
     """
 
     def __init__(self, session: _Session, name: str, module: nn.Module) -> None:
         super().__init__()
         self.session = session
         self.name = name
-        pure = next(iter(module.parameters()), None) is None and next(iter(module.buffers()), None) is None
-        self.lasting = _LASTING_MEMOS.setdefault(module, OrderedDict()) if pure else None
+        self.memo = _MEMOS.setdefault(module, _Memo())
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         if self.session.current is None:  # called outside a denoising forward
@@ -278,16 +290,33 @@ class RepeatedInputHook(ModelHook):
             # accelerator or large inputs: reading them back to compare would make the host wait
             # for the device, which costs more than the few small kernels the memo could save
             return self.fn_ref.original_forward(*args, **kwargs)
-        if self.lasting is not None:
-            memo, size = self.lasting, LASTING_MEMO_SIZE
-        else:
-            memo, size = self.session.memo.setdefault(self.name, OrderedDict()), MEMO_SIZE
-        output = memo.get(key)
+        memo = self.memo
+        if memo.checked is not self.session.generation:
+            _check_weights(memo, module)
+            memo.checked = self.session.generation
+        output = memo.outputs.get(key)
         if output is None:
-            output = memo[key] = self.fn_ref.original_forward(*args, **kwargs)
-            while len(memo) > size:
-                memo.popitem(last=False)
+            output = memo.outputs[key] = self.fn_ref.original_forward(*args, **kwargs)
+            while len(memo.outputs) > MEMO_SIZE:
+                memo.outputs.popitem(last=False)
         return output
+
+
+def _check_weights(memo: _Memo, module: nn.Module) -> None:
+    """Empty `memo` unless `module`'s weights are still those its outputs were computed with."""
+    current = [*module.parameters(), *module.buffers()]
+    kept = memo.weights
+    same = kept is not None and len(kept) == len(current)
+    same = same and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        for a, b in zip(kept, current, strict=True)
+    )
+    if not same:
+        memo.outputs.clear()
+        if sum(t.numel() * t.element_size() for t in current) <= MEMO_MAX_WEIGHT_BYTES:
+            memo.weights = [t.detach().clone() for t in current]
+        else:  # too large to copy: the memo lasts this generation only
+            memo.weights = None
 
 
 def _fingerprint(args: tuple, kwargs: dict) -> tuple | None:
@@ -297,10 +326,14 @@ def _fingerprint(args: tuple, kwargs: dict) -> tuple | None:
         if isinstance(value, torch.Tensor):
             if value.device.type != "cpu" or value.numel() > MEMO_MAX_NUMEL:
                 return None
-            flat = value.detach().contiguous().reshape(-1)
-            if flat.numel() == 1:  # an expanded scalar keeps stride 0, which a byte view refuses
-                flat = flat.as_strided((1,), (1,))
-            key.append((value.dtype, tuple(value.shape), flat.view(torch.uint8).numpy().tobytes()))
+            try:  # numpy copies any strides out in C order, in one call (a predicted step makes three)
+                data = value.detach().numpy().tobytes()
+            except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16), a conjugate view
+                flat = value.detach().contiguous().reshape(-1)
+                if flat.numel() == 1:  # an expanded scalar keeps stride 0, which a byte view refuses
+                    flat = flat.as_strided((1,), (1,))
+                data = flat.view(torch.uint8).numpy().tobytes()
+            key.append((value.dtype, tuple(value.shape), data))
         else:
             try:
                 hash(value)
@@ -426,7 +459,6 @@ def disable_cache(model: nn.Module) -> None:
     hook = registry.get_hook(MODEL_HOOK)
     if hook is None:  # enable_cache registers the model hook first: without it there is nothing of ours
         return
-    hook.session.memo.clear()
     for module_registry, name in reversed(hook.session.registered):
         module_registry.remove_hook(name, recurse=False)
     registry.invalidate_child_registries_cache()
@@ -454,7 +486,7 @@ def new_generation(model: nn.Module, timesteps: Sequence[float] | torch.Tensor |
     """
     session = _session(model)
     session.states.reset()
-    session.memo.clear()
+    session.generation = object()
     if timesteps is None:
         session.timesteps = None
         return

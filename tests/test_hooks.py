@@ -17,7 +17,7 @@ from lesa_core import (
     enable_cache,
     new_generation,
 )
-from lesa_core.hooks import BLOCK_ONLY_INPUTS, REPEATED_INPUTS
+from lesa_core.hooks import BLOCK_ONLY_INPUTS, REPEATED_INPUTS, _fingerprint
 from lesa_core.predicted_step import PREDICTED_FORWARD, fast_final_norm
 
 TIMES = [1.0, 0.95, 0.85, 0.7, 0.55, 0.4, 0.25, 0.1]
@@ -158,7 +158,7 @@ def test_weightless_timestep_projection_is_computed_once_per_time_across_generat
 
 
 @pytest.mark.parametrize("name", ["flux", "wan"])
-def test_embedders_with_repeated_inputs_compute_once_per_distinct_input(name):
+def test_embedders_with_repeated_inputs_compute_once_per_distinct_input_and_weights(name):
     family = build(name)
     model = family.model
     assert all(n in dict(model.named_modules()) for n in REPEATED_INPUTS[type(model).__name__] if "guidance" not in n)
@@ -183,11 +183,22 @@ def test_embedders_with_repeated_inputs_compute_once_per_distinct_input(name):
     # both CFG branches of a step share one timestep embedding; outputs stay bit for bit the same
     assert computed[0] == 4
     assert all(torch.equal(a, b) for a, b in zip(outputs, reference, strict=True))
-    # a new generation starts with an empty memo
+    # a later generation with the same weights computes nothing again
     new_generation(model)
     with torch.no_grad(), model.cache_context("cond"):
-        family.call(TIMES[0])
-    assert computed[0] == 5
+        assert torch.equal(family.call(TIMES[0]), reference[0])
+    assert computed[0] == 4
+    # changed weights (in place through .data, which no version counter sees) empty the memo
+    next(module.parameters()).data.mul_(1.5)
+    disable_cache(model)
+    with torch.no_grad():
+        changed = family.call(TIMES[0])
+    assert computed[0] == 5 and not torch.equal(changed, reference[0])
+    enable_cache(model, CacheConfig(method="none"))
+    new_generation(model)
+    with torch.no_grad(), model.cache_context("cond"):
+        assert torch.equal(family.call(TIMES[0]), changed)
+    assert computed[0] == 6
     disable_cache(model)
 
 
@@ -275,3 +286,20 @@ def test_fast_final_norm_matches_each_norm_it_covers_and_declines_the_rest():
     rms = AdaLayerNormContinuous(16, 8, elementwise_affine=False, eps=1e-6, norm_type="rms_norm")
     assert fast_final_norm(rms, x, conditioning) is None
     assert fast_final_norm(nn.Identity(), x) is None
+    # a plain Linear is called as a function; one with a hook (LoRA, a user's hook) as the module
+    ada.linear.register_forward_hook(lambda module, args, output: output * 2)
+    torch.testing.assert_close(fast_final_norm(ada, x, conditioning), ada(x, conditioning), rtol=1e-5, atol=1e-6)
+
+
+def test_memo_keys_compare_values_whatever_the_layout_or_dtype():
+    values = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    assert _fingerprint((values.t(),), {}) == _fingerprint((values.t().contiguous(),), {})
+    assert _fingerprint((values,), {}) != _fingerprint((values.t().contiguous(),), {})  # same bytes, other shape
+    changed = values.clone()
+    changed[2, 3] += 1
+    assert _fingerprint((values,), {}) != _fingerprint((changed,), {})
+    half = values.to(torch.bfloat16)  # numpy has no bfloat16: compared as raw bytes
+    assert _fingerprint((half,), {}) == _fingerprint((half.clone(),), {}) != _fingerprint((values,), {})
+    scalar = torch.tensor(0.5).expand(4)  # stride 0
+    assert _fingerprint((scalar,), {}) == _fingerprint((torch.full((4,), 0.5),), {})
+    assert _fingerprint((values,), {"scale": [1]}) is None  # unhashable: not memoised
