@@ -20,6 +20,7 @@ import torch
 from lesa_core.predictor import StagePredictor, newton_extrapolate, pad_history
 
 MAX_FULL_POINTS = 3  # enough anchors for a second-order extrapolation
+_MISSING = object()
 
 
 @dataclass
@@ -44,6 +45,9 @@ class Forecaster:
 
     def observe(self, memory: BranchHistory, step: int, hidden: torch.Tensor, full: bool) -> None:
         if full:
+            # A full step's hidden state is often a view (FLUX slices the image tokens off the joint
+            # sequence): kept as is, every predicted step that reads it would copy it again.
+            hidden = hidden.contiguous()
             memory.full_points.append((step, hidden))
             del memory.full_points[:-MAX_FULL_POINTS]
         if self.keeps:
@@ -104,17 +108,20 @@ class LesaForecaster(Forecaster):
                 "LESA needs the schedule's times: call lesa_core.new_generation(model, timesteps=...) "
                 "before each generation"
             )
-        t_curr = float(context.timesteps[step])
-        if self.predictor.stage(t_curr) in self.predictor.config.taylor_stages:
-            return extrapolate_full_points(memory.full_points, step, 1)
-        anchors = self.predictor.base_anchors
-        base = None if anchors == 0 else extrapolate_full_points(memory.full_points, step, anchors - 1)
         if torch.is_grad_enabled() and self.predictor.training:
-            return self.predictor.predict(memory.history, context.timesteps, t_curr, context.branch, base=base)
-        last = memory.history[-1]
-        coefficients, constant = self._coefficients(context, step, t_curr, last)
+            t_curr = float(context.timesteps[step])
+            if self.predictor.stage(t_curr) in self.predictor.config.taylor_stages:
+                return extrapolate_full_points(memory.full_points, step, 1)
+            return self.predictor.predict(
+                memory.history, context.timesteps, t_curr, context.branch, base=self._base(memory, step)
+            )
+        folded = self._coefficients(context, step, memory.history[-1])
+        if folded is None:  # a stage the predictor leaves to TaylorSeer
+            return extrapolate_full_points(memory.full_points, step, 1)
+        coefficients, constant = folded
         window = pad_history(memory.history, len(coefficients))
         per_channel = isinstance(coefficients[0], torch.Tensor)
+        base = self._base(memory, step)
         if base is None:  # h_-1's unit weight and the constant are folded in (see _fold)
             if per_channel:
                 out = torch.addcmul(constant, window[0], coefficients[0])
@@ -130,19 +137,36 @@ class LesaForecaster(Forecaster):
                 out.add_(hidden, alpha=weight)
         return out
 
-    def _coefficients(self, context: ForecastContext, step: int, t_curr: float, like: torch.Tensor) -> tuple:
+    def _base(self, memory: BranchHistory, step: int) -> torch.Tensor | None:
+        """The forecast's base: None for the paper's h_-1 (folded into the coefficients), else the
+        extrapolation of the last full steps that the predictor corrects."""
+        anchors = self.predictor.base_anchors
+        return None if anchors == 0 else extrapolate_full_points(memory.full_points, step, anchors - 1)
+
+    def _coefficients(self, context: ForecastContext, step: int, like: torch.Tensor) -> tuple | None:
+        """A step's folded coefficients on `like`'s device and dtype; None where TaylorSeer forecasts.
+
+        Looked up once per step from tables the predictor keeps across generations: a predicted
+        step pays for one dictionary lookup here, not for the stage and the KAN.
+        """
         if context.timesteps is not self._memo_times:  # a new generation: look the tables up once
             self._memo, self._memo_times = {}, context.timesteps
         table = self._memo.get(context.branch)
         if table is None:
             table = self._memo[context.branch] = self.predictor.folded_steps(context.timesteps, context.branch)
         key = (step, like.device, like.dtype)
+        folded = table.get(key, _MISSING)
+        if folded is not _MISSING:
+            return folded
+        t_curr = float(context.timesteps[step])
+        if self.predictor.stage(t_curr) in self.predictor.config.taylor_stages:
+            table[key] = None
+            return None
+        # the first forecast on these times, device and dtype: fold every step the experts forecast
+        schedule = self.predictor.schedule_coefficients(context.timesteps, context.branch)
+        for other, (coefficients, constant) in schedule.items():
+            table[(other, like.device, like.dtype)] = self._fold(coefficients, constant, like)
         folded = table.get(key)
-        if folded is None:  # the first forecast on these times, device and dtype: fold every step
-            schedule = self.predictor.schedule_coefficients(context.timesteps, context.branch)
-            for other, (coefficients, constant) in schedule.items():
-                table[(other, like.device, like.dtype)] = self._fold(coefficients, constant, like)
-            folded = table.get(key)
         if folded is None:  # a step the predictor's schedule does not predict
             coefficients, constant = self.predictor.step_coefficients(context.timesteps, t_curr, context.branch)
             folded = table[key] = self._fold(coefficients, constant, like)
