@@ -109,6 +109,7 @@ class DigitsPipeline:
             raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
         self.transformer = transformer.eval()
         self.dtype: torch.dtype = next(transformer.parameters()).dtype  # what the transformer computes in
+        self._device: torch.device = next(transformer.parameters()).device  # kept by `to`: read on every call
         self.scheduler = scheduler
         self.text_encoder = text_encoder
         self.name = name
@@ -205,7 +206,8 @@ class DigitsPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        """Where the transformer computes; move it with `to`, which keeps this up to date."""
+        return self._device
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DigitsPipeline:
         """Move the transformer to `device` / `dtype` (e.g. "cuda", torch.bfloat16), like a diffusers pipeline.
@@ -222,6 +224,7 @@ class DigitsPipeline:
         for name, tensor in [*self.transformer.named_parameters(), *self.transformer.named_buffers()]:
             wanted = torch.float32 if keep & set(name.split(".")) else self.dtype
             tensor.data = tensor.data.to(device=device, dtype=wanted if tensor.is_floating_point() else None)
+        self._device = next(self.transformer.parameters()).device
         return self
 
     # ------------------------------------------------------------------------------ model calls
@@ -234,26 +237,40 @@ class DigitsPipeline:
 
         Shared by training and sampling so both feed the transformer identically.
         """
+        return self._velocity(self._transformer_output(self._transformer_input(x), x, sigma, text), x)
+
+    def _transformer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the transformer takes for the sample x (FLUX: packed 2x2 patches); both CFG branches
+        of a step share it."""
+        return (pack_latents(x) if self.kind == "image" else x).to(self.device, self.dtype)
+
+    def _transformer_output(
+        self, hidden: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, text: TextEncoding
+    ) -> torch.Tensor:
+        """The transformer's output for one branch, in x's dtype and still in the transformer's layout
+        (the CFG mix is elementwise, so it can run before `_velocity` unpacks)."""
         device, dtype = self.device, self.dtype
         tokens = text.tokens.to(device, dtype)
         if self.kind == "image":
-            _, _, h, w = x.shape
-            out = self.transformer(
-                hidden_states=pack_latents(x).to(device, dtype),
+            h, w = x.shape[-2:]
+            return self.transformer(
+                hidden_states=hidden,
                 encoder_hidden_states=tokens,
                 pooled_projections=text.pooled.to(device, dtype),
                 timestep=sigma.to(device, dtype),  # FLUX scales by 1000 inside, as FluxPipeline passes t / 1000
                 img_ids=image_ids(h, w).to(device),
                 txt_ids=_text_ids(tokens.shape[1], device),
                 return_dict=False,
-            )[0]
-            return unpack_latents(out, h, w).to(x.dtype)
+            )[0].to(x.dtype)
         return self.transformer(
-            hidden_states=x.to(device, dtype),
+            hidden_states=hidden,
             timestep=(sigma * 1000.0).to(device, dtype),
             encoder_hidden_states=tokens,
             return_dict=False,
         )[0].to(x.dtype)
+
+    def _velocity(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return unpack_latents(output, *x.shape[-2:]) if self.kind == "image" else output
 
     def noise_shape(self, height: int, width: int, num_frames: int | None) -> tuple[int, ...]:
         if self.kind == "image":
@@ -409,17 +426,20 @@ class DigitsPipeline:
                     lesa_core.new_generation(self.transformer, timesteps=sched.sigmas.clone())
                 for i, t in enumerate(sched.timesteps):
                     sigma = (t / 1000.0).expand(x.shape[0]).to(x.device, torch.float32)
+                    # predict_velocity per branch, with the input packed once and the output unpacked
+                    # once per step: on a predicted step these copies cost as much as the forecast
+                    hidden = self._transformer_input(x)
                     with self.transformer.cache_context("cond"):
-                        v = self.predict_velocity(x, sigma, cond)
+                        out = self._transformer_output(hidden, x, sigma, cond)
                     calls += 1
                     if uncond is not None:
                         with self.transformer.cache_context("uncond"):
-                            v_uncond = self.predict_velocity(x, sigma, uncond)
+                            out_uncond = self._transformer_output(hidden, x, sigma, uncond)
                         calls += 1
-                        v = v_uncond + guidance_scale * (v - v_uncond)
+                        out = out_uncond + guidance_scale * (out - out_uncond)
                     # FlowMatchEulerDiscreteScheduler.step's arithmetic (bit for bit) without its
                     # per-call bookkeeping, which costs as much as a predicted step's forecast
-                    x = x + steps_dt[i] * v
+                    x = x + steps_dt[i] * self._velocity(out, x)
                     if callback is not None and callback(i + 1, total) is False:
                         raise GenerationCancelled(f"cancelled after step {i + 1} of {total}")
                 stats: dict[str, Any] = {}
