@@ -276,10 +276,9 @@ class RepeatedInputHook(ModelHook):
     filled, and any difference (a fine-tune, a LoRA, a reload) empties it.
     """
 
-    def __init__(self, session: _Session, name: str, module: nn.Module) -> None:
+    def __init__(self, session: _Session, module: nn.Module) -> None:
         super().__init__()
         self.session = session
-        self.name = name
         self.memo = _MEMOS.setdefault(module, _Memo())
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
@@ -439,7 +438,7 @@ def enable_cache(model: nn.Module, config: CacheConfig) -> None:
     register(final_layer, FinalLayerHook(session), FINAL_LAYER_HOOK)
     for names, make_hook, hook_name in (
         (BLOCK_ONLY_INPUTS, lambda name, module: BlockInputHook(session, name), BLOCK_INPUT_HOOK),
-        (REPEATED_INPUTS, lambda name, module: RepeatedInputHook(session, name, module), REPEATED_INPUT_HOOK),
+        (REPEATED_INPUTS, lambda name, module: RepeatedInputHook(session, module), REPEATED_INPUT_HOOK),
     ):
         for name in names.get(family, ()):
             try:
