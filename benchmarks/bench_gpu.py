@@ -3,7 +3,9 @@
 For each model (default: the reference models `digits-image` and `digits-video`; any model of
 deploy/models.toml works, e.g. `--models flux.1-dev` on a GPU node), batch size and level, it
 times whole generations (text encoding, denoising, decoding) after a warm-up, and reports the
-median wall time and the realised speed-up over full compute measured in the same run. A level
+median wall time and the realised speed-up over full compute measured in the same run. The batch is
+held-out prompts and seeds (as `lesa bench quality` uses), so each level's PSNR against the full-compute
+samples of the same run shows that the predictors keep their quality on this device and dtype. A level
 uses its LESA bundle when one trained for this step count is installed, else TaylorSeer (order 1);
 the `method` column says which.
 
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 
 import lesa_core
+from lesa_core.benchmark import default_prompts, psnr
 from lesa_core.production import build_pipeline, load_bundles, read_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,15 +74,18 @@ def cache_for(level: str, steps: int, bundles: dict[str, Any]) -> tuple[str, les
     return "taylorseer", lesa_core.CacheConfig(method="taylorseer", schedule=lesa_core.level_schedule(level, steps))
 
 
-def time_generation(pipe: Any, request: dict[str, Any], cache: Any, device: str, repeats: int) -> list[float]:
-    times = []
+def time_generation(
+    pipe: Any, request: dict[str, Any], cache: Any, device: str, repeats: int
+) -> tuple[list[float], Any]:
+    """Wall times of `repeats` generations, and the samples of the last one."""
+    times, samples = [], None
     for _ in range(repeats):
         sync(device)
         start = time.perf_counter()
-        pipe(**request, cache=cache)
+        samples = pipe(**request, cache=cache).samples
         sync(device)
         times.append(time.perf_counter() - start)
-    return times
+    return times, samples
 
 
 def bench_model(name: str, args: argparse.Namespace, config: Any, device: str, dtype: str) -> list[dict[str, Any]]:
@@ -98,31 +104,34 @@ def bench_model(name: str, args: argparse.Namespace, config: Any, device: str, d
     records = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         request = dict(
-            prompts=[f"benchmark prompt {i}" for i in range(batch)], seeds=list(range(batch)), height=height,
+            prompts=default_prompts(info.kind, batch), seeds=list(range(1000, 1000 + batch)), height=height,
             width=width, num_frames=frames, num_inference_steps=args.steps,
         )  # fmt: skip
         # Warm-up: kernels, allocator and cuDNN autotuning, outside the timings.
         pipe(**{**request, "num_inference_steps": max(info.min_steps, 4)})
-        full_s = None
+        full_s, full_samples = None, None
         for level in dict.fromkeys(levels):
             method, cache = cache_for(level, args.steps, bundles)
             schedule = cache.schedule if cache is not None else lesa_core.CacheSchedule.every_step(args.steps)
-            times = time_generation(pipe, request, cache, device, args.repeats)
+            times, samples = time_generation(pipe, request, cache, device, args.repeats)
             median = statistics.median(times)
             if level == "none":
-                full_s = median
+                full_s, full_samples = median, samples
+            # Against the full-compute samples of this run, same prompts and seeds (none is the reference).
+            quality = psnr(samples, full_samples) if full_samples is not None and level != "none" else None
             record = dict(
                 model=name, kind=info.kind, width=width, height=height, num_frames=frames, batch_size=batch,
                 level=level, method=method, total_steps=args.steps, full_steps=schedule.num_full,
                 speedup_theoretical=round(schedule.speedup, 3), seconds_median=round(median, 4),
                 seconds_all=[round(t, 4) for t in times], ms_per_sample=round(1000 * median / batch, 2),
                 speedup_wall=round(full_s / median, 3) if full_s else None,
+                psnr_vs_full=round(quality, 2) if quality is not None else None,
             )  # fmt: skip
             records.append(record)
             print(
                 f"{name:<16} {batch:>5} {level:>6} {method:>10} {schedule.num_full:>4}/{args.steps:<3} "
                 f"{median * 1000:>10.1f} {record['ms_per_sample']:>10.1f} {record['speedup_wall'] or 0:>8.2f}x "
-                f"{schedule.speedup:>6.2f}x",
+                f"{schedule.speedup:>6.2f}x {record['psnr_vs_full'] or '':>7}",
                 flush=True,
             )
     return records
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = device_name(device)
     print(f"# {gpu} | torch {torch.__version__} | {dtype} | {args.steps} steps | median of {args.repeats}")
     print(f"{'model':<16} {'batch':>5} {'level':>6} {'method':>10} {'full':>8} {'ms/batch':>10} {'ms/sample':>10} "
-          f"{'wall':>9} {'theory':>7}")  # fmt: skip
+          f"{'wall':>9} {'theory':>7} {'psnr':>7}")  # fmt: skip
     records: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
     for name in names:

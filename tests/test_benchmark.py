@@ -345,3 +345,23 @@ def test_cli_bench_quality_smoke(tmp_path: Path, capsys) -> None:
     assert "| reuse | 2x | 3/6 |" in printed
     assert (out / "quality.json").is_file() and (out / "digits-image_grid.png").is_file()
     assert main(["bench", "quality", "--methods", "fora", "--out-dir", str(out)]) == 2
+
+
+def test_bench_gpu_times_levels_and_checks_their_quality_against_full_compute(tmp_path: Path) -> None:
+    """benchmarks/bench_gpu.py, run on the CPU: each level gets a wall speed-up and a PSNR vs full compute."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
+    out = tmp_path / "gpu.json"
+    argv = ["--models", "digits-image", "--device", "cpu", "--dtype", "float32", "--steps", "6", "--levels", "2x"]
+    assert bench_gpu.main([*argv, "--batch-sizes", "2", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["device_type"] == "cpu" and result["failures"] == {}
+    full, fast = result["records"]
+    assert (full["level"], full["psnr_vs_full"], full["speedup_wall"]) == ("none", None, 1.0)
+    # No LESA bundle is trained for 6 steps, so the level falls back to TaylorSeer, and says so.
+    assert (fast["level"], fast["method"], fast["full_steps"], fast["batch_size"]) == ("2x", "taylorseer", 3, 2)
+    assert 10.0 < fast["psnr_vs_full"] < 100.0 and fast["speedup_wall"] > 0
