@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -347,14 +350,19 @@ def test_cli_bench_quality_smoke(tmp_path: Path, capsys) -> None:
     assert main(["bench", "quality", "--methods", "fora", "--out-dir", str(out)]) == 2
 
 
+def benchmark_script(name: str) -> Any:
+    """Import benchmarks/<name>.py (a script, not a package module)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_gpu_times_levels_and_checks_their_quality_against_full_compute(tmp_path: Path) -> None:
     """benchmarks/bench_gpu.py, run on the CPU: each level gets a wall speed-up and a PSNR vs full compute."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu", path)
-    bench_gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_gpu)
+    bench_gpu = benchmark_script("bench_gpu")
     out = tmp_path / "gpu.json"
     argv = ["--models", "digits-image", "--device", "cpu", "--dtype", "float32", "--steps", "6", "--levels", "2x"]
     assert bench_gpu.main([*argv, "--batch-sizes", "2", "--repeats", "1", "--json", str(out)]) == 0
@@ -365,3 +373,21 @@ def test_bench_gpu_times_levels_and_checks_their_quality_against_full_compute(tm
     # No LESA bundle is trained for 6 steps, so the level falls back to TaylorSeer, and says so.
     assert (fast["level"], fast["method"], fast["full_steps"], fast["batch_size"]) == ("2x", "taylorseer", 3, 2)
     assert 10.0 < fast["psnr_vs_full"] < 100.0 and fast["speedup_wall"] > 0
+
+
+def test_bench_production_scale_smoke_times_every_method_and_counts_predicted_calls(tmp_path: Path) -> None:
+    """benchmarks/bench_production_scale.py at its tiny scale on the CPU: both families, each method skips
+    the calls its schedule predicts (the hooks' own count), and the JSON holds a record per cell."""
+    bench = benchmark_script("bench_production_scale")
+    out = tmp_path / "scale.json"
+    argv = ["--scale", "tiny", "--device", "cpu", "--dtype", "float32", "--steps", "10", "--levels", "2x"]
+    assert bench.main([*argv, "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["failures"] == {}
+    cells = {(r["family"], r["method"]): r for r in result["records"]}
+    assert set(cells) == {(f, m) for f in ("flux", "wan") for m in ("none", "reuse", "taylorseer", "lesa")}
+    for (family, method), record in cells.items():
+        calls_per_step = 2 if family == "wan" else 1  # Wan runs CFG as two calls
+        assert record["full_steps"] == (10 if method == "none" else 5)
+        assert record["predicted_calls"] == (10 - record["full_steps"]) * calls_per_step
+        assert record["speedup_wall"] > 0 and record["seconds_median"] > 0
