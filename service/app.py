@@ -162,6 +162,11 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     kind = first.get("type", "")
     if kind == "json_invalid":
         return ApiError(400, "the body is not valid JSON", code="invalid_json")
+    if not loc and tuple(first.get("loc", ())) == ("body",):  # the body as a whole, not a field of it
+        if kind == "missing":
+            return ApiError(400, "the request body is empty: send a JSON object", code="invalid_json")
+        return ApiError(400, "the body must be a JSON object, sent with Content-Type: application/json",
+                        code="invalid_json")  # fmt: skip
     if kind == "extra_forbidden":
         message = f"unknown field {param!r}"
     elif kind == "missing":
@@ -225,6 +230,8 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # not UTF-8, say
+            return await api_error(request, ApiError(400, "the body is not valid JSON (UTF-8)", code="invalid_json"))
         error = ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
         return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
+import sys
 from typing import Any
 
 
@@ -18,7 +20,10 @@ def add_commands(subparsers: Any) -> None:
     )
     serve.add_argument("--host", help="interface to bind (default: LESA_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: LESA_PORT or 8000)")
-    serve.add_argument("--models", help="comma-separated models to serve (default: every bundled model)")
+    serve.add_argument(
+        "--models",
+        help="comma-separated models to serve (default: every model deploy/models.toml enables on this node)",
+    )
     serve.add_argument("--max-batch", type=int, help="most samples per batched generation (LESA_MAX_BATCH)")
     serve.add_argument("--no-worker", action="store_true", help="API only: leave generation to `lesa worker`")
     serve.set_defaults(func=run_serve)
@@ -40,6 +45,21 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
     return Settings(**overrides)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before any model loads: a busy port fails in
+    milliseconds, not after loading and warming every model (and starting a worker)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -47,12 +67,19 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args, host=args.host, port=args.port, embedded_worker=False if args.no_worker else None)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sock = listen(settings.host, settings.port)
+    except OSError as error:
+        print(
+            f"lesa serve: cannot listen on {settings.host}:{settings.port}: {error.strerror or error} "
+            "(another server there? choose --port or LESA_PORT)",
+            file=sys.stderr,
+        )
+        return 2
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
         timeout_keep_alive=settings.keep_alive_s,
-    )
+    )  # fmt: skip
+    uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -78,11 +78,13 @@ def psnr_db(accelerated: bytes, full: bytes) -> float:
     return round(float(psnr(a[None], b[None])), 2)
 
 
-async def _run(services: Services, spec: JobSpec, disconnected: Callable[[], Awaitable[bool]]) -> Job:
+async def _run(
+    services: Services, spec: JobSpec, owner: str | None, disconnected: Callable[[], Awaitable[bool]]
+) -> Job:
     """Submit one job and wait for it; 5xx/409/504 as the sync image endpoint answers them."""
     queue = services.queue
     assert queue is not None
-    job = await submit(services, spec, None)
+    job = await submit(services, spec, owner)
     deadline = time.monotonic() + services.settings.sync_timeout_s
     try:
         while not job.status.terminal:
@@ -121,7 +123,7 @@ async def _side(services: Services, job: Job) -> tuple[CompareSide, bytes]:
 
 
 async def compare(
-    services: Services, body: CompareRequest, disconnected: Callable[[], Awaitable[bool]]
+    services: Services, body: CompareRequest, owner: str | None, disconnected: Callable[[], Awaitable[bool]]
 ) -> CompareResponse:
     engine = services.engine
     request = ImageGenerationRequest(
@@ -141,8 +143,8 @@ async def compare(
                        param="acceleration", code="nothing_to_compare")  # fmt: skip
     # Same resolved seed, size, steps and guidance; only the acceleration differs.
     full = fast.model_copy(update={"level": "none", "method": "none"})
-    fast_job = await _run(services, fast, disconnected)
-    full_job = await _run(services, full, disconnected)
+    fast_job = await _run(services, fast, owner, disconnected)
+    full_job = await _run(services, full, owner, disconnected)
     fast_side, fast_png = await _side(services, fast_job)
     full_side, full_png = await _side(services, full_job)
     speedup = full_side.wall_ms / fast_side.wall_ms if fast_side.wall_ms > 0 else 1.0

@@ -6,11 +6,13 @@ import module-level singletons, so several apps (tests, benchmarks) can live in 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from pydantic import BaseModel
 
 from service.errors import ApiError
 from service.metrics import Metrics
@@ -49,16 +51,33 @@ async def require_api_key(request: Request, services: ServicesDep) -> None:
     keys = services.settings.api_key_set
     if not keys:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    token = _bearer_token(request)
     # compare_digest: no timing side channel on how much of a key matched
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
+    if not token or not any(hmac.compare_digest(token, k) for k in keys):
         raise ApiError(
             401,
             "missing or invalid API key: send `Authorization: Bearer <key>`",
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def _bearer_token(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+async def get_owner(request: Request, services: ServicesDep) -> str | None:
+    """Who owns the jobs this request creates or reads: a hash of its API key, None without auth.
+
+    Jobs and Idempotency-Keys are per owner, so one key's clients never see another key's
+    prompts, results or video list (the key itself is never stored)."""
+    if not services.settings.api_key_set:
+        return None
+    return "key-" + hashlib.sha256(_bearer_token(request).encode()).hexdigest()[:16]
+
+
+OwnerDep = Annotated[str | None, Depends(get_owner)]
 
 
 async def require_ready(services: ServicesDep) -> Services:
@@ -75,11 +94,31 @@ async def require_ready(services: ServicesDep) -> Services:
 ReadyDep = Annotated[Services, Depends(require_ready)]
 
 
-async def submit(services: Services, spec: JobSpec, idempotency_key: str | None) -> Job:
-    """Enqueue, mapping backpressure and backend failures to 429 / 503."""
+async def submit(
+    services: Services,
+    spec: JobSpec,
+    owner: str | None,
+    idempotency_key: str | None = None,
+    request: BaseModel | None = None,
+) -> Job:
+    """Enqueue `owner`'s job, mapping backpressure and backend failures to 429 / 503.
+
+    An Idempotency-Key is scoped to its owner and to the job kind (an image key never finds a
+    video), and remembers the request it came with: the same key with another body is a 422,
+    not the first job's result (IETF draft-ietf-httpapi-idempotency-key-header).
+    """
     assert services.queue is not None
+    spec = spec.model_copy(update={"owner": owner})
+    scoped_key = None
+    if idempotency_key is not None:
+        if not idempotency_key.strip():
+            raise ApiError(400, "the Idempotency-Key header is empty: send a unique key per request, or no header",
+                           param="Idempotency-Key", code="invalid_idempotency_key")  # fmt: skip
+        body = request.model_dump_json() if request is not None else spec.model_dump_json()
+        spec = spec.model_copy(update={"request_hash": hashlib.sha256(body.encode()).hexdigest()[:32]})
+        scoped_key = f"{owner or '-'}|{spec.kind}|{idempotency_key}"
     try:
-        return await services.queue.submit(spec, idempotency_key=idempotency_key)
+        job = await services.queue.submit(spec, idempotency_key=scoped_key)
     except QueueFull as full:
         raise ApiError(
             429,
@@ -90,6 +129,15 @@ async def submit(services: Services, spec: JobSpec, idempotency_key: str | None)
         ) from None
     except QueueUnavailable as down:
         raise unavailable(services, down) from None
+    if job.spec.request_hash != spec.request_hash:
+        raise ApiError(
+            422,
+            f"Idempotency-Key {idempotency_key!r} was already used for a different request (job {job.id}); "
+            "send a new key for a new request",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    return job
 
 
 def unavailable(services: Services, error: Exception) -> ApiError:
@@ -97,12 +145,13 @@ def unavailable(services: Services, error: Exception) -> ApiError:
                     headers={"Retry-After": "5"})  # fmt: skip
 
 
-async def get_job(services: Services, job_id: str, kind: str, param: str = "id") -> Job:
+async def get_job(services: Services, job_id: str, kind: str, owner: str | None, param: str = "id") -> Job:
+    """`owner`'s job of this kind, or 404 (another owner's job is answered as unknown)."""
     assert services.queue is not None
     try:
         job = await services.queue.get(job_id)
     except QueueUnavailable as down:
         raise unavailable(services, down) from None
-    if job is None or job.spec.kind != kind:
+    if job is None or job.spec.kind != kind or job.spec.owner != owner:
         raise ApiError(404, f"no {kind} job {job_id!r} (unknown or expired)", param=param, code="not_found")
     return job

@@ -29,6 +29,7 @@ import logging
 import random
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -268,7 +269,13 @@ class Engine:
     def _acceleration(
         self, entry: ModelEntry, requested: str | None, method: str | None, steps: int
     ) -> tuple[str, str]:
-        level = requested or self.settings.default_level
+        level = self.settings.default_level if requested is None else requested
+        if level != "auto" and level not in entry.levels:
+            raise bad_request(
+                f"unknown acceleration level {level!r} for {entry.name}; available: {', '.join(entry.levels)}, auto",
+                "acceleration",
+                "unknown_level",
+            )
         if method == "none":
             return "none", "none"
         if level == "auto":
@@ -289,13 +296,14 @@ class Engine:
                 return "none", "none"
             best = max(candidates, key=lambda b: _theoretical_speedup(b.level, steps))
             return best.level, "lesa"
-        if level not in entry.levels:
-            raise bad_request(
-                f"unknown acceleration level {level!r} for {entry.name}; available: {', '.join(entry.levels)}, auto",
-                "acceleration",
-                "unknown_level",
-            )
         if level == "none":
+            if method is not None:  # never a silent fallback to full compute
+                raise bad_request(
+                    f"method {method!r} forecasts skipped steps, and level 'none' skips none: name a level "
+                    f"({', '.join(lv for lv in entry.levels if lv != 'none')}) or leave method out",
+                    "method",
+                    "method_needs_level",
+                )
             return "none", "none"
         bundle = entry.bundle_for(level, steps)
         if method is None:
@@ -321,8 +329,8 @@ class Engine:
         if len(body.prompt) > self.settings.max_prompt_chars:
             raise bad_request(f"prompt is longer than {self.settings.max_prompt_chars} characters", "prompt",
                               "prompt_too_long")  # fmt: skip
-        if not body.prompt.strip():
-            raise bad_request("prompt is empty", "prompt", "empty_prompt")
+        if not any(unicodedata.category(c)[0] not in "ZC" for c in body.prompt):  # spaces, zero-width, controls
+            raise bad_request("prompt is empty (no visible characters)", "prompt", "empty_prompt")
         steps = body.num_inference_steps or entry.default_steps
         if not entry.min_steps <= steps <= entry.max_steps:
             raise bad_request(

@@ -88,6 +88,9 @@ class JobSpec(BaseModel):
     seed: int  # sample i uses seed + i
     output_format: str = "png"  # images: png | jpeg | webp; videos: mp4
     user: str | None = None
+    # Provenance, not what to generate (so never part of batch_key):
+    owner: str | None = None  # a hash of the caller's API key (None without auth): only the owner sees the job
+    request_hash: str | None = None  # fingerprint of the request body an Idempotency-Key came with
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can run as one batched generation (one pipeline call)."""
@@ -198,11 +201,13 @@ class JobQueue(abc.ABC):
         after: str | None = None,
         limit: int = 20,
         order: Literal["asc", "desc"] = "desc",
+        owner: str | None = None,
     ) -> tuple[list[Job], bool]:
-        """Jobs ordered by creation time, cursor-paginated like OpenAI lists.
+        """`owner`'s jobs ordered by creation time, cursor-paginated like OpenAI lists.
 
         `after` is a job id: return the jobs that come after it in `order`. Returns the page and
-        whether more jobs follow it.
+        whether more jobs follow it. Jobs of other owners are never listed (None is the owner of
+        every job when authentication is off).
         """
 
     @abc.abstractmethod
@@ -380,13 +385,16 @@ class InProcessJobQueue(JobQueue):
         after: str | None = None,
         limit: int = 20,
         order: Literal["asc", "desc"] = "desc",
+        owner: str | None = None,
     ) -> tuple[list[Job], bool]:
         self._sweep()
         now = time.time()
         jobs = [
             j
             for j in self._jobs.values()
-            if (kind is None or j.spec.kind == kind) and (j.expires_at is None or j.expires_at > now)
+            if (kind is None or j.spec.kind == kind)
+            and j.spec.owner == owner
+            and (j.expires_at is None or j.expires_at > now)
         ]
         if order == "desc":
             jobs.reverse()

@@ -106,8 +106,7 @@ class RedisQueueSettings(BaseSettings):
     redis_socket_timeout_s: float = Field(5.0, gt=0)
     max_backlog: int = Field(256, ge=1)
     result_ttl_s: float = Field(3600.0, gt=0)
-    max_batch: int = Field(8, ge=1, le=64)
-    max_wait_ms: float = Field(10.0, ge=0)
+    # (LESA_MAX_BATCH / LESA_MAX_WAIT_MS: `Settings` holds them, for the embedded and standalone workers alike.)
     # `lesa worker` only:
     worker_name: str | None = Field(None, description="consumer name (default: host-pid-random)")
     worker_metrics_host: str = Field("0.0.0.0", description="where the worker's /metrics server listens")
@@ -638,6 +637,7 @@ class RedisJobQueue(JobQueue):
         after: str | None = None,
         limit: int = 20,
         order: Literal["asc", "desc"] = "desc",
+        owner: str | None = None,
     ) -> tuple[list[Job], bool]:
         index = self.k_index if kind is None else f"{self.k_index}:{kind}"
         desc = order == "desc"
@@ -650,7 +650,8 @@ class RedisJobQueue(JobQueue):
             start = rank + 1
         page: list[Job] = []
         gone: list[str] = []
-        # Fetch in chunks: some ids may have expired (their hashes are gone); prune those.
+        # Fetch in chunks: some ids may have expired (their hashes are gone; pruned below), others
+        # belong to other owners (skipped: the index is shared, which is fine at this scale).
         while len(page) <= limit:
             chunk = [i.decode() for i in await self._redis.zrange(index, start, start + limit, desc=desc)]
             if not chunk:
@@ -659,7 +660,7 @@ class RedisJobQueue(JobQueue):
             for job_id, job in zip(chunk, await self._get_many(chunk), strict=True):
                 if job is None:
                     gone.append(job_id)
-                elif len(page) <= limit:
+                elif len(page) <= limit and job.spec.owner == owner:
                     page.append(job)
         if gone:
             async with self._redis.pipeline(transaction=False) as pipe:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_SEED = 2**31 - 1 - 8  # sample i of a job uses seed + i, which must stay a valid 31-bit seed
 MethodName = Literal["lesa", "taylorseer", "reuse", "none"]
@@ -39,9 +39,10 @@ _STEPS = Field(
     examples=[50],
 )  # fmt: skip
 _GUIDANCE = Field(
-    None, ge=0, le=50, description="Classifier-free guidance scale; 1 or less disables CFG. Default: the model's.",
-    examples=[3.0],
+    None, ge=0, le=50, allow_inf_nan=False,
+    description="Classifier-free guidance scale; 1 or less disables CFG. Default: the model's.", examples=[3.0],
 )  # fmt: skip
+_PROMPT_LIMIT = "At most `LESA_MAX_PROMPT_CHARS` characters (default 2000; never more than 4000)."
 
 
 class StrictBody(BaseModel):
@@ -49,18 +50,32 @@ class StrictBody(BaseModel):
     # "acceleraton" must not silently run the unaccelerated default.
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """`"n": null` means "the default", as in OpenAI's API (clients send null for unset fields)."""
+        if isinstance(data, dict):
+            defaults = {name for name, f in cls.model_fields.items() if not f.is_required() and f.default is not None}
+            data = {k: v for k, v in data.items() if not (v is None and k in defaults)}
+        return data
+
 
 class ImageGenerationRequest(StrictBody):
-    prompt: str = Field(..., min_length=1, max_length=4000, description="What to draw.", examples=["a seven"])
+    prompt: str = Field(
+        ..., min_length=1, max_length=4000, description=f"What to draw. {_PROMPT_LIMIT}", examples=["a seven"]
+    )
     model: str | None = Field(
-        None, description="Model id from GET /v1/models. Default: the first image model.", examples=["digits-image"]
+        None,
+        max_length=256,
+        description="Model id from GET /v1/models. Default: the first image model.",
+        examples=["digits-image"],
     )
     n: int = Field(1, ge=1, le=8, description="Number of images (one job, batched).", examples=[1])
     size: str | None = Field(
         None,
         pattern=r"^(\d{1,5}x\d{1,5}|auto)$",
         description='"WIDTHxHEIGHT", one of the model\'s sizes, or "auto". Default: the model\'s first size.',
-        examples=["32x32"],
+        examples=["16x16"],
     )
     response_format: Literal["b64_json", "url"] = Field(
         "b64_json",
@@ -88,19 +103,24 @@ class ImageGenerationRequest(StrictBody):
 class VideoCreateRequest(StrictBody):
     """Accepted as JSON or as multipart/form-data (the form the official `openai` client sends)."""
 
-    prompt: str = Field(..., min_length=1, max_length=4000, description="What to animate.", examples=["a seven"])
+    prompt: str = Field(
+        ..., min_length=1, max_length=4000, description=f"What to animate. {_PROMPT_LIMIT}", examples=["a seven"]
+    )
     model: str | None = Field(
-        None, description="Model id from GET /v1/models. Default: the first video model.", examples=["digits-video"]
+        None,
+        max_length=256,
+        description="Model id from GET /v1/models. Default: the first video model.",
+        examples=["digits-video"],
     )
     seconds: float | None = Field(
-        None, gt=0, le=600,
+        None, gt=0, le=600, allow_inf_nan=False,
         description="Duration; converted to frames at the model's fps and must give one of its frame counts. "
         "Give `seconds` or `num_frames` (default: the model's first frame count).", examples=[2],
     )  # fmt: skip
     num_frames: int | None = Field(None, ge=1, le=1024, description="Frame count (one the model supports).")
     size: str | None = Field(
         None, pattern=r"^(\d{1,5}x\d{1,5}|auto)$", description='"WIDTHxHEIGHT" (one of the model\'s sizes).',
-        examples=["32x32"],
+        examples=["16x16"],
     )  # fmt: skip
     user: str | None = Field(None, max_length=256)
     seed: int | None = _SEED

@@ -33,7 +33,9 @@ class Settings(BaseSettings):
     )
 
     # ---- models ----
-    models: str = Field("", description="comma-separated model names to serve; empty = every bundled model")
+    models: str = Field(
+        "", description="comma-separated model names to serve; empty = every model the config enables on this node"
+    )
     models_config: Path | None = Field(
         None, description="model config file (default: deploy/models.toml; see docs/PRODUCTION.md)"
     )

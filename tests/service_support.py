@@ -70,10 +70,12 @@ def settings(**overrides) -> Settings:
     return Settings(_env_file=None, **values)
 
 
-def wait_for(client: TestClient, path: str, statuses: set[str], timeout: float = 10.0) -> dict:
+def wait_for(
+    client: TestClient, path: str, statuses: set[str], timeout: float = 10.0, headers: dict | None = None
+) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        body = client.get(path).json()
+        body = client.get(path, headers=headers).json()
         if body["status"] in statuses or time.monotonic() > deadline:
             return body
         time.sleep(0.01)

@@ -98,6 +98,10 @@ def test_url_format_and_content_endpoint(client: TestClient) -> None:
         ({"prompt": "x", "response_format": "gif"}, 400, "response_format"),
         ({"prompt": "x", "seed": -1}, 400, "seed"),
         ({"prompt": "   "}, 400, "prompt"),
+        ({"prompt": "\u200b\u2060"}, 400, "prompt"),  # zero-width characters only: nothing to draw
+        ({"prompt": "x", "acceleration": "7x", "method": "none"}, 400, "acceleration"),  # checked whatever the method
+        ({"prompt": "x", "acceleration": ""}, 400, "acceleration"),  # not the default in disguise
+        ({"prompt": "x", "acceleration": "none", "method": "lesa"}, 400, "method"),  # no silent full compute
     ],
 )
 def test_invalid_requests_name_the_field(client: TestClient, payload: dict, status: int, param: str) -> None:
@@ -117,6 +121,31 @@ def test_malformed_oversize_and_unknown_routes(client: TestClient) -> None:
     assert_error(client.post("/v1/images/generations", content=chunks()), 413, None)
     assert_error(client.get("/v1/nothing"), 404, None)
     assert_error(client.get("/v1/videos/job_unknown"), 404, "video_id")
+    assert_error(client.delete("/v1/videos/job_unknown"), 404, "video_id")
+    # A body that is not a JSON object gets a message saying so, whatever its content type.
+    for content, headers in (
+        (b"prompt=x", {"content-type": "application/x-www-form-urlencoded"}),
+        (b'{"prompt": "x"}', {"content-type": "text/plain"}),
+        (b"", {"content-type": "application/json"}),
+        (b'{"prompt": "\xff"}', {"content-type": "application/json"}),
+    ):
+        error = assert_error(client.post("/v1/images/generations", content=content, headers=headers), 400, None)
+        assert error["code"] == "invalid_json" and "JSON" in error["message"], error
+    # NaN and Infinity (Python's json allows them): "not a finite number", not "must be <= 50".
+    for value in (b"NaN", b"Infinity"):
+        body = b'{"prompt": "x", "guidance_scale": ' + value + b"}"
+        response = client.post("/v1/images/generations", content=body, headers={"content-type": "application/json"})
+        assert "finite" in assert_error(response, 400, "guidance_scale")["message"]
+
+
+def test_null_means_the_default_and_probes_answer_head(client: TestClient) -> None:
+    """OpenAI clients send null for unset fields: it means the default, as on OpenAI's API."""
+    body = {"prompt": "a one", "n": None, "response_format": None, "output_format": None, "size": None}
+    response = client.post("/v1/images/generations", json=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 1 and "b64_json" in response.json()["data"][0]
+    assert_error(client.post("/v1/images/generations", json={"prompt": None}), 400, "prompt")
+    assert client.head("/healthz").status_code == 200 and client.head("/readyz").status_code == 200
 
 
 def test_queue_full_429_and_sync_timeout_504() -> None:
@@ -188,7 +217,9 @@ def test_cancel_running_video_stops_denoising() -> None:
         assert pipe.last_step < 100, "denoising should have stopped"
         final = client.get(f"/v1/videos/{video['id']}").json()
         assert final["status"] == "cancelled" and final["error"]["code"] == "cancelled"
-        assert_error(client.get(f"/v1/videos/{video['id']}/content"), 404, None)
+        # Content it will never have: 409 with its own code, not the 404 "not ready yet" a poller retries.
+        error = assert_error(client.get(f"/v1/videos/{video['id']}/content"), 409, None)
+        assert error["code"] == "job_cancelled"
         # The worker is free again.
         assert client.post("/v1/images/generations", json={"prompt": "next"}).status_code == 200
 
@@ -235,6 +266,55 @@ def test_idempotency_key_returns_the_same_job(client: TestClient) -> None:
     assert first["id"] == second["id"]
     done = wait_for(client, f"/v1/images/jobs/{first['id']}", {"completed"})
     assert done["result"]["data"][0]["url"].endswith("/content?index=0")
+    # The sync endpoint takes the same body: a retry there finds the same job and its images.
+    sync = client.post("/v1/images/generations", json={"prompt": "x"}, headers=headers).json()
+    assert sync["lesa"]["job_id"] == first["id"]
+
+
+def test_idempotency_key_is_scoped_to_its_request_kind_and_never_empty(client: TestClient) -> None:
+    headers = {"Idempotency-Key": "retry-1"}
+    image = client.post("/v1/images/jobs", json={"prompt": "a one", "seed": 1}, headers=headers).json()
+    # The same key with another body: 422 naming the header, not the first request's result.
+    error = assert_error(
+        client.post("/v1/images/jobs", json={"prompt": "a nine", "seed": 99}, headers=headers), 422, "Idempotency-Key"
+    )
+    assert error["code"] == "idempotency_key_reused" and image["id"] in error["message"]
+    # An image job's key does not answer a video request (or the reverse): a new video job.
+    video = client.post("/v1/videos", json={"prompt": "a two"}, headers=headers)
+    assert video.status_code == 200 and video.json()["object"] == "video" and video.json()["id"] != image["id"]
+    assert client.get(f"/v1/videos/{video.json()['id']}").status_code == 200
+    # An empty key protects nothing: refused rather than shared by every client that sends one.
+    for empty in ("", "  "):
+        error = assert_error(
+            client.post("/v1/images/jobs", json={"prompt": "x"}, headers={"Idempotency-Key": empty}),
+            400,
+            "Idempotency-Key",
+        )
+        assert error["code"] == "invalid_idempotency_key"
+
+
+def test_jobs_and_idempotency_keys_belong_to_their_api_key() -> None:
+    s = settings(api_keys="k1, k2")
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        one, two = ({"Authorization": f"Bearer {k}", "Idempotency-Key": "same"} for k in ("k1", "k2"))
+        mine = client.post("/v1/images/jobs", json={"prompt": "secret of one"}, headers=one).json()
+        theirs = client.post("/v1/images/jobs", json={"prompt": "two's own"}, headers=two).json()
+        assert theirs["id"] != mine["id"]  # the same Idempotency-Key under another API key is another job
+        done = wait_for(client, f"/v1/images/jobs/{mine['id']}", {"completed", "failed"}, headers=one)
+        assert done["status"] == "completed"
+        # k2 cannot read, download, follow, cancel or list k1's jobs: they look unknown to it.
+        for path in (f"/v1/images/jobs/{mine['id']}", f"/v1/images/{mine['id']}/content"):
+            assert_error(client.get(path, headers=two), 404, "id")
+        assert_error(client.delete(f"/v1/images/jobs/{mine['id']}", headers=two), 404, "id")
+        video = client.post("/v1/videos", json={"prompt": "a three"}, headers=one).json()
+        assert_error(client.get(f"/v1/videos/{video['id']}", headers=two), 404, "video_id")
+        assert_error(client.delete(f"/v1/videos/{video['id']}", headers=two), 404, "video_id")
+        listed = {
+            k: [v["id"] for v in client.get("/v1/videos", headers=h).json()["data"]]
+            for k, h in (("one", one), ("two", two))
+        }
+        assert listed == {"one": [video["id"]], "two": []}
+        assert client.get(f"/v1/images/{mine['id']}/content", headers=one).status_code == 200
 
 
 def test_metrics_probes_and_docs(client: TestClient) -> None:
@@ -367,3 +447,23 @@ def test_catalogue_engine_for_an_api_tier_loads_no_weights(tmp_path) -> None:
         assert (queued.level, queued.method, queued.num_inference_steps) == ("5x", "lesa", 50)  # "auto"
         assert_error(client.post("/v1/images/jobs", json={"model": "big-flux", "prompt": "x", "size": "16x16"}),
                      400, "size")  # fmt: skip
+
+
+def test_serve_on_a_busy_port_fails_at_once_without_loading_models(monkeypatch, capsys) -> None:
+    import argparse
+    import socket
+
+    import service.app
+    from service.cli import run_serve
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("models were loaded before the port was known to be free")
+
+    monkeypatch.setattr(service.app, "create_app", must_not_load)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = argparse.Namespace(host="127.0.0.1", port=port, models=None, max_batch=None, no_worker=False)
+        assert run_serve(args) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

@@ -191,4 +191,4 @@ def test_delete_cancels_a_running_video(server: Server) -> None:
         generate(client, num_inference_steps=4, guidance_scale=1.0)  # served: the worker stopped the video
         final = client.get(f"/v1/videos/{video['id']}").json()
         assert final["status"] == "cancelled" and final["progress"] < 50 and final["error"]["code"] == "cancelled"
-        assert client.get(f"/v1/videos/{video['id']}/content").status_code == 404
+        assert client.get(f"/v1/videos/{video['id']}/content").status_code == 409  # never any content

@@ -154,3 +154,22 @@ def test_finished_jobs_expire_with_their_outputs() -> None:
         assert await q.get(a.id) is None and await q.get_artifact(a.id, "0.png") is None
 
     run(scenario())
+
+
+def test_lists_show_only_their_owners_jobs_and_owners_batch_together() -> None:
+    async def scenario() -> None:
+        q = make_queue()
+        mine = [await q.submit(spec(seed=i, owner="key-a")) for i in range(3)]
+        theirs = await q.submit(spec(seed=9, owner="key-b"))
+        anonymous = await q.submit(spec(seed=10))
+        page, more = await q.list(owner="key-a", limit=2, order="asc")
+        assert [j.id for j in page] == [mine[0].id, mine[1].id] and more
+        page, more = await q.list(owner="key-a", after=mine[1].id, order="asc")
+        assert [j.id for j in page] == [mine[2].id] and not more
+        assert [j.id for j in (await q.list(owner="key-b"))[0]] == [theirs.id]
+        assert [j.id for j in (await q.list())[0]] == [anonymous.id]  # owner None: jobs made without auth
+        # The owner is provenance, not what to generate: jobs of different owners share a batch.
+        batch = await q.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=1)
+        assert len(batch) == 5
+
+    run(scenario())

@@ -18,6 +18,9 @@ from service.schemas import DeletedObject
 
 async def artifact_response(services: Services, job: Job, *, index: int, variant: str) -> Response:
     """The bytes of one output; 404 naming what is missing (not ready, wrong index, expired)."""
+    if job.status in (JobStatus.failed, JobStatus.cancelled):
+        raise ApiError(409, f"job {job.id} is {job.status.value}: it has no content and never will",
+                       code=f"job_{job.status.value}")  # fmt: skip
     if job.status != JobStatus.completed or job.result is None:
         raise ApiError(404, f"job {job.id} is {job.status.value}: no content yet", code="not_ready")
     ref = next((r for r in job.result.outputs if r.index == index and r.variant == variant), None)
@@ -35,9 +38,11 @@ async def artifact_response(services: Services, job: Job, *, index: int, variant
     )
 
 
-async def cancel_or_delete(services: Services, job_id: str, kind: str, object_name: str) -> DeletedObject:
+async def cancel_or_delete(
+    services: Services, job_id: str, kind: str, owner: str | None, object_name: str, param: str = "id"
+) -> DeletedObject:
     """DELETE on a live job cancels it (kept, status `cancelled`); on a finished one forgets it."""
-    job = await get_job(services, job_id, kind)
+    job = await get_job(services, job_id, kind, owner, param)
     assert services.queue is not None
     if not job.status.terminal:
         job = await services.queue.cancel(job_id) or job

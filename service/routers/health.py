@@ -43,6 +43,11 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     )
 
 
+# Load balancers often probe with HEAD: same answers, kept out of the schema (one operation each).
+router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
+
+
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(services: ServicesDep) -> Response:
     if services.queue is not None:

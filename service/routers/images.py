@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from service.deps import ReadyDep, get_job, submit, unavailable
+from service.deps import OwnerDep, ReadyDep, get_job, submit, unavailable
 from service.errors import ApiError
 from service.queue import Job, JobStatus, QueueUnavailable
 from service.routers.common import artifact_response, cancel_or_delete, job_events
@@ -37,6 +37,7 @@ async def create_images(
     body: ImageGenerationRequest,
     request: Request,
     services: ReadyDep,
+    owner: OwnerDep,
     idempotency_key: IdempotencyKey = None,
 ) -> ImagesResponse:
     """OpenAI `images.generate`: waits for the images (up to `LESA_SYNC_TIMEOUT_S`).
@@ -45,7 +46,7 @@ async def create_images(
     can be fetched from `GET /v1/images/jobs/{job_id}`.
     """
     spec = services.engine.resolve_image(body)
-    job = await submit(services, spec, idempotency_key)
+    job = await submit(services, spec, owner, idempotency_key, body)
     assert services.queue is not None
     timeout = services.settings.sync_timeout_s
     try:
@@ -83,18 +84,19 @@ async def create_image_job(
     body: ImageGenerationRequest,
     request: Request,
     services: ReadyDep,
+    owner: OwnerDep,
     idempotency_key: IdempotencyKey = None,
 ) -> ImageJobObject:
     """Same body as `/v1/images/generations`, answered at once with a job to poll (long requests)."""
     spec = services.engine.resolve_image(body)
-    job = await submit(services, spec, idempotency_key)
+    job = await submit(services, spec, owner, idempotency_key, body)
     assert services.queue is not None
     return await image_job_object(job, services.queue, base_url(request, services))
 
 
 @router.get("/jobs/{job_id}", response_model=ImageJobObject, summary="Get an image job")
-async def get_image_job(job_id: str, request: Request, services: ReadyDep) -> ImageJobObject:
-    job = await get_job(services, job_id, "image")
+async def get_image_job(job_id: str, request: Request, services: ReadyDep, owner: OwnerDep) -> ImageJobObject:
+    job = await get_job(services, job_id, "image", owner)
     assert services.queue is not None
     return await image_job_object(job, services.queue, base_url(request, services))
 
@@ -105,10 +107,10 @@ async def get_image_job(job_id: str, request: Request, services: ReadyDep) -> Im
     responses={200: {"content": {"text/event-stream": {}}}},
     summary="Image job progress as server-sent events",
 )
-async def image_job_events(job_id: str, request: Request, services: ReadyDep) -> StreamingResponse:
+async def image_job_events(job_id: str, request: Request, services: ReadyDep, owner: OwnerDep) -> StreamingResponse:
     """`event: <status>` + `data: <image job>` on every status or progress change; ends when the
     job does (the last event carries the image URLs)."""
-    await get_job(services, job_id, "image")
+    await get_job(services, job_id, "image", owner)
     url = base_url(request, services)
 
     async def render(job: Job) -> ImageJobObject:
@@ -119,8 +121,8 @@ async def image_job_events(job_id: str, request: Request, services: ReadyDep) ->
 
 
 @router.delete("/jobs/{job_id}", response_model=DeletedObject, summary="Cancel (or delete) an image job")
-async def delete_image_job(job_id: str, services: ReadyDep) -> DeletedObject:
-    return await cancel_or_delete(services, job_id, "image", "image.job.deleted")
+async def delete_image_job(job_id: str, services: ReadyDep, owner: OwnerDep) -> DeletedObject:
+    return await cancel_or_delete(services, job_id, "image", owner, "image.job.deleted")
 
 
 @router.get(
@@ -132,7 +134,8 @@ async def delete_image_job(job_id: str, services: ReadyDep) -> DeletedObject:
 async def image_content(
     job_id: str,
     services: ReadyDep,
+    owner: OwnerDep,
     index: Annotated[int, Query(ge=0, le=7, description="which image of the job (0-based)")] = 0,
 ) -> Response:
-    job = await get_job(services, job_id, "image")
+    job = await get_job(services, job_id, "image", owner)
     return await artifact_response(services, job, index=index, variant="primary")

@@ -38,5 +38,6 @@ async def list_models(services: ReadyDep) -> ListResponse:
 async def get_model(model_id: str, services: ReadyDep) -> ModelCard:
     entry = services.engine.models.get(model_id)
     if entry is None:
-        raise not_found(f"model {model_id!r} not found", "model_id", "model_not_found")
+        shown = model_id if len(model_id) <= 100 else model_id[:100] + "..."  # never echo a huge path back
+        raise not_found(f"model {shown!r} not found", "model_id", "model_not_found")
     return model_card(entry, services.settings.default_level)

@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from service.compare import CompareRequest, CompareResponse, compare
-from service.deps import ReadyDep
+from service.deps import OwnerDep, ReadyDep
 from service.schemas import ErrorResponse
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -45,8 +45,10 @@ async def playground_page() -> FileResponse:
     responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
     summary="Generate one image accelerated and at full compute; wall times, speed-up, PSNR",
 )
-async def compare_with_full(body: CompareRequest, request: Request, services: ReadyDep) -> CompareResponse:
+async def compare_with_full(
+    body: CompareRequest, request: Request, services: ReadyDep, owner: OwnerDep
+) -> CompareResponse:
     """Same prompt, seed, size, steps and guidance, run twice through the queue: at `acceleration`
     and with every step in full. Returns both PNGs, the measured wall time of each, the realised
     speed-up (full / accelerated) and the PSNR between the two (the quality cards' definition)."""
-    return await compare(services, body, request.is_disconnected)
+    return await compare(services, body, owner, request.is_disconnected)

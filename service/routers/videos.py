@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from service.deps import ReadyDep, get_job, submit
+from service.deps import OwnerDep, ReadyDep, get_job, submit
 from service.errors import ApiError
 from service.queue import Job
 from service.routers.common import artifact_response, cancel_or_delete, job_events
@@ -67,24 +67,26 @@ async def _parse_body(request: Request) -> VideoCreateRequest:
 async def create_video(
     request: Request,
     services: ReadyDep,
+    owner: OwnerDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> VideoObject:
     """Queue a video; poll `GET /v1/videos/{id}` (progress per denoising step), then get `/content`."""
     body = await _parse_body(request)
     spec = services.engine.resolve_video(body)
-    job = await submit(services, spec, idempotency_key)
+    job = await submit(services, spec, owner, idempotency_key, body)
     return video_object(job)
 
 
 @router.get("", response_model=ListResponse, summary="List videos")
 async def list_videos(
     services: ReadyDep,
+    owner: OwnerDep,
     after: Annotated[str | None, Query(description="id of the last video of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     order: Annotated[Literal["asc", "desc"], Query(description="by creation time")] = "desc",
 ) -> ListResponse:
     assert services.queue is not None
-    jobs, has_more = await services.queue.list(kind="video", after=after, limit=limit, order=order)
+    jobs, has_more = await services.queue.list(kind="video", after=after, limit=limit, order=order, owner=owner)
     data = [video_object(j) for j in jobs]
     return ListResponse(
         data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=has_more
@@ -92,8 +94,8 @@ async def list_videos(
 
 
 @router.get("/{video_id}", response_model=VideoObject, summary="Retrieve a video")
-async def get_video(video_id: str, services: ReadyDep) -> VideoObject:
-    return video_object(await get_job(services, video_id, "video", "video_id"))
+async def get_video(video_id: str, services: ReadyDep, owner: OwnerDep) -> VideoObject:
+    return video_object(await get_job(services, video_id, "video", owner, "video_id"))
 
 
 @router.get(
@@ -105,9 +107,10 @@ async def get_video(video_id: str, services: ReadyDep) -> VideoObject:
 async def video_content(
     video_id: str,
     services: ReadyDep,
+    owner: OwnerDep,
     variant: Annotated[Literal["video", "thumbnail"], Query()] = "video",
 ) -> Response:
-    job = await get_job(services, video_id, "video", "video_id")
+    job = await get_job(services, video_id, "video", owner, "video_id")
     return await artifact_response(services, job, index=0, variant="primary" if variant == "video" else "thumbnail")
 
 
@@ -117,10 +120,10 @@ async def video_content(
     responses={200: {"content": {"text/event-stream": {}}}},
     summary="Progress as server-sent events",
 )
-async def video_events(video_id: str, services: ReadyDep) -> StreamingResponse:
+async def video_events(video_id: str, services: ReadyDep, owner: OwnerDep) -> StreamingResponse:
     """`event: <status>` + `data: <video object>` on every status or progress change (per
     denoising step); the stream ends after `completed`, `failed` or `cancelled`."""
-    await get_job(services, video_id, "video", "video_id")  # 404 before the stream starts
+    await get_job(services, video_id, "video", owner, "video_id")  # 404 before the stream starts
 
     async def render(job: Job) -> VideoObject:
         return video_object(job)
@@ -129,6 +132,6 @@ async def video_events(video_id: str, services: ReadyDep) -> StreamingResponse:
 
 
 @router.delete("/{video_id}", response_model=DeletedObject, summary="Cancel a running video / delete a finished one")
-async def delete_video(video_id: str, services: ReadyDep) -> DeletedObject:
+async def delete_video(video_id: str, services: ReadyDep, owner: OwnerDep) -> DeletedObject:
     """A queued or running video is cancelled: denoising stops at the next step, status `cancelled`."""
-    return await cancel_or_delete(services, video_id, "video", "video.deleted")
+    return await cancel_or_delete(services, video_id, "video", owner, "video.deleted", param="video_id")
