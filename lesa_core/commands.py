@@ -129,7 +129,9 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     rec.add_argument("--out", required=True)
     rec.set_defaults(func=_record)
 
-    train = subparsers.add_parser("train-predictor", help="train a LESA predictor bundle (both phases)")
+    train = subparsers.add_parser(
+        "train-predictor", help="train a LESA predictor bundle (phases 1-2, optional phase 3)"
+    )
     train.add_argument("--model", required=True)
     train.add_argument("--data", required=True, help="directory written by `lesa record`")
     train.add_argument("--steps", type=int, default=50)

@@ -1,4 +1,4 @@
-"""The stage-aware multi-expert predictor (LESA_METHOD.md section 2).
+"""The stage-aware multi-expert predictor of the LESA paper (CVPR 2026).
 
 For the last K hidden states H = [h_-K, ..., h_-1] (oldest first), the current normalised
 time t (1 = noise, 0 = clean) and the schedule's times T = (t_0, ..., t_S):

@@ -3,8 +3,9 @@
 Those files are torch pickles holding `{'model': state_dict, ...}` plus pickled config objects
 and optimiser state. We never execute pickled code: the file is read with torch's
 `weights_only=True` unpickler, and every global it names that is not a tensor type is bound to
-`OpaqueObject`, an inert stand-in that only records its arguments. A checkpoint whose pickle
-would call `os.system` therefore just yields an OpaqueObject.
+`OpaqueObject`, an inert stand-in that only records its arguments. Globals on torch's blocklist
+(such as `os.system`) cannot be bound: a checkpoint whose pickle names one is refused with a
+`BundleError` and nothing in it runs.
 
 Key layouts:
     latent.{stage}.{weight,bias}, timestep.{stage}.layers.{j}.{base_weight,spline_weight,spline_scaler,grid}

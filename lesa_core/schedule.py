@@ -1,6 +1,6 @@
 """Which denoising steps run every transformer block (full) and which are forecast (predicted).
 
-The rule is the reference implementation's, bit for bit (LESA_METHOD.md section 3): a counter
+The rule is that of the LESA paper's reference code (CVPR 2026), bit for bit: a counter
 `c` starts at 0; step `s` is full if `s < first_enhance` or `c == interval - 1` (then `c = 0`),
 otherwise predicted (`c += 1`). The reference code also forces step 3 to be full without
 resetting the counter; `force_step3` keeps that (on by default, for parity with its checkpoints).

@@ -1,4 +1,4 @@
-"""Two-phase predictor training (LESA_METHOD.md section 4).
+"""Predictor training: the LESA paper's two phases (CVPR 2026), plus an optional phase 3.
 
 Phase 1, GT-guided: every predicted step of the schedule forecasts from a history made of the
 recorded ground truth (teacher forcing); L1 against the ground truth. No model forward runs, so

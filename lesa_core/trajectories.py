@@ -1,4 +1,4 @@
-"""Recorded denoising trajectories: the training data of a predictor (LESA_METHOD.md section 4.0).
+"""Recorded denoising trajectories: the training data of a predictor (`lesa_core/training.py`).
 
 `record` runs the unaccelerated sampler and stores, per sample, the initial noise, what is needed
 to rerun it (prompt, seed, guidance, size), the final sample, and the hidden state entering the
