@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         "failures": failures,
     }
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")[:40]
-    path = args.json or RESULTS / f"bench_gpu-{slug}.json"
+    suffix = "" if dtype == "bfloat16" else f"-{dtype}"  # a float32 run must not overwrite the bf16 one
+    path = args.json or RESULTS / f"bench_gpu-{slug}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
