@@ -239,30 +239,44 @@ def default_prompts(kind: str, count: int) -> list[str]:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'1000-1015' (inclusive) or '1000,1003,1007' or a mix: '1000-1003,1010'."""
+    """'1000-1015' (inclusive) or '1000,1003,1007' or a mix: '1000-1003,1010'. ValueError saying
+    what is wrong otherwise (every CLI that takes seeds parses them here)."""
     seeds: list[int] = []
     for part in text.split(","):
         part = part.strip()
         if not part:
             continue
-        if "-" in part:
-            start, end = (int(v) for v in part.split("-", 1))
-            if end < start:
-                raise ValueError(f"seed range {part!r} runs backwards")
-            seeds.extend(range(start, end + 1))
-        else:
-            seeds.append(int(part))
+        try:
+            if "-" in part:
+                start, end = (int(v) for v in part.split("-", 1))
+                if end < start:
+                    raise ValueError(f"seed range {part!r} runs backwards")
+                seeds.extend(range(start, end + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError as error:
+            if "backwards" in str(error):
+                raise
+            raise ValueError(f"seeds {text!r}: expected ranges like 0-63 or lists like 1,2,5") from None
     if not seeds:
         raise ValueError(f"no seeds in {text!r}")
     return seeds
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per non-empty line (lines starting with # are comments)."""
-    lines = Path(path).read_text().splitlines()
+    """One prompt per non-empty line (lines starting with # are comments); ValueError naming the
+    file when it cannot be read or holds no prompt (every CLI that takes a prompts file reads it here)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (bad byte at offset {error.start})") from None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read it ({error.strerror or error})") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise ValueError(f"{path}: no prompts (one per line; lines starting with # are comments)")
     return prompts
 
 
@@ -296,6 +310,14 @@ class BenchConfig:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if not self.seeds:
             raise ValueError("give at least one seed")
+        if not self.levels or not self.methods:
+            raise ValueError(
+                f"give at least one level and one method (got levels {self.levels}, methods {self.methods})"
+            )
+        for method, level in self.bundles or {}:
+            if method not in self.methods or level not in self.levels:
+                raise ValueError(f"--bundle {method}:{level} is for a method / level this run does not include "
+                                 f"(methods {', '.join(self.methods)}; levels {', '.join(self.levels)})")  # fmt: skip
         if self.schedules is None:
             for level in self.levels:
                 level_schedule(level, self.steps)  # ValueError naming the known levels
@@ -418,11 +440,15 @@ def _variants(config: BenchConfig, pipe: Any, notes: list[str]) -> list[Variant]
             elif explicit is not None or bundles_root is not None:
                 bundle = Path(explicit) if explicit is not None else default_bundle_dir(bundles_root, method, level)
                 if not (bundle / "config.json").is_file():
+                    if explicit is not None:
+                        raise BundleError(f"--bundle {method}:{level}: no predictor bundle at {bundle}")
                     notes.append(f"{method} skipped at {level}: no predictor bundle at {bundle}")
                     continue
                 try:
                     predictor = StagePredictor.from_pretrained(bundle)
                 except BundleError as error:
+                    if explicit is not None:  # asked for by name: never a silent gap in the table
+                        raise BundleError(f"--bundle {method}:{level}: {error}") from None
                     notes.append(f"{method} skipped at {level}: {error}")
                     continue
             else:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lesa_core.cli import CliError
+from lesa_core.cli import CliError, non_negative_int, positive_int
+from lesa_core.predictor import BundleError
 
 RESULTS_DIR = Path("benchmarks") / "results"
 
@@ -39,11 +40,15 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
         help="none,reuse,taylorseer1,taylorseer2,lesa; lesa-<variant> uses bundles <predictors>/<variant>/<level>",
     )
     parser.add_argument("--batch-sizes", default="1,8", help="batch sizes for the wall-clock speed-up")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (LESA bundles are trained at 50)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=50, help="denoising steps (LESA bundles are trained at 50)"
+    )
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per cell (fastest and median reported)")
-    parser.add_argument("--quality-batch", type=int, default=8, help="batch size of the quality runs")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed calls per cell (fastest and median reported)"
+    )
+    parser.add_argument("--quality-batch", type=positive_int, default=8, help="batch size of the quality runs")
+    parser.add_argument("--threads", type=non_negative_int, default=1, help="torch threads (0: leave torch's default)")
     parser.add_argument("--predictors", type=Path, default=None, help="bundle root (default <model>/predictors)")
     parser.add_argument(
         "--bundle",
@@ -97,7 +102,10 @@ def run_quality_command(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args.model)
     except (ValueError, FileNotFoundError) as error:
         raise CliError(str(error)) from error
-    result = benchmark.run_quality_benchmark(config, pipe)
+    try:
+        result = benchmark.run_quality_benchmark(config, pipe)
+    except BundleError as error:
+        raise CliError(str(error)) from None
     out_dir = args.out_dir or RESULTS_DIR / Path(args.model).name
     paths = benchmark.write_outputs(result, out_dir, args.json)
     print()

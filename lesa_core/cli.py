@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import pickle
 import sys
 
 # Packages that contribute sub-commands, in the order they appear in `lesa --help`.
@@ -31,15 +33,57 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    name = f"lesa {args.command}"
     try:
         return int(args.func(args) or 0)
     except CliError as error:
-        print(f"lesa {args.command}: error: {error}", file=sys.stderr)
+        print(f"{name}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; `record`, `train-predictor` and `train-model` resume where they stopped "
+              "when run again with the same arguments", file=sys.stderr)  # fmt: skip
+        return 130
+    except Exception as error:  # noqa: BLE001 - a command line prints one line, never a traceback
+        if os.environ.get("LESA_DEBUG"):
+            raise
+        print(f"{name}: error: {describe(error)} (LESA_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def describe(error: BaseException) -> str:
+    """One line for an error a command did not anticipate, naming the file where there is one."""
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.strerror or type(error).__name__}: {error.filename}"
+    if isinstance(error, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({error.reason} at byte {error.start})"
+    if isinstance(error, EOFError | pickle.UnpicklingError):
+        return f"a saved state file is truncated or corrupt ({error or type(error).__name__}); delete it to start over"
+    errors = getattr(error, "errors", None)
+    if type(error).__name__ == "ValidationError" and callable(errors):  # pydantic settings
+        return "invalid setting: " + "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors()[:3]
+        )
+    return f"{type(error).__name__}: {error}"
 
 
 class CliError(Exception):
     """A user-facing error: printed as one line, no traceback."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (counts, sizes, steps), refused by argparse with the flag named."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (epochs; 0 skips that phase)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 if __name__ == "__main__":

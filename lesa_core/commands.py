@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lesa_core.cli import CliError
+from lesa_core.cli import CliError, non_negative_int, positive_int
 from lesa_core.predictor import BundleError
 from lesa_core.schedule import CacheSchedule
 from lesa_core.training import TrainSettings as TrainDefaults
@@ -17,9 +17,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("checkpoint", help="torch file saved by the reference implementation")
     parser.add_argument("out_dir", help="bundle directory to write (config.json + model.safetensors)")
-    parser.add_argument("--num-steps", type=int, required=True)
-    parser.add_argument("--interval", type=int, required=True)
-    parser.add_argument("--first-enhance", type=int, required=True)
+    parser.add_argument("--num-steps", type=positive_int, required=True)
+    parser.add_argument("--interval", type=positive_int, required=True)
+    parser.add_argument("--first-enhance", type=non_negative_int, required=True)
     parser.add_argument("--family", default=None, help="transformer class, e.g. FluxTransformer2DModel")
     parser.set_defaults(func=_import_reference)
     parser = subparsers.add_parser(
@@ -92,28 +92,22 @@ def load_any_pipeline(name: str):
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'0-63' or '1,2,5' or '0-9,20-29' -> a list of seeds."""
-    seeds: list[int] = []
+    """'0-63' or '1,2,5' or '0-9,20-29' -> a list of seeds (CliError otherwise)."""
+    from lesa_core.benchmark import parse_seeds as parse
+
     try:
-        for part in text.split(","):
-            if "-" in part:
-                low, high = part.split("-")
-                seeds.extend(range(int(low), int(high) + 1))
-            else:
-                seeds.append(int(part))
+        return parse(text)
     except ValueError as error:
-        raise CliError(f"--seeds {text!r}: expected ranges like 0-63 or lists like 1,2,5") from error
-    return seeds
+        raise CliError(f"--seeds: {error}") from None
 
 
-def read_prompts(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise CliError(f"--prompts {path}: no such file")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise CliError(f"--prompts {path}: the file holds no prompts (one per line)")
-    return prompts
+def read_prompts(path: str | Path) -> list[str]:
+    from lesa_core.benchmark import read_prompts as read
+
+    try:
+        return read(path)
+    except ValueError as error:
+        raise CliError(f"--prompts {error}") from None
 
 
 def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -121,11 +115,11 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     rec.add_argument("--model", required=True)
     rec.add_argument("--prompts", required=True, help="text file, one prompt per line (cycled over the seeds)")
     rec.add_argument("--seeds", required=True, help="e.g. 0-63")
-    rec.add_argument("--steps", type=int, default=50)
+    rec.add_argument("--steps", type=positive_int, default=50)
     rec.add_argument("--guidance", type=float, default=None, help="default: the model's")
     rec.add_argument("--size", default=None, help="WxH, default: the model's first size")
-    rec.add_argument("--frames", type=int, default=None)
-    rec.add_argument("--shard-size", type=int, default=16)
+    rec.add_argument("--frames", type=positive_int, default=None)
+    rec.add_argument("--shard-size", type=positive_int, default=16)
     rec.add_argument("--out", required=True)
     rec.set_defaults(func=_record)
 
@@ -134,32 +128,34 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--model", required=True)
     train.add_argument("--data", required=True, help="directory written by `lesa record`")
-    train.add_argument("--steps", type=int, default=50)
+    train.add_argument("--steps", type=positive_int, default=50)
     group = train.add_mutually_exclusive_group(required=True)
     group.add_argument("--level", help="a named level: 2x, 3.3x, 5x, 6.25x")
-    group.add_argument("--interval", type=int)
-    train.add_argument("--first-enhance", type=int, default=3)
+    group.add_argument("--interval", type=positive_int)
+    train.add_argument("--first-enhance", type=non_negative_int, default=3)
     train.add_argument("--out", required=True, help="bundle directory")
     train.add_argument("--work-dir", default=None, help="resumable state (default: OUT.work)")
-    train.add_argument("--phase1-epochs", type=int, default=TrainDefaults.phase1_epochs)
-    train.add_argument("--phase2-epochs", type=int, default=TrainDefaults.phase2_epochs)
+    train.add_argument("--phase1-epochs", type=non_negative_int, default=TrainDefaults.phase1_epochs)
+    train.add_argument("--phase2-epochs", type=non_negative_int, default=TrainDefaults.phase2_epochs)
     train.add_argument(
         "--phase3-epochs",
-        type=int,
+        type=non_negative_int,
         default=TrainDefaults.phase3_epochs,
         help="epochs of final-sample MSE through the whole sampler (improved; reference models only)",
     )
-    train.add_argument("--batch-size", type=int, default=TrainDefaults.batch_size)
+    train.add_argument("--batch-size", type=positive_int, default=TrainDefaults.batch_size)
     train.add_argument("--lr", type=float, default=TrainDefaults.lr)
     train.add_argument(
         "--kan-hidden",
         default="256,256",
         help="KAN hidden widths (the paper: 256,256; the gain is one scalar per step)",
     )
-    train.add_argument("--train-tokens", type=int, default=None, help="tokens sampled per update (default: all)")
+    train.add_argument(
+        "--train-tokens", type=positive_int, default=None, help="tokens sampled per update (default: all)"
+    )
     train.add_argument(
         "--phase2-updates",
-        type=int,
+        type=positive_int,
         default=TrainDefaults.phase2_updates_per_rollout,
         help="optimizer steps per closed-loop rollout",
     )

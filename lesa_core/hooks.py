@@ -387,6 +387,13 @@ class FinalLayerHook(ModelHook):
         return self.fn_ref.original_forward(*args, **kwargs)
 
 
+def _hidden_size(model: nn.Module) -> int | None:
+    """Channels of the hidden state the final layer reads (heads x head width in diffusers' DiTs)."""
+    config = getattr(model, "config", None)
+    heads, width = getattr(config, "num_attention_heads", None), getattr(config, "attention_head_dim", None)
+    return heads * width if isinstance(heads, int) and isinstance(width, int) else None
+
+
 def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, object]]:
     blocks = []
     for name, child in model.named_children():
@@ -420,7 +427,9 @@ def enable_cache(model: nn.Module, config: CacheConfig) -> None:
     if config.method == "none" and schedule is not None and schedule.num_full != schedule.num_steps:
         raise ValueError("method 'none' runs every step in full; give no schedule or CacheSchedule.every_step")
     if config.method == "lesa" and config.predictor is not None and schedule is not None:
-        config.predictor.check_compatible(schedule, family=None, hidden_size=None)
+        # A bundle trained on another family or width must not run here, even when the shapes it
+        # would see happen to fit (an image model's bundle on a video model of the same width).
+        config.predictor.check_compatible(schedule, family=type(model).__name__, hidden_size=_hidden_size(model))
     forecaster = make_forecaster(config.method, config.predictor, config.taylor_order)
     session = _Session(config, forecaster, schedule)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -341,6 +342,11 @@ def train_predictor(
                 )
                 losses.append(update(loss))
         mean_loss = sum(losses) / len(losses)
+        if not math.isfinite(mean_loss):  # nothing good can come of more epochs; the best bundle so far stays
+            raise ValueError(
+                f"training diverged in epoch {epoch + 1} (phase {phase}): the loss is {mean_loss}; check the "
+                f"trajectories in {data_dir} or lower the learning rate"
+            )
         postfix = {"phase": phase, ("sample_mse" if phase == 3 else settings.loss): f"{mean_loss:.5f}"}
         last_phase1 = epoch == settings.phase1_epochs - 1
         if phase > 1 or last_phase1 or (epoch + 1) % settings.validate_every == 0:

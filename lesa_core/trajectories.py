@@ -33,6 +33,10 @@ class TrajectoryError(ValueError):
     """A trajectory directory or shard that cannot be used."""
 
 
+class _OtherRecording(TrajectoryError):
+    """A sound shard of another recording (other settings, prompts or seeds): never overwritten."""
+
+
 @dataclass(frozen=True)
 class RecordSettings:
     model: str
@@ -88,11 +92,15 @@ def record(
     """Record full-compute trajectories for (prompt, seed) pairs into `out_dir` (resumable)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+    if not seeds:
+        raise ValueError("no seeds to record")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     if manifest_path.exists():
-        existing = json.loads(manifest_path.read_text())
+        existing = _read_manifest(manifest_path)
         if existing.get("settings") != asdict(settings):
             raise TrajectoryError(
                 f"{out} holds trajectories recorded with {existing.get('settings')}; "
@@ -113,7 +121,14 @@ def record(
                 shards.append(path.name)
                 bar.set_postfix_str("kept")
                 continue
-            except TrajectoryError as error:
+            except _OtherRecording as error:
+                # Resuming means the same command: other seeds into a used directory would
+                # silently drop the shards recorded before. Never delete someone's data.
+                raise TrajectoryError(
+                    f"{out}: {error}; this directory holds another recording: use another --out, or the "
+                    "same --prompts / --seeds / settings to resume it"
+                ) from None
+            except TrajectoryError as error:  # truncated or corrupt: this run's own shard, redo it
                 tqdm.write(f"re-recording {path.name}: {error}")
                 path.unlink()
         _record_shard(pipe, path, settings, shard_prompts, shard_seeds)
@@ -168,10 +183,14 @@ def _check_shard(path: Path, settings: RecordSettings, prompts: list[str] | None
             shapes = {k: f.get_slice(k).get_shape() for k in keys}
     except (SafetensorError, OSError, ValueError) as error:
         raise TrajectoryError(f"{path.name} is corrupt or truncated ({error})") from error
-    if json.loads(meta.get("settings", "null")) != asdict(settings):
-        raise TrajectoryError(f"{path.name} was recorded with other settings")
-    if prompts is not None and (json.loads(meta["prompts"]) != prompts or json.loads(meta["seeds"]) != seeds):
-        raise TrajectoryError(f"{path.name} holds other prompts/seeds")
+    try:
+        recorded = json.loads(meta.get("settings", "null")), json.loads(meta["prompts"]), json.loads(meta["seeds"])
+    except (KeyError, ValueError) as error:
+        raise TrajectoryError(f"{path.name} has corrupt metadata ({error})") from error
+    if recorded[0] != asdict(settings):
+        raise _OtherRecording(f"{path.name} was recorded with other settings")
+    if prompts is not None and (recorded[1] != prompts or recorded[2] != seeds):
+        raise _OtherRecording(f"{path.name} holds other prompts/seeds ({recorded[2][0]}..{recorded[2][-1]})")
     hidden_keys = [k for k in keys if k.startswith("hidden.")]
     if not {"noise", "final", "times"} <= keys or not hidden_keys:
         raise TrajectoryError(f"{path.name} lacks tensors (has {sorted(keys)})")
@@ -181,13 +200,25 @@ def _check_shard(path: Path, settings: RecordSettings, prompts: list[str] | None
             raise TrajectoryError(f"{path.name}: {k} has shape {shapes[k]}, expected [{n}, {settings.num_steps}, ...]")
 
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """dataset.json, checked: a TrajectoryError naming the file and what is wrong with it."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        RecordSettings(**manifest["settings"])
+        if not isinstance(manifest["shards"], list):
+            raise TypeError("'shards' is not a list")
+    except (ValueError, KeyError, TypeError) as error:  # JSON, missing or unknown keys, wrong types
+        raise TrajectoryError(f"{path}: not a `lesa record` manifest ({type(error).__name__}: {error})") from None
+    return manifest
+
+
 def load_trajectories(data_dir: str | Path) -> Trajectories:
     """Load every shard of a recorded directory, verifying each one."""
     root = Path(data_dir)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise TrajectoryError(f"{root}: no {MANIFEST}; record trajectories first with `lesa record`")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read_manifest(manifest_path)
     settings = RecordSettings(**manifest["settings"])
     prompts, seeds, noise, final, times = [], [], [], [], None
     hidden: dict[str, list[torch.Tensor]] = {}
@@ -199,12 +230,18 @@ def load_trajectories(data_dir: str | Path) -> Trajectories:
                 meta = f.metadata()
                 prompts += json.loads(meta["prompts"])
                 seeds += json.loads(meta["seeds"])
-                noise.append(f.get_tensor("noise"))
-                final.append(f.get_tensor("final"))
-                times = f.get_tensor("times")
-                for key in f.keys():
-                    if key.startswith("hidden."):
-                        hidden.setdefault(key.removeprefix("hidden."), []).append(f.get_tensor(key).float())
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+            # Bytes overwritten inside a shard pass every header check but poison training (NaN).
+            bad = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            if bad:
+                raise TrajectoryError(f"{path}: non-finite values in {', '.join(bad)}: corrupt; delete it and rerun "
+                                      "`lesa record` to re-record it")  # fmt: skip
+            noise.append(tensors["noise"])
+            final.append(tensors["final"])
+            times = tensors["times"]
+            for key, tensor in tensors.items():
+                if key.startswith("hidden."):
+                    hidden.setdefault(key.removeprefix("hidden."), []).append(tensor.float())
         except (SafetensorError, OSError, RuntimeError) as error:
             raise TrajectoryError(
                 f"{path}: corrupt or truncated ({error}); rerun `lesa record` to re-record it"

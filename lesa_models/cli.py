@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from lesa_core.cli import CliError
+from lesa_core.cli import CliError, positive_int
+from lesa_core.commands import read_prompts
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 VIDEO_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}
@@ -23,10 +24,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", type=Path, help="file with one prompt per line (batch generation)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps (4..100)")
+    gen.add_argument("--steps", type=positive_int, default=50, help="denoising steps (4..100)")
     gen.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     gen.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's first size)")
-    gen.add_argument("--frames", type=int, default=None, help="clip length (video models)")
+    gen.add_argument("--frames", type=positive_int, default=None, help="clip length (video models)")
     gen.add_argument("--acceleration", default="none", help="none or a lesa_core level (e.g. 5x)")
     gen.add_argument(
         "--method",
@@ -35,7 +36,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="forecaster used by an acceleration level other than none",
     )
     gen.add_argument("--predictor", type=Path, default=None, help="LESA predictor bundle directory")
-    gen.add_argument("--batch-size", type=int, default=8, help="samples per pipeline call with --prompts")
+    gen.add_argument("--batch-size", type=positive_int, default=8, help="samples per pipeline call with --prompts")
     gen.add_argument(
         "--output",
         type=Path,
@@ -43,7 +44,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="file (.png/.jpg/.webp, or .mp4/.gif for video); with --prompts, a directory "
         "or a name that gets -000, -001, ... appended",
     )
-    gen.add_argument("--scale", type=int, default=None, help="nearest-neighbour enlargement of the output")
+    gen.add_argument("--scale", type=positive_int, default=None, help="nearest-neighbour enlargement of the output")
     gen.set_defaults(func=_generate)
 
     train = subparsers.add_parser("train-model", help="train a reference model with its seeded recipe")
@@ -54,14 +55,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--work-dir", type=Path, default=None, help="checkpoints (resumed if present)")
     train.add_argument("--output", type=Path, default=None, help="export directory (default: lesa_models/weights)")
-    train.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
-    train.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
+    train.add_argument("--steps", type=positive_int, default=None, help="override the recipe's step count")
+    train.add_argument(
+        "--threads", type=positive_int, default=1, help="torch threads (1 is fastest on a busy 2-core box)"
+    )
     train.set_defaults(func=_train_model)
 
     ev = subparsers.add_parser("eval", help="judge a model with the digit classifier / motion estimator")
     ev.add_argument("--model", default="digits-image")
-    ev.add_argument("--per-class", type=int, default=10, help="samples per digit")
-    ev.add_argument("--steps", type=int, default=50)
+    ev.add_argument("--per-class", type=positive_int, default=10, help="samples per digit")
+    ev.add_argument("--steps", type=positive_int, default=50)
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--acceleration", default="none")
     ev.add_argument("--method", default="lesa", choices=("lesa", "taylorseer", "reuse"))
@@ -141,12 +144,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         prompts = [args.prompt]
     else:
-        try:
-            prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
-        except OSError as error:
-            raise CliError(f"cannot read --prompts: {error}") from error
-        if not prompts:
-            raise CliError(f"--prompts file {args.prompts} has no prompts")
+        prompts = read_prompts(args.prompts)  # comments (#) skipped, as for `lesa record` and `lesa bench`
     suffixes = IMAGE_SUFFIXES if pipe.kind == "image" else VIDEO_SUFFIXES
     suffix = args.output.suffix.lower() or (".png" if pipe.kind == "image" else ".mp4")
     if suffix not in suffixes:

@@ -10,6 +10,8 @@ import socket
 import sys
 from typing import Any
 
+from lesa_core.cli import positive_int
+
 
 def add_commands(subparsers: Any) -> None:
     serve = subparsers.add_parser(
@@ -24,7 +26,7 @@ def add_commands(subparsers: Any) -> None:
         "--models",
         help="comma-separated models to serve (default: every model deploy/models.toml enables on this node)",
     )
-    serve.add_argument("--max-batch", type=int, help="most samples per batched generation (LESA_MAX_BATCH)")
+    serve.add_argument("--max-batch", type=positive_int, help="most samples per batched generation (LESA_MAX_BATCH)")
     serve.add_argument("--no-worker", action="store_true", help="API only: leave generation to `lesa worker`")
     serve.set_defaults(func=run_serve)
 
@@ -67,6 +69,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args, host=args.host, port=args.port, embedded_worker=False if args.no_worker else None)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.models:  # a typo must stop the command, not leave a server that is never ready
+        from lesa_core.production import read_config
+
+        known = read_config(settings.models_config).models
+        unknown = [m.strip() for m in settings.models.split(",") if m.strip() and m.strip() not in known]
+        if unknown:
+            print(f"lesa serve: unknown model(s) {', '.join(unknown)}; configured: {', '.join(known)}", file=sys.stderr)
+            return 2
     try:
         sock = listen(settings.host, settings.port)
     except OSError as error:

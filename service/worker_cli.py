@@ -32,6 +32,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge
 
+from lesa_core.cli import positive_int
 from service.metrics import Metrics
 from service.queue import QueueUnavailable
 from service.redis_queue import RedisJobQueue, RedisQueueSettings, default_worker_name
@@ -239,7 +240,7 @@ def add_worker_command(subparsers: Any) -> None:
         "until SIGTERM. Every option defaults to its LESA_* environment variable.",
     )
     parser.add_argument("--redis-url", help="redis://host:port/db (LESA_REDIS_URL)")
-    parser.add_argument("--max-batch", type=int, help="most samples per batched generation (LESA_MAX_BATCH)")
+    parser.add_argument("--max-batch", type=positive_int, help="most samples per batched generation (LESA_MAX_BATCH)")
     parser.add_argument("--max-wait-ms", type=float, help="wait for compatible jobs (LESA_MAX_WAIT_MS)")
     parser.add_argument("--device", help='"cpu", "cuda", "cuda:1", "auto" (LESA_DEVICE)')
     parser.add_argument("--models", help="comma-separated model names (LESA_MODELS)")

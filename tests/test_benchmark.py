@@ -268,6 +268,14 @@ def test_unknown_method_or_level_is_a_value_error() -> None:
         BenchConfig(model="digits-image", methods=["fora"])
     with pytest.raises(ValueError, match="known levels"):
         BenchConfig(model="digits-image", levels=["9x"])
+    # An empty selection would print an empty table and exit 0; a bundle for a level or method the
+    # run leaves out would be silently ignored.
+    with pytest.raises(ValueError, match="at least one level and one method"):
+        BenchConfig(model="digits-image", levels=[])
+    with pytest.raises(ValueError, match="--bundle lesa:6.25x"):
+        BenchConfig(model="digits-image", levels=["5x"], methods=["lesa"], bundles={("lesa", "6.25x"): Path("b")})
+    with pytest.raises(ValueError, match="seeds 'a-b': expected ranges"):
+        benchmark.parse_seeds("a-b")
 
 
 def tiny_video_pipe():

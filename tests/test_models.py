@@ -152,6 +152,17 @@ def test_acceleration_hooks_attach_and_detach(image_pipe):
     assert full.samples.shape == out.samples.shape
 
 
+def test_a_bundle_trained_for_another_model_family_is_refused(video_pipe):
+    """The image model's bundle fits the video model's width (128) and schedule, but not its family."""
+    from lesa_core import BundleError, CacheConfig, StagePredictor
+    from lesa_models.registry import WEIGHTS_DIR
+
+    bundle = StagePredictor.from_pretrained(WEIGHTS_DIR / "digits-image" / "predictors" / "5x")
+    config = CacheConfig(method="lesa", schedule=bundle.schedule, predictor=bundle)
+    with pytest.raises(BundleError, match="FluxTransformer2DModel, not WanTransformer3DModel"):
+        video_pipe(["digit 3 moving left"], seeds=[0], num_inference_steps=50, cache=config, **_size(video_pipe))
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_pipeline_moves_to_another_dtype(name):
     """`.to(device, dtype)` like a diffusers pipeline: bfloat16 samples, with and without acceleration

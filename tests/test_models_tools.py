@@ -86,6 +86,31 @@ def test_cli_generate_reports_user_errors(tmp_path, capsys):
     assert rc == 2 and "num_inference_steps" in capsys.readouterr().err
 
 
+def test_cli_errors_are_one_line_naming_the_problem_never_a_traceback(tmp_path, capsys):
+    from lesa_core.cli import main
+
+    comments = tmp_path / "prompts.txt"
+    comments.write_text("# only a comment\n\n")
+    out = tmp_path / "gen"
+    rc = main(["generate", "--prompts", str(comments), "--steps", "4", "--output", str(out)])
+    assert rc == 2 and "no prompts" in capsys.readouterr().err and not out.exists()  # comments are not prompts
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    prompts = tmp_path / "ok.txt"
+    prompts.write_text("digit 3\n")
+    rc = main(["record", "--model", "digits-image", "--prompts", str(prompts), "--seeds", "0", "--steps", "4",
+               "--out", str(a_file)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1 and str(a_file) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["serve", "--port", "70000"]) == 1
+    assert "invalid setting: port" in capsys.readouterr().err
+    # Counts and sizes below 1 are refused by the parser, naming the flag.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["record", "--model", "digits-image", "--prompts", str(prompts), "--seeds", "0", "--out", "x",
+              "--shard-size", "0"])  # fmt: skip
+    assert exit_info.value.code == 2 and "--shard-size: must be at least 1" in capsys.readouterr().err
+
+
 def test_cli_acceleration_levels(tmp_path, capsys):
     from lesa_core.cli import main
 

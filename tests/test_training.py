@@ -87,6 +87,33 @@ def test_corrupt_shard_is_detected_and_re_recorded(pipe, recorded, tmp_path):
         )
 
 
+def test_a_recording_is_never_overwritten_by_another_and_poisoned_shards_are_refused(pipe, recorded, tmp_path):
+    out, settings = recorded
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in out.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    before = {f.name: f.read_bytes() for f in copy.iterdir()}
+    # Other seeds into a used directory: refused, every shard kept (it used to re-record shard 0
+    # with the new seeds and drop the rest from the manifest).
+    with pytest.raises(TrajectoryError, match="holds another recording"):
+        record(pipe, ["digit 6", "digit 7"], [6, 7], copy, settings, shard_size=2, progress=False)
+    assert {f.name: f.read_bytes() for f in copy.iterdir()} == before
+    with pytest.raises(ValueError, match="shard_size must be at least 1"):
+        record(pipe, ["digit 6"], [6], tmp_path / "other", settings, shard_size=0, progress=False)
+    # A shard whose tensor bytes were overwritten passes the header checks but holds NaN: refused
+    # by name before it can train a predictor to NaN.
+    shard = copy / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-4000:-3000] = b"\xff" * 1000  # fp16 0xffff is NaN
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TrajectoryError, match="shard-00001.*non-finite"):
+        load_trajectories(copy)
+    (copy / "dataset.json").write_text("{not json")
+    with pytest.raises(TrajectoryError, match="dataset.json: not a `lesa record` manifest"):
+        load_trajectories(copy)
+
+
 @pytest.mark.parametrize("base", ["last", "taylor1"])
 def test_two_phase_training_writes_a_usable_bundle_and_resumes(pipe, recorded, tmp_path, base):
     out, _ = recorded
