@@ -247,7 +247,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 def _train_predictor(args: argparse.Namespace) -> int:
     from lesa_core.levels import level_schedule
     from lesa_core.training import TrainSettings, train_predictor
-    from lesa_core.trajectories import TrajectoryError
+    from lesa_core.trajectories import MANIFEST, TrajectoryError, read_manifest
 
     try:
         if args.level:
@@ -273,6 +273,12 @@ def _train_predictor(args: argparse.Namespace) -> int:
         taylor_stages=_parse_stages(args.taylor_stages),
         seed=args.seed,
     )
+    try:
+        recorded = read_manifest(Path(args.data) / MANIFEST)["settings"]["model"]
+    except TrajectoryError as error:
+        raise CliError(str(error)) from None
+    if recorded != args.model:  # same names as `lesa record --model` took
+        raise CliError(f"--data {args.data} holds trajectories of {recorded!r}, not --model {args.model!r}")
     pipe = load_any_pipeline(args.model)
     try:
         predictor, report = train_predictor(pipe, args.data, schedule, args.out, settings, args.work_dir)

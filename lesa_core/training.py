@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -286,8 +287,9 @@ def train_predictor(
                 "schedule": json.dumps(schedule.to_dict()),
                 "rng": torch.get_rng_state(),
             },
-            state_path,
+            state_path.with_suffix(".tmp"),
         )
+        os.replace(state_path.with_suffix(".tmp"), state_path)  # atomic: a crash never leaves half a state
 
     def update(loss: torch.Tensor) -> float:
         optimizer.zero_grad(set_to_none=True)

@@ -100,7 +100,7 @@ def record(
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     if manifest_path.exists():
-        existing = _read_manifest(manifest_path)
+        existing = read_manifest(manifest_path)
         if existing.get("settings") != asdict(settings):
             raise TrajectoryError(
                 f"{out} holds trajectories recorded with {existing.get('settings')}; "
@@ -200,8 +200,10 @@ def _check_shard(path: Path, settings: RecordSettings, prompts: list[str] | None
             raise TrajectoryError(f"{path.name}: {k} has shape {shapes[k]}, expected [{n}, {settings.num_steps}, ...]")
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path) -> dict[str, Any]:
     """dataset.json, checked: a TrajectoryError naming the file and what is wrong with it."""
+    if not path.is_file():
+        raise TrajectoryError(f"{path.parent}: no {MANIFEST}; record trajectories first with `lesa record`")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         RecordSettings(**manifest["settings"])
@@ -218,7 +220,7 @@ def load_trajectories(data_dir: str | Path) -> Trajectories:
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise TrajectoryError(f"{root}: no {MANIFEST}; record trajectories first with `lesa record`")
-    manifest = _read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path)
     settings = RecordSettings(**manifest["settings"])
     prompts, seeds, noise, final, times = [], [], [], [], None
     hidden: dict[str, list[torch.Tensor]] = {}

@@ -112,6 +112,18 @@ def test_a_recording_is_never_overwritten_by_another_and_poisoned_shards_are_ref
     (copy / "dataset.json").write_text("{not json")
     with pytest.raises(TrajectoryError, match="dataset.json: not a `lesa record` manifest"):
         load_trajectories(copy)
+    # Trajectories of one model never train a predictor for another.
+    args = ["train-predictor", "--data", str(out), "--level", "5x", "--out", str(tmp_path / "b")]
+    assert main([*args, "--model", "digits-video"]) == 2
+
+
+def test_training_state_is_written_atomically(pipe, recorded, tmp_path):
+    out, _ = recorded
+    work = tmp_path / "work"
+    settings = TrainSettings(phase1_epochs=1, phase2_epochs=0, batch_size=4)
+    train_predictor(pipe, out, CacheSchedule.from_full_steps(STEPS, [0, 1, 3]), tmp_path / "b", settings, work,
+                    progress=False)  # fmt: skip
+    assert sorted(p.name for p in work.iterdir()) == ["train_state.pt"]  # no half-written .tmp left
 
 
 @pytest.mark.parametrize("base", ["last", "taylor1"])
