@@ -189,9 +189,15 @@ def _train_model(args: argparse.Namespace) -> int:
     from lesa_models.train import train
 
     if args.name == "evaluator":
+        import torch
+
         from lesa_models.evaluator import train_classifier
 
-        print(json.dumps(train_classifier(output=args.output)))
+        if args.work_dir is not None:  # minutes of training: nothing to resume
+            raise CliError("--work-dir: the evaluator trains in one go and keeps no checkpoints")
+        torch.set_num_threads(args.threads)
+        steps = {} if args.steps is None else {"steps": args.steps}
+        print(json.dumps(train_classifier(output=args.output, **steps)))
         return 0
     out = train(args.name, work_dir=args.work_dir, output=args.output, steps=args.steps, threads=args.threads)
     print(out)
