@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from lesa_core.cli import CliError, non_negative_int, positive_int
@@ -39,8 +40,9 @@ def _ensemble_predictors(args: argparse.Namespace) -> int:
     names, members = [], []
     for item in args.members:
         name, sep, bundle = item.partition("=")
-        if not sep or not name or not bundle or Path(name).name != name:
-            raise CliError(f"member {item!r}: expected NAME=BUNDLE, NAME a plain directory name")
+        # NAME becomes a subdirectory next to the ensemble's own config.json: letters, digits, - and _ only
+        if not sep or not bundle or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise CliError(f"member {item!r}: expected NAME=BUNDLE, NAME made of letters, digits, - and _")
         try:
             member = StagePredictor.from_pretrained(bundle)
         except BundleError as error:

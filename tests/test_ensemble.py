@@ -119,3 +119,6 @@ def test_ensemble_bundle_round_trip_and_clear_errors(tmp_path):
         StagePredictor.from_pretrained(tmp_path / "ens")
     # the command names a bad member argument
     assert main(["ensemble-predictors", "--out", str(tmp_path / "x"), f"{tmp_path / 'm0'}"]) == 2
+    # a member named like the ensemble's own files is refused before anything is written
+    assert main(["ensemble-predictors", "--out", str(tmp_path / "y"), f"config.json={tmp_path / 'm0'}"]) == 2
+    assert not (tmp_path / "y").exists()
