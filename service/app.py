@@ -247,7 +247,7 @@ def create_app(
     async def queue_down(request: Request, exc: QueueUnavailable) -> JSONResponse:
         return await api_error(
             request,
-            ApiError(503, f"the job queue is unavailable: {exc}", type="server_error", code="queue_unavailable",
+            ApiError(503, str(exc), type="server_error", code="queue_unavailable",
                      headers={"Retry-After": "5"}),
         )  # fmt: skip
 

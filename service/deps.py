@@ -141,7 +141,7 @@ async def submit(
 
 
 def unavailable(services: Services, error: Exception) -> ApiError:
-    return ApiError(503, f"the job queue is unavailable: {error}", type="server_error", code="queue_unavailable",
+    return ApiError(503, str(error), type="server_error", code="queue_unavailable",
                     headers={"Retry-After": "5"})  # fmt: skip
 
 

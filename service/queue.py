@@ -44,6 +44,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -157,7 +158,8 @@ class QueueFull(QueueError):
 
 
 class QueueUnavailable(QueueError):
-    """The queue backend cannot be reached (e.g. Redis down): answer 503."""
+    """The queue backend cannot be reached (e.g. Redis down): answer 503. Its message says so
+    whole ("the job queue (Redis at ...) is unavailable: ..."): the API shows it as is."""
 
 
 def new_job_id() -> str:
@@ -258,12 +260,21 @@ class JobQueue(abc.ABC):
         """True once `cancel` was called for the job (checked by workers between steps)."""
 
     @abc.abstractmethod
-    async def complete(self, job_id: str, result: JobResult, artifacts: dict[str, bytes]) -> None:
-        """Store outputs and mark completed (sets `expires_at`); ignored if already terminal."""
+    async def complete(self, job_id: str, result: JobResult, artifacts: dict[str, bytes]) -> bool:
+        """Store outputs and mark completed (sets `expires_at`); ignored if already terminal.
+
+        Returns whether this call stored the result: False for a duplicate delivery that lost the
+        race (or a job cancelled meanwhile), which workers must not count as a completion."""
 
     @abc.abstractmethod
-    async def fail(self, job_id: str, error: JobError) -> None:
-        """Mark failed with a client-safe message; ignored if already terminal."""
+    async def fail(self, job_id: str, error: JobError) -> bool:
+        """Mark failed with a client-safe message; ignored if already terminal. Returns whether
+        this call recorded the failure (as `complete`)."""
+
+    # Called by `claim_batch` with a job it gave up on after `max_deliveries` deliveries (the
+    # backend marks it failed itself): lets a worker count that failure. Backends without
+    # re-delivery never call it.
+    on_gave_up: Callable[[Job], None] | None = None
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release in memory
         """Release connections; the default has nothing to release."""
@@ -500,18 +511,20 @@ class InProcessJobQueue(JobQueue):
         job = self._jobs.get(job_id)
         return job is not None and job.status == JobStatus.cancelled
 
-    async def complete(self, job_id: str, result: JobResult, artifacts: dict[str, bytes]) -> None:
+    async def complete(self, job_id: str, result: JobResult, artifacts: dict[str, bytes]) -> bool:
         job = self._live(job_id)
         if job is None:
-            return
+            return False
         self._artifacts[job_id] = dict(artifacts)
         job.result = result
         job.progress = 100
         self._finish(job, JobStatus.completed)
+        return True
 
-    async def fail(self, job_id: str, error: JobError) -> None:
+    async def fail(self, job_id: str, error: JobError) -> bool:
         job = self._live(job_id)
         if job is None:
-            return
+            return False
         job.error = error
         self._finish(job, JobStatus.failed)
+        return True

@@ -180,8 +180,9 @@ if attempts >= tonumber(ARGV[5]) then
   redis.call('PUBLISH', ARGV[8], ARGV[1])
   return 'dead'
 end
+-- progress restarts at 0: a re-delivered job runs again from its first step
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started_at', ARGV[4], 'worker_id', ARGV[10],
-  'consumer', ARGV[3], 'attempts', tostring(attempts + 1))
+  'consumer', ARGV[3], 'attempts', tostring(attempts + 1), 'progress', '0')
 redis.call('ZREM', KEYS[3], ARGV[1])
 return 'ok'
 """
@@ -515,6 +516,7 @@ class RedisJobQueue(JobQueue):
             for key in (self.k_index, f"{self.k_index}:image", f"{self.k_index}:video", self.k_workers):
                 pipe.zremrangebyscore(key, "-inf", horizon if key != self.k_workers else now - 3600)
             await pipe.execute()
+        await self.prune_consumers()
         if self.output_dir.is_dir():
             stale = [d for d in self.output_dir.iterdir() if d.is_dir() and d.stat().st_mtime < now - self.result_ttl_s]
             if stale:
@@ -522,6 +524,20 @@ class RedisJobQueue(JobQueue):
                 for directory, job in zip(stale, exists, strict=True):
                     if job is None:
                         await asyncio.to_thread(shutil.rmtree, directory, True)
+
+    async def prune_consumers(self, idle_s: float | None = None) -> None:
+        """Forget consumers of workers long gone: every worker start adds one to the group, and
+        with autoscaling the list would grow without end. Only consumers with nothing pending and
+        idle for `idle_s` (default an hour; a live worker reads every second) are deleted: deleting
+        one with pending entries would drop them from re-delivery. Runs with the API's housekeeping."""
+        try:
+            consumers = await self._redis.xinfo_consumers(self.stream, self.group)
+        except ResponseError:  # no group yet
+            return
+        stale_ms = (max(3600.0, 10 * self.visibility_timeout_s) if idle_s is None else idle_s) * 1000
+        for consumer in consumers:
+            if int(consumer["pending"]) == 0 and int(consumer["idle"]) > stale_ms:
+                await self._redis.xgroup_delconsumer(self.stream, self.group, consumer["name"])
 
     # ---- API side ---------------------------------------------------------------------------
 
@@ -892,6 +908,10 @@ class RedisJobQueue(JobQueue):
                 if outcome == b"ok":
                     started.append(entry.job_id)
                     self._active[entry.job_id] = (worker_id, entry.entry_id, time.monotonic())
+                elif outcome == b"dead" and self.on_gave_up is not None:  # failed by the script just now
+                    gave_up = await self.get(entry.job_id)
+                    if gave_up is not None:
+                        self.on_gave_up(gave_up)
             jobs = [j for j in await self._get_many(started) if j is not None]
             if jobs:
                 self._last_batch[worker_id] = len(jobs)
@@ -915,7 +935,7 @@ class RedisJobQueue(JobQueue):
     async def is_cancelled(self, job_id: str) -> bool:
         return _s(await self._redis.hget(self._k_job(job_id), "status")) == JobStatus.cancelled.value
 
-    async def _store(self, job_id: str, status: str, payload: str, artifacts: dict[str, bytes]) -> None:
+    async def _store(self, job_id: str, status: str, payload: str, artifacts: dict[str, bytes]) -> bool:
         inline: dict[str, bytes] = {}
         files: dict[str, str] = {}
         # A fresh sub-directory per delivery: a losing (second) writer never overwrites the
@@ -966,14 +986,15 @@ class RedisJobQueue(JobQueue):
         self._active.pop(job_id, None)
         if not stored and files:
             await asyncio.to_thread(shutil.rmtree, attempt_dir, True)
+        return bool(stored)
 
     @_translate_errors
-    async def complete(self, job_id: str, result: JobResult, artifacts: dict[str, bytes]) -> None:
-        await self._store(job_id, JobStatus.completed.value, result.model_dump_json(), artifacts)
+    async def complete(self, job_id: str, result: JobResult, artifacts: dict[str, bytes]) -> bool:
+        return await self._store(job_id, JobStatus.completed.value, result.model_dump_json(), artifacts)
 
     @_translate_errors
-    async def fail(self, job_id: str, error: JobError) -> None:
-        await self._store(job_id, JobStatus.failed.value, error.model_dump_json(), {})
+    async def fail(self, job_id: str, error: JobError) -> bool:
+        return await self._store(job_id, JobStatus.failed.value, error.model_dump_json(), {})
 
     async def _settle(self, consumer: str) -> None:
         """Acknowledge jobs of this consumer's previous batch that the worker dropped.

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from service.metrics import Metrics
-from service.queue import Job, JobError, JobQueue, JobResult
+from service.queue import Job, JobError, JobQueue, JobResult, QueueUnavailable
 
 log = logging.getLogger("lesa.worker")
 
@@ -52,6 +52,7 @@ class Worker:
         self.queue = queue
         self.engine = engine
         self.metrics = metrics
+        queue.on_gave_up = self._gave_up
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -73,12 +74,22 @@ class Worker:
 
     async def run(self) -> None:
         log.info("worker %s: max_batch=%d max_wait_ms=%g", self.worker_id, self.max_batch, self.max_wait_ms)
+        down_since: float | None = None  # the queue backend's current outage, if any
         while not self._stopping.is_set():
             try:
                 await self.run_once()
+                if down_since is not None:
+                    log.warning("job queue reachable again after %.0f s", time.monotonic() - down_since)
+                    down_since = None
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - e.g. the queue backend is down: retry, don't die
+            except QueueUnavailable as error:  # Redis down: one warning and one error count per outage
+                if down_since is None:
+                    down_since = time.monotonic()
+                    self.metrics.errors.labels(type="worker_loop").inc()
+                    log.warning("%s; retrying every second", error)
+                await asyncio.sleep(1.0)
+            except Exception:  # noqa: BLE001 - a bug in the loop: retry, don't die
                 self.metrics.errors.labels(type="worker_loop").inc()
                 log.exception("worker loop error; retrying in 1 s")
                 await asyncio.sleep(1.0)
@@ -126,6 +137,12 @@ class Worker:
             self.metrics.in_flight.dec(len(jobs))
             self.batches_run += 1
 
+    def _gave_up(self, job: Job) -> None:
+        """A job that no worker could finish in `max_deliveries` tries (each crashed or hung)."""
+        log.error("job %s failed: %s", job.id, job.error.message if job.error else "max deliveries exceeded")
+        self.metrics.errors.labels(type="max_deliveries_exceeded").inc()
+        self.metrics.jobs.labels(job.spec.model, "failed").inc()
+
     async def _generate_or_fail(self, jobs: Sequence[Job]) -> None:
         try:
             await self._generate(jobs)
@@ -137,9 +154,10 @@ class Worker:
         self.metrics.errors.labels(type="generation_failed").inc()
         message = f"generation failed: {type(error).__name__}: {error}"[:500]
         for job in jobs:
-            if not await self.queue.is_cancelled(job.id):
+            # Counted only where the failure is recorded: not for a job cancelled meanwhile, nor
+            # for a duplicate delivery whose twin already finished it.
+            if await self.queue.fail(job.id, JobError(code="generation_failed", message=message)):
                 self.metrics.jobs.labels(job.spec.model, "failed").inc()
-            await self.queue.fail(job.id, JobError(code="generation_failed", message=message))
 
     async def _generate(self, jobs: Sequence[Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -221,7 +239,11 @@ class Worker:
                 queue_ms=round(1000.0 * max(0.0, (job.started_at or started) - job.created_at), 2),
                 total_ms=round(1000.0 * (now - job.created_at), 2),
             )
-            await self.queue.complete(job.id, JobResult(outputs=result.outputs, lesa=lesa), result.artifacts)
+            if not await self.queue.complete(job.id, JobResult(outputs=result.outputs, lesa=lesa), result.artifacts):
+                # A re-delivered job that another worker finished first (or cancelled meanwhile):
+                # its result was discarded, so it is not a second completion in the metrics.
+                log.info("job %s: result discarded (already finished elsewhere)", job.id)
+                continue
             labels = (spec.model, spec.level)
             self.metrics.e2e_latency.labels(*labels).observe(now - job.created_at)
             self.metrics.steps.labels(*labels, "full").inc(spec.n * int(lesa.get("full_steps") or 0))

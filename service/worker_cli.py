@@ -112,7 +112,15 @@ def _handler(probe: WorkerProbe) -> type[BaseHTTPRequestHandler]:
 
 
 def start_probe_server(probe: WorkerProbe, host: str, port: int) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), _handler(probe))
+    try:
+        server = ThreadingHTTPServer((host, port), _handler(probe))
+    except OSError as error:  # e.g. a second worker on this host with the default port
+        from lesa_core.cli import CliError
+
+        raise CliError(
+            f"cannot serve the worker's /metrics on {host}:{port}: {error.strerror or error}; give each worker "
+            "on a host its own --metrics-port (LESA_WORKER_METRICS_PORT), or 0 for none"
+        ) from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="lesa-worker-http", daemon=True).start()
     return server

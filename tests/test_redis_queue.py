@@ -61,19 +61,25 @@ def test_redelivery_after_visibility_timeout_first_result_wins_then_max_deliveri
         assert first.attempts == 1 and first.worker_id == "a"
         # "a" goes silent (no progress heartbeat): after the timeout "b" is handed the same job.
         assert await q.claim_batch("b", max_batch=1, max_wait_ms=0, timeout_s=0.1) == []
+        await q.set_progress(job.id, 42)  # "a" got 42% of the way before going silent
         await asyncio.sleep(0.4)
         (second,) = await q.claim_batch("b", max_batch=1, max_wait_ms=0, timeout_s=1)
         assert second.id == job.id and second.attempts == 2 and second.worker_id == "b"
+        assert second.progress == 0  # "b" starts it again from the first step
         # Both deliveries finish: the first stored result wins, the late one is only acknowledged.
-        await q.complete(job.id, result("b"), {"0.png": b"B"})
-        await q.complete(job.id, result("a"), {"0.png": b"A"})
+        # (complete() says which call stored it: workers count only that one as a completion)
+        assert await q.complete(job.id, result("b"), {"0.png": b"B"}) is True
+        assert await q.complete(job.id, result("a"), {"0.png": b"A"}) is False
         done = await q.get(job.id)
         assert done.status == JobStatus.completed and done.result.lesa["tag"] == "b"
         assert await q.get_artifact(job.id, "0.png") == b"B"
         r = q._redis
         assert await r.xlen(q.stream) == 0 and (await r.xpending(q.stream, q.group))["pending"] == 0
 
-        # A job whose every delivery is abandoned fails after max_deliveries, with the last error.
+        # A job whose every delivery is abandoned fails after max_deliveries, with the last error,
+        # and the worker that found it so is told (to count the failure).
+        gave_up: list[str] = []
+        q.on_gave_up = lambda job: gave_up.append(job.id)
         doomed = await q.submit(spec(seed=7))
         await q.claim_batch("a", max_batch=1, max_wait_ms=0, timeout_s=1)
         await asyncio.sleep(0.4)
@@ -84,6 +90,7 @@ def test_redelivery_after_visibility_timeout_first_result_wins_then_max_deliveri
         failed = await q.get(doomed.id)
         assert failed.status == JobStatus.failed and failed.error.code == "max_deliveries_exceeded"
         assert "2 deliveries" in failed.error.message and "abandoned" in failed.error.message
+        assert gave_up == [doomed.id]
         assert await r.xlen(q.stream) == 0
         await q.close()
 
@@ -219,6 +226,22 @@ def test_list_pages_by_cursor_skips_expired_jobs_and_filters_by_kind(prefix: str
         assert [j.id for j in newest] == [video.id] and more
         assert await q._redis.zscore(q.k_index, ids[2]) is None  # pruned from the index
         assert await q.list(after="job_unknown") == ([], False)
+        await q.close()
+
+    asyncio.run(scenario())
+
+
+def test_consumers_of_gone_workers_are_pruned_but_never_one_with_pending_jobs(prefix: str) -> None:
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix)
+        job = await q.submit(spec())
+        (busy,) = await q.claim_batch("busy", max_batch=1, max_wait_ms=0, timeout_s=1)
+        assert await q.claim_batch("gone", max_batch=1, max_wait_ms=0, timeout_s=0.05) == []
+        await asyncio.sleep(0.05)
+        await q.prune_consumers(idle_s=0.01)
+        names = [c["name"].decode() for c in await q._redis.xinfo_consumers(q.stream, q.group)]
+        assert names == [q.consumer("busy")]  # "gone" had nothing pending; "busy" holds the job
+        assert await q.complete(busy.id, result("x"), {}) and busy.id == job.id
         await q.close()
 
     asyncio.run(scenario())

@@ -156,6 +156,20 @@ def test_finished_jobs_expire_with_their_outputs() -> None:
     run(scenario())
 
 
+def test_complete_and_fail_say_whether_they_recorded_the_outcome() -> None:
+    async def scenario() -> None:
+        q = make_queue()
+        job = await q.submit(spec())
+        await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
+        result = JobResult(outputs=[OutputRef(name="0.png", content_type="image/png")])
+        assert await q.complete(job.id, result, {"0.png": b"x"}) is True
+        assert await q.complete(job.id, result, {"0.png": b"y"}) is False  # a duplicate delivery
+        assert await q.fail(job.id, JobError(code="generation_failed", message="late")) is False
+        assert (await q.get(job.id)).status == JobStatus.completed
+
+    run(scenario())
+
+
 def test_lists_show_only_their_owners_jobs_and_owners_batch_together() -> None:
     async def scenario() -> None:
         q = make_queue()
