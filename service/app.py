@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -78,9 +78,12 @@ async def _start(services: Services, run_worker: bool) -> None:
                 log.info("warm-up done in %.1fs", time.perf_counter() - t0)
             engine.ready = True
     except Exception as error:  # noqa: BLE001 - reported by /readyz and 503s, the process stays up
-        log.exception("start-up failed")
         services.startup_error = f"{type(error).__name__}: {error}"
+        log.error("start-up failed: %s", services.startup_error)
+        log.debug("start-up failure", exc_info=error)
         services.metrics.errors.labels(type="startup").inc()
+        if services.on_startup_failure is not None:
+            services.on_startup_failure(services.startup_error)
         return
     if run_worker and services.queue is not None:
         services.worker = Worker(
@@ -183,12 +186,16 @@ def create_app(
     queue: JobQueue | None = None,
     metrics: Metrics | None = None,
     run_worker: bool | None = None,
+    on_startup_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """Build the app. Pass `engine`/`queue`/`metrics` to inject them (tests, benchmarks);
     otherwise they are built from `settings` at start-up. `run_worker` (default
-    `settings.embedded_worker`) runs a worker in this process."""
+    `settings.embedded_worker`) runs a worker in this process. If loading the models fails, the
+    app stays up answering 503 with the reason (what an orchestrator wants) and calls
+    `on_startup_failure(reason)` (`lesa serve` uses it to exit)."""
     settings = settings or Settings()
     services = Services(settings=settings, metrics=metrics or Metrics(), queue=queue, engine=engine)
+    services.on_startup_failure = on_startup_failure
     embedded = settings.embedded_worker if run_worker is None else run_worker
 
     @asynccontextmanager

@@ -86,10 +86,22 @@ def run_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    app = create_app(settings)
+    failure: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def stop(reason: str) -> None:  # from the loading task, on the server's event loop
+        failure.append(reason)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_startup_failure=stop)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
         timeout_keep_alive=settings.keep_alive_s,
     )  # fmt: skip
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if failure:  # a typo in the config, weights not cached, no CUDA: say it and exit, don't idle unready
+        print(f"lesa serve: could not load the models: {failure[0]}", file=sys.stderr)
+        return 1
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -28,6 +29,7 @@ class Services:
     engine: Any = None  # service.engine.Engine once loaded
     worker: Any = None
     startup_error: str | None = None
+    on_startup_failure: Callable[[str], None] | None = None
     background: list[Any] = field(default_factory=list)
 
     @property
@@ -53,7 +55,9 @@ async def require_api_key(request: Request, services: ServicesDep) -> None:
         return
     token = _bearer_token(request)
     # compare_digest: no timing side channel on how much of a key matched
-    if not token or not any(hmac.compare_digest(token, k) for k in keys):
+    # compared as bytes: compare_digest refuses non-ASCII str, which made such a token a 500
+    given = token.encode("utf-8", "surrogateescape")
+    if not token or not any(hmac.compare_digest(given, k.encode()) for k in keys):
         raise ApiError(
             401,
             "missing or invalid API key: send `Authorization: Bearer <key>`",

@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -86,6 +86,26 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="comma-separated Bearer keys required on /v1/*; empty = no authentication")
     max_prompt_chars: int = Field(2000, ge=1)
     log_level: str = Field("info")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_or_nothing(cls, value: str) -> str:
+        keys = [k.strip() for k in value.split(",") if k.strip()]
+        # "," or " " would parse to no key at all, i.e. silently no authentication
+        if value.strip() and not keys:
+            raise ValueError("holds no key (only commas / spaces); leave it empty for no authentication")
+        if not all(k.isascii() and k.isprintable() for k in keys):
+            raise ValueError("keys must be printable ASCII (they travel in an HTTP header)")
+        return value
+
+    @field_validator("default_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        from lesa_core.levels import LEVELS
+
+        if value != "auto" and value not in LEVELS:
+            raise ValueError(f"unknown level {value!r}; known: auto, {', '.join(LEVELS)}")
+        return value
 
     @cached_property
     def api_key_set(self) -> frozenset[str]:

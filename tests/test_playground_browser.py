@@ -334,6 +334,18 @@ def test_not_ready_503_is_shown_and_the_page_recovers(fake_server, browser) -> N
     assert pill.text == "ready" and not banner.is_displayed()
 
 
+def test_a_failed_start_is_shown_as_such_not_as_loading(fake_server, browser) -> None:
+    url, services = fake_server
+    services.startup_error = "ConfigError: models.toml: not valid TOML"  # what a config typo leaves
+    try:
+        browser.get(url + "/")
+        banner = browser.find_element(By.ID, "banner")
+        wait(browser, lambda d: "could not load its models" in banner.text, 10, "the failure was not shown")
+        assert "not valid TOML" in banner.text and "loading" not in banner.text
+    finally:
+        services.startup_error = None
+
+
 def test_api_key_is_asked_for_and_used_for_outputs(browser) -> None:
     """With LESA_API_KEYS set the page loads, asks for a key on 401, and sends it with every call,
     including the image download (an <img src> could not carry the header)."""
@@ -342,6 +354,10 @@ def test_api_key_is_asked_for_and_used_for_outputs(browser) -> None:
         key_row = browser.find_element(By.ID, "key-row")
         wait(browser, lambda d: key_row.is_displayed(), 10, "the page did not ask for a key")
         assert "API key required (401)" in browser.find_element(By.ID, "banner").text
+        # A key that cannot travel in a header is refused at once, and the page can still take another.
+        fill(browser, "api-key", "clé")
+        browser.find_element(By.ID, "save-key").click()
+        assert "printable ASCII" in browser.find_element(By.ID, "banner").text and key_row.is_displayed()
         fill(browser, "api-key", "browser-key")
         browser.find_element(By.ID, "save-key").click()
         wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle", 10,

@@ -170,6 +170,25 @@ num_frames = [81]
     bad.write_text('[models.x]\nsource = "a"\npipeline = "WanPipeline"\nsizes = [[832, 480]]\nnum_frames = [80]\n')
     with pytest.raises(ConfigError, match=r"\[80\] are not 4k \+ 1"):
         read_config(bad)
+    # Wrong value types, typos outside [models.*] and truthy stand-ins are named, not found later.
+    flux = '[models.x]\nsource = "a"\npipeline = "FluxPipeline"\nsizes = [[16, 16]]\n'
+    for extra, message in (
+        ('default_steps = "fifty"', r"\[models.x\].default_steps: expected int, got 'fifty'"),
+        ('levels = "5x"', r"\[models.x\].levels: expected dict"),
+        ("cpu_offload = 1", r"\[models.x\].cpu_offload: expected bool"),
+        ("enabled = 1", r"\[models.x\].enabled: use true, false"),
+        ("max_batch_pixels = -5", r"max_batch_pixels: must be at least 1"),
+        ('num_frames = ["a"]', r"\[models.x\]: a value has the wrong type"),
+    ):
+        bad.write_text(flux + extra + "\n")
+        with pytest.raises(ConfigError, match=message):
+            read_config(bad)
+    bad.write_text('[defaults]\nweigths_root = "w"\n' + flux)
+    with pytest.raises(ConfigError, match=r"\[defaults\] takes only weights_root"):
+        read_config(bad)
+    bad.write_text("models = 3\n")
+    with pytest.raises(ConfigError, match="no \\[models.NAME\\] tables"):
+        read_config(bad)
 
 
 def test_service_engine_serves_a_configured_model_with_its_bundles(tmp_path, monkeypatch):
@@ -205,3 +224,15 @@ levels = {{ "2x" = "tiny-flux/predictors/2x" }}
     assert out.stats["cache"] == {"cond": {"full": 2, "predicted": 2}}
     with pytest.raises(ValueError, match="configured: tiny-flux"):
         Engine.load(Settings(_env_file=None, models="nope", device="cpu"))
+
+
+def test_a_missing_levels_dir_is_warned_about_not_silently_training_free(tmp_path, caplog):
+    from lesa_core.production.config import load_bundles
+
+    config = tmp_path / "models.toml"
+    config.write_text(f'[defaults]\nweights_root = "{tmp_path}"\n[models.m]\nbackend = "digits"\n'
+                      'source = "digits-image"\nlevels_dir = "nowhere/predictors"\n')  # fmt: skip
+    model = read_config(config).models["m"]
+    with caplog.at_level("WARNING"):
+        assert load_bundles(model, None) == {}
+    assert "levels_dir" in caplog.text and "nowhere" in caplog.text

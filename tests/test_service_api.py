@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from service_support import assert_error, make_engine, settings, wait_for
+from service_support import assert_error, free_port, make_engine, settings, wait_for
 
 from lesa_core import level_schedule
 from service.app import create_app
@@ -169,6 +169,9 @@ def test_api_keys_when_configured() -> None:
     with TestClient(create_app(s, engine=make_engine(s))) as client:
         assert_error(client.get("/v1/models"), 401, None)
         assert_error(client.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401, None)
+        # A non-ASCII token is a wrong key (401), not a crash in the comparison (it was a 500).
+        headers = {"Authorization": "Bearer café".encode()}
+        assert_error(client.get("/v1/models", headers=headers), 401, None)
         assert client.get("/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 200
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
 
@@ -467,3 +470,29 @@ def test_serve_on_a_busy_port_fails_at_once_without_loading_models(monkeypatch, 
         args = argparse.Namespace(host="127.0.0.1", port=port, models=None, max_batch=None, no_worker=False)
         assert run_serve(args) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_settings_that_would_silently_weaken_the_server_are_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="holds no key"):  # "," parsed to no key: no auth at all
+        settings(api_keys=" , ")
+    with pytest.raises(ValidationError, match="printable ASCII"):
+        settings(api_keys="clé")
+    with pytest.raises(ValidationError, match="unknown level 'bogus'"):  # every request would get a 400
+        settings(default_level="bogus")
+
+
+def test_serve_exits_when_the_models_cannot_load(tmp_path, monkeypatch, capsys) -> None:
+    """`lesa serve` on a broken model config says why and exits 1, not idle unready with a traceback."""
+    import argparse
+
+    from service.cli import run_serve
+
+    bad = tmp_path / "models.toml"
+    bad.write_text("[models\n")
+    monkeypatch.setenv("LESA_MODELS_CONFIG", str(bad))
+    args = argparse.Namespace(host="127.0.0.1", port=free_port(), models=None, max_batch=None, no_worker=False)
+    assert run_serve(args) == 1
+    err = capsys.readouterr().err
+    assert "could not load the models: ConfigError" in err and "not valid TOML" in err

@@ -29,7 +29,6 @@ DEFAULT_CONFIG = REPO_ROOT / "deploy" / "models.toml"
 CONFIG_ENV = "LESA_MODELS_CONFIG"  # path of the config file, overriding the default
 WEIGHTS_ENV = "LESA_WEIGHTS_DIR"  # overrides `weights_root` (the containers mount the weights tree at /models)
 BACKENDS = ("diffusers", "digits")
-ENABLED_VALUES = (True, False, "gpu")
 
 _MODEL_KEYS = {
     "backend", "source", "pipeline", "enabled", "sizes", "num_frames", "fps", "default_steps",
@@ -120,18 +119,59 @@ def read_config(path: str | Path | None = None, weights_root: str | Path | None 
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as error:
-        raise ConfigError(f"{path}: model config file not found (set {CONFIG_ENV} or pass --models-config)") from error
+        raise ConfigError(f"{path}: model config file not found (set {CONFIG_ENV} to the right file)") from error
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from error
+    unknown = set(data) - {"defaults", "models"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; known: defaults, models")
     defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict) or set(defaults) - {"weights_root"}:
+        raise ConfigError(f"{path}: [defaults] takes only weights_root, got {defaults!r}")
     # The same tree the service reads (LESA_WEIGHTS_DIR): one folder per model, bundles in <model>/predictors/.
     root_text = weights_root or os.environ.get(WEIGHTS_ENV) or defaults.get("weights_root", ".")
     weights_root = _resolve(path.parent, str(root_text))
     tables = data.get("models", {})
     if not isinstance(tables, dict) or not tables:
         raise ConfigError(f"{path}: no [models.NAME] tables")
-    models = {name: _model(path, weights_root, name, table) for name, table in tables.items()}
+    models = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [models.{name}] must be a table, got {table!r}")
+        try:
+            models[name] = _model(path, weights_root, name, table)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError) as error:  # a value of the wrong type somewhere
+            raise ConfigError(f"{path}: [models.{name}]: a value has the wrong type ({error})") from None
     return ModelsConfig(path=path, weights_root=weights_root, models=models)
+
+
+# Value types of the optional keys (checked: a typo'd type otherwise fails far from the file, unnamed).
+_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("fps", "default_steps", "min_steps", "max_steps", "max_batch_pixels"), (int,)),
+    "default_guidance": (int, float),
+    **dict.fromkeys(("cpu_offload", "vae_tiling"), (bool,)),
+    **dict.fromkeys(
+        (
+            "dtype",
+            "device",
+            "revision",
+            "variant",
+            "vae_dtype",
+            "negative_prompt",
+            "guidance_arg",
+            "description",
+            "levels_dir",
+            "source",
+            "pipeline",
+            "backend",
+        ),
+        (str,),
+    ),  # fmt: skip
+    **dict.fromkeys(("call_kwargs", "scheduler_config", "levels"), (dict,)),
+    **dict.fromkeys(("sizes", "num_frames"), (list,)),
+}
 
 
 def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> ModelConfig:
@@ -139,6 +179,14 @@ def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> 
     unknown = set(table) - _MODEL_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(_MODEL_KEYS)}")
+    for key, types in _KEY_TYPES.items():
+        value = table.get(key)
+        if value is not None and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
+            names = " or ".join("number" if t is float else t.__name__ for t in types)
+            raise ConfigError(f"{where}.{key}: expected {names}, got {value!r}")
+        if key in ("fps", "default_steps", "min_steps", "max_steps", "max_batch_pixels") and value is not None:
+            if value < 1:
+                raise ConfigError(f"{where}.{key}: must be at least 1, got {value}")
     backend = table.get("backend", "diffusers")
     if backend not in BACKENDS:
         raise ConfigError(f"{where}.backend: {backend!r} is not one of {BACKENDS}")
@@ -148,7 +196,7 @@ def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> 
     if backend == "diffusers" and pipeline not in FAMILIES:
         raise ConfigError(f"{where}.pipeline: {pipeline!r} is not one of {', '.join(FAMILIES)}")
     enabled = table.get("enabled", True)
-    if enabled not in ENABLED_VALUES:
+    if not (isinstance(enabled, bool) or enabled == "gpu"):  # (1 == True would pass `in`)
         raise ConfigError(f'{where}.enabled: use true, false or "gpu", got {enabled!r}')
     try:
         sizes = [(int(w), int(h)) for w, h in table.get("sizes", [])]
@@ -247,6 +295,9 @@ def load_bundles(config: ModelConfig, info: Any) -> dict[str, lesa_core.StagePre
     bundles: dict[str, lesa_core.StagePredictor] = {}
     family = getattr(info, "transformer_class", None)
     hidden_size = getattr(info, "hidden_size", None)
+    if config.levels_dir is not None and not config.levels_dir.is_dir():
+        logger.warning("model %s: levels_dir %s is not a directory: no LESA bundle, every level runs "
+                       "training-free (check weights_root / LESA_WEIGHTS_DIR)", config.name, config.levels_dir)  # fmt: skip
     for level, path in config.bundle_paths().items():
         if level not in lesa_core.LEVELS or level == "none":
             logger.warning("model %s: %r is not an acceleration level (%s); bundle %s skipped", config.name, level,

@@ -18,7 +18,10 @@ const EXAMPLES = {
 const PARAM_ALIASES = { seconds: "num_frames", n: null, response_format: null, output_format: null };
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], model: null, running: null, apiKey: sessionStorage.getItem("lesa-api-key") || "" };
+const state = {
+  models: [], model: null, running: null, startupFailure: null,
+  apiKey: sessionStorage.getItem("lesa-api-key") || "",
+};
 
 // ------------------------------------------------------------------------------------- API
 
@@ -116,6 +119,8 @@ async function checkReady() {
     const response = await fetch("/readyz");
     const body = await response.json();
     const ready = response.ok;
+    const models = (body.checks || {}).models || "";
+    state.startupFailure = models.startsWith("failed") ? models.replace(/^failed:\s*/, "") : null;
     pill.dataset.state = ready ? "ready" : "not-ready";
     pill.textContent = ready ? "ready" : `not ready: ${Object.entries(body.checks || {})
       .filter(([, v]) => v !== "ok").map(([k, v]) => `${k} ${v}`).join(", ")}`;
@@ -131,13 +136,24 @@ async function checkReady() {
 function watchReadiness() {
   if (readinessTimer) return;
   readinessTimer = setInterval(async () => {
-    if (await checkReady()) {
+    const ready = await checkReady();
+    if (ready || state.startupFailure) {
       clearInterval(readinessTimer);
       readinessTimer = null;
+    }
+    if (ready) {
       showBanner(null);
       if (!state.models.length) loadModels();
+    } else if (state.startupFailure) {
+      showStartupFailure();
     }
   }, 1000);
+}
+
+// Loading failed for good (a config typo, weights not cached): waiting would never end.
+function showStartupFailure() {
+  showBanner(`The server could not load its models: ${state.startupFailure}. Fix the server, then reload this page.`,
+    "not-ready");
 }
 
 async function loadModels() {
@@ -341,7 +357,8 @@ async function pollJob(job, path, onDone) {
     progress.value = current.progress || 0;
     $("busy").textContent = `${current.status.replace("_", " ")} ${current.progress || 0}%`;
     if (current.status === "completed") return onDone(current);
-    if (current.status === "failed") throw new Error(current.error ? current.error.message : "generation failed");
+    // The server's own failure, shown as such (a plain Error would read "Cannot reach the server").
+    if (current.status === "failed") throw new ApiFailure(500, { error: current.error || { message: "generation failed" } });
     if (current.status === "cancelled") return "cancelled";
     if (state.running !== job) return "cancelled";
     await sleep(POLL_MS);
@@ -491,7 +508,13 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("compare").addEventListener("click", compareWithFull);
   $("cancel").addEventListener("click", cancel);
   $("save-key").addEventListener("click", () => {
-    state.apiKey = $("api-key").value.trim();
+    const key = $("api-key").value.trim();
+    // Keys travel in an HTTP header: anything else cannot be sent (and would be kept, locking the page).
+    if (!/^[\x21-\x7e]+$/.test(key)) {
+      showBanner("An API key is printable ASCII without spaces; check what you pasted.", "auth");
+      return;
+    }
+    state.apiKey = key;
     sessionStorage.setItem("lesa-api-key", state.apiKey);
     $("key-row").hidden = true;
     showBanner(null);
@@ -500,6 +523,8 @@ document.addEventListener("DOMContentLoaded", async () => {
   updateButtons();
   if (await checkReady()) {
     loadModels();
+  } else if (state.startupFailure) {
+    showStartupFailure();
   } else {
     showBanner("The server is not ready yet (models loading); this page will continue when it is.", "not-ready");
     watchReadiness();
