@@ -73,7 +73,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from lesa_core.production import read_config
 
         known = read_config(settings.models_config).models
-        unknown = [m.strip() for m in settings.models.split(",") if m.strip() and m.strip() not in known]
+        unknown = [m for m in settings.model_list if m not in known]
         if unknown:
             print(f"lesa serve: unknown model(s) {', '.join(unknown)}; configured: {', '.join(known)}", file=sys.stderr)
             return 2
