@@ -26,7 +26,7 @@ _METHOD = Field(
     None,
     description='How skipped steps are forecast. Default: "lesa" where the model has a trained predictor for '
     'this level and step count, otherwise the training-free "taylorseer". Asking for "lesa" where no predictor '
-    'exists is a 400 (never a silent fallback). With level "none" the method is "none".',
+    'exists is a 400 (never a silent fallback). Level "none" runs every step: leave method out (or "none").',
     examples=["lesa"],
 )
 _SEED = Field(
