@@ -248,6 +248,25 @@ def fake_server() -> Iterator[tuple[str, object]]:
         yield url, app.state.services
 
 
+def test_cancel_clicked_while_submitting_cancels_the_job_once_created(fake_server, browser) -> None:
+    url, _ = fake_server
+    open_page(browser, url)
+    # Hold the job-creation answer back for a second, so Cancel comes before the job id does.
+    browser.execute_script("""
+        const original = window.fetch;
+        window.fetch = async (resource, init) => {
+          const response = await original(resource, init);
+          if (init && init.method === "POST") await new Promise((r) => setTimeout(r, 1000));
+          return response;
+        };""")
+    fill(browser, "steps", "100")
+    browser.find_element(By.ID, "generate").click()
+    browser.find_element(By.ID, "cancel").click()
+    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "cancelled", 30,
+         "a Cancel clicked before the job id arrived was lost")  # fmt: skip
+    assert browser.find_element(By.ID, "error-general").text.startswith("Cancelled at ")
+
+
 def test_level_cards_show_the_measured_quality(fake_server, browser) -> None:
     """A level with a trained predictor shows its card (the fake 5x bundle: PSNR 31.5, 1.6x)
     and is the level the page preselects; the others say they have none."""

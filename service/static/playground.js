@@ -383,6 +383,7 @@ async function generate() {
       const created = await api("POST", "/v1/images/jobs", body);
       job.id = created.id;
       job.cancelPath = `/v1/images/jobs/${created.id}`;
+      if (job.cancelRequested) await api("DELETE", job.cancelPath); // Cancel was clicked while submitting
       outcome = await pollJob(job, job.cancelPath, async (done) => {
         const images = await Promise.all(done.result.data.map(async (d) => {
           const img = new Image();
@@ -398,6 +399,7 @@ async function generate() {
       const created = await api("POST", "/v1/videos", body);
       job.id = created.id;
       job.cancelPath = `/v1/videos/${created.id}`;
+      if (job.cancelRequested) await api("DELETE", job.cancelPath); // Cancel was clicked while submitting
       outcome = await pollJob(job, job.cancelPath, async (done) => {
         await showVideo(done);
         showStats(done.lesa, performance.now() - started);
@@ -484,7 +486,10 @@ async function cancel() {
     job.controller.abort();
     return;
   }
-  if (!job.cancelPath) return; // not submitted yet; the poll loop will see it was abandoned
+  if (!job.cancelPath) {
+    job.cancelRequested = true; // not created yet: cancelled as soon as the server names it
+    return;
+  }
   try {
     await api("DELETE", job.cancelPath);
   } catch (error) {
