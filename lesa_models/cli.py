@@ -199,7 +199,10 @@ def _train_model(args: argparse.Namespace) -> int:
         steps = {} if args.steps is None else {"steps": args.steps}
         print(json.dumps(train_classifier(output=args.output, **steps)))
         return 0
-    out = train(args.name, work_dir=args.work_dir, output=args.output, steps=args.steps, threads=args.threads)
+    try:
+        out = train(args.name, work_dir=args.work_dir, output=args.output, steps=args.steps, threads=args.threads)
+    except ValueError as error:
+        raise CliError(str(error)) from None
     print(out)
     return 0
 

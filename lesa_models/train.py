@@ -223,10 +223,15 @@ def train(
     split, _ = data.digit_splits()
     captions = data.all_image_captions() if recipe.kind == "image" else data.all_video_captions()
     bank = CaptionBank(captions)
-    (work / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    ckpt = latest_checkpoint(work)
+    kept = work / "recipe.json"
+    if ckpt is not None and kept.is_file() and json.loads(kept.read_text()) != json.loads(json.dumps(asdict(recipe))):
+        # resuming under another recipe (e.g. another --steps) would mix two trainings silently
+        raise ValueError(f"{work} holds a {name} run with another recipe ({kept}); use another --work-dir, "
+                         "or the same arguments to resume it")  # fmt: skip
+    kept.write_text(json.dumps(asdict(recipe), indent=2))
 
     start = 0
-    ckpt = latest_checkpoint(work)
     if ckpt is not None:
         model.load_state_dict(load_file(ckpt / "model.safetensors"))
         ema.load_state_dict(load_file(ckpt / "ema.safetensors"))

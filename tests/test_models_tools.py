@@ -157,3 +157,13 @@ def test_cli_generate_video_gif_and_prompt_file(tmp_path):
     written = sorted((tmp_path / "clips").iterdir())
     assert [p.name for p in written] == ["c-000.gif", "c-001.gif"]
     assert all(p.read_bytes().startswith(b"GIF8") for p in written)
+
+
+def test_train_model_resumes_only_under_the_same_recipe(tmp_path):
+    from lesa_models.train import train
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    train("digits-image", work_dir=work, output=out, steps=1, progress=False)
+    assert (out / "model_index.json").is_file()
+    with pytest.raises(ValueError, match="another recipe"):  # another --steps into the same work dir
+        train("digits-image", work_dir=work, output=out, steps=2, progress=False)
