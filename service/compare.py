@@ -89,7 +89,8 @@ async def _run(
     try:
         while not job.status.terminal:
             if await disconnected():
-                await queue.cancel(job.id)
+                if (cancelled := await queue.cancel(job.id)) is not None and cancelled.status == JobStatus.cancelled:
+                    services.metrics.jobs.labels(job.spec.model, "cancelled").inc()
                 raise ApiError(499, "the client went away; comparison cancelled", code="client_closed")
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -211,9 +211,8 @@ class Worker:
             results = await loop.run_in_executor(self._executor, self.engine.run_batch, specs, on_step)
         except Exception:
             if stop_flag.is_set():  # the pipeline stopped because every job was cancelled
+                # (counted by the API that cancelled them: once, even if a job ran on two workers)
                 log.info("batch %s cancelled at step %d/%d", [j.id for j in jobs], latest[0], latest[1])
-                for job in jobs:
-                    self.metrics.jobs.labels(job.spec.model, "cancelled").inc()
                 return
             raise
         finally:
@@ -230,8 +229,7 @@ class Worker:
         for job, result in zip(jobs, results, strict=True):
             spec = job.spec
             if job.id in cancelled or await self.queue.is_cancelled(job.id):
-                self.metrics.jobs.labels(spec.model, "cancelled").inc()
-                continue
+                continue  # its outputs are dropped; the API counted the cancellation
             now = time.time()
             lesa = dict(result.lesa)
             lesa.update(

@@ -223,6 +223,8 @@ def test_cancel_running_video_stops_denoising() -> None:
         # Content it will never have: 409 with its own code, not the 404 "not ready yet" a poller retries.
         error = assert_error(client.get(f"/v1/videos/{video['id']}/content"), 409, None)
         assert error["code"] == "job_cancelled"
+        # Counted once, by the API that cancelled it (a worker that held it does not count it again).
+        assert 'lesa_jobs_total{model="fake-video",status="cancelled"} 1.0' in client.get("/metrics").text
         # The worker is free again.
         assert client.post("/v1/images/generations", json={"prompt": "next"}).status_code == 200
 

@@ -46,6 +46,8 @@ async def cancel_or_delete(
     assert services.queue is not None
     if not job.status.terminal:
         job = await services.queue.cancel(job_id) or job
+        if job.status == JobStatus.cancelled:  # counted here, once: not by each worker that held it
+            services.metrics.jobs.labels(job.spec.model, "cancelled").inc()
         return DeletedObject(id=job_id, object=object_name, deleted=True, status=job.status.value)
     await services.queue.delete(job_id)
     return DeletedObject(id=job_id, object=object_name, deleted=True, status=job.status.value)
