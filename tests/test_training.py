@@ -59,12 +59,17 @@ def test_record_stores_what_reruns_the_sample(pipe, recorded):
     torch.testing.assert_close(torch.as_tensor(again.samples), data.final[:1], rtol=0, atol=1e-4)
 
 
+def copy_of(recording, to):
+    """A scratch copy of the module's recording, for tests that damage it."""
+    to.mkdir()
+    for f in recording.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    return to
+
+
 def test_corrupt_shard_is_detected_and_re_recorded(pipe, recorded, tmp_path):
     out, settings = recorded
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in out.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = copy_of(out, tmp_path / "copy")
     shard = copy / "shard-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-50])
     with pytest.raises(TrajectoryError, match="shard-00001.*corrupt or truncated"):
@@ -89,10 +94,7 @@ def test_corrupt_shard_is_detected_and_re_recorded(pipe, recorded, tmp_path):
 
 def test_a_recording_is_never_overwritten_by_another_and_poisoned_shards_are_refused(pipe, recorded, tmp_path):
     out, settings = recorded
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in out.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = copy_of(out, tmp_path / "copy")
     before = {f.name: f.read_bytes() for f in copy.iterdir()}
     # Other seeds into a used directory: refused, every shard kept (it used to re-record shard 0
     # with the new seeds and drop the rest from the manifest).
