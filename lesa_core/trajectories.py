@@ -217,10 +217,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def load_trajectories(data_dir: str | Path) -> Trajectories:
     """Load every shard of a recorded directory, verifying each one."""
     root = Path(data_dir)
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise TrajectoryError(f"{root}: no {MANIFEST}; record trajectories first with `lesa record`")
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(root / MANIFEST)
     settings = RecordSettings(**manifest["settings"])
     prompts, seeds, noise, final, times = [], [], [], [], None
     hidden: dict[str, list[torch.Tensor]] = {}
