@@ -147,30 +147,18 @@ def read_config(path: str | Path | None = None, weights_root: str | Path | None 
     return ModelsConfig(path=path, weights_root=weights_root, models=models)
 
 
-# Value types of the optional keys (checked: a typo'd type otherwise fails far from the file, unnamed).
+# Value types of the optional keys (checked: a value of the wrong type otherwise fails far from
+# the file, unnamed). Counts must also be at least 1.
+_COUNT_KEYS = ("fps", "default_steps", "min_steps", "max_steps", "max_batch_pixels")
+_TEXT_KEYS = ("dtype", "device", "revision", "variant", "vae_dtype", "negative_prompt", "guidance_arg", "description",
+              "levels_dir", "source", "pipeline", "backend")  # fmt: skip
 _KEY_TYPES: dict[str, tuple[type, ...]] = {
-    **dict.fromkeys(("fps", "default_steps", "min_steps", "max_steps", "max_batch_pixels"), (int,)),
-    "default_guidance": (int, float),
+    **dict.fromkeys(_COUNT_KEYS, (int,)),
+    **dict.fromkeys(_TEXT_KEYS, (str,)),
     **dict.fromkeys(("cpu_offload", "vae_tiling"), (bool,)),
-    **dict.fromkeys(
-        (
-            "dtype",
-            "device",
-            "revision",
-            "variant",
-            "vae_dtype",
-            "negative_prompt",
-            "guidance_arg",
-            "description",
-            "levels_dir",
-            "source",
-            "pipeline",
-            "backend",
-        ),
-        (str,),
-    ),  # fmt: skip
     **dict.fromkeys(("call_kwargs", "scheduler_config", "levels"), (dict,)),
     **dict.fromkeys(("sizes", "num_frames"), (list,)),
+    "default_guidance": (int, float),
 }
 
 
@@ -184,9 +172,8 @@ def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> 
         if value is not None and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
             names = " or ".join("number" if t is float else t.__name__ for t in types)
             raise ConfigError(f"{where}.{key}: expected {names}, got {value!r}")
-        if key in ("fps", "default_steps", "min_steps", "max_steps", "max_batch_pixels") and value is not None:
-            if value < 1:
-                raise ConfigError(f"{where}.{key}: must be at least 1, got {value}")
+        if key in _COUNT_KEYS and value is not None and value < 1:
+            raise ConfigError(f"{where}.{key}: must be at least 1, got {value}")
     backend = table.get("backend", "diffusers")
     if backend not in BACKENDS:
         raise ConfigError(f"{where}.backend: {backend!r} is not one of {BACKENDS}")
