@@ -194,8 +194,10 @@ def create_app(
     app stays up answering 503 with the reason (what an orchestrator wants) and calls
     `on_startup_failure(reason)` (`lesa serve` uses it to exit)."""
     settings = settings or Settings()
-    services = Services(settings=settings, metrics=metrics or Metrics(), queue=queue, engine=engine)
-    services.on_startup_failure = on_startup_failure
+    services = Services(
+        settings=settings, metrics=metrics or Metrics(), queue=queue, engine=engine,
+        on_startup_failure=on_startup_failure,
+    )  # fmt: skip
     embedded = settings.embedded_worker if run_worker is None else run_worker
 
     @asynccontextmanager
