@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from service.deps import Services, submit, unavailable
+from service.deps import Services, cancel, submit, unavailable
 from service.errors import ApiError
 from service.queue import Job, JobSpec, JobStatus, QueueUnavailable
 from service.schemas import MAX_SEED, ImageGenerationRequest, LesaStats, MethodName, StrictBody
@@ -89,8 +89,7 @@ async def _run(
     try:
         while not job.status.terminal:
             if await disconnected():
-                if (cancelled := await queue.cancel(job.id)) is not None and cancelled.status == JobStatus.cancelled:
-                    services.metrics.jobs.labels(job.spec.model, "cancelled").inc()
+                await cancel(services, job)
                 raise ApiError(499, "the client went away; comparison cancelled", code="client_closed")
             remaining = deadline - time.monotonic()
             if remaining <= 0:

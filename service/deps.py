@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from service.errors import ApiError
 from service.metrics import Metrics
-from service.queue import Job, JobQueue, JobSpec, QueueFull, QueueUnavailable
+from service.queue import Job, JobQueue, JobSpec, JobStatus, QueueFull, QueueUnavailable
 from service.settings import Settings
 
 
@@ -142,6 +142,16 @@ async def submit(
             code="idempotency_key_reused",
         )
     return job
+
+
+async def cancel(services: Services, job: Job) -> Job:
+    """Cancel a live job and count it, here and only here (not by each worker that held it)."""
+    assert services.queue is not None
+    was_live = not job.status.terminal  # read first: the in-process queue updates `job` itself
+    cancelled = await services.queue.cancel(job.id) or job
+    if was_live and cancelled.status == JobStatus.cancelled:
+        services.metrics.jobs.labels(job.spec.model, "cancelled").inc()
+    return cancelled
 
 
 def unavailable(services: Services, error: Exception) -> ApiError:

@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _keys_or_nothing(cls, value: str) -> str:
-        keys = [k.strip() for k in value.split(",") if k.strip()]
+        keys = _split(value)
         # "," or " " would parse to no key at all, i.e. silently no authentication
         if value.strip() and not keys:
             raise ValueError("holds no key (only commas / spaces); leave it empty for no authentication")
@@ -109,8 +109,13 @@ class Settings(BaseSettings):
 
     @cached_property
     def api_key_set(self) -> frozenset[str]:
-        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+        return frozenset(_split(self.api_keys))
 
     @cached_property
     def model_list(self) -> list[str]:
-        return [m.strip() for m in self.models.split(",") if m.strip()]
+        return _split(self.models)
+
+
+def _split(text: str) -> list[str]:
+    """A comma-separated setting's non-empty items, trimmed."""
+    return [item.strip() for item in text.split(",") if item.strip()]

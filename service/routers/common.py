@@ -10,7 +10,7 @@ from fastapi import Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from service.deps import Services, get_job
+from service.deps import Services, cancel, get_job
 from service.errors import ApiError
 from service.queue import Job, JobStatus
 from service.schemas import DeletedObject
@@ -45,9 +45,7 @@ async def cancel_or_delete(
     job = await get_job(services, job_id, kind, owner, param)
     assert services.queue is not None
     if not job.status.terminal:
-        job = await services.queue.cancel(job_id) or job
-        if job.status == JobStatus.cancelled:  # counted here, once: not by each worker that held it
-            services.metrics.jobs.labels(job.spec.model, "cancelled").inc()
+        job = await cancel(services, job)
         return DeletedObject(id=job_id, object=object_name, deleted=True, status=job.status.value)
     await services.queue.delete(job_id)
     return DeletedObject(id=job_id, object=object_name, deleted=True, status=job.status.value)
