@@ -8,7 +8,9 @@ from pathlib import Path
 from lesa_core.cli import CliError, non_negative_int, positive_int
 from lesa_core.predictor import BundleError
 
-RESULTS_DIR = Path("benchmarks") / "results"
+# Scratch by default: the committed tables in benchmarks/results/<model>/ are only written when
+# --out-dir names them, so a one-seed trial never overwrites them.
+SCRATCH_DIR = Path("runs") / "bench"
 
 
 def _csv(text: str) -> list[str]:
@@ -58,7 +60,12 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
         help="explicit predictor bundle for one LESA method and level (repeatable)",
     )
     parser.add_argument("--json", type=Path, default=None, help="JSON output (default <out-dir>/quality.json)")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results/<model>")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="default runs/bench/<model> (the committed results: --out-dir benchmarks/results/<model>)",
+    )
     parser.add_argument(
         "--update-cards", action="store_true", help="write each LESA level's figures into its bundle's config.json"
     )
@@ -106,7 +113,7 @@ def run_quality_command(args: argparse.Namespace) -> int:
         result = benchmark.run_quality_benchmark(config, pipe)
     except BundleError as error:
         raise CliError(str(error)) from None
-    out_dir = args.out_dir or RESULTS_DIR / Path(args.model).name
+    out_dir = args.out_dir or SCRATCH_DIR / Path(args.model).name
     paths = benchmark.write_outputs(result, out_dir, args.json)
     print()
     print(benchmark.markdown_table(result))

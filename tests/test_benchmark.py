@@ -323,10 +323,12 @@ def test_video_run_reports_direction_and_writes_strips(tmp_path: Path) -> None:
     assert "direction agree" in Path(paths["markdown"]).read_text()
 
 
-def test_cli_bench_quality_smoke(tmp_path: Path, capsys) -> None:
+def test_cli_bench_quality_smoke(tmp_path: Path, capsys, monkeypatch) -> None:
     from lesa_core.cli import main
 
-    out = tmp_path / "results"
+    # without --out-dir the outputs go to scratch, never over the committed benchmarks/results/<model>/
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "bench" / "digits-image"
     code = main(
         [
             "bench",
@@ -347,13 +349,12 @@ def test_cli_bench_quality_smoke(tmp_path: Path, capsys) -> None:
             "1",
             "--threads",
             "1",
-            "--out-dir",
-            str(out),
         ]
     )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| reuse | 2x | 3/6 |" in printed
+    assert not (tmp_path / "benchmarks").exists()
     assert (out / "quality.json").is_file() and (out / "digits-image_grid.png").is_file()
     assert main(["bench", "quality", "--methods", "fora", "--out-dir", str(out)]) == 2
 
