@@ -179,6 +179,7 @@ num_frames = [81]
         ("enabled = 1", r"\[models.x\].enabled: use true, false"),
         ("max_batch_pixels = -5", r"max_batch_pixels: must be at least 1"),
         ('num_frames = ["a"]', r"\[models.x\]: a value has the wrong type"),
+        ('device = "gpu0"', r"\[models.x\].device: 'gpu0' is not a torch device"),
     ):
         bad.write_text(flux + extra + "\n")
         with pytest.raises(ConfigError, match=message):
@@ -236,3 +237,12 @@ def test_a_missing_levels_dir_is_warned_about_not_silently_training_free(tmp_pat
     with caplog.at_level("WARNING"):
         assert load_bundles(model, None) == {}
     assert "levels_dir" in caplog.text and "nowhere" in caplog.text
+
+
+def test_an_enabled_model_the_file_gets_wrong_stops_the_start_instead_of_being_skipped(tmp_path):
+    # Weights missing on this node: the others are served (a warning). A source that names no
+    # reference model is the file's mistake: every node would skip it, so nobody would notice.
+    config = tmp_path / "models.toml"
+    config.write_text('[models.typo]\nbackend = "digits"\nsource = "digits-imag"\n')
+    with pytest.raises(ConfigError, match=r"\[models.typo\].source: 'digits-imag' is not a reference model"):
+        load_models(config, device="cpu")

@@ -185,6 +185,14 @@ def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> 
     enabled = table.get("enabled", True)
     if not (isinstance(enabled, bool) or enabled == "gpu"):  # (1 == True would pass `in`)
         raise ConfigError(f'{where}.enabled: use true, false or "gpu", got {enabled!r}')
+    if table.get("device") not in (None, "auto"):
+        # A typo here is a config mistake, not a node without this model's weights: refused at
+        # start, where load_models would otherwise skip the model with a warning.
+        try:
+            torch.device(table["device"])
+        except RuntimeError as error:
+            raise ConfigError(f'{where}.device: {table["device"]!r} is not a torch device ("cuda", "cuda:1", "cpu"): '
+                              f"{error}") from None  # fmt: skip
     try:
         sizes = [(int(w), int(h)) for w, h in table.get("sizes", [])]
     except (TypeError, ValueError) as error:
@@ -250,6 +258,10 @@ def build_pipeline(
         # the copy inside the lesa_models package.
         local = root / config.source if root is not None else None
         found = local is not None and (local / "model_index.json").is_file()
+        if not found and config.source not in lesa_models.MODEL_NAMES and not Path(config.source).is_dir():
+            # the file's mistake, not this node's: refused rather than skipped (load_models)
+            raise ConfigError(f"[models.{config.name}].source: {config.source!r} is not a reference model "
+                              f"({', '.join(lesa_models.MODEL_NAMES)}) nor a pipeline directory")  # fmt: skip
         pipe = lesa_models.load_pipeline(local if found else config.source)
         wanted = config.dtype or dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
         if torch.device(device).type == "cpu" and wanted == "float32":
@@ -334,6 +346,8 @@ def load_models(
     for model in chosen:
         try:
             pipe = build_pipeline(model, device, dtype, config.weights_root)
+        except ConfigError:
+            raise  # the file is wrong, not this node: serving the others would hide it
         except (OSError, ValueError, RuntimeError) as error:
             if names:
                 raise  # asked for by name: the operator must see why it cannot serve
