@@ -118,10 +118,17 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def mse_per_sample(samples: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Mean squared error per sample (images in [0, 1]), shape [N]."""
-    a, b = _as_frames(samples), _as_frames(reference)
-    _check_pair(a, b)
-    return ((a - b) ** 2).flatten(1).mean(1).numpy()
+    """Mean squared error per sample (values in [0, 1]), shape [N].
+
+    Any layout after the sample axis ([N, H, W], [N, F, H, W], RGB [N, H, W, 3], [N, F, H, W, 3]);
+    a single [H, W] image is one sample."""
+    a, b = np.asarray(samples, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"samples differ in shape: {a.shape} vs {b.shape}")
+    if a.ndim < 2:
+        raise ValueError(f"samples must have at least 2 dimensions, got shape {a.shape}")
+    count = 1 if a.ndim == 2 else len(a)
+    return ((a - b) ** 2).reshape(count, -1).mean(1)
 
 
 def psnr_per_sample(samples: np.ndarray, reference: np.ndarray, data_range: float = 1.0) -> np.ndarray:

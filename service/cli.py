@@ -12,6 +12,8 @@ from typing import Any
 
 from lesa_core.cli import positive_int
 
+SHADOW_HELP = "share of accelerated jobs rerun at full compute when idle, to export their PSNR (LESA_SHADOW_FRACTION)"
+
 
 def add_commands(subparsers: Any) -> None:
     serve = subparsers.add_parser(
@@ -28,6 +30,7 @@ def add_commands(subparsers: Any) -> None:
     )
     serve.add_argument("--max-batch", type=positive_int, help="most samples per batched generation (LESA_MAX_BATCH)")
     serve.add_argument("--no-worker", action="store_true", help="API only: leave generation to `lesa worker`")
+    serve.add_argument("--shadow-fraction", type=float, help=SHADOW_HELP)
     serve.set_defaults(func=run_serve)
 
     # `lesa worker` lives next to the Redis queue it needs (service/worker_cli.py).
@@ -67,7 +70,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from service.app import create_app
 
-    settings = _settings(args, host=args.host, port=args.port, embedded_worker=False if args.no_worker else None)
+    settings = _settings(
+        args, host=args.host, port=args.port, embedded_worker=False if args.no_worker else None,
+        shadow_fraction=args.shadow_fraction,
+    )  # fmt: skip
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.models:  # a typo must stop the command, not leave a server that is never ready
         from lesa_core.production import read_config

@@ -32,7 +32,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +41,9 @@ from service.errors import bad_request, not_found
 from service.queue import JobSpec, OutputRef
 from service.schemas import MAX_SEED, ImageGenerationRequest, VideoCreateRequest
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from lesa_core.pipeline_types import GenerationOutput
 
 log = logging.getLogger("lesa.engine")
 
@@ -96,6 +99,7 @@ class BatchOutput:
     outputs: list[OutputRef]
     artifacts: dict[str, bytes]
     lesa: dict[str, Any]
+    samples: np.ndarray | None = None  # the job's samples before encoding (for a shadow quality check)
 
 
 class Engine:
@@ -407,9 +411,6 @@ class Engine:
         key = first.batch_key()
         if any(s.batch_key() != key for s in specs):
             raise ValueError("run_batch needs compatible jobs (equal JobSpec.batch_key())")
-        entry = self.models[first.model]
-        prompts = [s.prompt for s in specs for _ in range(s.n)]
-        seeds = [s.seed + i for s in specs for i in range(s.n)]
         cache = self.cache_config(first)
         schedule = cache.schedule if cache is not None else None
 
@@ -427,17 +428,7 @@ class Engine:
         with self._run_lock:
             t0 = time.perf_counter()
             last[0] = t0
-            output = entry.pipe(
-                prompts,
-                seeds=seeds,
-                height=first.height,
-                width=first.width,
-                num_frames=first.num_frames,
-                num_inference_steps=first.num_inference_steps,
-                guidance_scale=first.guidance_scale,
-                cache=cache,
-                callback=callback,
-            )
+            output = self._call(specs, cache, callback)
             denoise_s = time.perf_counter() - t0
             results = self._encode(specs, output.samples)
             generation_s = time.perf_counter() - t0
@@ -451,11 +442,65 @@ class Engine:
                 model=spec.model, level=spec.level, method=spec.method, num_inference_steps=steps,
                 guidance_scale=spec.guidance_scale, full_steps=full, predicted_steps=steps - full,
                 theoretical_speedup=round(steps / full, 3), realised_speedup=realised,
-                seed=spec.seed, seeds=[spec.seed + i for i in range(spec.n)], batch_size=len(prompts),
+                seed=spec.seed, seeds=[spec.seed + i for i in range(spec.n)], batch_size=len(output.samples),
                 generation_ms=round(generation_s * 1000.0, 2), denoise_ms=round(denoise_s * 1000.0, 2),
                 cache_stats=cache_counts,
             )  # fmt: skip
         return results
+
+    def quality_cards(self) -> list[tuple[str, str, str, float]]:
+        """(model, level, method, mean PSNR vs full compute) from each bundle's quality card: LESA's,
+        and the training-free methods' measured beside it (the service's taylorseer is order 1)."""
+        cards = []
+        for name, entry in self.models.items():
+            for level, bundle in entry.bundles.items():
+                if bundle.psnr is not None:
+                    cards.append((name, level, "lesa", bundle.psnr))
+                baselines = bundle.quality.get("baselines_same_level")
+                for method, key in (("taylorseer", "taylorseer1"), ("reuse", "reuse")):
+                    psnr = baselines.get(key, {}).get("psnr") if isinstance(baselines, dict) else None
+                    if isinstance(psnr, int | float):
+                        cards.append((name, level, method, float(psnr)))
+        return cards
+
+    def shadow_eligible(self, spec: JobSpec) -> bool:
+        """Whether a job may be shadow-checked: accelerated, and at the step count its level's quality
+        card was measured at (if it has one), so the live PSNR is comparable with the card's."""
+        if spec.level == "none" or spec.method == "none":
+            return False
+        bundle = self.models[spec.model].bundles.get(spec.level)
+        return bundle is None or bundle.num_steps == spec.num_inference_steps
+
+    def shadow_psnr(self, spec: JobSpec, samples: np.ndarray) -> list[float]:
+        """PSNR in dB of an accelerated job's samples against the same job with every step full.
+
+        The online quality check (`LESA_SHADOW_FRACTION`): same prompt, seeds, size, steps and
+        guidance, so acceleration is the only difference. Each sample depends only on its own seed
+        (the pipeline contract), so the reference need not share the original batch.
+        """
+        from lesa_core.benchmark import psnr_per_sample
+
+        full = spec.model_copy(update={"level": "none", "method": "none"})
+        with self._run_lock:
+            reference = self._call([full], cache=None).samples
+        return [round(float(v), 3) for v in psnr_per_sample(samples, reference)]
+
+    def _call(
+        self, specs: Sequence[JobSpec], cache: Any, callback: Callable[[int, int], bool | None] | None = None
+    ) -> GenerationOutput:
+        """One pipeline call for compatible jobs: sample j of job i uses seed + j."""
+        first = specs[0]
+        return self.models[first.model].pipe(
+            [s.prompt for s in specs for _ in range(s.n)],
+            seeds=[s.seed + i for s in specs for i in range(s.n)],
+            height=first.height,
+            width=first.width,
+            num_frames=first.num_frames,
+            num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale,
+            cache=cache,
+            callback=callback,
+        )
 
     def _encode(self, specs: Sequence[JobSpec], samples: np.ndarray) -> list[BatchOutput]:
         results: list[BatchOutput] = []
@@ -476,8 +521,10 @@ class Engine:
                     outputs.append(
                         OutputRef(name="thumbnail.png", content_type="image/png", index=i, variant="thumbnail")
                     )
+            results.append(
+                BatchOutput(outputs=outputs, artifacts=artifacts, lesa={}, samples=samples[offset : offset + spec.n])
+            )
             offset += spec.n
-            results.append(BatchOutput(outputs=outputs, artifacts=artifacts, lesa={}))
         return results
 
 

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 SPEEDUP_BUCKETS = (0.5, 0.8, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+PSNR_BUCKETS = (10, 15, 20, 25, 28, 30, 32, 34, 36, 38, 40, 45, 50, 60, 80, 100)
 
 
 class Metrics:
@@ -51,6 +52,20 @@ class Metrics:
             "lesa_realised_speedup",
             "estimated full-compute generation time / actual generation time, per job",
             ["model", "level", "method"], buckets=SPEEDUP_BUCKETS, registry=r,
+        )  # fmt: skip
+        # Online quality (LESA_SHADOW_FRACTION): accelerated samples rerun at full compute.
+        self.shadow_psnr = Histogram(
+            "lesa_shadow_psnr_db", "PSNR of an accelerated sample vs the same request at full compute "
+            "(shadow quality checks, per sample)", ["model", "level", "method"], buckets=PSNR_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.shadow_checks = Counter(
+            "lesa_shadow_checks", "shadow quality checks by result (done; dropped: backlog full; failed)",
+            ["model", "level", "result"], registry=r,
+        )  # fmt: skip
+        self.card_psnr = Gauge(
+            "lesa_quality_card_psnr_db", "mean PSNR vs full compute the benchmark measured for a level "
+            "(its bundle's quality card; what lesa_shadow_psnr_db is compared with)",
+            ["model", "level", "method"], registry=r,
         )  # fmt: skip
         self.jobs = Counter("lesa_jobs", "finished jobs by final status", ["model", "status"], registry=r)
         self.errors = Counter("lesa_errors", "errors by type", ["type"], registry=r)

@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     result_ttl_s: float = Field(3600.0, gt=0, description="how long finished jobs and outputs are kept")
     max_jobs_kept: int = Field(1000, ge=1, description="in-process queue: most finished jobs remembered")
     redis_url: str | None = Field(None, description="use the Redis queue at this URL instead of in-process")
+    shadow_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of accelerated jobs a worker reruns at full compute, when idle, to export the PSNR "
+        "between the two (`lesa_shadow_psnr_db`, online quality monitoring); each check costs one "
+        "full-compute generation",
+    )
 
     # ---- requests ----
     sync_timeout_s: float = Field(

@@ -14,6 +14,14 @@ Per batch:
 * a batch of several jobs that fails is retried job by job, so one bad job (or an out-of-memory
   batch) does not fail its neighbours; a job that fails alone is marked failed with its message,
   and the worker keeps serving.
+
+Online quality (`shadow_fraction`, LESA_SHADOW_FRACTION): that share of accelerated jobs (those at
+the step count their level's quality card was measured at: `Engine.shadow_eligible`) is rerun at
+full compute after its result is stored, and the PSNR between the two is exported
+(`lesa_shadow_psnr_db`) next to the level's quality card (`lesa_quality_card_psnr_db`), so drift
+from what the benchmark measured is seen in production, not only offline. Checks run only when
+no job is waiting (a claim came back empty), so a user's job waits for at most one of them; at
+most SHADOW_BACKLOG wait, further ones are dropped and counted.
 """
 
 from __future__ import annotations
@@ -21,20 +29,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from service.metrics import Metrics
-from service.queue import Job, JobError, JobQueue, JobResult, QueueUnavailable
+from service.queue import Job, JobError, JobQueue, JobResult, JobSpec, QueueUnavailable
 
 log = logging.getLogger("lesa.worker")
 
 CANCEL_POLL_S = 0.05  # how often a running batch checks its jobs' cancellation flags
 PROGRESS_MIN_INTERVAL_S = 0.02
+SHADOW_BACKLOG = 4  # accelerated jobs waiting for their shadow quality check
+SHADOW_IDLE_S = 0.05
 
 
 class Worker:
@@ -48,6 +60,7 @@ class Worker:
         max_wait_ms: float = 10.0,
         worker_id: str | None = None,
         claim_timeout_s: float = 1.0,
+        shadow_fraction: float = 0.0,
     ) -> None:
         self.queue = queue
         self.engine = engine
@@ -57,6 +70,8 @@ class Worker:
         self.max_wait_ms = max_wait_ms
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.claim_timeout_s = claim_timeout_s
+        self.shadow_fraction = shadow_fraction
+        self._shadows: deque[tuple[str, JobSpec, Any]] = deque()  # (job id, spec, its samples)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lesa-gen")
         self._stopping = asyncio.Event()
         self._claim_task: asyncio.Task[list[Job]] | None = None
@@ -73,7 +88,11 @@ class Worker:
             self._claim_task.cancel()
 
     async def run(self) -> None:
-        log.info("worker %s: max_batch=%d max_wait_ms=%g", self.worker_id, self.max_batch, self.max_wait_ms)
+        log.info("worker %s: max_batch=%d max_wait_ms=%g shadow_fraction=%g", self.worker_id, self.max_batch,
+                 self.max_wait_ms, self.shadow_fraction)  # fmt: skip
+        if hasattr(self.engine, "quality_cards"):
+            for model, level, method, psnr in self.engine.quality_cards():
+                self.metrics.card_psnr.labels(model, level, method).set(psnr)
         down_since: float | None = None  # the queue backend's current outage, if any
         while not self._stopping.is_set():
             try:
@@ -97,9 +116,11 @@ class Worker:
 
     async def run_once(self) -> int:
         """Claim and process at most one batch; returns how many jobs it held."""
+        # With shadow checks pending, "idle" means no job within SHADOW_IDLE_S, not a whole claim timeout.
+        timeout_s = min(self.claim_timeout_s, SHADOW_IDLE_S) if self._shadows else self.claim_timeout_s
         self._claim_task = asyncio.create_task(
             self.queue.claim_batch(
-                self.worker_id, max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, timeout_s=self.claim_timeout_s
+                self.worker_id, max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, timeout_s=timeout_s
             )
         )
         try:
@@ -111,6 +132,8 @@ class Worker:
         finally:
             self._claim_task = None
         if not jobs:
+            if self._shadows and not self._stopping.is_set():
+                await self._shadow_check(*self._shadows.popleft())
             return 0
         await self.process(jobs)
         return len(jobs)
@@ -249,3 +272,28 @@ class Worker:
             if lesa.get("realised_speedup") is not None:
                 self.metrics.speedup.labels(*labels, spec.method).observe(float(lesa["realised_speedup"]))
             self.metrics.jobs.labels(spec.model, "completed").inc()
+            self._maybe_shadow(job, result.samples)
+
+    def _maybe_shadow(self, job: Job, samples: Any) -> None:
+        spec = job.spec
+        if samples is None or random.random() >= self.shadow_fraction or not self.engine.shadow_eligible(spec):
+            return
+        if len(self._shadows) >= SHADOW_BACKLOG:
+            self.metrics.shadow_checks.labels(spec.model, spec.level, "dropped").inc()
+            return
+        self._shadows.append((job.id, spec, samples.copy()))  # a copy: the batch's array is freed
+
+    async def _shadow_check(self, job_id: str, spec: JobSpec, samples: Any) -> None:
+        """Rerun one accelerated job at full compute and export the PSNR between the two."""
+        loop = asyncio.get_running_loop()
+        try:
+            psnrs = await loop.run_in_executor(self._executor, self.engine.shadow_psnr, spec, samples)
+        except Exception as error:  # noqa: BLE001 - a failed check must not stop the worker
+            log.warning("shadow check of job %s failed: %s: %s", job_id, type(error).__name__, error)
+            self.metrics.shadow_checks.labels(spec.model, spec.level, "failed").inc()
+            return
+        for psnr in psnrs:
+            self.metrics.shadow_psnr.labels(spec.model, spec.level, spec.method).observe(psnr)
+        self.metrics.shadow_checks.labels(spec.model, spec.level, "done").inc()
+        log.info("shadow check of job %s (%s %s %s, %d steps): PSNR vs full compute %s dB", job_id, spec.model,
+                 spec.level, spec.method, spec.num_inference_steps, ", ".join(f"{p:.2f}" for p in psnrs))  # fmt: skip

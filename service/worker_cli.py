@@ -33,6 +33,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge
 
 from lesa_core.cli import positive_int
+from service.cli import SHADOW_HELP
 from service.metrics import Metrics
 from service.queue import QueueUnavailable
 from service.redis_queue import RedisJobQueue, RedisQueueSettings, default_worker_name
@@ -195,8 +196,9 @@ async def run_worker(settings: Settings, qsettings: RedisQueueSettings, name: st
         log.info("worker %s: models %s ready in %.1fs", name, ", ".join(engine.models), time.perf_counter() - t0)
         if not stop.is_set():
             worker = Worker(
-                queue, engine, metrics, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, worker_id=name
-            )
+                queue, engine, metrics, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                worker_id=name, shadow_fraction=settings.shadow_fraction,
+            )  # fmt: skip
             await worker.run()
     finally:
         stop.set()
@@ -219,6 +221,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             ("max_wait_ms", args.max_wait_ms),
             ("device", args.device),
             ("models", args.models),
+            ("shadow_fraction", args.shadow_fraction),
         )
         if value is not None
     }
@@ -254,6 +257,7 @@ def add_worker_command(subparsers: Any) -> None:
     parser.add_argument("--models", help="comma-separated model names (LESA_MODELS)")
     parser.add_argument("--metrics-port", type=int, help="/metrics, /healthz, /readyz; 0 = off (9101)")
     parser.add_argument("--name", help="consumer name in the stream group (default: host-pid-random)")
+    parser.add_argument("--shadow-fraction", type=float, help=SHADOW_HELP)
     parser.set_defaults(func=_cmd_worker)
 
 

@@ -85,13 +85,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     try:
         api = start_api(tmp, prefix)
         procs.append(api)
-        (worker,) = start_workers(tmp, prefix, ["m1"], cli=True)
+        # every accelerated job shadow-checked, so the online-quality series carry their labels
+        (worker,) = start_workers(tmp, prefix, ["m1"], cli=True, LESA_SHADOW_FRACTION="1")
         procs.append(worker)
         with httpx.Client(base_url=api.url, timeout=60) as client:
             for body in (image_body(), image_body(acceleration="2x", num_inference_steps=8), image_body(n=2)):
                 assert client.post("/v1/images/generations", json=body).status_code == 200
             assert client.post("/v1/images/generations", json=image_body(size="7x7")).status_code == 400
             client.get("/readyz")
+        deadline = time.monotonic() + 30  # the check runs once the worker is idle
+        while "lesa_shadow_psnr_db_count{" not in httpx.get(worker.url + "/metrics", timeout=10).text:
+            assert time.monotonic() < deadline, "no shadow check ran"
+            time.sleep(0.1)
         yield {"api": api, "worker": worker, "tmp": tmp}
     finally:
         for proc in procs:
@@ -140,6 +145,8 @@ def test_worker_exports_worker_metrics_and_api_exports_request_metrics(stack: di
     assert "lesa_requests_total" in api and "lesa_queue_depth" in api
     text = httpx.get(stack["worker"].url + "/metrics").text
     assert "lesa_workers_ready 1.0" in text and 'lesa_jobs_total{model="test-image",status="completed"}' in text
+    # LESA_SHADOW_FRACTION reached the worker: its one accelerated job (2x) was rerun at full compute
+    assert 'lesa_shadow_checks_total{level="2x",model="test-image",result="done"} 1.0' in text
 
 
 @pytest.mark.skipif(
@@ -210,7 +217,7 @@ def test_real_prometheus_scrapes_the_service_and_accepts_every_query(stack: dict
             time.sleep(0.5)
         assert {r["name"] for r in rules} == {
             "LesaBacklogGrowing", "LesaHighErrorRate", "LesaGenerationErrors", "LesaSpeedupCollapsed",
-            "LesaNoReadyWorkers",
+            "LesaQualityDrift", "LesaNoReadyWorkers",
         }  # fmt: skip
     finally:
         server.terminate()

@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -88,7 +89,8 @@ class StepPipe:
 
 def make_engine(settings: Any) -> Any:
     """The real Engine, serving one tiny image model backed by `StepPipe` (see module docstring)."""
-    from service.engine import Engine, ModelEntry
+    from lesa_core import level_schedule
+    from service.engine import Bundle, Engine, ModelEntry
 
     pipe = StepPipe(float(os.environ.get("LESA_TEST_STEP_S", "0.0")), os.environ.get("LESA_TEST_LOG"))
     entry = ModelEntry(
@@ -104,6 +106,10 @@ def make_engine(settings: Any) -> Any:
         default_guidance=1.0,
         levels=["none", "2x", "3.3x", "5x", "6.25x"],
     )
+    # A "trained" level with a quality card (at 50 steps, which no test asks for): the card gauge
+    # lesa_quality_card_psnr_db has a series for the dashboard and alert checks to find.
+    card_only = SimpleNamespace(schedule=level_schedule("6.25x", 50))
+    entry.bundles["6.25x"] = Bundle("6.25x", card_only, num_steps=50, quality={"psnr": 30.0})
     engine = Engine(settings, {TEST_MODEL: entry})
     engine.ready = True
     return engine

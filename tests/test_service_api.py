@@ -469,7 +469,9 @@ def test_serve_on_a_busy_port_fails_at_once_without_loading_models(monkeypatch, 
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        args = argparse.Namespace(host="127.0.0.1", port=port, models=None, max_batch=None, no_worker=False)
+        args = argparse.Namespace(
+            host="127.0.0.1", port=port, models=None, max_batch=None, no_worker=False, shadow_fraction=None
+        )
         assert run_serve(args) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
@@ -494,7 +496,42 @@ def test_serve_exits_when_the_models_cannot_load(tmp_path, monkeypatch, capsys) 
     bad = tmp_path / "models.toml"
     bad.write_text("[models\n")
     monkeypatch.setenv("LESA_MODELS_CONFIG", str(bad))
-    args = argparse.Namespace(host="127.0.0.1", port=free_port(), models=None, max_batch=None, no_worker=False)
+    args = argparse.Namespace(
+        host="127.0.0.1", port=free_port(), models=None, max_batch=None, no_worker=False, shadow_fraction=None
+    )
     assert run_serve(args) == 1
     err = capsys.readouterr().err
     assert "could not load the models: ConfigError" in err and "not valid TOML" in err
+
+
+def test_shadow_checks_rerun_accelerated_jobs_at_full_compute_only_when_the_worker_is_idle() -> None:
+    s = settings(shadow_fraction=1.0, max_batch=1)
+    engine = make_engine(s, step_delay=0.02)
+    pipe = engine.models["fake-image"].pipe
+    with TestClient(create_app(s, engine=engine)) as client:
+        # A blocker keeps the worker busy while six checkable jobs (5x at the card's 8 steps) queue,
+        # then two it must not check: 5x at 10 steps (the card was measured at 8) and level none.
+        blocker = client.post("/v1/images/jobs", json={"prompt": "blocker", "acceleration": "none"}).json()
+        wait_for(client, f"/v1/images/jobs/{blocker['id']}", {"in_progress"})
+        bodies = [{"prompt": f"p{i}", "seed": i, "acceleration": "5x"} for i in range(6)]
+        bodies += [{"prompt": "q", "acceleration": "5x", "num_inference_steps": 10}, {"prompt": "r"}]
+        ids = [client.post("/v1/images/jobs", json=body).json()["id"] for body in bodies]
+        for job_id in ids:
+            assert wait_for(client, f"/v1/images/jobs/{job_id}", {"completed", "failed"})["status"] == "completed"
+        deadline = time.monotonic() + 10
+        while 'lesa_shadow_checks_total{level="5x",model="fake-image",result="done"} 4.0' not in (
+            metrics := client.get("/metrics").text
+        ):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.05)
+    # The worker never waits on a check while jobs queue: the four kept (a backlog of four; two
+    # dropped) ran after every job, at full compute, for the same prompts and seeds.
+    assert 'lesa_shadow_checks_total{level="5x",model="fake-image",result="dropped"} 2.0' in metrics
+    shadows = pipe.calls[-4:]
+    assert all(c["cache"] is None for c in shadows)
+    assert [(c["prompts"], c["seeds"]) for c in shadows] == [([f"p{i}"], [i]) for i in range(4)]
+    assert [c["prompts"] for c in pipe.calls[:-4]] == [["blocker"]] + [[b["prompt"]] for b in bodies]
+    # The fake pipeline ignores the cache, so accelerated = full: 100 dB (the cap) per sample.
+    assert 'lesa_shadow_psnr_db_count{level="5x",method="lesa",model="fake-image"} 4.0' in metrics
+    assert 'lesa_shadow_psnr_db_sum{level="5x",method="lesa",model="fake-image"} 400.0' in metrics
+    assert 'lesa_quality_card_psnr_db{level="5x",method="lesa",model="fake-image"} 31.5' in metrics

@@ -192,3 +192,43 @@ def test_delete_cancels_a_running_video(server: Server) -> None:
         final = client.get(f"/v1/videos/{video['id']}").json()
         assert final["status"] == "cancelled" and final["progress"] < 50 and final["error"]["code"] == "cancelled"
         assert client.get(f"/v1/videos/{video['id']}/content").status_code == 409  # never any content
+
+
+def test_shadow_check_reports_the_psnr_of_a_served_lesa_sample_vs_full_compute() -> None:
+    """LESA_SHADOW_FRACTION=1 on the real model and its real 5x bundle: the exported PSNR is the
+    one the benchmark's metric gives for the same seed, accelerated vs full compute."""
+    from fastapi.testclient import TestClient
+
+    import lesa_core
+    from lesa_core.benchmark import psnr_per_sample
+    from lesa_models import load_pipeline
+
+    settings = Settings(_env_file=None, models=MODEL, warmup=False, shadow_fraction=1.0, default_level="none")
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 240
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "not ready in time"
+            time.sleep(0.2)
+        body = {"prompt": "a thin three", "model": MODEL, "seed": 1003, "num_inference_steps": 50}
+        # First a 20-step job: the card was measured at 50 steps, so it must not be checked (if it
+        # were, its check would run first and count as a second "done" below).
+        client.post("/v1/images/generations", json={**body, "acceleration": "5x", "num_inference_steps": 20})
+        served = client.post("/v1/images/generations", json={**body, "acceleration": "5x"}).json()
+        assert served["lesa"]["method"] == "lesa"
+        labels = f'level="5x",method="lesa",model="{MODEL}"'
+        deadline = time.monotonic() + 60
+        while f"lesa_shadow_psnr_db_count{{{labels}}} 1.0" not in (metrics := client.get("/metrics").text):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.1)
+        engine = client.app.state.services.engine
+        predictor = engine.models[MODEL].bundles["5x"].predictor
+    (line,) = [x for x in metrics.splitlines() if x.startswith(f"lesa_shadow_psnr_db_sum{{{labels}}}")]
+    exported = float(line.split()[-1])
+    pipe = load_pipeline(MODEL)
+    run = dict(seeds=[1003], height=16, width=16, num_inference_steps=50)
+    full = pipe(["a thin three"], **run).samples
+    fast = pipe(["a thin three"], **run, cache=lesa_core.CacheConfig("lesa", predictor.schedule, predictor=predictor))
+    expected = float(psnr_per_sample(fast.samples, full)[0])
+    assert 25 < exported < 60 and abs(exported - expected) < 1e-3, (exported, expected)
+    assert f'lesa_shadow_checks_total{{level="5x",model="{MODEL}",result="done"}} 1.0' in metrics
+    assert f"lesa_quality_card_psnr_db{{{labels}}}" in metrics

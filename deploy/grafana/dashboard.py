@@ -173,6 +173,25 @@ def build() -> dict[str, Any]:
                    stacking={"mode": "normal"}), 12, 8,
     )  # fmt: skip
 
+    # ---- online quality (LESA_SHADOW_FRACTION > 0)
+    layout.add(
+        timeseries("Online quality: PSNR vs full compute (shadow checks) and quality card",
+                   [(mean("lesa_shadow_psnr_db", "model, level, method", f"{MODEL}, {LEVEL}"),
+                     "{{model}} {{level}} {{method}} live"),
+                    (f"max by (model, level, method) (lesa_quality_card_psnr_db{{{MODEL}, {LEVEL}}})",
+                     "{{model}} {{level}} {{method}} card")],
+                   "dB", "Mean PSNR of served accelerated samples against the same request rerun at full "
+                   "compute (a LESA_SHADOW_FRACTION share of jobs, when workers are idle), beside what the "
+                   "benchmark measured for the level. Live well below card: alert LesaQualityDrift."), 12, 8,
+    )  # fmt: skip
+    layout.add(
+        timeseries("Shadow checks",
+                   [(f"sum by (result) (rate(lesa_shadow_checks_total{{{MODEL}, {LEVEL}}}[{WINDOW}]))",
+                     "{{result}}")],
+                   "ops", "Checks per second: done, dropped (backlog full: workers never idle), failed."),
+        12, 8,
+    )  # fmt: skip
+
     # ---- health
     layout.add(
         timeseries("Errors by type", [(f"sum by (type) (rate(lesa_errors_total[{WINDOW}]))", "{{type}}")],
