@@ -263,6 +263,23 @@ def test_target_checks_on_synthetic_records() -> None:
     assert not checks["wall speed-up b8 >= 0.9x theoretical"]["passed"]  # 4.0 < 4.5
 
 
+def test_mse_ratio_interval_says_how_much_the_seeds_pin_the_ratio_down() -> None:
+    ts = {"mse_per_seed": [4e-4] * 32}
+    steady = {"mse_per_seed": [2e-4] * 32}
+    low, high = benchmark.mse_ratio_interval(steady, ts)
+    assert low == pytest.approx(0.5) and high == pytest.approx(0.5)
+    # One mode flip among 32 seeds: the same mean ratio (0.5), but the seeds no longer pin it down.
+    flipped = {"mse_per_seed": [1e-4] * 31 + [1e-4 + 32 * 1e-4]}
+    assert np.mean(flipped["mse_per_seed"]) / 4e-4 == pytest.approx(0.5)
+    low, high = benchmark.mse_ratio_interval(flipped, ts)
+    assert low < 0.3 and high > 0.9
+    assert benchmark.mse_ratio_interval(flipped, ts) == (low, high)  # fixed resampling: reruns agree
+    # Older records kept only PSNR per seed; mismatched seed counts give no interval.
+    old = {"psnr_per_seed": [-10 * np.log10(2e-4)] * 32}
+    assert benchmark.mse_ratio_interval(old, ts)[0] == pytest.approx(0.5, rel=1e-9)
+    assert benchmark.mse_ratio_interval({"mse_per_seed": [1e-4] * 31}, ts) is None
+
+
 def test_unknown_method_or_level_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown methods"):
         BenchConfig(model="digits-image", methods=["fora"])
