@@ -17,7 +17,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +91,8 @@ def _load_transformer(cls: type, directory: Path) -> FluxTransformer2DModel | Wa
 
 class DigitsPipeline:
     """A pixel-space flow-matching pipeline around a diffusers transformer and the MiniLM text encoder."""
+
+    supports_preview = True  # `preview=` (partial images of streamed requests): see `denoise`
 
     def __init__(
         self,
@@ -350,6 +352,8 @@ class DigitsPipeline:
         cache: CacheConfig | None = None,
         callback: Callable[[int, int], bool | None] | None = None,
         latents: torch.Tensor | None = None,
+        preview: Callable[[int, np.ndarray], None] | None = None,
+        preview_steps: Collection[int] = (),
     ) -> GenerationOutput:
         """Generate one sample per prompt (the contract: see `denoise`); samples as float32 numpy in [0, 1]."""
         x, stats = self.denoise(
@@ -363,6 +367,8 @@ class DigitsPipeline:
             cache=cache,
             callback=callback,
             latents=latents,
+            preview=preview,
+            preview_steps=preview_steps,
         )
         samples = x.clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
         return GenerationOutput(samples=samples, stats=stats)
@@ -380,6 +386,8 @@ class DigitsPipeline:
         cache: CacheConfig | None = None,
         callback: Callable[[int, int], bool | None] | None = None,
         latents: torch.Tensor | None = None,
+        preview: Callable[[int, np.ndarray], None] | None = None,
+        preview_steps: Collection[int] = (),
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Generate one sample per prompt: the samples as a float32 tensor on the [0, 1] scale
         (unclamped; [B, H, W] or [B, F, H, W]) and the call's stats.
@@ -394,6 +402,9 @@ class DigitsPipeline:
           guidance_scale <= 1.
         - `cache`: LESA / baseline acceleration through lesa_core's hooks, reset per generation.
         - `callback(step_done, total)` runs after every step; returning False raises GenerationCancelled.
+        - `preview(step_done, samples)` runs after each step in `preview_steps` with the sampler's
+          current estimate of the clean samples (float32 numpy in [0, 1], shaped like the output):
+          the partial images of a streamed request.
         """
         if guidance_scale is None:
             guidance_scale = self.default_guidance
@@ -439,7 +450,12 @@ class DigitsPipeline:
                         out = out_uncond + guidance_scale * (out - out_uncond)
                     # FlowMatchEulerDiscreteScheduler.step's arithmetic (bit for bit) without its
                     # per-call bookkeeping, which costs as much as a predicted step's forecast
-                    x = x + steps_dt[i] * self._velocity(out, x)
+                    velocity = self._velocity(out, x)
+                    if preview is not None and i + 1 in preview_steps:
+                        # x_t = (1 - s) x0 + s noise and v = noise - x0, so x0 = x_t - s v
+                        clean = (x - float(sched.sigmas[i]) * velocity)[:, 0]
+                        preview(i + 1, ((clean + 1.0) / 2.0).clamp(0.0, 1.0).detach().cpu().numpy())
+                    x = x + steps_dt[i] * velocity
                     if callback is not None and callback(i + 1, total) is False:
                         raise GenerationCancelled(f"cancelled after step {i + 1} of {total}")
                 stats: dict[str, Any] = {}

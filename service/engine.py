@@ -350,11 +350,14 @@ class Engine:
     def resolve_image(self, body: ImageGenerationRequest) -> JobSpec:
         entry = self._model(body.model, "image")
         width, height = self._size(entry, body.size)
+        if body.stream and body.n != 1:  # OpenAI's stream events carry no image index
+            raise bad_request(f"stream=true returns one image; got n={body.n}", "n", "unsupported_value")
         steps, guidance, level, method, seed = self._common(entry, body)
         return JobSpec(
             kind="image", model=entry.name, prompt=body.prompt, n=body.n, width=width, height=height,
             num_inference_steps=steps, guidance_scale=guidance, level=level, method=method, seed=seed,
             output_format=body.output_format, user=body.user,
+            partial_images=(body.partial_images or 0) if body.stream else 0,
         )  # fmt: skip
 
     def resolve_video(self, body: VideoCreateRequest) -> JobSpec:
@@ -401,17 +404,21 @@ class Engine:
         self,
         specs: Sequence[JobSpec],
         on_step: Callable[[int, int], bool | None] | None = None,
+        on_partial: Callable[[int, int, bytes], None] | None = None,
     ) -> list[BatchOutput]:
         """Run compatible jobs as one pipeline call; returns one `BatchOutput` per job, in order.
 
         `on_step(done, total)` is called after every denoising step; returning False stops the
         generation (the pipeline raises `lesa_models.GenerationCancelled`, which propagates).
+        `on_partial(job index, partial index, encoded image)` delivers the partial images that jobs
+        ask for (`JobSpec.partial_images`), where the pipeline can preview (`supports_preview`).
         """
         first = specs[0]
         key = first.batch_key()
         if any(s.batch_key() != key for s in specs):
             raise ValueError("run_batch needs compatible jobs (equal JobSpec.batch_key())")
         cache = self.cache_config(first)
+        previews = self._previews(specs, on_partial) if on_partial is not None else {}
         schedule = cache.schedule if cache is not None else None
 
         # Step timing, to estimate what the batch would have cost with every step full: the
@@ -428,7 +435,7 @@ class Engine:
         with self._run_lock:
             t0 = time.perf_counter()
             last[0] = t0
-            output = self._call(specs, cache, callback)
+            output = self._call(specs, cache, callback, **previews)
             denoise_s = time.perf_counter() - t0
             results = self._encode(specs, output.samples)
             generation_s = time.perf_counter() - t0
@@ -485,8 +492,31 @@ class Engine:
             reference = self._call([full], cache=None).samples
         return [round(float(v), 3) for v in psnr_per_sample(samples, reference)]
 
+    def _previews(self, specs: Sequence[JobSpec], on_partial: Callable[[int, int, bytes], None]) -> dict[str, Any]:
+        """The pipeline's `preview` / `preview_steps` arguments for the jobs' partial images (or none)."""
+        if not getattr(self.models[specs[0].model].pipe, "supports_preview", False):
+            return {}  # allowed by OpenAI's contract: fewer partial images than asked for
+        wanted: dict[int, list[tuple[int, int, int]]] = {}  # step -> (job, partial index, first sample)
+        offset = 0
+        for j, spec in enumerate(specs):
+            for k, step in enumerate(partial_steps(spec.partial_images, spec.num_inference_steps)):
+                wanted.setdefault(step, []).append((j, k, offset))
+            offset += spec.n
+        if not wanted:
+            return {}
+
+        def preview(step: int, samples: np.ndarray) -> None:
+            for j, k, first in wanted.get(step, []):
+                on_partial(j, k, media.encode_image(samples[first], specs[j].output_format))
+
+        return {"preview": preview, "preview_steps": frozenset(wanted)}
+
     def _call(
-        self, specs: Sequence[JobSpec], cache: Any, callback: Callable[[int, int], bool | None] | None = None
+        self,
+        specs: Sequence[JobSpec],
+        cache: Any,
+        callback: Callable[[int, int], bool | None] | None = None,
+        **previews: Any,
     ) -> GenerationOutput:
         """One pipeline call for compatible jobs: sample j of job i uses seed + j."""
         first = specs[0]
@@ -500,6 +530,7 @@ class Engine:
             guidance_scale=first.guidance_scale,
             cache=cache,
             callback=callback,
+            **previews,
         )
 
     def _encode(self, specs: Sequence[JobSpec], samples: np.ndarray) -> list[BatchOutput]:
@@ -529,6 +560,11 @@ class Engine:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def partial_steps(count: int, steps: int) -> list[int]:
+    """After which steps a job's `count` partial images are taken: evenly spaced, never the last."""
+    return sorted({min(steps - 1, max(1, round(steps * (k + 1) / (count + 1)))) for k in range(count)})
 
 
 def _theoretical_speedup(level: str, steps: int) -> float:

@@ -89,6 +89,9 @@ class JobSpec(BaseModel):
     seed: int  # sample i uses seed + i
     output_format: str = "png"  # images: png | jpeg | webp; videos: mp4
     user: str | None = None
+    # Previews of the image while it denoises (a streamed request's `partial_images`, 0-3); any
+    # value batches with any other: each job gets its own.
+    partial_images: int = Field(0, ge=0, le=3)
     # Provenance, not what to generate (so never part of batch_key):
     owner: str | None = None  # a hash of the caller's API key (None without auth): only the owner sees the job
     request_hash: str | None = None  # fingerprint of the request body an Idempotency-Key came with
@@ -143,6 +146,7 @@ class Job(BaseModel):
     idempotency_key: str | None = None
     worker_id: str | None = None
     attempts: int = 0  # deliveries to a worker (Redis re-delivers after a crash)
+    partials: int = 0  # partial images stored so far (`JobQueue.get_partial`, indices 0..partials-1)
 
 
 class QueueError(Exception):
@@ -230,6 +234,10 @@ class JobQueue(abc.ABC):
         """Bytes of one output (`OutputRef.name`) of a completed job, or None."""
 
     @abc.abstractmethod
+    async def get_partial(self, job_id: str, index: int) -> bytes | None:
+        """Partial image `index` of a job (encoded like its outputs), or None."""
+
+    @abc.abstractmethod
     async def depth(self) -> int:
         """Number of jobs waiting to be claimed (the backlog)."""
 
@@ -254,6 +262,11 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     async def set_progress(self, job_id: str, progress: int) -> None:
         """Record progress (0-100) of a running job; ignored once the job is terminal."""
+
+    @abc.abstractmethod
+    async def add_partial(self, job_id: str, index: int, data: bytes) -> None:
+        """Store partial image `index` of a running job (ignored unless `in_progress`); kept as long
+        as the job. A re-delivered job starts again from no partials."""
 
     @abc.abstractmethod
     async def is_cancelled(self, job_id: str) -> bool:
@@ -295,6 +308,7 @@ class InProcessJobQueue(JobQueue):
         self._jobs: OrderedDict[str, Job] = OrderedDict()  # creation order
         self._pending: deque[str] = deque()
         self._artifacts: dict[str, dict[str, bytes]] = {}
+        self._partials: dict[str, dict[int, bytes]] = {}
         self._by_key: dict[str, str] = {}
         self._done_events: dict[str, asyncio.Event] = {}
         self._arrival = asyncio.Event()  # set whenever a job is enqueued
@@ -327,6 +341,7 @@ class InProcessJobQueue(JobQueue):
     def _forget(self, job_id: str) -> None:
         job = self._jobs.pop(job_id, None)
         self._artifacts.pop(job_id, None)
+        self._partials.pop(job_id, None)
         self._done_events.pop(job_id, None)
         if job is not None and job.idempotency_key is not None:
             self._by_key.pop(job.idempotency_key, None)
@@ -436,6 +451,12 @@ class InProcessJobQueue(JobQueue):
             return None
         return self._artifacts.get(job_id, {}).get(name)
 
+    async def get_partial(self, job_id: str, index: int) -> bytes | None:
+        self._sweep()
+        if self._fresh(job_id) is None:
+            return None
+        return self._partials.get(job_id, {}).get(index)
+
     async def depth(self) -> int:
         return len(self._pending)
 
@@ -506,6 +527,12 @@ class InProcessJobQueue(JobQueue):
         job = self._live(job_id)
         if job is not None:
             job.progress = max(job.progress, min(100, max(0, int(progress))))
+
+    async def add_partial(self, job_id: str, index: int, data: bytes) -> None:
+        job = self._jobs.get(job_id)
+        if job is not None and job.status == JobStatus.in_progress:
+            self._partials.setdefault(job_id, {})[index] = data
+            job.partials = max(job.partials, index + 1)
 
     async def is_cancelled(self, job_id: str) -> bool:
         job = self._jobs.get(job_id)

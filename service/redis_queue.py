@@ -10,6 +10,8 @@ share one Redis):
 * `<p>:job:<id>` — hash with the job record (spec JSON, status, progress, timestamps, attempts,
   error/result JSON, stream entry id). Unfinished jobs live `job_ttl_s`; finished ones until
   `expires_at` (`result_ttl_s`).
+* `<p>:partial:<id>` — partial images of a streamed job while it runs (index -> bytes; the job
+  hash counts them in `partials`), expiring with the job.
 * `<p>:art:<id>` / `<p>:files:<id>` — outputs: small ones inline in Redis, larger ones
   (> `inline_max_bytes`) as files under `output_dir` (a volume shared by API and workers), the
   hash holding the path.
@@ -180,9 +182,9 @@ if attempts >= tonumber(ARGV[5]) then
   redis.call('PUBLISH', ARGV[8], ARGV[1])
   return 'dead'
 end
--- progress restarts at 0: a re-delivered job runs again from its first step
+-- progress restarts at 0: a re-delivered job runs again from its first step (and partial images)
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started_at', ARGV[4], 'worker_id', ARGV[10],
-  'consumer', ARGV[3], 'attempts', tostring(attempts + 1), 'progress', '0')
+  'consumer', ARGV[3], 'attempts', tostring(attempts + 1), 'progress', '0', 'partials', '0')
 redis.call('ZREM', KEYS[3], ARGV[1])
 return 'ok'
 """
@@ -209,10 +211,21 @@ if tonumber(ARGV[1]) > cur then redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 return 1
 """
 
+_PARTIAL = """
+-- KEYS: job, partial; ARGV: index, bytes. Running jobs only; the partials expire with the job.
+if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local count = tonumber(redis.call('HGET', KEYS[1], 'partials') or '0')
+if tonumber(ARGV[1]) + 1 > count then redis.call('HSET', KEYS[1], 'partials', tostring(tonumber(ARGV[1]) + 1)) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return 1
+"""
+
 _FINISH = """
 -- Store a result (or error), mark terminal and acknowledge, atomically. A job that is already
 -- terminal (cancelled, or finished by another delivery) is only acknowledged: first writer wins.
--- KEYS: job, stream, art, files, stats, queued
+-- KEYS: job, stream, art, files, stats, queued, partial
 -- ARGV: id, group, status, payload json, now, result_ttl_s, events channel, n_inline,
 --       name, bytes, ..., n_files, name, path, ...
 local entry = redis.call('HGET', KEYS[1], 'entry')
@@ -247,6 +260,7 @@ end
 redis.call('PEXPIRE', KEYS[1], ttl)
 if n_inline > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
 if n_files > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
+redis.call('PEXPIRE', KEYS[7], ttl)
 local idem = redis.call('HGET', KEYS[1], 'idem')
 if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
 redis.call('ZREM', KEYS[6], ARGV[1])
@@ -262,13 +276,14 @@ return 1
 """
 
 _CANCEL = """
--- KEYS: job, queued; ARGV: id, now, result_ttl_s, events channel
+-- KEYS: job, queued, partial; ARGV: id, now, result_ttl_s, events channel
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status == 'completed' or status == 'failed' or status == 'cancelled' then return status end
 local now = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2], 'expires_at', tostring(now + tonumber(ARGV[3])))
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
+redis.call('PEXPIRE', KEYS[3], math.ceil(tonumber(ARGV[3]) * 1000))
 local idem = redis.call('HGET', KEYS[1], 'idem')
 if idem and idem ~= '' then redis.call('PEXPIRE', idem, math.ceil(tonumber(ARGV[3]) * 1000)) end
 -- The stream entry stays: the worker that reads it (or is running it) acknowledges it.
@@ -389,6 +404,7 @@ class RedisJobQueue(JobQueue):
         self._progress = self._redis.register_script(_PROGRESS)
         self._finish = self._redis.register_script(_FINISH)
         self._cancel = self._redis.register_script(_CANCEL)
+        self._partial = self._redis.register_script(_PARTIAL)
 
         # Consumer names get a per-instance suffix: two processes that pass the same worker id
         # (e.g. "embedded" in two API replicas) must never share one pending-entries list, or the
@@ -447,6 +463,9 @@ class RedisJobQueue(JobQueue):
     def _k_files(self, job_id: str) -> str:
         return f"{self.prefix}:files:{job_id}"
 
+    def _k_partial(self, job_id: str) -> str:
+        return f"{self.prefix}:partial:{job_id}"
+
     def _k_idem(self, key: str) -> str:
         # Hashed: the header is client-chosen text of any length.
         return f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
@@ -494,6 +513,7 @@ class RedisJobQueue(JobQueue):
             idempotency_key=_s(h.get(b"idem_key")) or None,
             worker_id=_s(h.get(b"worker_id")),
             attempts=int(h.get(b"attempts") or 0),
+            partials=int(h.get(b"partials") or 0),
         )
 
     async def _get_many(self, job_ids: list[str]) -> list[Job | None]:
@@ -688,7 +708,7 @@ class RedisJobQueue(JobQueue):
     @_translate_errors
     async def cancel(self, job_id: str) -> Job | None:
         await self._cancel(
-            keys=[self._k_job(job_id), self.k_queued],
+            keys=[self._k_job(job_id), self.k_queued, self._k_partial(job_id)],
             args=[job_id, repr(time.time()), self.result_ttl_s, self.channel],
         )
         return await self.get(job_id)
@@ -699,7 +719,7 @@ class RedisJobQueue(JobQueue):
         if job is None or not job.status.terminal:
             return False
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.delete(self._k_job(job_id), self._k_art(job_id), self._k_files(job_id))
+            pipe.delete(self._k_job(job_id), self._k_art(job_id), self._k_files(job_id), self._k_partial(job_id))
             for key in (self.k_index, f"{self.k_index}:image", f"{self.k_index}:video"):
                 pipe.zrem(key, job_id)
             await pipe.execute()
@@ -709,6 +729,10 @@ class RedisJobQueue(JobQueue):
                 await self._redis.delete(idem)
         await asyncio.to_thread(shutil.rmtree, self.output_dir / job_id, True)
         return True
+
+    @_translate_errors
+    async def get_partial(self, job_id: str, index: int) -> bytes | None:
+        return await self._redis.hget(self._k_partial(job_id), str(int(index)))
 
     @_translate_errors
     async def get_artifact(self, job_id: str, name: str) -> bytes | None:
@@ -932,6 +956,10 @@ class RedisJobQueue(JobQueue):
                 self._active[job_id] = (worker_id, entry_id, now)
 
     @_translate_errors
+    async def add_partial(self, job_id: str, index: int, data: bytes) -> None:
+        await self._partial(keys=[self._k_job(job_id), self._k_partial(job_id)], args=[int(index), data])
+
+    @_translate_errors
     async def is_cancelled(self, job_id: str) -> bool:
         return _s(await self._redis.hget(self._k_job(job_id), "status")) == JobStatus.cancelled.value
 
@@ -980,6 +1008,7 @@ class RedisJobQueue(JobQueue):
                 self._k_files(job_id),
                 self.k_stats,
                 self.k_queued,
+                self._k_partial(job_id),
             ],
             args=args,
         )

@@ -91,7 +91,19 @@ class ImageGenerationRequest(StrictBody):
     background: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     moderation: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     output_compression: int | None = Field(None, ge=0, le=100, description="Accepted; ignored.")
-    stream: Literal[False] = Field(False, description="Streaming is not supported; use jobs for progress.")
+    stream: bool = Field(
+        False,
+        description="POST /v1/images/generations only: answer with server-sent events as OpenAI streams "
+        "images: `image_generation.partial_image` events (see partial_images), then one "
+        "`image_generation.completed` with the image (n must be 1).",
+    )
+    partial_images: int | None = Field(
+        None,
+        ge=0,
+        le=3,
+        description="With stream=true: how many previews of the image to send while it denoises (0-3; "
+        "evenly spaced over the steps; the sampler's current estimate of the clean image).",
+    )
     # LESA extensions
     seed: int | None = _SEED
     num_inference_steps: int | None = _STEPS

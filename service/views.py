@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from typing import Any
 
 from service.errors import ApiError
 from service.queue import Job, JobQueue, JobStatus
@@ -111,3 +112,27 @@ async def image_job_object(job: Job, queue: JobQueue, base_url: str) -> ImageJob
         n=spec.n,
         result=result,
     )
+
+
+# OpenAI's image stream events (`client.images.generate(stream=True)`); usage is for GPT image
+# models only: zeros here.
+_NO_USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+             "output_tokens": 0, "total_tokens": 0}  # fmt: skip
+
+
+def image_stream_event(job: Job, content: bytes, partial_index: int | None, requested: str | None = None) -> dict:
+    """`image_generation.partial_image` (with `partial_index`) or `image_generation.completed`."""
+    event: dict[str, Any] = {
+        "b64_json": base64.b64encode(content).decode("ascii"),
+        "background": "opaque",
+        "created_at": int(time.time()),
+        "output_format": job.spec.output_format,
+        "quality": "auto",
+        "size": f"{job.spec.width}x{job.spec.height}",
+    }
+    if partial_index is not None:
+        event.update(type="image_generation.partial_image", partial_image_index=partial_index)
+    else:
+        event.update(type="image_generation.completed", usage=_NO_USAGE,
+                     lesa=lesa_stats(job, requested).model_dump(mode="json"))  # fmt: skip
+    return event

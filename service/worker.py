@@ -27,6 +27,7 @@ most SHADOW_BACKLOG wait, further ones are dropped and counted.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import random
@@ -203,6 +204,13 @@ class Worker:
                 loop.call_soon_threadsafe(progress_signal.set)
             return not stop_flag.is_set()
 
+        stored: list[concurrent.futures.Future[None]] = []
+
+        def on_partial(index: int, partial: int, data: bytes) -> None:
+            # Generation thread: hand the partial image to the loop; it is stored before the
+            # job completes (awaited below), so a stream never misses one that was made.
+            stored.append(asyncio.run_coroutine_threadsafe(self.queue.add_partial(jobs[index].id, partial, data), loop))
+
         finished = False
 
         async def monitor() -> None:
@@ -230,8 +238,9 @@ class Worker:
 
         monitor_task = asyncio.create_task(monitor())
         started = time.time()
+        partials = (on_partial,) if any(s.partial_images for s in specs) else ()
         try:
-            results = await loop.run_in_executor(self._executor, self.engine.run_batch, specs, on_step)
+            results = await loop.run_in_executor(self._executor, self.engine.run_batch, specs, on_step, *partials)
         except Exception:
             if stop_flag.is_set():  # the pipeline stopped because every job was cancelled
                 # (counted by the API that cancelled them: once, even if a job ran on two workers)
@@ -246,6 +255,11 @@ class Worker:
             except (TimeoutError, Exception):  # noqa: BLE001 - the monitor only reports progress
                 monitor_task.cancel()
         generation_s = time.time() - started
+        for future in stored:
+            try:
+                await asyncio.wrap_future(future)
+            except Exception as error:  # noqa: BLE001 - a lost preview must not fail the job
+                log.warning("a partial image was not stored: %s: %s", type(error).__name__, error)
         self.metrics.batch_size.labels(first_model := specs[0].model).observe(sum(s.n for s in specs))
         self.metrics.generation_time.labels(first_model, specs[0].level).observe(generation_s)
 

@@ -35,17 +35,21 @@ class FakePipeline:
             default_guidance=2.0, min_steps=4, max_steps=100, hidden_size=8, transformer_class="Fake",
         )  # fmt: skip
 
+    supports_preview = True
+
     def __call__(self, prompts, *, seeds, height, width, num_frames=None, num_inference_steps=50,
-                 guidance_scale=None, cache=None, callback=None):  # fmt: skip
+                 guidance_scale=None, cache=None, callback=None, preview=None, preview_steps=()):  # fmt: skip
         self.calls.append(dict(prompts=list(prompts), seeds=list(seeds), cache=cache, size=(width, height)))
         if any(p == "explode" for p in prompts):
             raise RuntimeError("the fake model exploded")
+        shape = (height, width) if self.kind == "image" else (num_frames, height, width)
         for step in range(1, num_inference_steps + 1):
             time.sleep(self.step_delay)
             self.last_step = step
+            if preview is not None and step in preview_steps:  # a grey as light as the step is far
+                preview(step, np.full((len(seeds), *shape), step / num_inference_steps, dtype=np.float32))
             if callback is not None and callback(step, num_inference_steps) is False:
                 raise GenerationCancelled(f"cancelled after step {step}")
-        shape = (height, width) if self.kind == "image" else (num_frames, height, width)
         samples = np.stack([np.random.default_rng(s).random(shape, dtype=np.float32) for s in seeds])
         return GenerationOutput(samples=samples, stats={})
 

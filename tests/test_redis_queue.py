@@ -62,10 +62,11 @@ def test_redelivery_after_visibility_timeout_first_result_wins_then_max_deliveri
         # "a" goes silent (no progress heartbeat): after the timeout "b" is handed the same job.
         assert await q.claim_batch("b", max_batch=1, max_wait_ms=0, timeout_s=0.1) == []
         await q.set_progress(job.id, 42)  # "a" got 42% of the way before going silent
+        await q.add_partial(job.id, 0, b"a's preview")
         await asyncio.sleep(0.4)
         (second,) = await q.claim_batch("b", max_batch=1, max_wait_ms=0, timeout_s=1)
         assert second.id == job.id and second.attempts == 2 and second.worker_id == "b"
-        assert second.progress == 0  # "b" starts it again from the first step
+        assert second.progress == 0 and second.partials == 0  # "b" starts it again from the first step
         # Both deliveries finish: the first stored result wins, the late one is only acknowledged.
         # (complete() says which call stored it: workers count only that one as a completion)
         assert await q.complete(job.id, result("b"), {"0.png": b"B"}) is True
@@ -74,6 +75,7 @@ def test_redelivery_after_visibility_timeout_first_result_wins_then_max_deliveri
         assert done.status == JobStatus.completed and done.result.lesa["tag"] == "b"
         assert await q.get_artifact(job.id, "0.png") == b"B"
         r = q._redis
+        assert 0 < await r.pttl(q._k_partial(job.id)) <= 1000 * q.result_ttl_s  # expires with the job
         assert await r.xlen(q.stream) == 0 and (await r.xpending(q.stream, q.group))["pending"] == 0
 
         # A job whose every delivery is abandoned fails after max_deliveries, with the last error,

@@ -535,3 +535,40 @@ def test_shadow_checks_rerun_accelerated_jobs_at_full_compute_only_when_the_work
     assert 'lesa_shadow_psnr_db_count{level="5x",method="lesa",model="fake-image"} 4.0' in metrics
     assert 'lesa_shadow_psnr_db_sum{level="5x",method="lesa",model="fake-image"} 400.0' in metrics
     assert 'lesa_quality_card_psnr_db{level="5x",method="lesa",model="fake-image"} 31.5' in metrics
+
+
+def test_streamed_generation_sends_partial_images_then_the_image_as_openai_does() -> None:
+    s = settings()
+    with TestClient(create_app(s, engine=make_engine(s, step_delay=0.01))) as client:
+        body = {"prompt": "a seven", "seed": 5, "stream": True, "partial_images": 3, "num_inference_steps": 8}
+        with client.stream("POST", "/v1/images/generations", json=body) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            text = "".join(response.iter_text())
+        events = [
+            (block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
+            for block in text.strip().split("\n\n")
+            if block.startswith("event:")
+        ]
+        assert [e for e, _ in events] == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
+        assert [d["type"] for _, d in events] == [e for e, _ in events]
+        assert [d["partial_image_index"] for _, d in events[:3]] == [0, 1, 2]
+        # previews after steps 2, 4, 6 of 8: the fake pipeline paints them grey at step / 8
+        greys = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).getpixel((0, 0)) for _, d in events[:3]]
+        assert greys == [round(255 * f) for f in (0.25, 0.5, 0.75)]
+        done = events[-1][1]
+        assert done["size"] == "16x16" and done["output_format"] == "png" and done["usage"]["total_tokens"] == 0
+        plain = client.post("/v1/images/generations", json={**body, "stream": False}).json()
+        assert done["b64_json"] == plain["data"][0]["b64_json"]  # the same image as without streaming
+        assert done["lesa"]["seed"] == 5
+        # without partial_images: the image alone; n > 1 and the job endpoint refuse stream
+        with client.stream("POST", "/v1/images/generations", json={"prompt": "x", "stream": True}) as response:
+            assert "image_generation.partial_image" not in "".join(response.iter_text())
+        assert_error(client.post("/v1/images/generations", json={"prompt": "x", "stream": True, "n": 2}), 400, "n")
+        assert_error(client.post("/v1/images/jobs", json={"prompt": "x", "stream": True}), 400, "stream")
+        assert_error(client.post("/v1/images/generations", json={"prompt": "x", "partial_images": 4}), 400,
+                     "partial_images")  # fmt: skip
+        # a failure mid-stream is an `error` event, which the openai client raises
+        with client.stream("POST", "/v1/images/generations", json={"prompt": "explode", "stream": True}) as response:
+            text = "".join(response.iter_text())
+        assert text.startswith("event: error") and '"code":"generation_failed"' in text

@@ -141,6 +141,30 @@ def test_official_openai_client(server: Server) -> None:
         assert thumb.content.startswith(b"\x89PNG")
 
 
+def test_official_openai_client_streams_partial_images(server: Server) -> None:
+    """`client.images.generate(stream=True, partial_images=2)` unmodified: two previews of the
+    real model's denoising (the later one nearer the result), then the image a plain request gives."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    fields = {"seed": 21, "num_inference_steps": 12, "acceleration": "5x"}
+    events = list(client.images.generate(model=MODEL, prompt="a four", stream=True, partial_images=2,
+                                         extra_body=fields))  # fmt: skip
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    pixels = [np.asarray(Image.open(io.BytesIO(base64.b64decode(e.b64_json))), dtype=float) for e in events]
+    assert all(p.shape == (16, 16) for p in pixels)
+    assert np.mean((pixels[1] - pixels[2]) ** 2) < np.mean((pixels[0] - pixels[2]) ** 2)
+    assert events[2].model_extra["lesa"]["level"] == "5x"
+    with server.client() as http:
+        plain = generate(http, prompt="a four", **fields)
+    assert events[2].b64_json == plain["data"][0]["b64_json"]
+
+
 def test_mixed_sequence_never_leaks_cache_state(server: Server) -> None:
     """A request gives the same image alone and after requests with other levels, methods, CFG
     settings and batch sizes: the cache state is rebuilt per generation."""

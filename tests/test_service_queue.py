@@ -187,3 +187,27 @@ def test_lists_show_only_their_owners_jobs_and_owners_batch_together() -> None:
         assert len(batch) == 5
 
     run(scenario())
+
+
+def test_partial_images_are_kept_for_running_jobs_only() -> None:
+    async def scenario() -> None:
+        q = make_queue()
+        job = await q.submit(spec(partial_images=2))
+        await q.add_partial(job.id, 0, b"too early")  # queued, not running: ignored
+        assert (await q.get(job.id)).partials == 0 and await q.get_partial(job.id, 0) is None
+        await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
+        await q.add_partial(job.id, 0, b"first")
+        await q.add_partial(job.id, 1, b"second")
+        assert (await q.get(job.id)).partials == 2
+        assert await q.complete(job.id, JobResult(outputs=[]), {})
+        await q.add_partial(job.id, 2, b"late")  # finished: ignored
+        done = await q.get(job.id)
+        assert done.partials == 2 and done.spec.partial_images == 2
+        assert [await q.get_partial(job.id, i) for i in range(3)] == [b"first", b"second", None]
+        other = await q.submit(spec(seed=1))
+        await q.cancel(other.id)
+        await q.add_partial(other.id, 0, b"x")
+        assert (await q.get(other.id)).partials == 0
+        await q.close()
+
+    run(scenario())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -12,8 +13,9 @@ from pydantic import BaseModel
 
 from service.deps import Services, cancel, get_job
 from service.errors import ApiError
-from service.queue import Job, JobStatus
+from service.queue import Job, JobStatus, QueueUnavailable
 from service.schemas import DeletedObject
+from service.views import image_stream_event
 
 
 async def artifact_response(services: Services, job: Job, *, index: int, variant: str) -> Response:
@@ -79,6 +81,67 @@ def job_events(
                 if job.status.terminal:
                     return
             elif time.monotonic() - quiet_since > EVENT_KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(EVENT_POLL_S)
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+def _sse(event: str, payload: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+def image_stream(services: Services, job_id: str, requested: str | None) -> StreamingResponse:
+    """A streamed `POST /v1/images/generations`: each partial image as soon as the worker stored it,
+    then the image; a failure, cancellation or `LESA_SYNC_TIMEOUT_S` ends it with an `error`
+    event (which the openai client raises as APIError)."""
+    timeout = services.settings.sync_timeout_s
+
+    def error(message: str, code: str, type_: str = "server_error") -> bytes:
+        return _sse("error", {"error": {"message": message, "type": type_, "code": code, "job_id": job_id}})
+
+    async def stream() -> AsyncIterator[bytes]:
+        assert services.queue is not None
+        sent = 0
+        deadline = time.monotonic() + timeout
+        quiet_since = time.monotonic()
+        while True:
+            try:
+                job = await services.queue.get(job_id)
+                if job is None:
+                    yield error(f"job {job_id} expired", "expired")
+                    return
+                while sent < job.partials:  # stored before completion, so none is skipped
+                    content = await services.queue.get_partial(job_id, sent)
+                    if content is None:
+                        break
+                    yield _sse("image_generation.partial_image", image_stream_event(job, content, sent))
+                    sent, quiet_since = sent + 1, time.monotonic()
+                if job.status == JobStatus.completed:
+                    assert job.result is not None
+                    content = await services.queue.get_artifact(job_id, job.result.outputs[0].name)
+                    if content is None:
+                        yield error(f"outputs of job {job_id} have expired", "expired")
+                    else:
+                        yield _sse("image_generation.completed", image_stream_event(job, content, None, requested))
+                    return
+            except QueueUnavailable as down:
+                yield error(f"job queue unavailable: {down}", "queue_unavailable")
+                return
+            if job.status == JobStatus.failed:
+                yield error(job.error.message if job.error else "generation failed", "generation_failed")
+                return
+            if job.status == JobStatus.cancelled:
+                yield error(f"job {job_id} was cancelled", "cancelled", "invalid_request_error")
+                return
+            if time.monotonic() > deadline:
+                yield error(f"the image was not ready within {timeout:g} s; job {job_id} continues: poll "
+                            f"GET /v1/images/jobs/{job_id}", "timeout", "timeout")  # fmt: skip
+                return
+            if time.monotonic() - quiet_since > EVENT_KEEPALIVE_S:
                 quiet_since = time.monotonic()
                 yield b": keep-alive\n\n"
             await asyncio.sleep(EVENT_POLL_S)

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from service.deps import OwnerDep, ReadyDep, get_job, submit, unavailable
 from service.errors import ApiError
 from service.queue import Job, JobStatus, QueueUnavailable
-from service.routers.common import artifact_response, cancel_or_delete, job_events
+from service.routers.common import artifact_response, cancel_or_delete, image_stream, job_events
 from service.schemas import DeletedObject, ErrorResponse, ImageGenerationRequest, ImageJobObject, ImagesResponse
 from service.views import image_job_object, images_response
 
@@ -32,22 +32,30 @@ def base_url(request: Request, services: ReadyDep) -> str:
     return (services.settings.public_base_url or str(request.base_url)).rstrip("/")
 
 
-@router.post("/generations", response_model=ImagesResponse, responses=ERRORS, summary="Create images (sync)")
+@router.post(
+    "/generations",
+    response_model=ImagesResponse,
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "images, or events (stream)"}},
+    summary="Create images (sync)",
+)
 async def create_images(
     body: ImageGenerationRequest,
     request: Request,
     services: ReadyDep,
     owner: OwnerDep,
     idempotency_key: IdempotencyKey = None,
-) -> ImagesResponse:
+) -> ImagesResponse | StreamingResponse:
     """OpenAI `images.generate`: waits for the images (up to `LESA_SYNC_TIMEOUT_S`).
 
     On timeout the answer is 504 with the job id in `error.job_id`; the job keeps running and
-    can be fetched from `GET /v1/images/jobs/{job_id}`.
+    can be fetched from `GET /v1/images/jobs/{job_id}`. With `stream: true`, server-sent events
+    as OpenAI streams images: `partial_images` previews, then the image (`image_stream`).
     """
     spec = services.engine.resolve_image(body)
     job = await submit(services, spec, owner, idempotency_key, body)
     assert services.queue is not None
+    if body.stream:
+        return image_stream(services, job.id, body.acceleration or services.settings.default_level)
     timeout = services.settings.sync_timeout_s
     try:
         job = await services.queue.wait(job.id, timeout) or job
@@ -88,6 +96,9 @@ async def create_image_job(
     idempotency_key: IdempotencyKey = None,
 ) -> ImageJobObject:
     """Same body as `/v1/images/generations`, answered at once with a job to poll (long requests)."""
+    if body.stream:
+        raise ApiError(400, "stream=true is for POST /v1/images/generations; a job streams progress from "
+                       "GET /v1/images/jobs/{job_id}/events", param="stream", code="unsupported_value")  # fmt: skip
     spec = services.engine.resolve_image(body)
     job = await submit(services, spec, owner, idempotency_key, body)
     assert services.queue is not None
