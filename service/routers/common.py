@@ -85,8 +85,13 @@ def job_events(
                 yield b": keep-alive\n\n"
             await asyncio.sleep(EVENT_POLL_S)
 
+    return sse_response(stream())
+
+
+def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
+    """Server-sent events, unbuffered by proxies (nginx honours X-Accel-Buffering)."""
     return StreamingResponse(
-        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
 
 
@@ -146,6 +151,4 @@ def image_stream(services: Services, job_id: str, requested: str | None) -> Stre
                 yield b": keep-alive\n\n"
             await asyncio.sleep(EVENT_POLL_S)
 
-    return StreamingResponse(
-        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    return sse_response(stream())
