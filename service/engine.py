@@ -357,7 +357,7 @@ class Engine:
             kind="image", model=entry.name, prompt=body.prompt, n=body.n, width=width, height=height,
             num_inference_steps=steps, guidance_scale=guidance, level=level, method=method, seed=seed,
             output_format=body.output_format, user=body.user,
-            partial_images=(body.partial_images or 0) if body.stream else 0,
+            partial_images=body.partial_images or 0,
         )  # fmt: skip
 
     def resolve_video(self, body: VideoCreateRequest) -> JobSpec:

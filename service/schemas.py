@@ -101,8 +101,9 @@ class ImageGenerationRequest(StrictBody):
         None,
         ge=0,
         le=3,
-        description="With stream=true: how many previews of the image to send while it denoises (0-3; "
-        "evenly spaced over the steps; the sampler's current estimate of the clean image).",
+        description="Previews of the (first) image while it denoises, 0-3, evenly spaced over the steps: the "
+        "sampler's current estimate of the clean image. Sent as events with stream=true; for a job, at "
+        "GET /v1/images/jobs/{id}/partials/{k} as they come.",
     )
     # LESA extensions
     seed: int | None = _SEED
@@ -218,6 +219,9 @@ class ImageJobObject(BaseModel):
     prompt: str
     size: str
     n: int
+    partial_images: int = Field(
+        0, description="previews stored so far (the request's partial_images): GET /v1/images/jobs/{id}/partials/{k}"
+    )
     result: ImagesResponse | None = Field(None, description="when completed: the images as `url`s")
 
 

@@ -110,6 +110,7 @@ async def image_job_object(job: Job, queue: JobQueue, base_url: str) -> ImageJob
         prompt=spec.prompt,
         size=f"{spec.width}x{spec.height}",
         n=spec.n,
+        partial_images=job.partials,
         result=result,
     )
 

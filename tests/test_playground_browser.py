@@ -421,3 +421,16 @@ def test_cancelling_a_comparison_cancels_its_server_job(fake_server, browser) ->
     wait(browser, lambda d: next(j for j in jobs() if j.id == job_id).status == "cancelled", 10,
          "the server did not cancel the abandoned comparison's job")  # fmt: skip
     assert not any(j.spec.level == "none" for j in jobs() if j.status != "cancelled")  # full run never started
+
+
+def test_an_image_shows_previews_while_it_denoises(fake_server, browser) -> None:
+    url, _ = fake_server
+    open_page(browser, url)
+    fill(browser, "steps", "60")  # ~2 s at 30 ms a step: previews after steps 15, 30 and 45
+    browser.find_element(By.ID, "generate").click()
+    preview = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#output img.preview"), 30, "no preview")
+    assert preview[0].get_attribute("alt").startswith("preview ")
+    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", 30)
+    assert browser.find_element(By.ID, "output").get_attribute("data-previews") == "3"
+    (result,) = browser.find_elements(By.CSS_SELECTOR, "#output img")  # the result replaced the preview
+    assert "preview" not in (result.get_attribute("class") or "")

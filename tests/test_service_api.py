@@ -572,3 +572,21 @@ def test_streamed_generation_sends_partial_images_then_the_image_as_openai_does(
         with client.stream("POST", "/v1/images/generations", json={"prompt": "explode", "stream": True}) as response:
             text = "".join(response.iter_text())
         assert text.startswith("event: error") and '"code":"generation_failed"' in text
+
+
+def test_an_image_job_keeps_its_previews_for_the_playground_to_show() -> None:
+    s = settings()
+    with TestClient(create_app(s, engine=make_engine(s, step_delay=0.01))) as client:
+        job = client.post("/v1/images/jobs", json={"prompt": "a two", "partial_images": 2}).json()
+        assert job["partial_images"] == 0
+        done = wait_for(client, f"/v1/images/jobs/{job['id']}", {"completed"})
+        assert done["partial_images"] == 2
+        # after steps 3 and 5 of 8 (the fake pipeline paints step / 8 grey)
+        for index, step in enumerate((3, 5)):
+            response = client.get(f"/v1/images/jobs/{job['id']}/partials/{index}")
+            assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+            assert Image.open(io.BytesIO(response.content)).getpixel((0, 0)) == round(255 * step / 8)
+        assert_error(client.get(f"/v1/images/jobs/{job['id']}/partials/2"), 404, "index")  # asked for two
+        plain = client.post("/v1/images/jobs", json={"prompt": "a two"}).json()
+        assert_error(client.get(f"/v1/images/jobs/{plain['id']}/partials/0"), 404, "index")
+        assert_error(client.get(f"/v1/images/jobs/{job['id']}/partials/3"), 400, "index")  # 0-2 only

@@ -11,6 +11,7 @@ from fastapi import Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from service import media
 from service.deps import Services, cancel, get_job
 from service.errors import ApiError
 from service.queue import Job, JobStatus, QueueUnavailable
@@ -38,6 +39,20 @@ async def artifact_response(services: Services, job: Job, *, index: int, variant
         # Generated content never changes for a job id: let clients and proxies cache it.
         headers={"Cache-Control": "private, max-age=3600", "Content-Disposition": f'inline; filename="{ref.name}"'},
     )
+
+
+async def partial_response(services: Services, job: Job, index: int) -> Response:
+    """The bytes of one partial image; 404 naming why there is none (not made yet, or never)."""
+    if index >= job.spec.partial_images:
+        raise ApiError(404, f"job {job.id} asked for {job.spec.partial_images} partial images; there is no {index}",
+                       param="index", code="not_found")  # fmt: skip
+    assert services.queue is not None
+    content = await services.queue.get_partial(job.id, index) if index < job.partials else None
+    if content is None:
+        raise ApiError(404, f"partial image {index} of job {job.id} is not there (yet): the job is "
+                       f"{job.status.value} with {job.partials}", param="index", code="not_ready")  # fmt: skip
+    fmt = job.spec.output_format
+    return Response(content, media_type=media.content_type(fmt), headers={"Cache-Control": "private, max-age=3600"})
 
 
 async def cancel_or_delete(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.deps import OwnerDep, ReadyDep, get_job, submit, unavailable
 from service.errors import ApiError
 from service.queue import Job, JobStatus, QueueUnavailable
-from service.routers.common import artifact_response, cancel_or_delete, image_stream, job_events
+from service.routers.common import artifact_response, cancel_or_delete, image_stream, job_events, partial_response
 from service.schemas import DeletedObject, ErrorResponse, ImageGenerationRequest, ImageJobObject, ImagesResponse
 from service.views import image_job_object, images_response
 
@@ -129,6 +129,21 @@ async def image_job_events(job_id: str, request: Request, services: ReadyDep, ow
         return await image_job_object(job, services.queue, url)
 
     return job_events(services, job_id, "image", render)
+
+
+@router.get(
+    "/jobs/{job_id}/partials/{index}",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+    summary="A preview of an image job while it denoises",
+)
+async def image_job_partial(
+    job_id: str, index: Annotated[int, Path(ge=0, le=2)], services: ReadyDep, owner: OwnerDep
+) -> Response:
+    """Partial image `index` of a job that asked for `partial_images` (the job object counts the
+    ones stored so far); kept as long as the job."""
+    job = await get_job(services, job_id, "image", owner)
+    return await partial_response(services, job, index)
 
 
 @router.delete("/jobs/{job_id}", response_model=DeletedObject, summary="Cancel (or delete) an image job")

@@ -7,6 +7,7 @@
 "use strict";
 
 const POLL_MS = 200;
+const PREVIEWS = 3; // partial images an image job asks for: shown while it denoises
 // Example prompts per model; the reference digit models only understand digit captions.
 const EXAMPLES = {
   "digits-image": ["a handwritten seven", "the number 3", "digit 0", "a bold eight", "an image of a 5"],
@@ -350,12 +351,13 @@ function showStats(lesa, clientMs) {
   }));
 }
 
-async function pollJob(job, path, onDone) {
+async function pollJob(job, path, onDone, onProgress) {
   const progress = $("progress");
   for (;;) {
     const current = await api("GET", path);
     progress.value = current.progress || 0;
     $("busy").textContent = `${current.status.replace("_", " ")} ${current.progress || 0}%`;
+    if (onProgress) await onProgress(current);
     if (current.status === "completed") return onDone(current);
     // The server's own failure, shown as such (a plain Error would read "Cannot reach the server").
     if (current.status === "failed") throw new ApiFailure(500, { error: current.error || { message: "generation failed" } });
@@ -372,6 +374,7 @@ async function generate() {
   const started = performance.now();
   $("result").hidden = false;
   $("output").replaceChildren();
+  delete $("output").dataset.previews;
   $("stats").replaceChildren();
   $("progress").hidden = false;
   $("progress").value = 0;
@@ -380,7 +383,7 @@ async function generate() {
   try {
     let outcome;
     if (model.kind === "image") {
-      const created = await api("POST", "/v1/images/jobs", body);
+      const created = await api("POST", "/v1/images/jobs", { ...body, partial_images: PREVIEWS });
       job.id = created.id;
       job.cancelPath = `/v1/images/jobs/${created.id}`;
       if (job.cancelRequested) await api("DELETE", job.cancelPath); // Cancel was clicked while submitting
@@ -394,7 +397,7 @@ async function generate() {
         $("output").replaceChildren(...images);
         showStats(done.result.lesa, performance.now() - started);
         return "done";
-      });
+      }, (current) => showPreview(job, current));
     } else {
       const created = await api("POST", "/v1/videos", body);
       job.id = created.id;
@@ -413,6 +416,22 @@ async function generate() {
     showError(error);
     finish("error");
   }
+}
+
+// The newest partial image of a running image job: the sampler's estimate of the clean image so
+// far, replaced by the result when it comes (`data-previews` counts what the job stored).
+async function showPreview(job, current) {
+  const have = current.partial_images || 0;
+  if (have <= (job.previews || 0)) return;
+  job.previews = have;
+  $("output").dataset.previews = String(have);
+  if (current.status === "completed") return; // the result replaces it at once
+  const img = new Image();
+  img.className = "preview";
+  img.alt = `preview ${have} of ${PREVIEWS}`;
+  img.title = "the image as the sampler estimates it so far";
+  img.src = await blobUrl(`/v1/images/jobs/${job.id}/partials/${have - 1}`);
+  if (state.running === job && !$("output").querySelector("img:not(.preview)")) $("output").replaceChildren(img);
 }
 
 // MP4 inline; if this browser cannot decode it (some headless builds lack H.264), the PNG
