@@ -505,9 +505,11 @@ class Engine:
         if not wanted:
             return {}
 
-        def preview(step: int, samples: np.ndarray) -> None:
-            for j, k, first in wanted.get(step, []):
-                on_partial(j, k, media.encode_image(samples[first], specs[j].output_format))
+        def preview(step: int, samples: np.ndarray, first: int = 0) -> None:
+            # samples of batch items first, first + 1, ... (a production backend previews per chunk)
+            for j, k, item in wanted.get(step, []):
+                if first <= item < first + len(samples):
+                    on_partial(j, k, media.encode_image(samples[item - first], specs[j].output_format))
 
         return {"preview": preview, "preview_steps": frozenset(wanted)}
 

@@ -168,3 +168,37 @@ def test_validation_names_the_field():
         backend(["a cat"], seeds=[0], height=16, width=16, num_frames=9, num_inference_steps=STEPS)
     with pytest.raises(ValueError, match="num_inference_steps"):
         backend(["a cat"], seeds=[0], height=16, width=16, num_inference_steps=2)
+
+
+def test_image_pipelines_preview_the_clean_estimate_decoded_as_the_output_is(tiny):
+    backend = backend_for(tiny)
+    if tiny.name not in ("flux", "qwenimage"):
+        assert not backend.supports_preview  # video pipelines: no previews (none are asked for)
+        return
+    assert backend.supports_preview
+    # The decode is the pipeline's own: the final latents decode to the pipeline's output, bit for bit.
+    kwargs = backend._call_kwargs(len(PROMPTS), tiny.guidance)
+    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+    with torch.no_grad():
+        final = tiny.pipe(prompt=PROMPTS, height=tiny.height, width=tiny.width, num_inference_steps=STEPS,
+                          generator=generators, output_type="latent", **kwargs).images  # fmt: skip
+        decoded = lesa_core.production.backend.decode_latents(tiny.pipe, backend.family, final, tiny.height, tiny.width)
+    out = call(backend, tiny)
+    assert np.array_equal(decoded, out.samples)
+    # Previews after steps 1 (not available: the starting latents are not shown), 2 and 4, also
+    # with LESA on, and per chunk of a batch split by the memory cap (`first` = its first item).
+    seen: dict[tuple[int, int], np.ndarray] = {}
+
+    def preview(step: int, samples: np.ndarray, first: int = 0) -> None:
+        for i, sample in enumerate(samples):
+            seen[(step, first + i)] = sample
+
+    capped = backend_for(tiny, max_batch_pixels=tiny.width * tiny.height)  # one sample per chunk
+    cache = CacheConfig(method="lesa", schedule=SCHEDULE, predictor=random_predictor(capped))
+    out = call(capped, tiny, cache=cache, preview=preview, preview_steps={1, 2, 4})
+    assert sorted(seen) == [(2, 0), (2, 1), (4, 0), (4, 1)]
+    for item in (0, 1):
+        early, late = seen[(2, item)], seen[(4, item)]
+        assert early.shape == late.shape == out.samples[item].shape and 0 <= late.min() and late.max() <= 1
+        # nearer the result the later it is taken
+        assert np.mean((late - out.samples[item]) ** 2) < np.mean((early - out.samples[item]) ** 2)

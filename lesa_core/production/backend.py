@@ -26,7 +26,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +112,25 @@ class BackendOptions:
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """bf16 on accelerators (the production models are trained and served in it), fp32 on CPU."""
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+PREVIEW_FAMILIES = ("FluxPipeline", "QwenImagePipeline")  # image pipelines whose latents `decode_latents` knows
+
+
+def decode_latents(pipe: Any, family: PipelineFamily, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """Packed image latents -> [B, H, W, 3] in [0, 1], as the pipeline's own closing decode does it
+    (FLUX: scaling and shift factors; Qwen-Image: per-channel mean / std, a one-frame video VAE)."""
+    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    vae = pipe.vae
+    if family.pipeline_class == "QwenImagePipeline":
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        image = vae.decode((latents * std + mean).to(vae.dtype), return_dict=False)[0][:, :, 0]
+    else:
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return np.asarray(pipe.image_processor.postprocess(image, output_type="np"), dtype=np.float32)
 
 
 def resolve_device(device: str | None) -> str:
@@ -370,6 +389,8 @@ class DiffusersBackend:
         cache: lesa_core.CacheConfig | None = None,
         callback: Callable[[int, int], bool | None] | None = None,
         latents: torch.Tensor | None = None,
+        preview: Callable[..., None] | None = None,
+        preview_steps: Collection[int] = (),
     ) -> GenerationOutput:
         """Generate one sample per prompt (the `DigitsPipeline.__call__` contract).
 
@@ -380,6 +401,10 @@ class DiffusersBackend:
           When a batch runs as several chunks (memory cap, OOM split) `total` counts every chunk's
           steps and `step_done` grows across them.
         - samples: float32 in [0, 1], [B, H, W, 3] (image) or [B, F, H, W, 3] (video).
+        - `preview(step_done, samples, first)` (image pipelines, `supports_preview`): after each step
+          in `preview_steps`, the flow's estimate of the clean images of batch items first, first + 1,
+          ... (one call per chunk), decoded as the output is. Not after step 1 (the sampler's
+          starting latents are not shown to callbacks).
         """
         if guidance_scale is None:
             guidance_scale = self.default_guidance
@@ -395,10 +420,11 @@ class DiffusersBackend:
         started = time.perf_counter()
 
         def run(indices: list[int]) -> list[np.ndarray]:
+            chunk_preview = None if preview is None else functools.partial(preview, first=indices[0])
             return self._run_chunk(
                 [prompts[i] for i in indices], [int(seeds[i]) for i in indices], height, width, frames,
                 num_inference_steps, float(guidance_scale), cache, progress,
-                None if latents is None else latents[indices], stats,
+                None if latents is None else latents[indices], stats, chunk_preview, frozenset(preview_steps),
             )  # fmt: skip
 
         def on_split(indices: list[int], error: BaseException) -> None:
@@ -444,6 +470,8 @@ class DiffusersBackend:
         progress: _Progress,
         latents: torch.Tensor | None,
         stats: dict[str, Any],
+        preview: Callable[[int, np.ndarray], None] | None = None,
+        preview_steps: frozenset[int] = frozenset(),
     ) -> list[np.ndarray]:
         pipe, transformer, scheduler = self.pipe, self.transformer, self.scheduler
         # CPU generators: the same seed gives the same noise on any device and in any batch.
@@ -456,8 +484,15 @@ class DiffusersBackend:
         progress.start_chunk()
 
         counts: dict[str, dict[str, int]] = {}
+        before: list[torch.Tensor | None] = [kwargs.get("latents")]  # the step's starting latents
 
         def on_step_end(_pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            if preview is not None:
+                after = callback_kwargs["latents"]
+                if i + 1 in preview_steps and before[0] is not None:
+                    with torch.no_grad():
+                        preview(i + 1, self._clean_estimate(before[0], after, i, height, width))
+                before[0] = after
             if cache is not None:
                 # Read now: the pipeline's closing `maybe_free_model_hooks` resets stateful hooks.
                 counts.clear()
@@ -508,6 +543,20 @@ class DiffusersBackend:
         stats["chunks"].append(len(prompts))
         samples = np.asarray(getattr(output, self.family.output_attr), dtype=np.float32)
         return list(samples)
+
+    @property
+    def supports_preview(self) -> bool:
+        return self.family.pipeline_class in PREVIEW_FAMILIES
+
+    def _clean_estimate(self, before: torch.Tensor, after: torch.Tensor, i: int, height: int, width: int) -> np.ndarray:
+        """The clean images step i points at: x_t = (1 - s) x0 + s noise moves along v = noise - x0,
+        so the step's v = (after - before) / (s_next - s) and x0 = after - s_next v."""
+        sigmas = self.scheduler.sigmas
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        after32 = after.to(torch.float32)
+        velocity = (after32 - before.to(torch.float32)) / (s_next - s)
+        clean = (after32 - s_next * velocity).to(after.dtype)
+        return decode_latents(self.pipe, self.family, clean, height, width)
 
 
 class _Progress:
