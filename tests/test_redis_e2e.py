@@ -315,6 +315,11 @@ def test_reference_model_through_redis_with_the_openai_client(tmp_path: Path, pr
         lesa = result.model_extra["lesa"]
         assert lesa["level"] == acceleration and lesa["batch_size"] == 2
         assert lesa["full_steps"] + lesa["predicted_steps"] == 4
+    # Streamed: the worker process stores the previews in Redis, the API process streams them.
+    events = list(client.images.generate(model="digits-image", prompt="a handwritten seven", stream=True,
+                                         partial_images=2, extra_body={"num_inference_steps": 6, "seed": 7}))  # fmt: skip
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert all(base64.b64decode(e.b64_json)[:4] == b"\x89PNG" for e in events)
 
 
 def test_backlog_limit_answers_429_with_retry_after(tmp_path: Path, prefix: str, procs: list[Proc]) -> None:
