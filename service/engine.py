@@ -175,12 +175,7 @@ class Engine:
         for name in names:
             model = config.models[name]
             if model.backend == "digits":
-                index = _digits_index(config.weights_root, model.source)
-                if index is None:
-                    if settings.model_list:
-                        raise FileNotFoundError(f"model {name}: no checkpoint for {model.source!r}")
-                    log.warning("model %s: no checkpoint for %s, not in the catalogue", name, model.source)
-                    continue
+                index = _digits_index(model, config.weights_root)
                 kind, sizes = index["kind"], [(int(w), int(h)) for w, h in index["sizes"]]
                 frames = [int(f) for f in index.get("num_frames", [1])]
                 default_steps, guidance = int(index.get("default_steps", 50)), float(index.get("default_guidance", 4.0))
@@ -471,12 +466,18 @@ class Engine:
         return cards
 
     def shadow_eligible(self, spec: JobSpec) -> bool:
-        """Whether a job may be shadow-checked: accelerated, and at the step count its level's quality
-        card was measured at (if it has one), so the live PSNR is comparable with the card's."""
+        """Whether a job may be shadow-checked: accelerated, and, where its level has a quality card,
+        at the card's step count and guidance (quality moves with both), so live and card compare.
+        Levels without a card are checked at any settings: there is nothing to compare with, but the
+        live figure still shows how far from full compute the served samples are."""
         if spec.level == "none" or spec.method == "none":
             return False
         bundle = self.models[spec.model].bundles.get(spec.level)
-        return bundle is None or bundle.num_steps == spec.num_inference_steps
+        if bundle is None:
+            return True
+        guidance = bundle.quality.get("guidance")
+        same_guidance = not isinstance(guidance, int | float) or abs(float(guidance) - spec.guidance_scale) < 1e-6
+        return bundle.num_steps == spec.num_inference_steps and same_guidance
 
     def shadow_psnr(self, spec: JobSpec, samples: np.ndarray) -> list[float]:
         """PSNR in dB of an accelerated job's samples against the same job with every step full.
@@ -598,19 +599,17 @@ def _levels() -> list[str]:
     return list(lesa_core.LEVELS)
 
 
-def _digits_index(weights_root: Any, source: str) -> dict[str, Any] | None:
-    """`lesa_digits` of a reference checkpoint's model_index.json, found as the loader finds it."""
+def _digits_index(model: Any, weights_root: Any) -> dict[str, Any]:
+    """`lesa_digits` of a reference checkpoint's model_index.json, found as the loader finds it (a
+    source that names none is a ConfigError, as it is for the workers)."""
     from pathlib import Path
 
-    from lesa_models.registry import MODEL_NAMES, model_path
+    from lesa_core.production.config import digits_source
+    from lesa_models.registry import model_path
 
-    candidates = [Path(weights_root) / source] if weights_root is not None else []
-    candidates.append(model_path(source) if source in MODEL_NAMES else Path(source))
-    for root in candidates:
-        index = root / "model_index.json"
-        if index.is_file():
-            return json.loads(index.read_text())["lesa_digits"]
-    return None
+    source = digits_source(model, Path(weights_root) if weights_root is not None else None)
+    root = model_path(source) if isinstance(source, str) else source
+    return json.loads((root / "model_index.json").read_text())["lesa_digits"]
 
 
 def entry_from_pipeline(

@@ -15,8 +15,8 @@ Per batch:
   batch) does not fail its neighbours; a job that fails alone is marked failed with its message,
   and the worker keeps serving.
 
-Online quality (`shadow_fraction`, LESA_SHADOW_FRACTION): that share of accelerated jobs (those at
-the step count their level's quality card was measured at: `Engine.shadow_eligible`) is rerun at
+Online quality (`shadow_fraction`, LESA_SHADOW_FRACTION): that share of accelerated jobs (at the
+step count and guidance of their level's quality card, where it has one: `Engine.shadow_eligible`) is rerun at
 full compute after its result is stored, and the PSNR between the two is exported
 (`lesa_shadow_psnr_db`) next to the level's quality card (`lesa_quality_card_psnr_db`), so drift
 from what the benchmark measured is seen in production, not only offline. Checks run only when

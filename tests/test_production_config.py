@@ -242,7 +242,18 @@ def test_a_missing_levels_dir_is_warned_about_not_silently_training_free(tmp_pat
 def test_an_enabled_model_the_file_gets_wrong_stops_the_start_instead_of_being_skipped(tmp_path):
     # Weights missing on this node: the others are served (a warning). A source that names no
     # reference model is the file's mistake: every node would skip it, so nobody would notice.
+    from service.engine import Engine
+    from service.settings import Settings
+
     config = tmp_path / "models.toml"
-    config.write_text('[models.typo]\nbackend = "digits"\nsource = "digits-imag"\n')
-    with pytest.raises(ConfigError, match=r"\[models.typo\].source: 'digits-imag' is not a reference model"):
-        load_models(config, device="cpu")
+    for source in ("digits-imag", "", ".", str(tmp_path)):  # a name, or a directory without model_index.json
+        config.write_text(f'[models.typo]\nbackend = "digits"\nsource = "{source}"\n')
+        with pytest.raises(ConfigError, match=r"\[models.typo\].source: .* is not a reference model"):
+            load_models(config, device="cpu")
+        with pytest.raises(ConfigError, match=r"\[models.typo\].source"):  # the Redis API tier's catalogue too
+            Engine.catalogue(Settings(_env_file=None, models_config=config))
+    # "gpu" means a node with CUDA, whatever the entry's own device says; "" is the loader's choice
+    config.write_text('[models.big]\nbackend = "digits"\nsource = "digits-image"\nenabled = "gpu"\n'
+                      'device = "cuda"\n[models.small]\nbackend = "digits"\nsource = "digits-image"\ndevice = ""\n')  # fmt: skip
+    if not torch.cuda.is_available():
+        assert list(load_models(config, device="cpu")) == ["small"]

@@ -234,9 +234,11 @@ def test_shadow_check_reports_the_psnr_of_a_served_lesa_sample_vs_full_compute()
             assert time.monotonic() < deadline, "not ready in time"
             time.sleep(0.2)
         body = {"prompt": "a thin three", "model": MODEL, "seed": 1003, "num_inference_steps": 50}
-        # First a 20-step job: the card was measured at 50 steps, so it must not be checked (if it
-        # were, its check would run first and count as a second "done" below).
+        # First a 20-step job and one at guidance 12: the card was measured at 50 steps and guidance
+        # 4, so neither may be checked (if one were, its check would run first and count as a
+        # second "done" below).
         client.post("/v1/images/generations", json={**body, "acceleration": "5x", "num_inference_steps": 20})
+        client.post("/v1/images/generations", json={**body, "acceleration": "5x", "guidance_scale": 12})  # card: 4
         served = client.post("/v1/images/generations", json={**body, "acceleration": "5x"}).json()
         assert served["lesa"]["method"] == "lesa"
         labels = f'level="5x",method="lesa",model="{MODEL}"'

@@ -75,8 +75,8 @@ class ModelConfig:
     description: str = ""
 
     def enabled_on(self, device: str) -> bool:
-        if self.enabled == "gpu":
-            return torch.device(device).type == "cuda"
+        if self.enabled == "gpu":  # a node with CUDA, whatever this entry's own `device` asks for
+            return torch.device(device).type == "cuda" and torch.cuda.is_available()
         return bool(self.enabled)
 
     def bundle_paths(self) -> dict[str, Path]:
@@ -185,7 +185,7 @@ def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> 
     enabled = table.get("enabled", True)
     if not (isinstance(enabled, bool) or enabled == "gpu"):  # (1 == True would pass `in`)
         raise ConfigError(f'{where}.enabled: use true, false or "gpu", got {enabled!r}')
-    if table.get("device") not in (None, "auto"):
+    if table.get("device") not in (None, "", "auto"):  # "" and "auto": the loader's choice
         # A typo here is a config mistake, not a node without this model's weights: refused at
         # start, where load_models would otherwise skip the model with a warning.
         try:
@@ -246,6 +246,24 @@ def _resolve(base: Path, text: str) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
+def digits_source(config: ModelConfig, root: Path | None) -> str | Path:
+    """What a `backend = "digits"` entry loads: the weights tree's copy (`root/<source>`, what
+    LESA_WEIGHTS_DIR / the container's /models holds), else the package's reference model of that
+    name, else a pipeline directory. Anything else is the file's mistake, not this node's, so a
+    ConfigError (load_models and the API's catalogue stop on it rather than skip the model)."""
+    from lesa_models import MODEL_NAMES
+    from lesa_models.pipeline import MODEL_INDEX
+
+    if root is not None and config.source and (root / config.source / MODEL_INDEX).is_file():
+        return root / config.source
+    if config.source in MODEL_NAMES:
+        return config.source
+    if config.source and (Path(config.source) / MODEL_INDEX).is_file():
+        return Path(config.source)
+    raise ConfigError(f"[models.{config.name}].source: {config.source!r} is not a reference model "
+                      f"({', '.join(MODEL_NAMES)}) nor a pipeline directory (with {MODEL_INDEX})")  # fmt: skip
+
+
 def build_pipeline(
     config: ModelConfig, device: str = "auto", dtype: str | None = None, root: Path | None = None
 ) -> Any:
@@ -254,15 +272,7 @@ def build_pipeline(
     if config.backend == "digits":
         import lesa_models
 
-        # The weights tree's copy first (what LESA_WEIGHTS_DIR / the container's /models holds), else
-        # the copy inside the lesa_models package.
-        local = root / config.source if root is not None else None
-        found = local is not None and (local / "model_index.json").is_file()
-        if not found and config.source not in lesa_models.MODEL_NAMES and not Path(config.source).is_dir():
-            # the file's mistake, not this node's: refused rather than skipped (load_models)
-            raise ConfigError(f"[models.{config.name}].source: {config.source!r} is not a reference model "
-                              f"({', '.join(lesa_models.MODEL_NAMES)}) nor a pipeline directory")  # fmt: skip
-        pipe = lesa_models.load_pipeline(local if found else config.source)
+        pipe = lesa_models.load_pipeline(digits_source(config, root))
         wanted = config.dtype or dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
         if torch.device(device).type == "cpu" and wanted == "float32":
             return pipe
