@@ -479,18 +479,21 @@ class Engine:
         same_guidance = not isinstance(guidance, int | float) or abs(float(guidance) - spec.guidance_scale) < 1e-6
         return bundle.num_steps == spec.num_inference_steps and same_guidance
 
-    def shadow_psnr(self, spec: JobSpec, samples: np.ndarray) -> list[float]:
+    def shadow_psnr(
+        self, spec: JobSpec, samples: np.ndarray, on_step: Callable[[int, int], bool | None] | None = None
+    ) -> list[float]:
         """PSNR in dB of an accelerated job's samples against the same job with every step full.
 
         The online quality check (`LESA_SHADOW_FRACTION`): same prompt, seeds, size, steps and
         guidance, so acceleration is the only difference. Each sample depends only on its own seed
-        (the pipeline contract), so the reference need not share the original batch.
+        (the pipeline contract), so the reference need not share the original batch. `on_step`
+        returning False abandons it (the pipeline raises GenerationCancelled).
         """
         from lesa_core.benchmark import psnr_per_sample
 
         full = spec.model_copy(update={"level": "none", "method": "none"})
         with self._run_lock:
-            reference = self._call([full], cache=None).samples
+            reference = self._call([full], cache=None, callback=on_step).samples
         return [round(float(v), 3) for v in psnr_per_sample(samples, reference)]
 
     def _previews(self, specs: Sequence[JobSpec], on_partial: Callable[[int, int, bytes], None]) -> dict[str, Any]:

@@ -59,7 +59,7 @@ class Metrics:
             "(shadow quality checks, per sample)", ["model", "level", "method"], buckets=PSNR_BUCKETS, registry=r,
         )  # fmt: skip
         self.shadow_checks = Counter(
-            "lesa_shadow_checks", "shadow quality checks by result (done; dropped: backlog full; failed)",
+            "lesa_shadow_checks", "shadow quality checks by result (done; preempted: a job arrived; dropped: backlog full; failed)",
             ["model", "level", "result"], registry=r,
         )  # fmt: skip
         self.card_psnr = Gauge(

@@ -20,8 +20,9 @@ step count and guidance of their level's quality card, where it has one: `Engine
 full compute after its result is stored, and the PSNR between the two is exported
 (`lesa_shadow_psnr_db`) next to the level's quality card (`lesa_quality_card_psnr_db`), so drift
 from what the benchmark measured is seen in production, not only offline. Checks run only when
-no job is waiting (a claim came back empty), so a user's job waits for at most one of them; at
-most SHADOW_BACKLOG wait, further ones are dropped and counted.
+no job is waiting (a claim came back empty), and a job that arrives meanwhile abandons the check
+at its next step (counted as preempted); at most SHADOW_BACKLOG wait, further ones are dropped
+and counted.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from lesa_core.pipeline_types import GenerationCancelled
 from service.metrics import Metrics
 from service.queue import Job, JobError, JobQueue, JobResult, JobSpec, QueueUnavailable
 
@@ -298,14 +300,38 @@ class Worker:
         self._shadows.append((job.id, spec, samples.copy()))  # a copy: the batch's array is freed
 
     async def _shadow_check(self, job_id: str, spec: JobSpec, samples: Any) -> None:
-        """Rerun one accelerated job at full compute and export the PSNR between the two."""
+        """Rerun one accelerated job at full compute and export the PSNR between the two.
+
+        Users come first: a job that arrives meanwhile (or a stop) abandons the check at the next
+        denoising step, counted as `preempted`, so nobody waits for more than a step of it.
+        """
         loop = asyncio.get_running_loop()
+        abandon = threading.Event()
+
+        async def watch() -> None:
+            while not abandon.is_set():
+                await asyncio.sleep(CANCEL_POLL_S)
+                try:
+                    if self._stopping.is_set() or await self.queue.depth() > 0:
+                        abandon.set()
+                except QueueUnavailable:
+                    abandon.set()
+
+        watcher = asyncio.create_task(watch())
         try:
-            psnrs = await loop.run_in_executor(self._executor, self.engine.shadow_psnr, spec, samples)
+            psnrs = await loop.run_in_executor(
+                self._executor, self.engine.shadow_psnr, spec, samples, lambda *_: not abandon.is_set()
+            )
+        except GenerationCancelled:
+            self.metrics.shadow_checks.labels(spec.model, spec.level, "preempted").inc()
+            return
         except Exception as error:  # noqa: BLE001 - a failed check must not stop the worker
             log.warning("shadow check of job %s failed: %s: %s", job_id, type(error).__name__, error)
             self.metrics.shadow_checks.labels(spec.model, spec.level, "failed").inc()
             return
+        finally:
+            abandon.set()
+            await watcher
         for psnr in psnrs:
             self.metrics.shadow_psnr.labels(spec.model, spec.level, spec.method).observe(psnr)
         self.metrics.shadow_checks.labels(spec.model, spec.level, "done").inc()

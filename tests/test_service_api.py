@@ -590,3 +590,21 @@ def test_an_image_job_keeps_its_previews_for_the_playground_to_show() -> None:
         plain = client.post("/v1/images/jobs", json={"prompt": "a two"}).json()
         assert_error(client.get(f"/v1/images/jobs/{plain['id']}/partials/0"), 404, "index")
         assert_error(client.get(f"/v1/images/jobs/{job['id']}/partials/3"), 400, "index")  # 0-2 only
+
+
+def test_a_job_that_arrives_during_a_shadow_check_goes_first() -> None:
+    s = settings(shadow_fraction=1.0)
+    engine = make_engine(s, step_delay=0.02)
+    pipe = engine.models["fake-image"].pipe
+    with TestClient(create_app(s, engine=engine)) as client:
+        body = {"prompt": "checked", "acceleration": "2x", "num_inference_steps": 100}  # 2 s, no card: checked
+        assert client.post("/v1/images/generations", json=body).status_code == 200
+        deadline = time.monotonic() + 10
+        while len(pipe.calls) < 2:  # its shadow check (2 s more at full compute) has started
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        waited = client.post("/v1/images/generations", json={"prompt": "user", "num_inference_steps": 4}).json()
+        assert waited["lesa"]["queue_ms"] < 500  # not the check's remaining ~2 s
+        metrics = client.get("/metrics").text
+        assert 'lesa_shadow_checks_total{level="2x",model="fake-image",result="preempted"} 1.0' in metrics
+        assert "lesa_shadow_psnr_db_count" not in metrics.replace("# HELP lesa_shadow_psnr_db", "")
