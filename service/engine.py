@@ -569,8 +569,11 @@ class Engine:
 
 
 def partial_steps(count: int, steps: int) -> list[int]:
-    """After which steps a job's `count` partial images are taken: evenly spaced, never the last."""
-    return sorted({min(steps - 1, max(1, round(steps * (k + 1) / (count + 1)))) for k in range(count)})
+    """After which steps a job's `count` partial images are taken: evenly spaced, never the first
+    (a diffusers pipeline shows its callbacks no latents from before step 1, so the flow's estimate
+    needs two steps) nor the last; fewer on short runs. Partial index k is the k-th of these."""
+    wanted = {min(steps - 1, max(2, round(steps * (k + 1) / (count + 1)))) for k in range(count)}
+    return sorted(step for step in wanted if 2 <= step <= steps - 1)
 
 
 def _theoretical_speedup(level: str, steps: int) -> float:

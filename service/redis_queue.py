@@ -151,7 +151,7 @@ return {'new', entry}
 
 _START = """
 -- Start one delivered job on this worker, or tell why not.
--- KEYS: job, stream, queued
+-- KEYS: job, stream, queued, partial
 -- ARGV: id, entry, consumer, now, max_deliveries, group, result_ttl_s, events channel, visibility_s, worker id
 local function ack()
   redis.call('XACK', KEYS[2], ARGV[6], ARGV[2])
@@ -177,7 +177,11 @@ if attempts >= tonumber(ARGV[5]) then
   local now = tonumber(ARGV[4])
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', err, 'completed_at', ARGV[4],
     'expires_at', tostring(now + tonumber(ARGV[7])))
-  redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[7]) * 1000))
+  local ttl = math.ceil(tonumber(ARGV[7]) * 1000)
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[4], ttl)
+  local idem = redis.call('HGET', KEYS[1], 'idem')
+  if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
   ack()
   redis.call('PUBLISH', ARGV[8], ARGV[1])
   return 'dead'
@@ -915,7 +919,7 @@ class RedisJobQueue(JobQueue):
             for entry in chosen:
                 carry.remove(entry)
                 outcome = await self._start(
-                    keys=[self._k_job(entry.job_id), self.stream, self.k_queued],
+                    keys=[self._k_job(entry.job_id), self.stream, self.k_queued, self._k_partial(entry.job_id)],
                     args=[
                         entry.job_id,
                         entry.entry_id,

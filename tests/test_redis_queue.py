@@ -84,6 +84,7 @@ def test_redelivery_after_visibility_timeout_first_result_wins_then_max_deliveri
         q.on_gave_up = lambda job: gave_up.append(job.id)
         doomed = await q.submit(spec(seed=7))
         await q.claim_batch("a", max_batch=1, max_wait_ms=0, timeout_s=1)
+        await q.add_partial(doomed.id, 0, b"a preview")
         await asyncio.sleep(0.4)
         (again,) = await q.claim_batch("b", max_batch=1, max_wait_ms=0, timeout_s=1)
         assert again.attempts == 2
@@ -93,6 +94,7 @@ def test_redelivery_after_visibility_timeout_first_result_wins_then_max_deliveri
         assert failed.status == JobStatus.failed and failed.error.code == "max_deliveries_exceeded"
         assert "2 deliveries" in failed.error.message and "abandoned" in failed.error.message
         assert gave_up == [doomed.id]
+        assert 0 < await r.pttl(q._k_partial(doomed.id)) <= 1000 * q.result_ttl_s  # expires with the job
         assert await r.xlen(q.stream) == 0
         await q.close()
 

@@ -544,6 +544,7 @@ def test_streamed_generation_sends_partial_images_then_the_image_as_openai_does(
         with client.stream("POST", "/v1/images/generations", json=body) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
+            job_id = response.headers["x-job-id"]  # before any event: a client can cancel mid-stream
             text = "".join(response.iter_text())
         events = [
             (block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
@@ -560,7 +561,13 @@ def test_streamed_generation_sends_partial_images_then_the_image_as_openai_does(
         assert done["size"] == "16x16" and done["output_format"] == "png" and done["usage"]["total_tokens"] == 0
         plain = client.post("/v1/images/generations", json={**body, "stream": False}).json()
         assert done["b64_json"] == plain["data"][0]["b64_json"]  # the same image as without streaming
-        assert done["lesa"]["seed"] == 5
+        assert done["lesa"]["seed"] == 5 and done["lesa"]["job_id"] == job_id
+        # A short run has room for fewer previews (never after the first step nor the last): 4 steps, 2.
+        short = {**body, "num_inference_steps": 4}
+        with client.stream("POST", "/v1/images/generations", json=short) as response:
+            text = "".join(response.iter_text())
+        assert text.count("event: image_generation.partial_image") == 2
+        assert text.count("event: image_generation.completed") == 1
         # without partial_images: the image alone; n > 1 and the job endpoint refuse stream
         with client.stream("POST", "/v1/images/generations", json={"prompt": "x", "stream": True}) as response:
             assert "image_generation.partial_image" not in "".join(response.iter_text())

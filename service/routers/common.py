@@ -49,8 +49,9 @@ async def partial_response(services: Services, job: Job, index: int) -> Response
     assert services.queue is not None
     content = await services.queue.get_partial(job.id, index) if index < job.partials else None
     if content is None:
-        raise ApiError(404, f"partial image {index} of job {job.id} is not there (yet): the job is "
-                       f"{job.status.value} with {job.partials}", param="index", code="not_ready")  # fmt: skip
+        made = f"it is {job.status.value} and made {job.partials}" if job.status.terminal else "not made yet"
+        raise ApiError(404, f"partial image {index} of job {job.id}: {made}", param="index",
+                       code="not_found" if job.status.terminal else "not_ready")  # fmt: skip
     fmt = job.spec.output_format
     return Response(content, media_type=media.content_type(fmt), headers={"Cache-Control": "private, max-age=3600"})
 
@@ -103,10 +104,12 @@ def job_events(
     return sse_response(stream())
 
 
-def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
+def sse_response(events: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
     """Server-sent events, unbuffered by proxies (nginx honours X-Accel-Buffering)."""
     return StreamingResponse(
-        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
     )
 
 
@@ -117,7 +120,7 @@ def _sse(event: str, payload: dict) -> bytes:
 def image_stream(services: Services, job_id: str, requested: str | None) -> StreamingResponse:
     """A streamed `POST /v1/images/generations`: each partial image as soon as the worker stored it,
     then the image; a failure, cancellation or `LESA_SYNC_TIMEOUT_S` ends it with an `error`
-    event (which the openai client raises as APIError)."""
+    event (which the openai client raises as APIError). The `X-Job-Id` header names the job."""
     timeout = services.settings.sync_timeout_s
 
     def error(message: str, code: str, type_: str = "server_error") -> bytes:
@@ -166,4 +169,5 @@ def image_stream(services: Services, job_id: str, requested: str | None) -> Stre
                 yield b": keep-alive\n\n"
             await asyncio.sleep(EVENT_POLL_S)
 
-    return sse_response(stream())
+    # The job id comes first, so a client can cancel (DELETE /v1/images/jobs/{id}) mid-stream.
+    return sse_response(stream(), {"X-Job-Id": job_id})

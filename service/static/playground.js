@@ -397,7 +397,7 @@ async function generate() {
         $("output").replaceChildren(...images);
         showStats(done.result.lesa, performance.now() - started);
         return "done";
-      }, (current) => showPreview(job, current));
+      }, (current) => showPreview(job, current).catch(() => {})); // previews are a bonus: never fail the job
     } else {
       const created = await api("POST", "/v1/videos", body);
       job.id = created.id;
