@@ -5,7 +5,9 @@ nothing about a production model, where a full step is real GPU work. This build
 with a production model's own config and random weights (nothing is downloaded; the speed of a
 step does not depend on what the weights are), runs the sampler's denoising loop at that model's
 usual resolution, and times full compute against each method at each level. Text encoders and the
-VAE are left out: they run once per generation and LESA does not touch them.
+VAE are left out: they run once per generation and LESA does not touch them. For FLUX it also
+times one preview of a streamed request (`partial_images`): a VAE decode of the clean-image
+estimate, with FLUX.1-dev's VAE config, as a share of each generation.
 
 LESA runs an untrained predictor of the right shape (per-channel history weights, the costlier
 kind): a forecast costs what a trained one costs. Samples from random weights mean nothing, so
@@ -67,6 +69,23 @@ CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
         ),
     },
+}  # fmt: skip
+
+# FLUX.1-dev's VAE (AutoencoderKL; vae/config.json), for what a streamed request's preview costs:
+# one decode of the clean-image estimate (lesa_core.production.backend.decode_latents).
+VAE_CONFIGS: dict[str, dict[str, Any]] = {
+    "production": dict(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
+    ),
+    "tiny": dict(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    ),
 }  # fmt: skip
 
 # Sample sizes: FLUX at 1024x1024 (4096 image tokens, 512 text tokens); Wan at 480x832 with 33
@@ -190,6 +209,34 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@torch.inference_mode()
+def time_preview(args: argparse.Namespace, dtype: torch.dtype) -> list[float]:
+    """Seconds per preview of a FLUX-sized request: `decode_latents` on packed latents, as the
+    backend runs it when a streamed request asks for `partial_images`."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, FluxPipeline
+    from diffusers.image_processor import VaeImageProcessor
+
+    from lesa_core.production.backend import FAMILIES, decode_latents
+
+    config, size = VAE_CONFIGS[args.scale], SIZES["flux"][args.scale]
+    vae = AutoencoderKL(**config).to(args.device, dtype).eval()
+    scale = 2 ** (len(config["block_out_channels"]) - 1)
+    pipe = SimpleNamespace(vae=vae, vae_scale_factor=scale, _unpack_latents=FluxPipeline._unpack_latents,
+                           image_processor=VaeImageProcessor(vae_scale_factor=scale * 2))  # fmt: skip
+    rows, cols = size["height"] // (scale * 2), size["width"] // (scale * 2)
+    latents = torch.randn(args.batch, rows * cols, config["latent_channels"] * 4, device=args.device, dtype=dtype)
+    seconds = []
+    for _ in range(args.repeats + 1):  # the first is a warm-up
+        sync(args.device)
+        started = time.perf_counter()
+        decode_latents(pipe, FAMILIES["FluxPipeline"], latents, size["height"], size["width"])
+        sync(args.device)
+        seconds.append(time.perf_counter() - started)
+    return seconds[1:]
+
+
 def bench_family(family: str, args: argparse.Namespace, dtype: torch.dtype) -> list[dict[str, Any]]:
     work = build(family, args.scale, args.batch, args.device, dtype)
     hidden = work.model.config.num_attention_heads * work.model.config.attention_head_dim
@@ -236,6 +283,18 @@ def bench_family(family: str, args: argparse.Namespace, dtype: torch.dtype) -> l
     del work
     if torch.device(args.device).type == "cuda":
         torch.cuda.empty_cache()
+    if family == "flux":
+        preview = statistics.median(time_preview(args, dtype))
+        share = {f"share_of_{r['level']}_{r['method']}": round(preview / r["seconds_median"], 4)
+                 for r in records if r["method"] in ("none", "lesa")}  # fmt: skip
+        records.append(dict(family=family, scale=args.scale, batch=args.batch, level="-", method="preview",
+                            what="one partial image: the VAE decode of the clean estimate (FLUX.1-dev's VAE)",
+                            seconds_median=round(preview, 4), **share))  # fmt: skip
+        print(
+            f"  one preview (VAE decode): {1000 * preview:.1f} ms; "
+            + ", ".join(f"{k.removeprefix('share_of_')} {100 * v:.1f}%" for k, v in share.items()),
+            flush=True,
+        )
     return records
 
 
