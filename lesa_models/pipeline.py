@@ -404,7 +404,8 @@ class DigitsPipeline:
         - `callback(step_done, total)` runs after every step; returning False raises GenerationCancelled.
         - `preview(step_done, samples)` runs after each step in `preview_steps` with the sampler's
           current estimate of the clean samples (float32 numpy in [0, 1], shaped like the output):
-          the partial images of a streamed request.
+          the partial images of a streamed request. (The production backend, which may split a
+          batch into chunks, adds `first=`: the batch index of samples[0].)
         """
         if guidance_scale is None:
             guidance_scale = self.default_guidance
