@@ -100,6 +100,8 @@ class BatchOutput:
     artifacts: dict[str, bytes]
     lesa: dict[str, Any]
     samples: np.ndarray | None = None  # the job's samples before encoding (for a shadow quality check)
+    # Seconds of each denoising step of the batch, by kind ("full" / "predicted"): shared by its jobs.
+    step_seconds: dict[str, list[float]] = field(default_factory=dict)
 
 
 class Engine:
@@ -439,7 +441,12 @@ class Engine:
         full = schedule.num_full if schedule is not None else steps
         realised = _realised_speedup(step_times, schedule, denoise_s)
         cache_counts = output.stats.get("cache")
+        by_kind: dict[str, list[float]] = {"full": [], "predicted": []}
+        for i, seconds in enumerate(step_times):  # (a chunked batch counts each chunk's steps in turn)
+            full_step = schedule is None or schedule.is_full(i % steps)
+            by_kind["full" if full_step else "predicted"].append(seconds)
         for result, spec in zip(results, specs, strict=True):
+            result.step_seconds = by_kind
             result.lesa.update(
                 model=spec.model, level=spec.level, method=spec.method, num_inference_steps=steps,
                 guidance_scale=spec.guidance_scale, full_steps=full, predicted_steps=steps - full,

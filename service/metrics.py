@@ -12,6 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 SPEEDUP_BUCKETS = (0.5, 0.8, 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+# Seconds per denoising step: from a predicted step of a tiny CPU model (< 1 ms) to a full step
+# of a large video model (seconds).
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 PSNR_BUCKETS = (10, 15, 20, 25, 28, 30, 32, 34, 36, 38, 40, 45, 50, 60, 80, 100)
 
 
@@ -47,6 +50,11 @@ class Metrics:
         self.steps = Counter(
             "lesa_denoising_steps", "denoising steps run, per sample, by kind (full = every block ran, "
             "predicted = forecast by the cache method)", ["model", "level", "kind"], registry=r,
+        )  # fmt: skip
+        self.step_time = Histogram(
+            "lesa_step_seconds", "one denoising step of a batched generation (every CFG branch, the sampler's "
+            "own work included), by kind: full = every block ran, predicted = forecast",
+            ["model", "level", "kind"], buckets=STEP_BUCKETS, registry=r,
         )  # fmt: skip
         self.speedup = Histogram(
             "lesa_realised_speedup",

@@ -257,6 +257,10 @@ class Worker:
             except (TimeoutError, Exception):  # noqa: BLE001 - the monitor only reports progress
                 monitor_task.cancel()
         generation_s = time.time() - started
+        for kind, seconds in (results[0].step_seconds if results else {}).items():
+            histogram = self.metrics.step_time.labels(specs[0].model, specs[0].level, kind)
+            for value in seconds:
+                histogram.observe(value)
         for future in stored:
             try:
                 await asyncio.wrap_future(future)

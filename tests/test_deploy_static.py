@@ -165,7 +165,7 @@ def test_dashboard_json_is_generated_from_its_source() -> None:
     assert committed == dashboard.build(), "run `python deploy/grafana/dashboard.py` and commit the JSON"
     titles = {p["title"] for p in committed["panels"]}
     for needed in ("Request rate", "latency", "Queue depth", "Queue wait", "Batch size", "speed-up by level",
-                   "full vs predicted", "Errors", "Workers", "Online quality", "Shadow checks"):  # fmt: skip
+                   "full vs predicted", "Errors", "Workers", "Online quality", "Shadow checks", "Step time"):  # fmt: skip
         assert any(needed.lower() in t.lower() for t in titles), needed
 
 

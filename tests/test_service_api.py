@@ -323,12 +323,21 @@ def test_jobs_and_idempotency_keys_belong_to_their_api_key() -> None:
 
 
 def test_metrics_probes_and_docs(client: TestClient) -> None:
-    client.post("/v1/images/generations", json={"prompt": "x", "acceleration": "2x"})
+    before = client.get("/metrics").text
+    lesa = client.post("/v1/images/generations", json={"prompt": "x", "acceleration": "2x"}).json()["lesa"]
     text = client.get("/metrics").text
+
+    def steps(metrics: str, kind: str) -> float:  # lesa_step_seconds observations of one kind at 2x
+        line = f'lesa_step_seconds_count{{kind="{kind}",level="2x",model="fake-image"}} '
+        return next((float(x.split()[-1]) for x in metrics.splitlines() if x.startswith(line)), 0.0)
+
+    # every denoising step timed once, by kind, as the job's own counts say
+    assert steps(text, "full") - steps(before, "full") == lesa["full_steps"]
+    assert steps(text, "predicted") - steps(before, "predicted") == lesa["predicted_steps"] > 0
     for name in (
         "lesa_requests_total", "lesa_job_e2e_seconds", "lesa_job_queue_wait_seconds", "lesa_generation_seconds",
         "lesa_queue_depth", "lesa_jobs_in_flight", "lesa_batch_size", "lesa_denoising_steps_total",
-        "lesa_realised_speedup", "lesa_errors",
+        "lesa_realised_speedup", "lesa_errors", "lesa_step_seconds",
     ):  # fmt: skip
         assert name in text, name
     assert 'lesa_requests_total{endpoint="/v1/images/generations",method="POST",status="200"}' in text

@@ -173,6 +173,13 @@ def build() -> dict[str, Any]:
                    stacking={"mode": "normal"}), 12, 8,
     )  # fmt: skip
 
+    layout.add(
+        timeseries("Step time: full vs predicted", quantiles("lesa_step_seconds", "kind"), "s",
+                   "One denoising step of a batched generation (every CFG branch and the sampler's own "
+                   "work), by kind. What a predicted step costs against a full one is what caps the "
+                   "realised speed-up."), 24, 8,
+    )  # fmt: skip
+
     # ---- online quality (LESA_SHADOW_FRACTION > 0)
     layout.add(
         timeseries("Online quality: PSNR vs full compute (shadow checks) and quality card",
