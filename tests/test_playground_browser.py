@@ -198,13 +198,14 @@ def test_cancel_stops_a_running_generation(server_url: str, browser) -> None:
     choose_level(browser, "none")
     browser.find_element(By.ID, "generate").click()
     cancel = browser.find_element(By.ID, "cancel")
-    wait(browser, lambda d: cancel.is_enabled() and int(d.find_element(By.ID, "progress").get_attribute("value")) > 0,
-         60, "the job never started")  # fmt: skip
+    # cancelled once its first preview (after step 25 of 100) is on show
+    wait(browser, lambda d: cancel.is_enabled() and d.find_elements(By.CSS_SELECTOR, "#output img.preview"), 60,
+         "the job never showed a preview")  # fmt: skip
     cancel.click()
     wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "cancelled", 30,
          "the page never reported the cancellation")  # fmt: skip
     assert browser.find_element(By.ID, "error-general").text.startswith("Cancelled at ")
-    assert not browser.find_elements(By.CSS_SELECTOR, "#output img")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#output img")  # nor a preview of it
 
 
 def test_comparison_shows_both_images_speedup_and_psnr(server_url: str, browser, tmp_path: Path) -> None:

@@ -410,9 +410,13 @@ async function generate() {
       });
     }
     $("progress").hidden = outcome === "done";
-    if (outcome === "cancelled") $("error-general").textContent = `Cancelled at ${$("progress").value}%.`;
+    if (outcome === "cancelled") {
+      $("output").replaceChildren(); // a preview of an image that will never be
+      $("error-general").textContent = `Cancelled at ${$("progress").value}%.`;
+    }
     finish(outcome);
   } catch (error) {
+    $("output").replaceChildren();
     showError(error);
     finish("error");
   }
