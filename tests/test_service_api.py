@@ -520,7 +520,10 @@ def test_shadow_checks_rerun_accelerated_jobs_at_full_compute_only_when_the_work
     with TestClient(create_app(s, engine=engine)) as client:
         # A blocker keeps the worker busy while six checkable jobs (5x at the card's 8 steps) queue,
         # then two it must not check: 5x at 10 steps (the card was measured at 8) and level none.
-        blocker = client.post("/v1/images/jobs", json={"prompt": "blocker", "acceleration": "none"}).json()
+        # (1 s: every job below is queued before it ends, however slow the machine posts them)
+        blocker = client.post(
+            "/v1/images/jobs", json={"prompt": "blocker", "acceleration": "none", "num_inference_steps": 50}
+        ).json()
         wait_for(client, f"/v1/images/jobs/{blocker['id']}", {"in_progress"})
         bodies = [{"prompt": f"p{i}", "seed": i, "acceleration": "5x"} for i in range(6)]
         bodies += [{"prompt": "q", "acceleration": "5x", "num_inference_steps": 10}, {"prompt": "r"}]
