@@ -56,7 +56,7 @@ class Worker:
     def __init__(
         self,
         queue: JobQueue,
-        engine: Any,  # service.engine.Engine, or anything with run_batch(specs, on_step)
+        engine: Any,  # service.engine.Engine: run_batch, and quality_cards / shadow_* for the checks
         metrics: Metrics,
         *,
         max_batch: int = 8,
@@ -93,9 +93,8 @@ class Worker:
     async def run(self) -> None:
         log.info("worker %s: max_batch=%d max_wait_ms=%g shadow_fraction=%g", self.worker_id, self.max_batch,
                  self.max_wait_ms, self.shadow_fraction)  # fmt: skip
-        if hasattr(self.engine, "quality_cards"):
-            for model, level, method, psnr in self.engine.quality_cards():
-                self.metrics.card_psnr.labels(model, level, method).set(psnr)
+        for model, level, method, psnr in self.engine.quality_cards():
+            self.metrics.card_psnr.labels(model, level, method).set(psnr)
         down_since: float | None = None  # the queue backend's current outage, if any
         while not self._stopping.is_set():
             try:
@@ -296,7 +295,9 @@ class Worker:
 
     def _maybe_shadow(self, job: Job, samples: Any) -> None:
         spec = job.spec
-        if samples is None or random.random() >= self.shadow_fraction or not self.engine.shadow_eligible(spec):
+        if not self.shadow_fraction or samples is None or random.random() >= self.shadow_fraction:
+            return
+        if not self.engine.shadow_eligible(spec):
             return
         if len(self._shadows) >= SHADOW_BACKLOG:
             self.metrics.shadow_checks.labels(spec.model, spec.level, "dropped").inc()
