@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from production_tiny import build
 
+import lesa_models
 from lesa_core import CacheSchedule, PredictorConfig, StagePredictor, level_schedule
 from lesa_core.production import (
     BackendOptions,
@@ -239,7 +242,7 @@ def test_a_missing_levels_dir_is_warned_about_not_silently_training_free(tmp_pat
     assert "levels_dir" in caplog.text and "nowhere" in caplog.text
 
 
-def test_an_enabled_model_the_file_gets_wrong_stops_the_start_instead_of_being_skipped(tmp_path):
+def test_an_enabled_model_the_file_gets_wrong_stops_the_start_instead_of_being_skipped(tmp_path, monkeypatch):
     # Weights missing on this node: the others are served (a warning). A source that names no
     # reference model is the file's mistake: every node would skip it, so nobody would notice.
     from service.engine import Engine
@@ -252,6 +255,16 @@ def test_an_enabled_model_the_file_gets_wrong_stops_the_start_instead_of_being_s
             load_models(config, device="cpu")
         with pytest.raises(ConfigError, match=r"\[models.typo\].source"):  # the Redis API tier's catalogue too
             Engine.catalogue(Settings(_env_file=None, models_config=config))
+    # a local pipeline directory is relative to the file, not to wherever the server was started
+    (tmp_path / "conf").mkdir()
+    shutil.copytree(Path(lesa_models.__file__).parent / "weights" / "digits-image", tmp_path / "conf" / "mine",
+                    ignore=shutil.ignore_patterns("predictors"))  # fmt: skip
+    (tmp_path / "conf" / "models.toml").write_text(
+        '[defaults]\nweights_root = "../weights"\n[models.mine]\nbackend = "digits"\nsource = "./mine"\n'
+    )
+    with monkeypatch.context() as patch:
+        patch.chdir(tmp_path)
+        assert list(load_models(tmp_path / "conf" / "models.toml", device="cpu")) == ["mine"]
     # "gpu" means a node with CUDA, whatever the entry's own device says; "" is the loader's choice
     config.write_text('[models.big]\nbackend = "digits"\nsource = "digits-image"\nenabled = "gpu"\n'
                       'device = "cuda"\n[models.small]\nbackend = "digits"\nsource = "digits-image"\ndevice = ""\n')  # fmt: skip

@@ -203,8 +203,8 @@ def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> 
     for level, bundle in table.get("levels", {}).items():
         levels[str(level)] = _resolve(weights_root, str(bundle))
     source = str(table["source"])
-    if backend == "diffusers" and source.startswith((".", "/", "~")):
-        source = str(_resolve(path.parent, source))  # a local directory, relative to this file
+    if source.startswith((".", "/", "~")):
+        source = str(_resolve(path.parent, source))  # a local directory, relative to this file (either backend)
     kwargs = {k: table[k] for k in (
         "fps", "default_steps", "default_guidance", "min_steps", "max_steps", "max_batch_pixels", "dtype", "device",
         "revision", "variant", "cpu_offload", "vae_tiling", "vae_dtype", "negative_prompt", "guidance_arg",
