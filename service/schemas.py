@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 MAX_SEED = 2**31 - 1 - 8  # sample i of a job uses seed + i, which must stay a valid 31-bit seed
 MethodName = Literal["lesa", "taylorseer", "reuse", "none"]
@@ -91,7 +91,9 @@ class ImageGenerationRequest(StrictBody):
     background: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     moderation: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     output_compression: int | None = Field(None, ge=0, le=100, description="Accepted; ignored.")
-    stream: bool = Field(
+    # strict: "stream": "yes" or 1 is a client bug to report, not a guess to make (the answer's
+    # whole shape depends on it: server-sent events or one JSON object)
+    stream: StrictBool = Field(
         False,
         description="POST /v1/images/generations only: answer with server-sent events as OpenAI streams "
         "images: `image_generation.partial_image` events (see partial_images), then one "

@@ -584,6 +584,8 @@ def test_streamed_generation_sends_partial_images_then_the_image_as_openai_does(
         with client.stream("POST", "/v1/images/generations", json={"prompt": "x", "stream": True}) as response:
             assert "image_generation.partial_image" not in "".join(response.iter_text())
         assert_error(client.post("/v1/images/generations", json={"prompt": "x", "stream": True, "n": 2}), 400, "n")
+        for loose in ("yes", "true", 1):  # not coerced: the whole answer's shape depends on it
+            assert_error(client.post("/v1/images/generations", json={"prompt": "x", "stream": loose}), 400, "stream")
         assert_error(client.post("/v1/images/jobs", json={"prompt": "x", "stream": True}), 400, "stream")
         assert_error(client.post("/v1/images/generations", json={"prompt": "x", "partial_images": 4}), 400,
                      "partial_images")  # fmt: skip
