@@ -270,7 +270,8 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     async def is_cancelled(self, job_id: str) -> bool:
-        """True once `cancel` was called for the job (checked by workers between steps)."""
+        """True once `cancel` was called for the job, or once its record is gone (DELETE on a
+        cancelled job forgets it while the worker may still be on it): checked between steps."""
 
     @abc.abstractmethod
     async def complete(self, job_id: str, result: JobResult, artifacts: dict[str, bytes]) -> bool:
@@ -536,7 +537,7 @@ class InProcessJobQueue(JobQueue):
 
     async def is_cancelled(self, job_id: str) -> bool:
         job = self._jobs.get(job_id)
-        return job is not None and job.status == JobStatus.cancelled
+        return job is None or job.status == JobStatus.cancelled
 
     async def complete(self, job_id: str, result: JobResult, artifacts: dict[str, bytes]) -> bool:
         job = self._live(job_id)

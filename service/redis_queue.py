@@ -965,7 +965,8 @@ class RedisJobQueue(JobQueue):
 
     @_translate_errors
     async def is_cancelled(self, job_id: str) -> bool:
-        return _s(await self._redis.hget(self._k_job(job_id), "status")) == JobStatus.cancelled.value
+        status = _s(await self._redis.hget(self._k_job(job_id), "status"))
+        return status is None or status == JobStatus.cancelled.value  # None: deleted after its cancel
 
     async def _store(self, job_id: str, status: str, payload: str, artifacts: dict[str, bytes]) -> bool:
         inline: dict[str, bytes] = {}

@@ -171,6 +171,15 @@ def test_cancelled_jobs_are_acknowledged_and_idempotency_spans_api_instances(pre
         assert await worker._redis.xlen(worker.stream) == 0
         assert (await api1.get(queued.id)).started_at is None
         assert await api1.depth() == 0
+        # Cancelled, then deleted (a second DELETE) while running: the worker stops all the same,
+        # and its dropped entry is acknowledged on its next turn
+        third = await api1.submit(spec(seed=9))
+        assert [j.id for j in await worker.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=1)] == [third.id]
+        await api1.cancel(third.id)
+        assert await api1.delete(third.id) and await api1.get(third.id) is None
+        assert await worker.is_cancelled(third.id)
+        await worker.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=0.1)
+        assert await worker._redis.xlen(worker.stream) == 0
         for q in (api1, api2, worker):
             await q.close()
 

@@ -138,6 +138,8 @@ def test_cancel_while_running_is_seen_by_worker_and_wins_over_complete() -> None
         assert (await q.get(a.id)).status == JobStatus.cancelled
         timed_out = await q.wait(a.id, timeout_s=0.01)
         assert timed_out.status == JobStatus.cancelled
+        # DELETE again forgets the cancelled job: a worker still on it must stop all the same
+        assert await q.delete(a.id) and await q.is_cancelled(a.id)
 
     run(scenario())
 
