@@ -278,6 +278,13 @@ class Engine:
                 "unknown_level",
             )
         if method == "none":
+            if requested not in (None, "none"):  # a level named and then switched off: say so, never guess
+                raise bad_request(
+                    f'method "none" runs every step, which contradicts acceleration {requested!r}: leave method '
+                    'out (or name a forecasting method), or ask for acceleration "none"',
+                    "method",
+                    "method_conflicts_level",
+                )
             return "none", "none"
         if level == "auto":
             candidates = [
@@ -362,6 +369,13 @@ class Engine:
         width, height = self._size(entry, body.size)
         if body.num_frames is not None:
             frames, param = body.num_frames, "num_frames"
+            if body.seconds is not None and round(body.seconds * entry.fps) != frames:
+                raise bad_request(
+                    f"seconds {body.seconds:g} gives {round(body.seconds * entry.fps)} frames at {entry.fps} fps but "
+                    f"num_frames is {frames}: give one of them",
+                    "seconds",
+                    "conflicting_length",
+                )
         elif body.seconds is not None:
             frames, param = round(body.seconds * entry.fps), "seconds"
         else:
