@@ -241,7 +241,10 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # not UTF-8, say
-            return await api_error(request, ApiError(400, "the body is not valid JSON (UTF-8)", code="invalid_json"))
+            return await api_error(
+                request,
+                ApiError(400, "the body is not valid JSON (not UTF-8, or nested too deeply)", code="invalid_json"),
+            )
         error = ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
         return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 

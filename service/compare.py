@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
+from fastapi.exceptions import RequestValidationError
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from service.deps import Services, cancel, submit, unavailable
 from service.errors import ApiError
@@ -36,12 +37,14 @@ class CompareRequest(StrictBody):
     """The fields of an image request that a comparison varies; everything else is the model's default."""
 
     prompt: str = Field(..., min_length=1, max_length=4000, examples=["a handwritten seven"])
-    model: str | None = Field(None, description="an image model of GET /v1/models (default: the first)")
-    size: str | None = Field(None, pattern=r"^(\d{1,5}x\d{1,5}|auto)$")
+    model: str | None = Field(None, max_length=256, description="an image model of GET /v1/models (default: the first)")
+    size: str | None = Field(None, pattern=r"^([0-9]{1,5}x[0-9]{1,5}|auto)$")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="default: random, then used for both runs")
     num_inference_steps: int | None = Field(None, ge=1, le=1000)
     guidance_scale: float | None = Field(None, ge=0, le=50)
-    acceleration: str = Field(..., description="the level to compare against full compute", examples=["5x"])
+    acceleration: str = Field(
+        ..., max_length=32, description="the level to compare against full compute", examples=["5x"]
+    )
     method: MethodName | None = None
 
 
@@ -126,11 +129,13 @@ async def compare(
     services: Services, body: CompareRequest, owner: str | None, disconnected: Callable[[], Awaitable[bool]]
 ) -> CompareResponse:
     engine = services.engine
-    request = ImageGenerationRequest(
-        prompt=body.prompt, model=body.model, size=body.size, seed=body.seed,
-        num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-        acceleration=body.acceleration, method=body.method, output_format="png",
-    )  # fmt: skip
+    fields = body.model_dump(exclude_none=True)
+    try:
+        request = ImageGenerationRequest(**fields, output_format="png")
+    except ValidationError as error:  # a bound the image request has and this body lacks: still the field's 400
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
+        ) from None
     # The engine validates it exactly like a generation request (same messages, same `param`).
     fast = engine.resolve_image(request)
     if fast.level == "none":

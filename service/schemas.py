@@ -17,6 +17,7 @@ MethodName = Literal["lesa", "taylorseer", "reuse", "none"]
 
 _ACCELERATION = Field(
     None,
+    max_length=32,
     description='Acceleration level the model offers ("none", "2x", "3.3x", "5x", "6.25x": see GET /v1/models), '
     'or "auto" = the fastest level whose measured quality card meets the server\'s PSNR floor. '
     "Default: the server's `LESA_DEFAULT_LEVEL`.",
@@ -73,7 +74,7 @@ class ImageGenerationRequest(StrictBody):
     n: int = Field(1, ge=1, le=8, description="Number of images (one job, batched).", examples=[1])
     size: str | None = Field(
         None,
-        pattern=r"^(\d{1,5}x\d{1,5}|auto)$",
+        pattern=r"^([0-9]{1,5}x[0-9]{1,5}|auto)$",
         description='"WIDTHxHEIGHT", one of the model\'s sizes, or "auto". Default: the model\'s first size.',
         examples=["16x16"],
     )
@@ -134,7 +135,7 @@ class VideoCreateRequest(StrictBody):
     )  # fmt: skip
     num_frames: int | None = Field(None, ge=1, le=1024, description="Frame count (one the model supports).")
     size: str | None = Field(
-        None, pattern=r"^(\d{1,5}x\d{1,5}|auto)$", description='"WIDTHxHEIGHT" (one of the model\'s sizes).',
+        None, pattern=r"^([0-9]{1,5}x[0-9]{1,5}|auto)$", description='"WIDTHxHEIGHT" (one of the model\'s sizes).',
         examples=["16x16"],
     )  # fmt: skip
     user: str | None = Field(None, max_length=256)

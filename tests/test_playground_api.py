@@ -96,6 +96,8 @@ def test_compare_runs_both_with_one_seed_and_measures_them(client: TestClient) -
         ({"seed": -1}, 400, "seed"),
         ({"acceleraton": "5x"}, 400, "acceleraton"),
         ({"acceleration": "2x", "method": "lesa"}, 400, "method"),
+        ({"model": "m" * 5000}, 400, "model"),
+        ({"acceleration": "5" * 5000}, 400, "acceleration"),
     ],
 )
 def test_compare_rejects_with_the_field_named(client: TestClient, fields: dict, status: int, param: str) -> None:

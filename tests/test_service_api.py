@@ -102,6 +102,9 @@ def test_url_format_and_content_endpoint(client: TestClient) -> None:
         ({"prompt": "x", "acceleration": "7x", "method": "none"}, 400, "acceleration"),  # checked whatever the method
         ({"prompt": "x", "acceleration": ""}, 400, "acceleration"),  # not the default in disguise
         ({"prompt": "x", "acceleration": "none", "method": "lesa"}, 400, "method"),  # no silent full compute
+        ({"prompt": "x", "acceleration": "2x", "method": "none"}, 400, "method"),  # nor the other way round
+        ({"prompt": "x", "size": "\u0661\u0666x\u0661\u0666"}, 400, "size"),  # digits, but not ASCII ones
+        ({"prompt": "x", "acceleration": "5" * 5000}, 400, "acceleration"),  # not echoed back in full
     ],
 )
 def test_invalid_requests_name_the_field(client: TestClient, payload: dict, status: int, param: str) -> None:
@@ -131,6 +134,11 @@ def test_malformed_oversize_and_unknown_routes(client: TestClient) -> None:
     ):
         error = assert_error(client.post("/v1/images/generations", content=content, headers=headers), 400, None)
         assert error["code"] == "invalid_json" and "JSON" in error["message"], error
+    # JSON nested deeper than the parser goes is bad JSON, on both kinds of request
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path in ("/v1/images/generations", "/v1/videos"):
+        response = client.post(path, content=deep, headers={"content-type": "application/json"})
+        assert assert_error(response, 400, None)["code"] == "invalid_json"
     # NaN and Infinity (Python's json allows them): "not a finite number", not "must be <= 50".
     for value in (b"NaN", b"Infinity"):
         body = b'{"prompt": "x", "guidance_scale": ' + value + b"}"
@@ -195,6 +203,8 @@ def test_video_lifecycle_json_and_multipart(client: TestClient) -> None:
     assert form.json()["num_frames"] == 4 and form.json()["size"] == "32x16"
     assert_error(client.post("/v1/videos", data={"prompt": "x", "seconds": "3"}), 400, "seconds")
     assert_error(client.post("/v1/videos", json={"prompt": "x", "num_frames": 5}), 400, "num_frames")
+    # both lengths: they must agree (8 fps: 1 s is 8 frames), or the request names the conflict
+    assert_error(client.post("/v1/videos", json={"prompt": "x", "seconds": 0.5, "num_frames": 8}), 400, "seconds")
     listed = client.get("/v1/videos", params={"limit": 1}).json()
     assert listed["object"] == "list" and len(listed["data"]) == 1 and listed["has_more"]
     page2 = client.get("/v1/videos", params={"after": listed["last_id"]}).json()

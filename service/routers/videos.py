@@ -42,7 +42,7 @@ async def _parse_body(request: Request) -> VideoCreateRequest:
     else:
         try:
             data = json.loads(await request.body() or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object", code="invalid_json")
