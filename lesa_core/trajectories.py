@@ -109,6 +109,13 @@ def record(
     batches = [
         (i, list(range(s, min(s + shard_size, len(seeds))))) for i, s in enumerate(range(0, len(seeds), shard_size))
     ]
+    ours = {_shard_name(index) for index, _ in batches}
+    others = sorted(p.name for p in out.glob("shard-*.safetensors") if p.name not in ours)
+    if others:  # a longer recording: rewriting the manifest for fewer seeds would orphan its shards
+        raise TrajectoryError(
+            f"{out} holds another recording, with shards this run would not record ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}): use another --out, or the same --prompts / --seeds to resume it"
+        )
     shards = []
     bar = tqdm(batches, desc=f"record {settings.model}", unit="shard", disable=not progress)
     for index, members in bar:

@@ -101,6 +101,10 @@ def test_a_recording_is_never_overwritten_by_another_and_poisoned_shards_are_ref
     with pytest.raises(TrajectoryError, match="holds another recording"):
         record(pipe, ["digit 6", "digit 7"], [6, 7], copy, settings, shard_size=2, progress=False)
     assert {f.name: f.read_bytes() for f in copy.iterdir()} == before
+    # Its first seeds only: refused too (it used to keep shard 0 and orphan the others)
+    with pytest.raises(TrajectoryError, match="another recording"):
+        record(pipe, ["digit 3", "a handwritten seven"], [0, 1], copy, settings, shard_size=2, progress=False)
+    assert {f.name: f.read_bytes() for f in copy.iterdir()} == before
     with pytest.raises(ValueError, match="shard_size must be at least 1"):
         record(pipe, ["digit 6"], [6], tmp_path / "other", settings, shard_size=0, progress=False)
     # A shard whose tensor bytes were overwritten passes the header checks but holds NaN: refused
