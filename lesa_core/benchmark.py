@@ -464,6 +464,8 @@ def _variants(config: BenchConfig, pipe: Any, notes: list[str]) -> list[Variant]
             try:
                 predictor.check_compatible(schedule, family=family, hidden_size=hidden_size)
             except BundleError as error:
+                if explicit is not None:
+                    raise BundleError(f"--bundle {method}:{level}: {error}") from None
                 notes.append(f"{method} skipped at {level}: {error}")
                 continue
             cache = CacheConfig(method="lesa", schedule=schedule, predictor=predictor)

@@ -237,6 +237,10 @@ def test_bundle_for_another_model_is_skipped_with_a_note(image_pipe, tmp_path: P
     result = run_quality_benchmark(config, image_pipe, log=lambda _: None)
     assert result.records == []
     assert any("lesa skipped at tiny4x" in n and "WanTransformer3DModel" in n for n in result.notes)
+    # named with --bundle, it is an error instead: the table would silently lack the row asked for
+    named = tiny_config("digits-image", methods=["lesa"], levels=["tiny4x"], bundles={("lesa", "tiny4x"): tmp_path / "tiny4x"}, batch_sizes=[1])  # fmt: skip
+    with pytest.raises(ValueError, match="--bundle lesa:tiny4x: .*WanTransformer3DModel"):
+        run_quality_benchmark(named, image_pipe, log=lambda _: None)
 
 
 def test_target_checks_on_synthetic_records() -> None:
