@@ -255,16 +255,32 @@ def train_predictor(
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=settings.lr_step, gamma=settings.lr_gamma)
     report = TrainReport(best_val_mse=float("inf"), best_epoch="none")
     start_epoch = 0
+    # what the run trains on: resuming on other trajectories would mix two datasets in one bundle
+    data_id = json.dumps({"settings": asdict(data.settings), "prompts": data.prompts, "seeds": data.seeds})
     if state_path.exists():
-        state = torch.load(state_path, weights_only=True)
-        if state["settings"] != json.dumps(asdict(settings)) or state["schedule"] != json.dumps(schedule.to_dict()):
-            raise ValueError(f"{state_path} belongs to another training run; remove {work} to start afresh")
-        predictor.load_state_dict(state["predictor"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
-        report = TrainReport(**json.loads(state["report"]))
-        torch.set_rng_state(state["rng"])
+        try:
+            state = torch.load(state_path, weights_only=True)
+            same = (
+                state["settings"] == json.dumps(asdict(settings))
+                and state["schedule"] == json.dumps(schedule.to_dict())
+                and state.get("data", data_id) == data_id  # states saved before it was recorded: trusted
+            )
+            if same:
+                predictor.load_state_dict(state["predictor"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                start_epoch = int(state["epoch"])
+                report = TrainReport(**json.loads(state["report"]))
+                torch.set_rng_state(state["rng"])
+        except Exception as error:  # noqa: BLE001 - truncated, garbage, or another format: say which file
+            raise ValueError(
+                f"{state_path}: not a readable training state ({type(error).__name__}); remove {work} to start afresh"
+            ) from None
+        if not same:
+            raise ValueError(
+                f"{state_path} belongs to another training run (other settings, schedule or --data); "
+                f"remove {work} to start afresh"
+            )
 
     def validate(label: str) -> float:
         _, finals = closed_loop(pipe, predictor, val, schedule, settings.batch_size)
@@ -285,6 +301,7 @@ def train_predictor(
                 "report": json.dumps(asdict(report)),
                 "settings": json.dumps(asdict(settings)),
                 "schedule": json.dumps(schedule.to_dict()),
+                "data": data_id,
                 "rng": torch.get_rng_state(),
             },
             state_path.with_suffix(".tmp"),

@@ -161,6 +161,15 @@ def test_two_phase_training_writes_a_usable_bundle_and_resumes(pipe, recorded, t
         train_predictor(
             pipe, out, schedule, tmp_path / "bundle", TrainSettings(phase1_epochs=9, kan_hidden=(8,)), progress=False
         )
+    # ... and so is the same run on other trajectories (it resumed and mixed the two datasets)
+    other = record(pipe, ["digit 3", "digit 4"], [7, 8], tmp_path / "other", recorded[1], progress=False)
+    with pytest.raises(ValueError, match="another training run"):
+        train_predictor(pipe, other, schedule, tmp_path / "bundle", settings, progress=False)
+    # a state file that is not one names itself, instead of torch's advice to unpickle it
+    state = tmp_path / "bundle.work" / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"train_state.pt: not a readable training state"):
+        train_predictor(pipe, out, schedule, tmp_path / "bundle", settings, progress=False)
 
 
 def test_phase3_backpropagates_the_final_sample_error_through_the_sampler(pipe, recorded, tmp_path):
