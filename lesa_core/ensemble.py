@@ -143,8 +143,8 @@ class PredictorEnsemble(nn.Module):
         path = Path(path)
         config_path = path / CONFIG_NAME
         try:
-            data = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
+            data = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BundleError(f"{config_path}: not a valid ensemble config ({error})") from error
         names = data.get("members")
         if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):

@@ -324,8 +324,8 @@ class StagePredictor(nn.Module):
         if not config_path.is_file():
             raise BundleError(f"{config_path}: missing (a predictor bundle holds {CONFIG_NAME} and {WEIGHTS_NAME})")
         try:
-            data = json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
+            data = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BundleError(f"{config_path}: not a valid predictor config ({error})") from error
         if isinstance(data, dict) and "members" in data:
             from lesa_core.ensemble import PredictorEnsemble
@@ -336,7 +336,9 @@ class StagePredictor(nn.Module):
         try:
             config = PredictorConfig.from_dict(data)
             predictor = cls(config)
-        except (json.JSONDecodeError, TypeError, KeyError, ValueError) as error:
+        except (TypeError, KeyError, ValueError, AttributeError, RuntimeError) as error:
+            # RuntimeError: sizes torch cannot build (a negative history depth); AttributeError: a
+            # field of the wrong JSON type (a schedule that is a string)
             raise BundleError(f"{config_path}: not a valid predictor config ({error})") from error
         try:
             state = load_file(str(weights_path), device=str(map_location))

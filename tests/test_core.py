@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -161,6 +163,15 @@ def test_corrupt_and_missing_bundles_fail_cleanly(tmp_path):
         StagePredictor.from_pretrained(tmp_path / "nothing")
     (tmp_path / "b" / "config.json").write_text("{not json")
     with pytest.raises(BundleError, match="not a valid predictor config"):
+        StagePredictor.from_pretrained(tmp_path / "b")
+    # valid JSON, wrong types or sizes; bytes that are not UTF-8: each named as the bundle's config
+    good = json.loads(json.dumps(asdict(_predictor().config)))
+    for broken in ({**good, "schedule": "x"}, {**good, "schedule": None}, {**good, "history_depths": [-1, 8, 8]}):
+        (tmp_path / "b" / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(BundleError, match=r"config.json: not a valid predictor config"):
+            StagePredictor.from_pretrained(tmp_path / "b")
+    (tmp_path / "b" / "config.json").write_bytes(b'{"schedule": "\xff"}')
+    with pytest.raises(BundleError, match=r"config.json: not a valid predictor config"):
         StagePredictor.from_pretrained(tmp_path / "b")
 
 
