@@ -225,21 +225,33 @@ def train(
     bank = CaptionBank(captions)
     ckpt = latest_checkpoint(work)
     kept = work / "recipe.json"
-    if ckpt is not None and kept.is_file() and json.loads(kept.read_text()) != json.loads(json.dumps(asdict(recipe))):
-        # resuming under another recipe (e.g. another --steps) would mix two trainings silently
-        raise ValueError(f"{work} holds a {name} run with another recipe ({kept}); use another --work-dir, "
-                         "or the same arguments to resume it")  # fmt: skip
+    if ckpt is not None and kept.is_file():
+        try:
+            held = json.loads(kept.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{kept}: not a readable recipe ({error}); remove {work} to start afresh") from None
+        if held != json.loads(json.dumps(asdict(recipe))):
+            # resuming under another recipe (e.g. another --steps) would mix two trainings silently
+            what = held.get("name", "another") if isinstance(held, dict) else "another"
+            raise ValueError(f"{work} holds a {what} run with another recipe than this {name} one ({kept}); use "
+                             "another --work-dir, or the same arguments to resume it")  # fmt: skip
     kept.write_text(json.dumps(asdict(recipe), indent=2))
 
     start = 0
     if ckpt is not None:
-        model.load_state_dict(load_file(ckpt / "model.safetensors"))
-        ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
-        state = torch.load(ckpt / "state.pt", weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        rng.setstate(_as_tuple(state["py_rng"]))
-        start = int(state["step"])
+        try:
+            model.load_state_dict(load_file(ckpt / "model.safetensors"))
+            ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
+            state = torch.load(ckpt / "state.pt", weights_only=True)
+            opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+            rng.setstate(_as_tuple(state["py_rng"]))
+            start = int(state["step"])
+        except Exception as error:  # noqa: BLE001 - truncated, garbage, another format: say which checkpoint
+            raise ValueError(
+                f"{ckpt}: not a readable checkpoint ({type(error).__name__}: {error}); remove it to resume from "
+                f"the one before, or remove {work} to start afresh"
+            ) from None
         print(f"resuming {name} from {ckpt} (step {start})")
 
     began = time.time()

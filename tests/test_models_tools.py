@@ -167,3 +167,10 @@ def test_train_model_resumes_only_under_the_same_recipe(tmp_path):
     assert (out / "model_index.json").is_file()
     with pytest.raises(ValueError, match="another recipe"):  # another --steps into the same work dir
         train("digits-image", work_dir=work, output=out, steps=2, progress=False)
+    with pytest.raises(ValueError, match="holds a digits-image run with another recipe than this digits-video one"):
+        train("digits-video", work_dir=work, output=out, steps=1, progress=False)
+    # a damaged checkpoint is named, with what to do about it
+    (ckpt,) = [p for p in work.iterdir() if p.is_dir()]
+    (ckpt / "state.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"not a readable checkpoint .* remove it to resume from the one before"):
+        train("digits-image", work_dir=work, output=out, steps=1, progress=False)
