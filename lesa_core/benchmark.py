@@ -245,6 +245,10 @@ def default_prompts(kind: str, count: int) -> list[str]:
     return prompts
 
 
+MAX_SEED = 2**31 - 1  # what every sampler of the project accepts
+MAX_SEED_COUNT = 100_000  # days of benchmarking on a CPU; more is a typo
+
+
 def parse_seeds(text: str) -> list[int]:
     """'1000-1015' (inclusive) or '1000,1003,1007' or a mix: '1000-1003,1010'. ValueError saying
     what is wrong otherwise (every CLI that takes seeds parses them here)."""
@@ -254,17 +258,16 @@ def parse_seeds(text: str) -> list[int]:
         if not part:
             continue
         try:
-            if "-" in part:
-                start, end = (int(v) for v in part.split("-", 1))
-                if end < start:
-                    raise ValueError(f"seed range {part!r} runs backwards")
-                seeds.extend(range(start, end + 1))
-            else:
-                seeds.append(int(part))
-        except ValueError as error:
-            if "backwards" in str(error):
-                raise
+            start, end = (int(v) for v in part.split("-", 1)) if "-" in part else (int(part), int(part))
+        except ValueError:
             raise ValueError(f"seeds {text!r}: expected ranges like 0-63 or lists like 1,2,5") from None
+        if end < start:
+            raise ValueError(f"seed range {part!r} runs backwards")
+        if end > MAX_SEED:  # checked before the range is built: a typo must not fill the memory
+            raise ValueError(f"seeds {text!r}: {end} is over the largest seed, {MAX_SEED}")
+        if len(seeds) + end - start + 1 > MAX_SEED_COUNT:
+            raise ValueError(f"seeds {text!r}: more than {MAX_SEED_COUNT} seeds")
+        seeds.extend(range(start, end + 1))
     if not seeds:
         raise ValueError(f"no seeds in {text!r}")
     return seeds

@@ -78,6 +78,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a seed every sampler of the project accepts, 0 .. 2**31 - 1."""
+    value = int(text)
+    if not 0 <= value <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"must be 0 .. {2**31 - 1}, got {value}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0 (epochs; 0 skips that phase)."""
     value = int(text)

@@ -6,7 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
-from lesa_core.cli import CliError, non_negative_int, positive_int
+from lesa_core.cli import CliError, non_negative_int, positive_int, seed_int
 from lesa_core.predictor import BundleError
 from lesa_core.schedule import CacheSchedule
 from lesa_core.training import TrainSettings as TrainDefaults
@@ -188,7 +188,7 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
         "order 1 instead of the learned experts (improved variant)",
     )
     train.add_argument("--init", default=None, help="start from this bundle's weights (e.g. phase 3 fine-tuning)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=seed_int, default=0)
     train.set_defaults(func=_train_predictor)
 
 

@@ -10,11 +10,18 @@ from typing import Any
 
 import numpy as np
 
-from lesa_core.cli import CliError, positive_int
+from lesa_core.cli import CliError, positive_int, seed_int
 from lesa_core.commands import read_prompts
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 VIDEO_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}
+
+
+def _scale(text: str) -> int:
+    value = positive_int(text)
+    if value > 64:  # 16 px x 64 = 1024 px; a typo of 100000 would take the machine's memory
+        raise argparse.ArgumentTypeError(f"must be at most 64, got {value}")
+    return value
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +30,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", type=Path, help="file with one prompt per line (batch generation)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
+    gen.add_argument("--seed", type=seed_int, default=0, help="seed of the first sample; sample i uses seed + i")
     gen.add_argument("--steps", type=positive_int, default=50, help="denoising steps (4..100)")
     gen.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     gen.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's first size)")
@@ -44,7 +51,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="file (.png/.jpg/.webp, or .mp4/.gif for video); with --prompts, a directory "
         "or a name that gets -000, -001, ... appended",
     )
-    gen.add_argument("--scale", type=positive_int, default=None, help="nearest-neighbour enlargement of the output")
+    gen.add_argument("--scale", type=_scale, default=None, help="nearest-neighbour enlargement of the output, 1-64")
     gen.set_defaults(func=_generate)
 
     train = subparsers.add_parser("train-model", help="train a reference model with its seeded recipe")

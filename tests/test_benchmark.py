@@ -78,8 +78,14 @@ def test_ssim_is_per_frame_for_clips_and_handles_tiny_images() -> None:
 def test_seed_parsing_and_default_prompts() -> None:
     assert benchmark.parse_seeds("1000-1003") == [1000, 1001, 1002, 1003]
     assert benchmark.parse_seeds("1000-1001,1010") == [1000, 1001, 1010]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="runs backwards"):
         benchmark.parse_seeds("5-1")
+    # a typo'd bound is refused before the range is built (it used to fill the memory, or overflow later)
+    with pytest.raises(ValueError, match="over the largest seed"):
+        benchmark.parse_seeds("99999999999999999999")
+    with pytest.raises(ValueError, match="more than 100000 seeds"):
+        benchmark.parse_seeds("0-640000000")
+    assert benchmark.parse_seeds(f"{2**31 - 1}") == [2**31 - 1]
     assert min(benchmark.DEFAULT_SEEDS) >= benchmark.TRAINING_SEED_LIMIT
     from lesa_models.evaluator import parse_prompt_digit, parse_prompt_direction
 

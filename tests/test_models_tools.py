@@ -109,6 +109,12 @@ def test_cli_errors_are_one_line_naming_the_problem_never_a_traceback(tmp_path, 
         main(["record", "--model", "digits-image", "--prompts", str(prompts), "--seeds", "0", "--out", "x",
               "--shard-size", "0"])  # fmt: skip
     assert exit_info.value.code == 2 and "--shard-size: must be at least 1" in capsys.readouterr().err
+    # ... and so are seeds no sampler takes, and an enlargement that would take the machine's memory
+    for flag, value, says in (("--seed", "99999999999999999999", "--seed: must be 0 .."),
+                              ("--scale", "100000", "--scale: must be at most 64")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", "--prompt", "x", "--output", str(tmp_path / "x.png"), flag, value])
+        assert exit_info.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_cli_acceleration_levels(tmp_path, capsys):
