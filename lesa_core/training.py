@@ -240,6 +240,9 @@ def train_predictor(
         hidden_size=int(sample_hidden.shape[-1]),
     )
     predictor = StagePredictor(config)
+    if schedule.num_full == schedule.num_steps:
+        raise ValueError(f"the schedule runs every step in full ({schedule.describe()}): no step to predict, nothing "
+                         "to learn; check --interval / --first-enhance / --level")  # fmt: skip
     if not predictor.learned_steps(data.times):
         raise ValueError(f"taylor_stages {settings.taylor_stages} cover every predicted step: nothing to learn")
     if settings.init_from:

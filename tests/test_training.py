@@ -216,6 +216,13 @@ def test_phase3_backpropagates_the_final_sample_error_through_the_sampler(pipe, 
         train_predictor(NoGradPipeline(), out, schedule, tmp_path / "other", settings, progress=False)
 
 
+def test_a_schedule_with_nothing_to_predict_says_so(pipe, recorded, tmp_path):
+    out, _ = recorded
+    every = CacheSchedule.from_full_steps(STEPS, list(range(STEPS)))
+    with pytest.raises(ValueError, match="runs every step in full"):  # not "taylor_stages () cover ..."
+        train_predictor(pipe, out, every, tmp_path / "b", TrainSettings(phase1_epochs=1, kan_hidden=(8,)))
+
+
 def test_guided_loss_weighs_errors_as_the_sampler_sees_them():
     schedule = CacheSchedule.from_full_steps(6, [0, 1, 3])
     predictor = StagePredictor(PredictorConfig(schedule=schedule.to_dict(), kan_hidden=(4,)))  # zero head: h_-1
