@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lesa_core.cli import CliError, non_negative_int, positive_int
+from lesa_core.cli import CliError, non_negative_int, positive_int, prepare_output
 from lesa_core.predictor import BundleError
 
 # Scratch by default: the committed tables in benchmarks/results/<model>/ are only written when
@@ -103,6 +103,9 @@ def run_quality_command(args: argparse.Namespace) -> int:
         )
     except (ValueError, OSError) as error:
         raise CliError(str(error)) from error
+    out_dir = args.out_dir or SCRATCH_DIR / Path(args.model).name
+    prepare_output(out_dir, "--out-dir", directory=True)
+    prepare_output(args.json, "--json")
     try:
         from lesa_models import load_pipeline
 
@@ -113,7 +116,6 @@ def run_quality_command(args: argparse.Namespace) -> int:
         result = benchmark.run_quality_benchmark(config, pipe)
     except BundleError as error:
         raise CliError(str(error)) from None
-    out_dir = args.out_dir or SCRATCH_DIR / Path(args.model).name
     paths = benchmark.write_outputs(result, out_dir, args.json)
     print()
     print(benchmark.markdown_table(result))

@@ -11,6 +11,7 @@ import importlib
 import os
 import pickle
 import sys
+from pathlib import Path
 
 # Packages that contribute sub-commands, in the order they appear in `lesa --help`.
 COMMAND_MODULES = ("lesa_core.commands", "lesa_models.cli", "service.cli", "lesa_core.benchmark_cli")
@@ -68,6 +69,22 @@ def describe(error: BaseException) -> str:
 
 class CliError(Exception):
     """A user-facing error: printed as one line, no traceback."""
+
+
+def prepare_output(path: Path | None, flag: str, directory: bool = False) -> None:
+    """Make `path` (a file, or with `directory` a folder) writable before the work that fills it
+    runs: a path that cannot be written found only at the end would throw the work away."""
+    if path is None:
+        return
+    folder = path if directory else path.parent
+    try:
+        if not directory and path.is_dir():
+            raise CliError(f"{flag} {path}: is a directory, expected a file to write")
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CliError(f"{flag} {path}: {folder} is a file, not a folder") from None
+    except OSError as error:
+        raise CliError(f"{flag} {path}: cannot create {folder} ({error.strerror})") from None
 
 
 def positive_int(text: str) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from lesa_core.cli import CliError, positive_int, seed_int
+from lesa_core.cli import CliError, positive_int, prepare_output, seed_int
 from lesa_core.commands import read_prompts
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -217,6 +217,8 @@ def _train_model(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from lesa_models import evaluator, media
 
+    prepare_output(args.json, "--json")
+    prepare_output(args.grid, "--grid")
     pipe = _load(args.model)
     cache = resolve_acceleration(pipe, args.acceleration, args.steps, args.method, args.predictor)
     try:

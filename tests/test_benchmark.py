@@ -384,6 +384,12 @@ def test_cli_bench_quality_smoke(tmp_path: Path, capsys, monkeypatch) -> None:
     assert not (tmp_path / "benchmarks").exists()
     assert (out / "quality.json").is_file() and (out / "digits-image_grid.png").is_file()
     assert main(["bench", "quality", "--methods", "fora", "--out-dir", str(out)]) == 2
+    # outputs that cannot be written are refused before the run, not after it (minutes to hours)
+    a_file = out / "quality.json"
+    for flags, says in ((["--out-dir", str(a_file)], "is a file, not a folder"),
+                        (["--out-dir", str(out), "--json", str(out)], "is a directory")):  # fmt: skip
+        assert main(["bench", "quality", "--seeds", "1000", "--levels", "2x", "--methods", "reuse", *flags]) == 2
+        assert says in capsys.readouterr().err
 
 
 def benchmark_script(name: str) -> Any:
