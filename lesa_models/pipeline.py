@@ -151,7 +151,16 @@ class DigitsPipeline:
         index_path = root / MODEL_INDEX
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path} not found: not a DigitsPipeline directory")
-        index = json.loads(index_path.read_text())
+        try:
+            return cls._load(root, index_path)
+        except Exception as error:  # noqa: BLE001 - any damage (JSON, keys, types, tensors): name the directory
+            raise ValueError(
+                f"{root}: not a usable DigitsPipeline directory ({type(error).__name__}: {error})"
+            ) from error
+
+    @classmethod
+    def _load(cls, root: Path, index_path: Path) -> DigitsPipeline:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
         settings = index["lesa_digits"]
         transformer_cls = {
             "FluxTransformer2DModel": FluxTransformer2DModel,

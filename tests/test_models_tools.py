@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import random
+import shutil
 
 import numpy as np
 import pytest
 
+import lesa_models
 from lesa_models import data, evaluator, media
 
 
@@ -109,6 +112,19 @@ def test_cli_errors_are_one_line_naming_the_problem_never_a_traceback(tmp_path, 
         main(["record", "--model", "digits-image", "--prompts", str(prompts), "--seeds", "0", "--out", "x",
               "--shard-size", "0"])  # fmt: skip
     assert exit_info.value.code == 2 and "--shard-size: must be at least 1" in capsys.readouterr().err
+    # a damaged pipeline directory is named, whatever is wrong in it
+    broken = tmp_path / "broken"
+    shutil.copytree(Path(lesa_models.__file__).parent / "weights" / "digits-image", broken,
+                    ignore=shutil.ignore_patterns("predictors"))  # fmt: skip
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    for damage in ("{", "[]", '{"transformer": ["diffusers", "Foo"]}', None):
+        if damage is None:  # a truncated transformer
+            weights.write_bytes(weights.read_bytes()[:1000])
+        else:
+            (broken / "model_index.json").write_text(damage)
+        rc = main(["generate", "--model", str(broken), "--prompt", "x", "--output", str(tmp_path / "x.png")])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{broken}: not a usable DigitsPipeline directory" in err and "Traceback" not in err
     # ... and so are seeds no sampler takes, and an enlargement that would take the machine's memory
     for flag, value, says in (("--seed", "99999999999999999999", "--seed: must be 0 .."),
                               ("--scale", "100000", "--scale: must be at most 64")):  # fmt: skip
