@@ -112,7 +112,16 @@ def import_reference(
     checkpoint: str | Path, out_dir: str | Path, schedule: CacheSchedule, family: str | None = None
 ) -> StagePredictor:
     converted, branches = convert_state_dict(load_reference_checkpoint(checkpoint))
-    config = infer_config(converted, branches[0], schedule)
+    if not branches:
+        raise BundleError(f"{checkpoint}: holds no predictor weights (no latent.* / timestep.* keys)")
+    try:
+        config = infer_config(converted, branches[0], schedule)
+    except BundleError as error:
+        raise BundleError(f"{checkpoint}: {error}") from None
+    except (KeyError, IndexError, ValueError, UnboundLocalError) as error:  # parts of the KAN missing or empty
+        raise BundleError(
+            f"{checkpoint}: not a complete LESA predictor checkpoint ({type(error).__name__}: {error})"
+        ) from None
     config.branches = branches
     config.family = family
     config.training = {"imported_from": Path(checkpoint).name, "source": "LESA reference implementation"}

@@ -97,3 +97,16 @@ def test_import_errors_name_the_problem(tmp_path, capsys):
         from lesa_core.reference_import import load_reference_checkpoint
 
         load_reference_checkpoint(broken)
+    # incomplete checkpoints: each named, never a bare IndexError / KeyError / UnboundLocalError
+    from lesa_core.reference_import import import_reference, load_reference_checkpoint
+
+    complete = load_reference_checkpoint(path)  # the safe loader: no pickled code runs
+    for label, model in (
+        ("empty", {}),
+        ("no KAN", {k: v for k, v in complete.items() if not k.startswith("timestep")}),
+        ("no grid", {k: v for k, v in complete.items() if not k.endswith(".grid")}),
+    ):
+        partial = tmp_path / f"{label}.pth"
+        torch.save({"model": model}, partial)
+        with pytest.raises(BundleError, match=f"{partial}: "):
+            import_reference(partial, tmp_path / "out", CacheSchedule(10, 3, 2))
