@@ -97,7 +97,25 @@ def record(
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _record_into(pipe, prompts, seeds, out, settings, shard_size, progress)
+    except BaseException:
+        if created and not any(out.iterdir()):  # a run refused before its first shard leaves nothing behind
+            out.rmdir()
+        raise
+
+
+def _record_into(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    out: Path,
+    settings: RecordSettings,
+    shard_size: int,
+    progress: bool,
+) -> Path:
     manifest_path = out / MANIFEST
     if manifest_path.exists():
         existing = read_manifest(manifest_path)

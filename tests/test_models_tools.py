@@ -105,6 +105,10 @@ def test_cli_errors_are_one_line_naming_the_problem_never_a_traceback(tmp_path, 
                "--out", str(a_file)])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 1 and str(a_file) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    fresh = tmp_path / "fresh" / "rec"  # refused before its first shard: no empty folder left behind
+    rc = main(["record", "--model", "digits-image", "--prompts", str(prompts), "--seeds", "0", "--steps", "1",
+               "--out", str(fresh)])  # fmt: skip
+    assert rc != 0 and "Traceback" not in capsys.readouterr().err and not fresh.exists()
     assert main(["serve", "--port", "70000"]) == 1
     assert "invalid setting: port" in capsys.readouterr().err
     # Counts and sizes below 1 are refused by the parser, naming the flag.
