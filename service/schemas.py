@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 MAX_SEED = 2**31 - 1 - 8  # sample i of a job uses seed + i, which must stay a valid 31-bit seed
 MethodName = Literal["lesa", "taylorseer", "reuse", "none"]
@@ -62,6 +62,8 @@ class StrictBody(BaseModel):
 
 
 class ImageGenerationRequest(StrictBody):
+    # JSON only, so its integers are strict: `true`, "2" or 2.0 for n is a client bug to report, not
+    # a guess to make (the video request stays lax: multipart forms send every field as a string)
     prompt: str = Field(
         ..., min_length=1, max_length=4000, description=f"What to draw. {_PROMPT_LIMIT}", examples=["a seven"]
     )
@@ -71,7 +73,7 @@ class ImageGenerationRequest(StrictBody):
         description="Model id from GET /v1/models. Default: the first image model.",
         examples=["digits-image"],
     )
-    n: int = Field(1, ge=1, le=8, description="Number of images (one job, batched).", examples=[1])
+    n: StrictInt = Field(1, ge=1, le=8, description="Number of images (one job, batched).", examples=[1])
     size: str | None = Field(
         None,
         pattern=r"^([0-9]{1,5}x[0-9]{1,5}|auto)$",
@@ -91,7 +93,7 @@ class ImageGenerationRequest(StrictBody):
     style: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     background: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     moderation: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
-    output_compression: int | None = Field(None, ge=0, le=100, description="Accepted; ignored.")
+    output_compression: StrictInt | None = Field(None, ge=0, le=100, description="Accepted; ignored.")
     # strict: "stream": "yes" or 1 is a client bug to report, not a guess to make (the answer's
     # whole shape depends on it: server-sent events or one JSON object)
     stream: StrictBool = Field(
@@ -100,7 +102,7 @@ class ImageGenerationRequest(StrictBody):
         "images: `image_generation.partial_image` events (see partial_images), then one "
         "`image_generation.completed` with the image (n must be 1).",
     )
-    partial_images: int | None = Field(
+    partial_images: StrictInt | None = Field(
         None,
         ge=0,
         le=3,
@@ -109,8 +111,8 @@ class ImageGenerationRequest(StrictBody):
         "GET /v1/images/jobs/{id}/partials/{k} as they come.",
     )
     # LESA extensions
-    seed: int | None = _SEED
-    num_inference_steps: int | None = _STEPS
+    seed: StrictInt | None = _SEED
+    num_inference_steps: StrictInt | None = _STEPS
     guidance_scale: float | None = _GUIDANCE
     acceleration: str | None = _ACCELERATION
     method: MethodName | None = _METHOD

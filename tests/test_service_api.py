@@ -105,6 +105,9 @@ def test_url_format_and_content_endpoint(client: TestClient) -> None:
         ({"prompt": "x", "acceleration": "2x", "method": "none"}, 400, "method"),  # nor the other way round
         ({"prompt": "x", "size": "\u0661\u0666x\u0661\u0666"}, 400, "size"),  # digits, but not ASCII ones
         ({"prompt": "x", "acceleration": "5" * 5000}, 400, "acceleration"),  # not echoed back in full
+        ({"prompt": "x", "n": True}, 400, "n"),  # JSON integers are integers, not coerced
+        ({"prompt": "x", "n": "2"}, 400, "n"),
+        ({"prompt": "x", "seed": "7"}, 400, "seed"),
     ],
 )
 def test_invalid_requests_name_the_field(client: TestClient, payload: dict, status: int, param: str) -> None:
