@@ -18,12 +18,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
-from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
 from service.deps import Services, cancel, submit, unavailable
-from service.errors import ApiError
+from service.errors import ApiError, body_validation_error
 from service.queue import Job, JobSpec, JobStatus, QueueUnavailable
 from service.schemas import MAX_SEED, ImageGenerationRequest, LesaStats, MethodName, StrictBody
 from service.views import lesa_stats
@@ -133,9 +132,7 @@ async def compare(
     try:
         request = ImageGenerationRequest(**fields, output_format="png")
     except ValidationError as error:  # a bound the image request has and this body lacks: still the field's 400
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
-        ) from None
+        raise body_validation_error(error) from None
     # The engine validates it exactly like a generation request (same messages, same `param`).
     fast = engine.resolve_image(request)
     if fast.level == "none":

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
 
 class ApiError(Exception):
     def __init__(
@@ -42,3 +45,9 @@ def bad_request(message: str, param: str | None, code: str = "invalid_value") ->
 
 def not_found(message: str, param: str | None = None, code: str = "not_found") -> ApiError:
     return ApiError(404, message, param=param, code=code)
+
+
+def body_validation_error(error: ValidationError) -> RequestValidationError:
+    """A body validated by hand (a multipart form, a request built from another), as FastAPI's own
+    validation reports it: the app's handler turns it into the 400 naming the field."""
+    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)])

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from service.deps import OwnerDep, ReadyDep, get_job, submit
-from service.errors import ApiError
+from service.errors import ApiError, body_validation_error
 from service.queue import Job
 from service.routers.common import artifact_response, cancel_or_delete, job_events
 from service.schemas import DeletedObject, ErrorResponse, ListResponse, VideoCreateRequest, VideoObject
@@ -49,12 +49,7 @@ async def _parse_body(request: Request) -> VideoCreateRequest:
     try:
         return VideoCreateRequest.model_validate(data)
     except ValidationError as error:
-        # Same shape as FastAPI's own validation errors: the app's handler names the field.
-        from fastapi.exceptions import RequestValidationError
-
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
-        ) from None
+        raise body_validation_error(error) from None
 
 
 @router.post(
