@@ -151,6 +151,10 @@ class Worker:
         try:
             try:
                 await self._generate(jobs)
+            except QueueUnavailable:
+                # The queue failed, not the generation: storing a failure would fail the jobs for good
+                # (or fail too). They stay pending and are redelivered once the queue is back.
+                raise
             except Exception as error:  # noqa: BLE001
                 if len(jobs) > 1:
                     log.warning("batch of %d failed (%s); retrying job by job", len(jobs), error)
@@ -171,6 +175,8 @@ class Worker:
     async def _generate_or_fail(self, jobs: Sequence[Job]) -> None:
         try:
             await self._generate(jobs)
+        except QueueUnavailable:
+            raise  # as in process: not the jobs' failure
         except Exception as error:  # noqa: BLE001
             await self._fail(jobs, error)
 

@@ -213,3 +213,34 @@ def test_partial_images_are_kept_for_running_jobs_only() -> None:
         await q.close()
 
     run(scenario())
+
+
+def test_a_queue_outage_while_storing_a_result_leaves_the_job_pending_not_failed() -> None:
+    """Redis unreachable when the worker stores a result: the queue failed, not the generation.
+    The job must stay pending (redelivered once the queue is back), not be failed for good."""
+    from service_support import make_engine, settings
+
+    from service.metrics import Metrics
+    from service.queue import QueueUnavailable
+    from service.schemas import ImageGenerationRequest
+    from service.worker import Worker
+
+    class UnreachableOnComplete(InProcessJobQueue):
+        async def complete(self, job_id, result, artifacts):  # noqa: ANN001, ANN201
+            raise QueueUnavailable("job queue unreachable (test)")
+
+    async def scenario() -> None:
+        queue = UnreachableOnComplete()
+        engine = make_engine(settings())
+        metrics = Metrics()
+        worker = Worker(queue, engine, metrics, claim_timeout_s=0.1)
+        for n in (1, 2):  # one job, and a batch of two (which retries job by job on a failure)
+            jobs = [await queue.submit(engine.resolve_image(ImageGenerationRequest(prompt=f"a {i}"))) for i in range(n)]
+            with pytest.raises(QueueUnavailable):
+                await worker.run_once()
+            for job in jobs:
+                assert (await queue.get(job.id)).status == JobStatus.in_progress
+        assert metrics.registry.get_sample_value("lesa_jobs_total", {"model": "fake-image", "status": "failed"}) is None
+        assert metrics.registry.get_sample_value("lesa_errors_total", {"type": "generation_failed"}) is None
+
+    run(scenario())
