@@ -207,6 +207,21 @@ end
 return kept
 """
 
+_RELEASE = """
+-- Make entries this worker still owns idle past the visibility timeout, so another worker takes
+-- them now; never one another worker has reclaimed since (it runs it). KEYS: stream;
+-- ARGV: group, worker, idle ms, entry...
+local released = 0
+for i = 4, #ARGV do
+  local owned = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #owned > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    released = released + 1
+  end
+end
+return released
+"""
+
 _PROGRESS = """
 -- KEYS: job; ARGV: progress. Forward only, running jobs only.
 if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
@@ -405,6 +420,7 @@ class RedisJobQueue(JobQueue):
         self._submit = self._redis.register_script(_SUBMIT)
         self._start = self._redis.register_script(_START)
         self._heartbeat = self._redis.register_script(_HEARTBEAT)
+        self._release = self._redis.register_script(_RELEASE)
         self._progress = self._redis.register_script(_PROGRESS)
         self._finish = self._redis.register_script(_FINISH)
         self._cancel = self._redis.register_script(_CANCEL)
@@ -1062,14 +1078,9 @@ class RedisJobQueue(JobQueue):
         carry = self._carry.pop(worker_id, [])
         try:
             if carry:
-                await self._redis.xclaim(
-                    self.stream,
-                    self.group,
-                    worker_id,
-                    0,
-                    [e.entry_id for e in carry],
-                    idle=int(self.visibility_timeout_s * 1000) + 1000,
-                    justid=True,
+                idle_ms = int(self.visibility_timeout_s * 1000) + 1000
+                await self._release(
+                    keys=[self.stream], args=[self.group, worker_id, idle_ms, *(e.entry_id for e in carry)]
                 )
             await self._redis.zrem(self.k_workers, worker_id)
         except (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError):

@@ -124,6 +124,12 @@ def test_heartbeat_keeps_a_slow_job_and_a_reclaimed_entry_is_never_started_twice
             await q.set_progress(a.id, 10 * (step + 1))
         (stolen,) = await q.claim_batch("w2", max_batch=2, max_wait_ms=0, timeout_s=1)
         assert stolen.id == b.id and stolen.worker_id == "w2"
+        # w1 stopping hands back its carry-over, but never `b`, which w2 reclaimed and runs (it used to
+        # make `b` idle again: a third worker started it a second time)
+        await q.release("w1")
+        assert await q.claim_batch("w3", max_batch=2, max_wait_ms=0, timeout_s=0.05) == []
+        assert (await q.get(b.id)).attempts == 1
+        await q.set_progress(b.id, 10)  # w2 is working on it (its heartbeat), as below
         await q.complete(a.id, result("a"), {})
         assert await q.claim_batch("w1", max_batch=2, max_wait_ms=0, timeout_s=0.2) == []
         assert (await q.get(b.id)).attempts == 1
