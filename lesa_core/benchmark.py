@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lesa_core.cli import MAX_SEED
 from lesa_core.hooks import CacheConfig
 from lesa_core.levels import LEVELS, level_schedule
 from lesa_core.predictor import BundleError, StagePredictor
@@ -245,7 +246,6 @@ def default_prompts(kind: str, count: int) -> list[str]:
     return prompts
 
 
-MAX_SEED = 2**31 - 1  # what every sampler of the project accepts
 MAX_SEED_COUNT = 100_000  # days of benchmarking on a CPU; more is a typo
 
 

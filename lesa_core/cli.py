@@ -95,11 +95,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+MAX_SEED = 2**31 - 1  # what every sampler of the project accepts (--seed here, --seeds lists in benchmark)
+
+
 def seed_int(text: str) -> int:
-    """argparse type: a seed every sampler of the project accepts, 0 .. 2**31 - 1."""
+    """argparse type: a seed every sampler of the project accepts, 0 .. MAX_SEED."""
     value = int(text)
-    if not 0 <= value <= 2**31 - 1:
-        raise argparse.ArgumentTypeError(f"must be 0 .. {2**31 - 1}, got {value}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be 0 .. {MAX_SEED}, got {value}")
     return value
 
 
