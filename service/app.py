@@ -89,7 +89,7 @@ async def _start(services: Services, run_worker: bool) -> None:
         services.worker = Worker(
             services.queue, services.engine, services.metrics,
             max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, worker_id="embedded",
-            shadow_fraction=settings.shadow_fraction,
+            shadow_fraction=settings.shadow_fraction, models=list(services.engine.models),
         )  # fmt: skip
         services.background.append(asyncio.create_task(services.worker.run(), name="lesa-worker"))
     services.metrics.ready.set(1)

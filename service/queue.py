@@ -44,7 +44,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -248,12 +248,22 @@ class JobQueue(abc.ABC):
     # ---- worker side ----------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def claim_batch(self, worker_id: str, *, max_batch: int, max_wait_ms: float, timeout_s: float) -> list[Job]:
+    async def claim_batch(
+        self,
+        worker_id: str,
+        *,
+        max_batch: int,
+        max_wait_ms: float,
+        timeout_s: float,
+        models: Collection[str] | None = None,
+    ) -> list[Job]:
         """Claim the oldest queued job plus compatible ones (same `JobSpec.batch_key()`).
 
         Waits up to `timeout_s` for a first job (returns [] if none came), then up to
         `max_wait_ms` more for compatible jobs while the batch holds fewer than `max_batch`
-        samples. Claimed jobs are `in_progress` with `started_at`, `worker_id` set.
+        samples. Claimed jobs are `in_progress` with `started_at`, `worker_id` set. With `models`,
+        only jobs for those models (what this worker has loaded); the others stay for workers that
+        serve them.
 
         May be cancelled (a worker shutting down while idle): a cancelled claim must not lose
         jobs it had already taken (give them back, or leave them for redelivery).
@@ -466,6 +476,9 @@ class InProcessJobQueue(JobQueue):
 
     # ---- worker side ----------------------------------------------------------------------
 
+    def _first_pending(self, models: Collection[str] | None) -> str | None:
+        return next((j for j in self._pending if models is None or self._jobs[j].spec.model in models), None)
+
     async def _wait_arrival(self, timeout_s: float) -> None:
         self._arrival.clear()
         try:
@@ -473,15 +486,24 @@ class InProcessJobQueue(JobQueue):
         except TimeoutError:
             pass
 
-    async def claim_batch(self, worker_id: str, *, max_batch: int, max_wait_ms: float, timeout_s: float) -> list[Job]:
+    async def claim_batch(
+        self,
+        worker_id: str,
+        *,
+        max_batch: int,
+        max_wait_ms: float,
+        timeout_s: float,
+        models: Collection[str] | None = None,
+    ) -> list[Job]:
         deadline = time.monotonic() + timeout_s
-        while not self._pending:
+        while (head_id := self._first_pending(models)) is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
             await self._wait_arrival(remaining)
 
-        head = self._jobs[self._pending.popleft()]
+        self._pending.remove(head_id)
+        head = self._jobs[head_id]
         batch, samples, key = [head], head.spec.n, head.spec.batch_key()
 
         def take_compatible() -> None:

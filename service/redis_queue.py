@@ -3,12 +3,16 @@
 Layout (every key starts with `prefix`, default `lesa`, so several deployments or test runs can
 share one Redis):
 
-* `<p>:jobs` — the stream. One entry per job (`id=<job id>`), consumed by the group
-  `<p>-workers` (`XREADGROUP`). An entry stays in the group's pending list (PEL) from delivery
-  until the job's result is stored; results and `XACK` are written by one Lua script, so a job is
-  acknowledged exactly when its result exists.
+* `<p>:jobs:<model>` — one stream per model. One entry per job (`id=<job id>`), consumed by the
+  group `<p>-workers` (`XREADGROUP`). A worker reads only the streams of the models it has loaded,
+  so pools that serve different models (one model per GPU) share one Redis without taking each
+  other's jobs, and each model's lag is its own autoscaling signal. An entry stays in the group's
+  pending list (PEL) from delivery until the job's result is stored; results and `XACK` are
+  written by one Lua script, so a job is acknowledged exactly when its result exists.
+* `<p>:models` — set of the models that have a stream (what a worker without a model list, the
+  metrics and the housekeeping walk).
 * `<p>:job:<id>` — hash with the job record (spec JSON, status, progress, timestamps, attempts,
-  error/result JSON, stream entry id). Unfinished jobs live `job_ttl_s`; finished ones until
+  error/result JSON, stream and entry id). Unfinished jobs live `job_ttl_s`; finished ones until
   `expires_at` (`result_ttl_s`).
 * `<p>:partial:<id>` — partial images of a streamed job while it runs (index -> bytes; the job
   hash counts them in `partials`), expiring with the job.
@@ -54,7 +58,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
@@ -95,7 +99,7 @@ class RedisQueueSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LESA_", env_file=".env", extra="ignore")
 
     redis_url: str | None = Field(None, description="redis://host:port/db; unset = in-process queue")
-    redis_prefix: str = Field("lesa", description="key prefix; stream `<p>:jobs`, group `<p>-workers`")
+    redis_prefix: str = Field("lesa", description="key prefix; streams `<p>:jobs:<model>`, group `<p>-workers`")
     redis_output_dir: Path = Field(
         Path("outputs/redis"), description="shared directory for outputs above redis_inline_max_bytes"
     )
@@ -124,8 +128,8 @@ class RedisQueueSettings(BaseSettings):
 # Status strings are compared literally; keep in sync with JobStatus.
 
 _SUBMIT = """
--- KEYS: job, stream, queued, index, kind index, idempotency key
--- ARGV: id, spec, created_at, idempotency key ('' = none), max_backlog, job_ttl_s, job key prefix
+-- KEYS: job, stream (the model's), queued, index, kind index, idempotency key, models set
+-- ARGV: id, spec, created_at, idempotency key ('' = none), max_backlog, job_ttl_s, job key prefix, model
 if ARGV[4] ~= '' then
   local existing = redis.call('GET', KEYS[6])
   if existing and redis.call('EXISTS', ARGV[7] .. existing) == 1 then
@@ -138,7 +142,8 @@ if depth >= tonumber(ARGV[5]) then
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'status', 'queued', 'progress', '0', 'created_at', ARGV[3],
-  'attempts', '0', 'entry', entry, 'idem', ARGV[4])
+  'attempts', '0', 'stream', KEYS[2], 'entry', entry, 'idem', ARGV[4])
+redis.call('SADD', KEYS[7], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
@@ -244,13 +249,13 @@ return 1
 _FINISH = """
 -- Store a result (or error), mark terminal and acknowledge, atomically. A job that is already
 -- terminal (cancelled, or finished by another delivery) is only acknowledged: first writer wins.
--- KEYS: job, stream, art, files, stats, queued, partial
+-- KEYS: job, art, files, stats, queued, partial (the stream is the one the job hash names)
 -- ARGV: id, group, status, payload json, now, result_ttl_s, events channel, n_inline,
 --       name, bytes, ..., n_files, name, path, ...
-local entry = redis.call('HGET', KEYS[1], 'entry')
-if entry then
-  redis.call('XACK', KEYS[2], ARGV[2], entry)
-  redis.call('XDEL', KEYS[2], entry)
+local stream, entry = unpack(redis.call('HMGET', KEYS[1], 'stream', 'entry'))
+if stream and entry then
+  redis.call('XACK', stream, ARGV[2], entry)
+  redis.call('XDEL', stream, entry)
 end
 local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or status == 'completed' or status == 'failed' or status == 'cancelled' then
@@ -267,28 +272,28 @@ end
 local i = 9
 local n_inline = tonumber(ARGV[8])
 for _ = 1, n_inline do
-  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
 local n_files = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, n_files do
-  redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
-if n_inline > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
-if n_files > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
-redis.call('PEXPIRE', KEYS[7], ttl)
+if n_inline > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+if n_files > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+redis.call('PEXPIRE', KEYS[6], ttl)
 local idem = redis.call('HGET', KEYS[1], 'idem')
 if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
-redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
 -- Smoothed seconds per job (start to finish), for the Retry-After estimate.
 local started = tonumber(redis.call('HGET', KEYS[1], 'started_at') or '')
 if started then
   local d = now - started
-  local old = tonumber(redis.call('HGET', KEYS[5], 'job_s') or tostring(d))
-  redis.call('HSET', KEYS[5], 'job_s', tostring(0.8 * old + 0.2 * d))
+  local old = tonumber(redis.call('HGET', KEYS[4], 'job_s') or tostring(d))
+  redis.call('HSET', KEYS[4], 'job_s', tostring(0.8 * old + 0.2 * d))
 end
 redis.call('PUBLISH', ARGV[7], ARGV[1])
 return 1
@@ -337,9 +342,28 @@ def _translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]
 class _Entry:
     """A stream entry this worker has been delivered but not started yet."""
 
+    stream: str
     entry_id: str
     job_id: str
     spec: JobSpec
+
+
+@dataclass
+class _Active:
+    """A job this worker started: where its entry is, and when its delivery was last kept alive."""
+
+    consumer: str
+    stream: str
+    entry_id: str
+    heartbeat: float
+
+
+def _by_stream(entries: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """(stream, entry id) pairs -> entry ids per stream (stream commands take one stream each)."""
+    out: dict[str, list[str]] = {}
+    for stream, entry_id in entries:
+        out.setdefault(stream, []).append(entry_id)
+    return out
 
 
 def _s(value: bytes | None) -> str | None:
@@ -410,8 +434,8 @@ class RedisJobQueue(JobQueue):
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
             health_check_interval=15,
         )
-        self.stream = f"{prefix}:jobs"
         self.group = f"{prefix}-workers"
+        self.k_models = f"{prefix}:models"
         self.k_queued = f"{prefix}:queued"
         self.k_index = f"{prefix}:index"
         self.k_workers = f"{prefix}:workers"
@@ -431,9 +455,9 @@ class RedisJobQueue(JobQueue):
         # ownership checks that prevent double starts could not tell them apart.
         self._instance = secrets.token_hex(3)
         self.draining = False  # set on shutdown: claim_batch stops taking work
-        self._group_ready = False
+        self._groups_ready: set[str] = set()  # streams whose consumer group this instance has made sure of
         self._carry: dict[str, list[_Entry]] = {}  # worker id -> delivered, not started
-        self._active: dict[str, tuple[str, str, float]] = {}  # job id -> (worker, entry, last heartbeat)
+        self._active: dict[str, _Active] = {}  # job id -> its delivery
         self._last_reclaim = 0.0
         self._last_batch: dict[str, int] = {}  # consumer -> jobs in its previous batch
         self._last_seen: dict[str, float] = {}  # consumer -> last heartbeat written to <p>:workers
@@ -474,6 +498,10 @@ class RedisJobQueue(JobQueue):
 
     # ---- keys -------------------------------------------------------------------------------
 
+    def stream_for(self, model: str) -> str:
+        """The stream that holds `model`'s jobs (KEDA's `stream` for that model's worker pool)."""
+        return f"{self.prefix}:jobs:{model}"
+
     def _k_job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
@@ -492,27 +520,32 @@ class RedisJobQueue(JobQueue):
 
     # ---- helpers ----------------------------------------------------------------------------
 
-    async def _ensure_group(self, *, force: bool = False) -> None:
-        if self._group_ready and not force:
-            return
-        try:
-            # From id 0: entries added before any worker existed are delivered too.
-            await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
-        self._group_ready = True
+    async def _ensure_groups(self, streams: Iterable[str], *, force: bool = False) -> None:
+        for stream in streams:
+            if stream in self._groups_ready and not force:
+                continue
+            try:
+                # From id 0: entries added before any worker existed are delivered too.
+                await self._redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
+            self._groups_ready.add(stream)
 
-    async def _with_group(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Run a stream command; if Redis lost the group (restart without persistence), recreate it."""
-        await self._ensure_group()
+    async def _with_groups(self, streams: Collection[str], call: Callable[[], Awaitable[T]]) -> T:
+        """Run a stream command; if Redis lost a group (restart without persistence), recreate it."""
+        await self._ensure_groups(streams)
         try:
             return await call()
         except ResponseError as error:
             if "NOGROUP" not in str(error):
                 raise
-            await self._ensure_group(force=True)
+            await self._ensure_groups(streams, force=True)
             return await call()
+
+    async def _models(self) -> list[str]:
+        """Every model that has a stream (jobs were submitted for it), sorted."""
+        return sorted(m.decode() for m in await self._redis.smembers(self.k_models))
 
     def _job_from_hash(self, job_id: str, h: dict[bytes, bytes]) -> Job | None:
         if not h or b"spec" not in h:
@@ -570,31 +603,35 @@ class RedisJobQueue(JobQueue):
         with autoscaling the list would grow without end. Only consumers with nothing pending and
         idle for `idle_s` (default an hour; a live worker reads every second) are deleted: deleting
         one with pending entries would drop them from re-delivery. Runs with the API's housekeeping."""
-        try:
-            consumers = await self._redis.xinfo_consumers(self.stream, self.group)
-        except ResponseError:  # no group yet
-            return
         stale_ms = (max(3600.0, 10 * self.visibility_timeout_s) if idle_s is None else idle_s) * 1000
-        for consumer in consumers:
-            if int(consumer["pending"]) == 0 and int(consumer["idle"]) > stale_ms:
-                await self._redis.xgroup_delconsumer(self.stream, self.group, consumer["name"])
+        for model in await self._models():
+            stream = self.stream_for(model)
+            try:
+                consumers = await self._redis.xinfo_consumers(stream, self.group)
+            except ResponseError:  # no group yet
+                continue
+            for consumer in consumers:
+                if int(consumer["pending"]) == 0 and int(consumer["idle"]) > stale_ms:
+                    await self._redis.xgroup_delconsumer(stream, self.group, consumer["name"])
 
     # ---- API side ---------------------------------------------------------------------------
 
     @_translate_errors
     async def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> Job:
-        await self._ensure_group()
+        stream = self.stream_for(spec.model)
+        await self._ensure_groups([stream])
         job_id = new_job_id()
         created_at = time.time()
         idem_key = self._k_idem(idempotency_key) if idempotency_key is not None else f"{self.prefix}:idem:-"
         kind, value = await self._submit(
             keys=[
                 self._k_job(job_id),
-                self.stream,
+                stream,
                 self.k_queued,
                 self.k_index,
                 f"{self.k_index}:{spec.kind}",
                 idem_key,
+                self.k_models,
             ],
             args=[
                 job_id,
@@ -604,6 +641,7 @@ class RedisJobQueue(JobQueue):
                 self.max_backlog,
                 math.ceil(self.job_ttl_s),
                 f"{self.prefix}:job:",
+                spec.model,
             ],
         )
         kind = kind.decode()
@@ -777,23 +815,28 @@ class RedisJobQueue(JobQueue):
     @_translate_errors
     async def ping(self) -> None:
         await self._redis.ping()
-        await self._ensure_group()
 
     @_translate_errors
-    async def stream_stats(self) -> dict[str, int | None]:
-        """The consumer group's `pending` (delivered, not yet acknowledged) and `lag` (not yet
-        delivered to any worker: KEDA's scaling signal; None when Redis cannot tell)."""
-        try:
-            groups = await self._redis.xinfo_groups(self.stream)
-        except ResponseError as error:
-            if "no such key" not in str(error).lower():
-                raise
-            self._group_ready = False  # Redis lost the stream (restart without persistence)
-            return {"pending": 0, "lag": 0}
-        for group in groups:
-            if _s(group["name"]) == self.group:
-                return {"pending": int(group["pending"]), "lag": group.get("lag")}
-        return {"pending": 0, "lag": None}
+    async def stream_stats(self, models: Collection[str] | None = None) -> dict[str, dict[str, int | None]]:
+        """Per model (default: every model with a stream): the consumer group's `pending`
+        (delivered, not yet acknowledged) and `lag` (not yet delivered to any worker: KEDA's
+        scaling signal; None when Redis cannot tell)."""
+        stats: dict[str, dict[str, int | None]] = {}
+        for model in sorted(models) if models is not None else await self._models():
+            stream = self.stream_for(model)
+            stats[model] = {"pending": 0, "lag": None}
+            try:
+                groups = await self._redis.xinfo_groups(stream)
+            except ResponseError as error:
+                if "no such key" not in str(error).lower():
+                    raise
+                self._groups_ready.discard(stream)  # Redis lost the stream (restart without persistence)
+                stats[model]["lag"] = 0
+                continue
+            for group in groups:
+                if _s(group["name"]) == self.group:
+                    stats[model] = {"pending": int(group["pending"]), "lag": group.get("lag")}
+        return stats
 
     async def live_workers(self, within_s: float = 30.0) -> int:
         """Workers that heartbeated within `within_s` (they do so on every claim loop turn)."""
@@ -805,89 +848,114 @@ class RedisJobQueue(JobQueue):
         """The stream consumer name used for `worker_id` by this queue instance."""
         return f"{worker_id}@{self._instance}"
 
-    def _deliveries(self, raw: Any) -> list[tuple[str, str]]:
-        """(entry id, job id) pairs from an XREADGROUP / XAUTOCLAIM reply."""
-        out: list[tuple[str, str]] = []
+    def _deliveries(self, stream: str, raw: Any) -> list[tuple[str, str, str]]:
+        """(stream, entry id, job id) triples from an XREADGROUP / XAUTOCLAIM reply."""
+        out: list[tuple[str, str, str]] = []
         for entry_id, fields in raw or []:
             if fields is None:
                 continue  # entry deleted after delivery (Redis < 7 reports it like this)
             job_id = fields.get(b"id")
             if job_id is not None:
-                out.append((entry_id.decode(), job_id.decode()))
+                out.append((stream, entry_id.decode(), job_id.decode()))
         return out
 
-    async def _load(self, carry: list[_Entry], delivered: list[tuple[str, str]]) -> int:
+    async def _load(self, carry: list[_Entry], delivered: list[tuple[str, str, str]]) -> int:
         """Append delivered entries to the carry-over; acknowledge ones with nothing left to do."""
         if not delivered:
             return 0
         async with self._redis.pipeline(transaction=False) as pipe:
-            for _, job_id in delivered:
+            for _, _, job_id in delivered:
                 pipe.hmget(self._k_job(job_id), "spec", "status")
             rows = await pipe.execute()
         added = 0
-        dead: list[tuple[str, str]] = []
-        known = {e.entry_id for e in carry}
-        for (entry_id, job_id), (spec, status) in zip(delivered, rows, strict=True):
+        dead: list[tuple[str, str, str]] = []
+        known = {(e.stream, e.entry_id) for e in carry}
+        for (stream, entry_id, job_id), (spec, status) in zip(delivered, rows, strict=True):
             if spec is None or (status is not None and status.decode() in TERMINAL):
-                dead.append((entry_id, job_id))  # expired, deleted or cancelled while queued
-            elif entry_id not in known:
-                carry.append(_Entry(entry_id, job_id, JobSpec.model_validate_json(spec)))
+                dead.append((stream, entry_id, job_id))  # expired, deleted or cancelled while queued
+            elif (stream, entry_id) not in known:
+                carry.append(_Entry(stream, entry_id, job_id, JobSpec.model_validate_json(spec)))
                 added += 1
         if dead:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xack(self.stream, self.group, *[e for e, _ in dead])
-                pipe.xdel(self.stream, *[e for e, _ in dead])
-                pipe.zrem(self.k_queued, *[j for _, j in dead])
+                for stream, entry_ids in _by_stream((s, e) for s, e, _ in dead).items():
+                    pipe.xack(stream, self.group, *entry_ids)
+                    pipe.xdel(stream, *entry_ids)
+                pipe.zrem(self.k_queued, *[j for _, _, j in dead])
                 await pipe.execute()
         return added
 
-    async def _read_new(self, worker_id: str, carry: list[_Entry], count: int, block_s: float | None) -> int:
+    async def _read_new(
+        self, consumer: str, streams: list[str], carry: list[_Entry], count: int, block_s: float | None
+    ) -> int:
+        if not streams:  # no model has a stream yet: nothing to block on in Redis
+            if block_s:
+                await asyncio.sleep(block_s)
+            return 0
         block_ms = None if block_s is None or block_s < 0.001 else max(1, int(block_s * 1000))
-        raw = await self._with_group(
-            lambda: self._redis.xreadgroup(self.group, worker_id, {self.stream: ">"}, count=count, block=block_ms)
+        raw = await self._with_groups(
+            streams,
+            lambda: self._redis.xreadgroup(
+                self.group, consumer, dict.fromkeys(streams, ">"), count=count, block=block_ms
+            ),
         )
-        delivered: list[tuple[str, str]] = []
-        for _stream, entries in raw or []:
-            delivered += self._deliveries(entries)
+        delivered: list[tuple[str, str, str]] = []
+        for stream, entries in raw or []:
+            delivered += self._deliveries(stream.decode() if isinstance(stream, bytes) else stream, entries)
         return await self._load(carry, delivered)
 
-    async def _reclaim(self, worker_id: str, carry: list[_Entry], limit: int) -> None:
+    async def _reclaim(self, consumer: str, streams: list[str], carry: list[_Entry], limit: int) -> None:
         """Take over entries whose worker stopped heartbeating (at most every visibility/4 s)."""
         now = time.monotonic()
         if now - self._last_reclaim < min(5.0, self.visibility_timeout_s / 4):
             return
         self._last_reclaim = now
-        start = "0-0"
-        delivered: list[tuple[str, str]] = []
-        while len(delivered) < limit:
-            reply = await self._with_group(
-                lambda s=start: self._redis.xautoclaim(
-                    self.stream,
-                    self.group,
-                    worker_id,
-                    min_idle_time=int(self.visibility_timeout_s * 1000),
-                    start_id=s,
-                    count=limit,
+        delivered: list[tuple[str, str, str]] = []
+        for stream in streams:
+            start = "0-0"
+            while len(delivered) < limit:
+                reply = await self._with_groups(
+                    [stream],
+                    lambda s=start, stream=stream: self._redis.xautoclaim(
+                        stream,
+                        self.group,
+                        consumer,
+                        min_idle_time=int(self.visibility_timeout_s * 1000),
+                        start_id=s,
+                        count=limit,
+                    ),
                 )
-            )
-            next_start, entries = reply[0], reply[1]
-            delivered += self._deliveries(entries)
-            start = next_start.decode() if isinstance(next_start, bytes) else str(next_start)
-            if start == "0-0":
-                break
+                next_start, entries = reply[0], reply[1]
+                delivered += self._deliveries(stream, entries)
+                start = next_start.decode() if isinstance(next_start, bytes) else str(next_start)
+                if start == "0-0":
+                    break
         if delivered:
             # Older than anything unread: they go first.
             before = len(carry)
             await self._load(carry, delivered)
             carry[:] = carry[before:] + carry[:before]
 
+    async def _streams(self, models: Collection[str] | None) -> list[str]:
+        """The streams a worker for `models` reads (None: every model's, for single-pool setups)."""
+        return [self.stream_for(m) for m in (sorted(models) if models is not None else await self._models())]
+
     @_translate_errors
-    async def claim_batch(self, worker_id: str, *, max_batch: int, max_wait_ms: float, timeout_s: float) -> list[Job]:
+    async def claim_batch(
+        self,
+        worker_id: str,
+        *,
+        max_batch: int,
+        max_wait_ms: float,
+        timeout_s: float,
+        models: Collection[str] | None = None,
+    ) -> list[Job]:
         display_id = worker_id
         worker_id = self.consumer(worker_id)
         await self._settle(worker_id)
         carry = self._carry.setdefault(worker_id, [])
         deadline = time.monotonic() + timeout_s
+        streams = await self._streams(models)
         while True:
             if self.draining:
                 await self.release(worker_id, consumer=True)
@@ -896,13 +964,15 @@ class RedisJobQueue(JobQueue):
             if now - self._last_seen.get(worker_id, 0.0) >= 1.0:  # liveness for Retry-After; 1/s is plenty
                 await self._redis.zadd(self.k_workers, {worker_id: now})
                 self._last_seen[worker_id] = now
-            await self._reclaim(worker_id, carry, limit=max_batch)
+                if models is None:  # jobs for a model never seen before may have arrived
+                    streams = await self._streams(None)
+            await self._reclaim(worker_id, streams, carry, limit=max_batch)
             if not carry:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
                 # Block in slices of <= 1 s so reclaim and the worker heartbeat keep running.
-                await self._read_new(worker_id, carry, count=max_batch, block_s=min(remaining, 1.0))
+                await self._read_new(worker_id, streams, carry, count=max_batch, block_s=min(remaining, 1.0))
                 await self._housekeeping()
                 continue
 
@@ -914,8 +984,9 @@ class RedisJobQueue(JobQueue):
             samples = _take_compatible(carry, chosen, key, samples, max_batch)
             # Entries already in the stream join for free (one non-blocking read), within room and
             # without hoarding: the carry-over is bounded by max_batch, others may run the rest.
+            # Only the head's stream: compatible jobs share its model.
             if samples < max_batch and len(carry) - len(chosen) < max_batch:
-                await self._read_new(worker_id, carry, count=max_batch - samples, block_s=None)
+                await self._read_new(worker_id, [head.stream], carry, count=max_batch - samples, block_s=None)
                 samples = _take_compatible(carry, chosen, key, samples, max_batch)
             # The max_wait_ms window opens only when there is concurrency to exploit (as the
             # in-process queue does): this consumer's previous batch held several jobs, or other
@@ -926,7 +997,7 @@ class RedisJobQueue(JobQueue):
                 remaining = wait_until - time.monotonic()
                 if remaining <= 0:
                     break
-                await self._read_new(worker_id, carry, count=max_batch - samples, block_s=remaining)
+                await self._read_new(worker_id, [head.stream], carry, count=max_batch - samples, block_s=remaining)
                 samples = _take_compatible(carry, chosen, key, samples, max_batch)
 
             if self.draining:
@@ -935,7 +1006,7 @@ class RedisJobQueue(JobQueue):
             for entry in chosen:
                 carry.remove(entry)
                 outcome = await self._start(
-                    keys=[self._k_job(entry.job_id), self.stream, self.k_queued, self._k_partial(entry.job_id)],
+                    keys=[self._k_job(entry.job_id), entry.stream, self.k_queued, self._k_partial(entry.job_id)],
                     args=[
                         entry.job_id,
                         entry.entry_id,
@@ -951,7 +1022,7 @@ class RedisJobQueue(JobQueue):
                 )
                 if outcome == b"ok":
                     started.append(entry.job_id)
-                    self._active[entry.job_id] = (worker_id, entry.entry_id, time.monotonic())
+                    self._active[entry.job_id] = _Active(worker_id, entry.stream, entry.entry_id, time.monotonic())
                 elif outcome == b"dead" and self.on_gave_up is not None:  # failed by the script just now
                     gave_up = await self.get(entry.job_id)
                     if gave_up is not None:
@@ -968,12 +1039,11 @@ class RedisJobQueue(JobQueue):
         await self._progress(keys=[self._k_job(job_id)], args=[min(100, max(0, int(progress)))])
         active = self._active.get(job_id)
         if active is not None:
-            worker_id, entry_id, last = active
             now = time.monotonic()
-            if now - last >= self.visibility_timeout_s / 4:
+            if now - active.heartbeat >= self.visibility_timeout_s / 4:
                 # Proof of life for this delivery: keeps other workers from reclaiming it.
-                await self._heartbeat(keys=[self.stream], args=[self.group, worker_id, entry_id])
-                self._active[job_id] = (worker_id, entry_id, now)
+                await self._heartbeat(keys=[active.stream], args=[self.group, active.consumer, active.entry_id])
+                active.heartbeat = now
 
     @_translate_errors
     async def add_partial(self, job_id: str, index: int, data: bytes) -> None:
@@ -1024,7 +1094,6 @@ class RedisJobQueue(JobQueue):
         stored = await self._finish(
             keys=[
                 self._k_job(job_id),
-                self.stream,
                 self._k_art(job_id),
                 self._k_files(job_id),
                 self.k_stats,
@@ -1053,17 +1122,19 @@ class RedisJobQueue(JobQueue):
         drops the outputs), so its entry would sit in the PEL until some worker reclaims it. By
         the time the same consumer claims again, that batch is over: acknowledge what is terminal.
         """
-        leftovers = [(j, e) for j, (c, e, _) in self._active.items() if c == consumer]
+        leftovers = [(j, a) for j, a in self._active.items() if a.consumer == consumer]
         if not leftovers:
             return
         for job_id, _ in leftovers:
             del self._active[job_id]
         statuses = await self._get_many([j for j, _ in leftovers])
-        done = [e for (_, e), job in zip(leftovers, statuses, strict=True) if job is None or job.status.terminal]
+        done = [(a.stream, a.entry_id) for (_, a), job in zip(leftovers, statuses, strict=True)
+                if job is None or job.status.terminal]  # fmt: skip
         if done:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xack(self.stream, self.group, *done)
-                pipe.xdel(self.stream, *done)
+                for stream, entry_ids in _by_stream(done).items():
+                    pipe.xack(stream, self.group, *entry_ids)
+                    pipe.xdel(stream, *entry_ids)
                 await pipe.execute()
 
     async def release(self, worker_id: str, *, consumer: bool = False) -> None:
@@ -1077,11 +1148,9 @@ class RedisJobQueue(JobQueue):
             worker_id = self.consumer(worker_id)
         carry = self._carry.pop(worker_id, [])
         try:
-            if carry:
-                idle_ms = int(self.visibility_timeout_s * 1000) + 1000
-                await self._release(
-                    keys=[self.stream], args=[self.group, worker_id, idle_ms, *(e.entry_id for e in carry)]
-                )
+            idle_ms = int(self.visibility_timeout_s * 1000) + 1000
+            for stream, entry_ids in _by_stream((e.stream, e.entry_id) for e in carry).items():
+                await self._release(keys=[stream], args=[self.group, worker_id, idle_ms, *entry_ids])
             await self._redis.zrem(self.k_workers, worker_id)
         except (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError):
             pass  # Redis is gone: the entries come back after the visibility timeout anyway

@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -64,7 +64,10 @@ class Worker:
         worker_id: str | None = None,
         claim_timeout_s: float = 1.0,
         shadow_fraction: float = 0.0,
+        models: Collection[str] | None = None,
     ) -> None:
+        """`models`: the models this worker can run (the engine's); it claims only their jobs, so
+        pools serving different models can share one queue. None: any job (single-pool tests)."""
         self.queue = queue
         self.engine = engine
         self.metrics = metrics
@@ -74,6 +77,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.claim_timeout_s = claim_timeout_s
         self.shadow_fraction = shadow_fraction
+        self.models = sorted(models) if models is not None else None
         self._shadows: deque[tuple[str, JobSpec, Any]] = deque()  # (job id, spec, its samples)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lesa-gen")
         self._stopping = asyncio.Event()
@@ -91,8 +95,9 @@ class Worker:
             self._claim_task.cancel()
 
     async def run(self) -> None:
-        log.info("worker %s: max_batch=%d max_wait_ms=%g shadow_fraction=%g", self.worker_id, self.max_batch,
-                 self.max_wait_ms, self.shadow_fraction)  # fmt: skip
+        log.info("worker %s: models=%s max_batch=%d max_wait_ms=%g shadow_fraction=%g", self.worker_id,
+                 ",".join(self.models) if self.models is not None else "any", self.max_batch, self.max_wait_ms,
+                 self.shadow_fraction)  # fmt: skip
         for model, level, method, psnr in self.engine.quality_cards():
             self.metrics.card_psnr.labels(model, level, method).set(psnr)
         down_since: float | None = None  # the queue backend's current outage, if any
@@ -122,7 +127,11 @@ class Worker:
         timeout_s = min(self.claim_timeout_s, SHADOW_IDLE_S) if self._shadows else self.claim_timeout_s
         self._claim_task = asyncio.create_task(
             self.queue.claim_batch(
-                self.worker_id, max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, timeout_s=timeout_s
+                self.worker_id,
+                max_batch=self.max_batch,
+                max_wait_ms=self.max_wait_ms,
+                timeout_s=timeout_s,
+                models=self.models,
             )
         )
         try:

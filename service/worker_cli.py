@@ -9,7 +9,7 @@ up, then runs `service.worker.Worker` against `RedisJobQueue`. It serves its own
 endpoint (`LESA_WORKER_METRICS_PORT`, default 9101) for Prometheus and for orchestrator probes:
 
 * `/metrics`  the worker's `lesa_*` metrics (generation time, batch size, steps, speed-up, ...)
-  plus `lesa_workers_ready` and the stream's `lesa_queue_stream_lag` / `lesa_queue_stream_pending`;
+  plus `lesa_workers_ready` and, per model's stream, `lesa_queue_stream_lag` / `lesa_queue_stream_pending`;
 * `/healthz`  200 while the event loop is alive (a hung loop answers 503, so a liveness probe
   restarts the process; its jobs are then reclaimed by other workers);
 * `/readyz`   200 once models are loaded and Redis answers.
@@ -63,12 +63,14 @@ class WorkerProbe:
         # the queue depth when deciding how many workers to run.
         self.stream_lag = Gauge(
             "lesa_queue_stream_lag",
-            "stream entries not yet delivered to any worker (consumer-group lag; KEDA scales on it)",
+            "a model's stream entries not yet delivered to any worker (consumer-group lag; KEDA scales on it)",
+            ["model"],
             registry=metrics.registry,
         )
         self.stream_pending = Gauge(
             "lesa_queue_stream_pending",
-            "jobs delivered to workers and not yet acknowledged (running, held, or awaiting reclaim)",
+            "a model's jobs delivered to workers and not yet acknowledged (running, held, or awaiting reclaim)",
+            ["model"],
             registry=metrics.registry,
         )
         # Read at scrape time, so /metrics never lags behind /readyz.
@@ -134,10 +136,10 @@ async def _watch(queue: RedisJobQueue, probe: WorkerProbe, stop: asyncio.Event) 
         try:
             await queue.ping()
             probe.metrics.queue_depth.set(await queue.depth())
-            stats = await queue.stream_stats()
-            probe.stream_pending.set(stats["pending"] or 0)
-            if stats["lag"] is not None:
-                probe.stream_lag.set(stats["lag"])
+            for model, stats in (await queue.stream_stats()).items():
+                probe.stream_pending.labels(model).set(stats["pending"] or 0)
+                if stats["lag"] is not None:
+                    probe.stream_lag.labels(model).set(stats["lag"])
             probe.queue_ok = True
         except QueueUnavailable as error:
             if probe.queue_ok:
@@ -197,7 +199,7 @@ async def run_worker(settings: Settings, qsettings: RedisQueueSettings, name: st
         if not stop.is_set():
             worker = Worker(
                 queue, engine, metrics, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                worker_id=name, shadow_fraction=settings.shadow_fraction,
+                worker_id=name, shadow_fraction=settings.shadow_fraction, models=list(engine.models),
             )  # fmt: skip
             await worker.run()
     finally:

@@ -93,10 +93,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 assert client.post("/v1/images/generations", json=body).status_code == 200
             assert client.post("/v1/images/generations", json=image_body(size="7x7")).status_code == 400
             client.get("/readyz")
-        deadline = time.monotonic() + 30  # the check runs once the worker is idle
-        while "lesa_shadow_psnr_db_count{" not in httpx.get(worker.url + "/metrics", timeout=10).text:
-            assert time.monotonic() < deadline, "no shadow check ran"
-            time.sleep(0.1)
+        # The shadow check runs once the worker is idle; the stream gauges come with its next
+        # queue poll (every READY_POLL_S).
+        deadline = time.monotonic() + 30
+        for series in ("lesa_shadow_psnr_db_count{", "lesa_queue_stream_lag{"):
+            while series not in httpx.get(worker.url + "/metrics", timeout=10).text:
+                assert time.monotonic() < deadline, f"no {series}...}} series"
+                time.sleep(0.1)
         yield {"api": api, "worker": worker, "tmp": tmp}
     finally:
         for proc in procs:
@@ -217,7 +220,7 @@ def test_real_prometheus_scrapes_the_service_and_accepts_every_query(stack: dict
             time.sleep(0.5)
         assert {r["name"] for r in rules} == {
             "LesaBacklogGrowing", "LesaHighErrorRate", "LesaGenerationErrors", "LesaSpeedupCollapsed",
-            "LesaQualityDrift", "LesaNoReadyWorkers",
+            "LesaQualityDrift", "LesaModelUnserved", "LesaNoReadyWorkers",
         }  # fmt: skip
     finally:
         server.terminate()

@@ -229,18 +229,24 @@ def test_k8s_manifests_parse_and_reference_each_other() -> None:
 
 
 def test_keda_scales_workers_on_the_stream_the_queue_really_uses() -> None:
+    from lesa_core.production import read_config
     from service.redis_queue import RedisJobQueue
 
     scaled = next(d for d in k8s_docs() if d["kind"] == "ScaledObject")
     assert scaled["spec"]["scaleTargetRef"]["name"] == "lesa-worker"
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis-streams"
     config = next(d for d in k8s_docs() if d["kind"] == "ConfigMap")["data"]
     queue = RedisJobQueue("redis://unused:6379/0", prefix=config["LESA_REDIS_PREFIX"])
-    assert trigger["metadata"]["stream"] == queue.stream
-    assert trigger["metadata"]["consumerGroup"] == queue.group
-    assert trigger["metadata"]["address"].startswith("lesa-redis.")
-    assert int(trigger["metadata"]["lagCount"]) >= 1
+    # The worker Deployment sets no LESA_MODELS: it serves the models enabled everywhere, and each
+    # of them needs a trigger on its own stream, or its backlog never scales the pool.
+    assert "LESA_MODELS" not in config
+    served = [name for name, m in read_config(REPO / "deploy" / "models.toml").models.items() if m.enabled is True]
+    triggers = scaled["spec"]["triggers"]
+    assert sorted(t["metadata"]["stream"] for t in triggers) == sorted(queue.stream_for(m) for m in served)
+    for trigger in triggers:
+        assert trigger["type"] == "redis-streams"
+        assert trigger["metadata"]["consumerGroup"] == queue.group
+        assert trigger["metadata"]["address"].startswith("lesa-redis.")
+        assert int(trigger["metadata"]["lagCount"]) >= 1
 
 
 # ---- Dockerfile -----------------------------------------------------------------------------

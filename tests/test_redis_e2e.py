@@ -114,8 +114,8 @@ def test_kill_9_mid_batch_every_job_completes_exactly_once(tmp_path: Path, prefi
             assert jobs[job_id].attempts == 2 and jobs[job_id].worker_id == "survivor"
         runs = Counter(entry["prompt"] for entry in read_log(log))
         assert runs == Counter({f"job {i}": 1 for i in range(12)}), runs
-        assert await q._redis.xlen(q.stream) == 0
-        assert (await q._redis.xpending(q.stream, q.group))["pending"] == 0
+        assert await q._redis.xlen(q.stream_for("test-image")) == 0
+        assert (await q._redis.xpending(q.stream_for("test-image"), q.group))["pending"] == 0
         await q.close()
 
     asyncio.run(scenario())
@@ -199,10 +199,41 @@ def test_burst_of_500_http_requests_all_complete(tmp_path: Path, prefix: str, pr
         # A dropped connection is rare (a keep-alive close racing a reuse), never the rule.
         assert len(retried) <= 5, (retried, api.output()[-3000:])
         q = RedisJobQueue(REDIS_URL, prefix=prefix)
-        assert await q.depth() == 0 and await q._redis.xlen(q.stream) == 0
+        assert await q.depth() == 0 and await q._redis.xlen(q.stream_for("fake-image")) == 0
         await q.close()
 
     asyncio.run(scenario())
+
+
+def test_worker_pools_of_different_models_share_one_redis(tmp_path: Path, prefix: str, procs: list[Proc]) -> None:
+    """One model per GPU pool: each pool runs only its model's jobs, none is failed by a worker
+    that lacks the model, and a job for a model whose pool is not up yet waits for it."""
+    api = start_api(tmp_path, prefix, LESA_MODELS="model-a,model-b")
+    procs.append(api)
+    procs += start_workers(tmp_path, prefix, ["pool-a"], LESA_MODELS="model-a")
+    with httpx.Client(base_url=api.url, timeout=60) as client:
+        created = [
+            client.post("/v1/images/jobs", json=image_body(model=model, seed=i)).json()
+            for i, model in enumerate(["model-a", "model-b"] * 4)
+        ]
+        ids = [c["id"] for c in created]
+    a_ids, b_ids = ids[0::2], ids[1::2]
+
+    async def states(wait_for: list[str]) -> dict[str, object]:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix)
+        try:
+            return await wait_all_terminal(q, wait_for, timeout=30) | {
+                i: await q.get(i) for i in ids if i not in wait_for
+            }
+        finally:
+            await q.close()
+
+    jobs = asyncio.run(states(a_ids))
+    assert all(jobs[i].status == JobStatus.completed and jobs[i].worker_id == "pool-a" for i in a_ids)
+    assert all(jobs[i].status == JobStatus.queued for i in b_ids)  # not taken, not failed
+    procs += start_workers(tmp_path, prefix, ["pool-b"], LESA_MODELS="model-b")
+    jobs = asyncio.run(states(b_ids))
+    assert all(jobs[i].status == JobStatus.completed and jobs[i].worker_id == "pool-b" for i in b_ids)
 
 
 def test_cancellation_reaches_running_and_queued_jobs_over_http(tmp_path: Path, prefix: str, procs: list[Proc]) -> None:

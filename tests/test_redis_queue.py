@@ -76,7 +76,7 @@ def test_redelivery_after_visibility_timeout_first_result_wins_then_max_deliveri
         assert await q.get_artifact(job.id, "0.png") == b"B"
         r = q._redis
         assert 0 < await r.pttl(q._k_partial(job.id)) <= 1000 * q.result_ttl_s  # expires with the job
-        assert await r.xlen(q.stream) == 0 and (await r.xpending(q.stream, q.group))["pending"] == 0
+        assert await r.xlen(q.stream_for("m")) == 0 and (await r.xpending(q.stream_for("m"), q.group))["pending"] == 0
 
         # A job whose every delivery is abandoned fails after max_deliveries, with the last error,
         # and the worker that found it so is told (to count the failure).
@@ -95,7 +95,7 @@ def test_redelivery_after_visibility_timeout_first_result_wins_then_max_deliveri
         assert "2 deliveries" in failed.error.message and "abandoned" in failed.error.message
         assert gave_up == [doomed.id]
         assert 0 < await r.pttl(q._k_partial(doomed.id)) <= 1000 * q.result_ttl_s  # expires with the job
-        assert await r.xlen(q.stream) == 0
+        assert await r.xlen(q.stream_for("m")) == 0
         await q.close()
 
     asyncio.run(scenario())
@@ -174,7 +174,7 @@ def test_cancelled_jobs_are_acknowledged_and_idempotency_spans_api_instances(pre
         assert (await api2.cancel(first.id)).status == JobStatus.cancelled
         assert await worker.is_cancelled(first.id)
         await worker.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=0.1)  # next turn: dropped job acked
-        assert await worker._redis.xlen(worker.stream) == 0
+        assert await worker._redis.xlen(worker.stream_for("m")) == 0
         assert (await api1.get(queued.id)).started_at is None
         assert await api1.depth() == 0
         # Cancelled, then deleted (a second DELETE) while running: the worker stops all the same,
@@ -185,7 +185,7 @@ def test_cancelled_jobs_are_acknowledged_and_idempotency_spans_api_instances(pre
         assert await api1.delete(third.id) and await api1.get(third.id) is None
         assert await worker.is_cancelled(third.id)
         await worker.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=0.1)
-        assert await worker._redis.xlen(worker.stream) == 0
+        assert await worker._redis.xlen(worker.stream_for("m")) == 0
         for q in (api1, api2, worker):
             await q.close()
 
@@ -195,16 +195,18 @@ def test_cancelled_jobs_are_acknowledged_and_idempotency_spans_api_instances(pre
 def test_backlog_limit_gives_queue_full_with_retry_after(prefix: str) -> None:
     async def scenario() -> None:
         q = RedisJobQueue(REDIS_URL, prefix=prefix, max_backlog=3)
-        assert await q.stream_stats() == {"pending": 0, "lag": 0}  # no stream yet (or Redis lost it)
-        for seed in range(3):
+        assert await q.stream_stats() == {}  # no stream yet (or Redis lost it)
+        assert await q.stream_stats(["m"]) == {"m": {"pending": 0, "lag": 0}}
+        for seed in range(2):
             await q.submit(spec(seed=seed))
+        await q.submit(spec(model="other", seed=2))
         with pytest.raises(QueueFull) as full:
             await q.submit(spec(seed=9))
         assert 1 <= full.value.retry_after_s <= 600
         assert await q.depth() == 3
-        await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
-        # What KEDA scales on (lag) and what is being worked on (pending), from XINFO GROUPS.
-        assert await q.stream_stats() == {"pending": 1, "lag": 2}
+        await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1, models=["m"])
+        # What KEDA scales on (lag) and what is being worked on (pending), per model's stream.
+        assert await q.stream_stats() == {"m": {"pending": 1, "lag": 1}, "other": {"pending": 0, "lag": 1}}
         await q.submit(spec(seed=10))  # room again once one was taken
         await q.close()
 
@@ -258,7 +260,7 @@ def test_consumers_of_gone_workers_are_pruned_but_never_one_with_pending_jobs(pr
         assert await q.claim_batch("gone", max_batch=1, max_wait_ms=0, timeout_s=0.05) == []
         await asyncio.sleep(0.05)
         await q.prune_consumers(idle_s=0.01)
-        names = [c["name"].decode() for c in await q._redis.xinfo_consumers(q.stream, q.group)]
+        names = [c["name"].decode() for c in await q._redis.xinfo_consumers(q.stream_for("m"), q.group)]
         assert names == [q.consumer("busy")]  # "gone" had nothing pending; "busy" holds the job
         assert await q.complete(busy.id, result("x"), {}) and busy.id == job.id
         await q.close()

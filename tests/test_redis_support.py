@@ -88,29 +88,33 @@ class StepPipe:
 
 
 def make_engine(settings: Any) -> Any:
-    """The real Engine, serving one tiny image model backed by `StepPipe` (see module docstring)."""
+    """The real Engine, serving tiny image models backed by `StepPipe` (see module docstring): the
+    ones LESA_MODELS names (as `Engine.load` would), else TEST_MODEL."""
     from lesa_core import level_schedule
     from service.engine import Bundle, Engine, ModelEntry
 
-    pipe = StepPipe(float(os.environ.get("LESA_TEST_STEP_S", "0.0")), os.environ.get("LESA_TEST_LOG"))
-    entry = ModelEntry(
-        name=TEST_MODEL,
-        kind="image",
-        pipe=pipe,
-        sizes=[(16, 16), (32, 32)],
-        num_frames=[1],
-        fps=8,
-        default_steps=4,
-        min_steps=1,
-        max_steps=50,
-        default_guidance=1.0,
-        levels=["none", "2x", "3.3x", "5x", "6.25x"],
-    )
-    # A "trained" level with a quality card (at 50 steps, which no test asks for): the card gauge
-    # lesa_quality_card_psnr_db has a series for the dashboard and alert checks to find.
-    card_only = SimpleNamespace(schedule=level_schedule("6.25x", 50))
-    entry.bundles["6.25x"] = Bundle("6.25x", card_only, num_steps=50, quality={"psnr": 30.0})
-    engine = Engine(settings, {TEST_MODEL: entry})
+    models: dict[str, ModelEntry] = {}
+    for name in settings.model_list or [TEST_MODEL]:
+        pipe = StepPipe(float(os.environ.get("LESA_TEST_STEP_S", "0.0")), os.environ.get("LESA_TEST_LOG"))
+        entry = ModelEntry(
+            name=name,
+            kind="image",
+            pipe=pipe,
+            sizes=[(16, 16), (32, 32)],
+            num_frames=[1],
+            fps=8,
+            default_steps=4,
+            min_steps=1,
+            max_steps=50,
+            default_guidance=1.0,
+            levels=["none", "2x", "3.3x", "5x", "6.25x"],
+        )
+        # A "trained" level with a quality card (at 50 steps, which no test asks for): the card gauge
+        # lesa_quality_card_psnr_db has a series for the dashboard and alert checks to find.
+        card_only = SimpleNamespace(schedule=level_schedule("6.25x", 50))
+        entry.bundles["6.25x"] = Bundle("6.25x", card_only, num_steps=50, quality={"psnr": 30.0})
+        models[name] = entry
+    engine = Engine(settings, models)
     engine.ready = True
     return engine
 

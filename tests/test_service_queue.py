@@ -55,6 +55,28 @@ def test_batches_group_compatible_jobs_in_order_and_respect_max_batch() -> None:
     run(scenario())
 
 
+def test_a_worker_claims_only_jobs_of_its_models_and_leaves_the_others() -> None:
+    """One model per GPU pool, one queue: a worker must not take (and fail) a job it cannot run."""
+
+    async def scenario() -> None:
+        q = make_queue()
+        flux = await q.submit(spec(model="flux", seed=1))
+        wan = await q.submit(spec(model="wan", seed=2))
+        flux2 = await q.submit(spec(model="flux", seed=3))
+        batch = await q.claim_batch("wan-worker", max_batch=8, max_wait_ms=0, timeout_s=1, models=["wan"])
+        assert [j.id for j in batch] == [wan.id]
+        assert await q.claim_batch("wan-worker", max_batch=8, max_wait_ms=0, timeout_s=0.05, models=["wan"]) == []
+        assert (await q.get(flux.id)).status == JobStatus.queued  # untouched by the wan worker
+        batch = await q.claim_batch("flux-worker", max_batch=8, max_wait_ms=0, timeout_s=1, models={"flux", "qwen"})
+        assert [j.id for j in batch] == [flux.id, flux2.id]
+        late = await q.submit(spec(model="qwen", seed=4))  # a model no job had before
+        batch = await q.claim_batch("flux-worker", max_batch=8, max_wait_ms=0, timeout_s=2, models={"flux", "qwen"})
+        assert [j.id for j in batch] == [late.id]
+        await q.close()
+
+    run(scenario())
+
+
 def test_batching_window_opens_only_under_concurrency() -> None:
     async def scenario() -> None:
         q = make_queue()

@@ -205,11 +205,12 @@ def build() -> dict[str, Any]:
                    "ops", "queue_full = 429s, queue_unavailable = Redis down, generation_failed, ..."), 12, 8,
     )  # fmt: skip
     layout.add(
-        timeseries("Redis stream: lag and pending",
-                   [("max(lesa_queue_stream_lag)", "lag (not yet delivered: KEDA's signal)"),
-                    ("max(lesa_queue_stream_pending)", "pending (delivered, not acknowledged)")],
-                   "none", "From the consumer group (XINFO GROUPS), as each worker sees it. Pending well "
-                   "above workers x max_batch means deliveries wait for reclaim (dead workers)."), 12, 8,
+        timeseries("Redis streams: lag and pending",
+                   [(f"max by (model) (lesa_queue_stream_lag{{{MODEL}}})", "lag {{model}} (not yet delivered: KEDA's signal)"),
+                    (f"max by (model) (lesa_queue_stream_pending{{{MODEL}}})", "pending {{model}} (delivered, not acknowledged)")],
+                   "none", "Per model's stream, from its consumer group (XINFO GROUPS), as each worker sees it. "
+                   "Lag that only grows: no worker serves that model. Pending well above workers x max_batch "
+                   "means deliveries wait for reclaim (dead workers)."), 12, 8,
     )  # fmt: skip
     layout.add(
         timeseries("Workers and finished jobs",
