@@ -198,6 +198,19 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 return 'ok'
 """
 
+_UNSTART = """
+-- Undo _START for a job this consumer started but will not run (its claim was cancelled).
+-- KEYS: job, queued; ARGV: id, consumer
+if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' or redis.call('HGET', KEYS[1], 'consumer') ~= ARGV[2] then
+  return 0
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
+redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', tostring(math.max(0, attempts - 1)))
+redis.call('HDEL', KEYS[1], 'started_at', 'worker_id', 'consumer')
+redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
+return 1
+"""
+
 _HEARTBEAT = """
 -- Reset the idle time of entries this worker still owns (never steal one back).
 -- KEYS: stream; ARGV: group, worker, entry...
@@ -443,6 +456,7 @@ class RedisJobQueue(JobQueue):
         self.channel = f"{prefix}:events"
         self._submit = self._redis.register_script(_SUBMIT)
         self._start = self._redis.register_script(_START)
+        self._unstart_script = self._redis.register_script(_UNSTART)
         self._heartbeat = self._redis.register_script(_HEARTBEAT)
         self._release = self._redis.register_script(_RELEASE)
         self._progress = self._redis.register_script(_PROGRESS)
@@ -1002,15 +1016,34 @@ class RedisJobQueue(JobQueue):
 
             if self.draining:
                 continue  # shutdown began while we gathered: the loop top hands everything back
-            started: list[str] = []
+            jobs = await self._start_batch(worker_id, display_id, chosen, carry)
+            if jobs:
+                self._last_batch[worker_id] = len(jobs)
+                return jobs
+            if time.monotonic() >= deadline and not carry:
+                return []
+
+    async def _start_batch(
+        self, consumer: str, display_id: str, chosen: list[_Entry], carry: list[_Entry]
+    ) -> list[Job]:
+        """Start the chosen entries (each may turn out lost, gone or dead instead) and return their jobs.
+
+        A claim cancelled meanwhile (SIGTERM while a batch was being started) must not strand the
+        jobs it had started: nobody would run them until the visibility timeout. They are put back
+        to queued and into the carry-over, which the shutdown's `release` hands to other workers.
+        """
+        for entry in chosen:
+            carry.remove(entry)
+        started: list[str] = []
+        settled: list[_Entry] = []  # started, or turned out to be someone else's business
+        try:
             for entry in chosen:
-                carry.remove(entry)
                 outcome = await self._start(
                     keys=[self._k_job(entry.job_id), entry.stream, self.k_queued, self._k_partial(entry.job_id)],
                     args=[
                         entry.job_id,
                         entry.entry_id,
-                        worker_id,
+                        consumer,
                         repr(time.time()),
                         self.max_deliveries,
                         self.group,
@@ -1022,17 +1055,25 @@ class RedisJobQueue(JobQueue):
                 )
                 if outcome == b"ok":
                     started.append(entry.job_id)
-                    self._active[entry.job_id] = _Active(worker_id, entry.stream, entry.entry_id, time.monotonic())
-                elif outcome == b"dead" and self.on_gave_up is not None:  # failed by the script just now
-                    gave_up = await self.get(entry.job_id)
-                    if gave_up is not None:
-                        self.on_gave_up(gave_up)
-            jobs = [j for j in await self._get_many(started) if j is not None]
-            if jobs:
-                self._last_batch[worker_id] = len(jobs)
-                return jobs
-            if time.monotonic() >= deadline and not carry:
-                return []
+                    self._active[entry.job_id] = _Active(consumer, entry.stream, entry.entry_id, time.monotonic())
+                else:
+                    settled.append(entry)
+                    if outcome == b"dead" and self.on_gave_up is not None:  # failed by the script just now
+                        gave_up = await self.get(entry.job_id)
+                        if gave_up is not None:
+                            self.on_gave_up(gave_up)
+            return [j for j in await self._get_many(started) if j is not None]
+        except asyncio.CancelledError:
+            # Includes an entry whose start was in flight: the script undoes only what this consumer started.
+            back = [e for e in chosen if e not in settled]
+            await asyncio.shield(self._unstart(consumer, back))
+            carry[:0] = back
+            raise
+
+    async def _unstart(self, consumer: str, entries: list[_Entry]) -> None:
+        for entry in entries:
+            self._active.pop(entry.job_id, None)
+            await self._unstart_script(keys=[self._k_job(entry.job_id), self.k_queued], args=[entry.job_id, consumer])
 
     @_translate_errors
     async def set_progress(self, job_id: str, progress: int) -> None:

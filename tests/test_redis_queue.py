@@ -138,6 +138,43 @@ def test_heartbeat_keeps_a_slow_job_and_a_reclaimed_entry_is_never_started_twice
     asyncio.run(scenario())
 
 
+def test_a_claim_cancelled_while_starting_its_batch_hands_the_jobs_on_at_once(prefix: str) -> None:
+    """SIGTERM cancels a worker's claim; if that lands while the batch is being started, the jobs
+    already started must not wait out the visibility timeout (5 minutes by default)."""
+
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix, visibility_timeout_s=300)
+        jobs = [await q.submit(spec(seed=i)) for i in range(3)]
+        original, calls = q._start, 0
+
+        async def start_then_sigterm(**kwargs: object) -> object:
+            nonlocal calls
+            calls += 1
+            outcome = await original(**kwargs)
+            if calls == 2:  # two of three started, the cancellation lands before the third
+                asyncio.current_task().cancel()
+                await asyncio.sleep(0)
+            return outcome
+
+        q._start = start_then_sigterm
+        with pytest.raises(asyncio.CancelledError):
+            await q.claim_batch("w1", max_batch=3, max_wait_ms=0, timeout_s=1)
+        for job in jobs:
+            record = await q.get(job.id)
+            assert (record.status, record.attempts, record.worker_id) == (JobStatus.queued, 0, None)
+        assert await q.depth() == 3
+        await q.release("w1")  # what the stopping worker does on its way out
+        other = RedisJobQueue(REDIS_URL, prefix=prefix, visibility_timeout_s=300)
+        started = time.monotonic()
+        batch = await other.claim_batch("w2", max_batch=3, max_wait_ms=0, timeout_s=2)
+        assert sorted(j.id for j in batch) == sorted(j.id for j in jobs) and time.monotonic() - started < 2
+        assert all(j.attempts == 1 and j.worker_id == "w2" for j in batch)
+        for q_ in (q, other):
+            await q_.close()
+
+    asyncio.run(scenario())
+
+
 def test_large_outputs_go_to_the_shared_directory(prefix: str, tmp_path: Path) -> None:
     async def scenario() -> None:
         q = RedisJobQueue(REDIS_URL, prefix=prefix, inline_max_bytes=100, output_dir=tmp_path)
