@@ -10,7 +10,7 @@ import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel
@@ -96,6 +96,36 @@ async def require_ready(services: ServicesDep) -> Services:
 
 
 ReadyDep = Annotated[Services, Depends(require_ready)]
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def resolve_for_load(services: Services, body: Body, resolve: Callable[[Body], JobSpec]) -> JobSpec:
+    """The request's job; when the queue is long (LESA_LOAD_QUEUE_DEPTH) and the request allows it
+    (`max_acceleration`), the same job at that faster level, so it waits less instead of more.
+
+    The engine validated `max_acceleration` with the request, so resolving at it cannot fail here.
+    """
+    spec = resolve(body)
+    max_level = getattr(body, "max_acceleration", None)
+    if max_level is None:
+        return spec
+    assert services.queue is not None
+    try:
+        busy = await services.queue.depth() >= services.settings.load_queue_depth
+    except QueueUnavailable as down:
+        raise unavailable(services, down) from None
+    if not busy:
+        return spec
+    from service.engine import theoretical_speedup
+
+    fast = resolve(body.model_copy(update={"acceleration": max_level, "seed": spec.seed}))
+    steps = spec.num_inference_steps
+    if theoretical_speedup(fast.level, steps) <= theoretical_speedup(spec.level, steps):
+        return spec  # e.g. 2x and 5x both run 4 full steps of 8: nothing to gain
+    services.metrics.load_raised.labels(fast.model, fast.level).inc()
+    return fast.model_copy(update={"raised_from": spec.level})
 
 
 async def submit(

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service import media
-from service.errors import bad_request, not_found
+from service.errors import ApiError, bad_request, not_found
 from service.queue import JobSpec, OutputRef
 from service.schemas import MAX_SEED, ImageGenerationRequest, VideoCreateRequest
 from service.settings import Settings
@@ -302,7 +302,7 @@ class Engine:
             if not candidates:
                 # "auto" promises measured quality; only LESA bundles carry a measurement.
                 return "none", "none"
-            best = max(candidates, key=lambda b: _theoretical_speedup(b.level, steps))
+            best = max(candidates, key=lambda b: theoretical_speedup(b.level, steps))
             return best.level, "lesa"
         if level == "none":
             if method is not None:  # never a silent fallback to full compute
@@ -348,8 +348,31 @@ class Engine:
             )
         guidance = entry.default_guidance if body.guidance_scale is None else float(body.guidance_scale)
         level, method = self._acceleration(entry, body.acceleration, body.method, steps)
+        if body.max_acceleration is not None:
+            self._check_max_acceleration(entry, body.max_acceleration, body.method, steps, level)
         seed = body.seed if body.seed is not None else random.randint(0, MAX_SEED)
         return steps, guidance, level, method, seed
+
+    def _check_max_acceleration(
+        self, entry: ModelEntry, max_level: str, method: str | None, steps: int, level: str
+    ) -> None:
+        """Validated now, not when the server gets busy: a request that would fail only under load
+        would fail at the worst moment."""
+        if max_level == "auto":
+            raise bad_request(f"max_acceleration names a level ({', '.join(entry.levels)}), not 'auto'",
+                              "max_acceleration", "unknown_level")  # fmt: skip
+        try:
+            fast, _ = self._acceleration(entry, max_level, method, steps)
+        except ApiError as error:
+            raise bad_request(f"max_acceleration {max_level!r}: {error.message}", "max_acceleration",
+                              error.code or "invalid_value") from None  # fmt: skip
+        if theoretical_speedup(fast, steps) < theoretical_speedup(level, steps):
+            raise bad_request(
+                f"max_acceleration {max_level!r} is slower than the level the request resolves to ({level!r}): "
+                "name a faster level, or leave it out",
+                "max_acceleration",
+                "max_below_level",
+            )
 
     def resolve_image(self, body: ImageGenerationRequest) -> JobSpec:
         entry = self._model(body.model, "image")
@@ -597,7 +620,7 @@ def partial_steps(count: int, steps: int) -> list[int]:
     return sorted(step for step in wanted if 2 <= step <= steps - 1)
 
 
-def _theoretical_speedup(level: str, steps: int) -> float:
+def theoretical_speedup(level: str, steps: int) -> float:
     import lesa_core
 
     return lesa_core.level_schedule(level, steps).speedup

@@ -75,6 +75,10 @@ class Metrics:
             "(its bundle's quality card; what lesa_shadow_psnr_db is compared with)",
             ["model", "level", "method"], registry=r,
         )  # fmt: skip
+        self.load_raised = Counter(
+            "lesa_load_raised_jobs", "jobs the API ran at their max_acceleration because the queue was long "
+            "(LESA_LOAD_QUEUE_DEPTH), by the level they ran at", ["model", "level"], registry=r,
+        )  # fmt: skip
         self.jobs = Counter("lesa_jobs", "finished jobs by final status", ["model", "status"], registry=r)
         self.errors = Counter("lesa_errors", "errors by type", ["type"], registry=r)
         self.ready = Gauge("lesa_ready", "1 when models are loaded and warmed up", registry=r)

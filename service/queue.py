@@ -95,6 +95,7 @@ class JobSpec(BaseModel):
     # Provenance, not what to generate (so never part of batch_key):
     owner: str | None = None  # a hash of the caller's API key (None without auth): only the owner sees the job
     request_hash: str | None = None  # fingerprint of the request body an Idempotency-Key came with
+    raised_from: str | None = None  # the level asked for, when the API raised it under load (max_acceleration)
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can run as one batched generation (one pipeline call)."""

@@ -23,6 +23,15 @@ _ACCELERATION = Field(
     "Default: the server's `LESA_DEFAULT_LEVEL`.",
     examples=["5x"],
 )
+_MAX_ACCELERATION = Field(
+    None,
+    max_length=32,
+    description="A faster level (as `acceleration`) the server may use instead when it is busy (at least "
+    "`LESA_LOAD_QUEUE_DEPTH` jobs queued): the request then waits less and `lesa.raised_from` names the level it "
+    "would have had. It must resolve with the request's method and be at least as fast as `acceleration`. "
+    "Default: never faster than asked.",
+    examples=["6.25x"],
+)
 _METHOD = Field(
     None,
     description='How skipped steps are forecast. Default: "lesa" where the model has a trained predictor for '
@@ -115,6 +124,7 @@ class ImageGenerationRequest(StrictBody):
     num_inference_steps: StrictInt | None = _STEPS
     guidance_scale: float | None = _GUIDANCE
     acceleration: str | None = _ACCELERATION
+    max_acceleration: str | None = _MAX_ACCELERATION
     method: MethodName | None = _METHOD
 
 
@@ -145,6 +155,7 @@ class VideoCreateRequest(StrictBody):
     num_inference_steps: int | None = _STEPS
     guidance_scale: float | None = _GUIDANCE
     acceleration: str | None = _ACCELERATION
+    max_acceleration: str | None = _MAX_ACCELERATION
     method: MethodName | None = _METHOD
 
 
@@ -155,6 +166,9 @@ class LesaStats(BaseModel):
     model: str
     level: str = Field(description="resolved acceleration level (never 'auto')", examples=["5x"])
     requested_acceleration: str | None = Field(None, description="what the request asked for, e.g. 'auto'")
+    raised_from: str | None = Field(
+        None, description="the level the request resolved to, when the server ran it at max_acceleration under load"
+    )
     method: str = Field(examples=["lesa"])
     num_inference_steps: int
     guidance_scale: float

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         28.0,
         description='"auto" picks the fastest level whose quality card PSNR (vs full compute) is at least this',
     )
+    load_queue_depth: int = Field(
+        16,
+        ge=0,
+        description="jobs queued (not started) from which a request that allows it (`max_acceleration`) runs at "
+        "that faster level instead of waiting longer; 0 = always. The queue's whole depth, all models together "
+        "(with Redis: every API replica sees the same)",
+    )
 
     # ---- queue and worker ----
     embedded_worker: bool = Field(True, description="run a worker inside the API process (local demo default)")

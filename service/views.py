@@ -32,6 +32,7 @@ def lesa_stats(job: Job, requested: str | None = None) -> LesaStats:
     data.setdefault("num_inference_steps", spec.num_inference_steps)
     data.setdefault("guidance_scale", spec.guidance_scale)
     data.setdefault("seed", spec.seed)
+    data.setdefault("raised_from", spec.raised_from)
     if requested is not None:
         data["requested_acceleration"] = requested
     return LesaStats.model_validate({k: v for k, v in data.items() if k in LesaStats.model_fields})

@@ -108,6 +108,26 @@ def test_url_format_and_content_endpoint(client: TestClient) -> None:
         ({"prompt": "x", "n": True}, 400, "n"),  # JSON integers are integers, not coerced
         ({"prompt": "x", "n": "2"}, 400, "n"),
         ({"prompt": "x", "seed": "7"}, 400, "seed"),
+        # max_acceleration is checked with the request, not first when the server is busy
+        ({"prompt": "x", "max_acceleration": "auto"}, 400, "max_acceleration"),
+        ({"prompt": "x", "max_acceleration": "9x"}, 400, "max_acceleration"),
+        (
+            {"prompt": "x", "acceleration": "5x", "max_acceleration": "2x", "num_inference_steps": 50},
+            400,
+            "max_acceleration",
+        ),  # slower
+        ({"prompt": "x", "acceleration": "none", "method": "none", "max_acceleration": "5x"}, 400, "max_acceleration"),
+        (
+            {
+                "prompt": "x",
+                "acceleration": "5x",
+                "method": "lesa",
+                "num_inference_steps": 8,
+                "max_acceleration": "6.25x",
+            },
+            400,
+            "max_acceleration",
+        ),  # no LESA predictor at 6.25x
     ],
 )
 def test_invalid_requests_name_the_field(client: TestClient, payload: dict, status: int, param: str) -> None:
@@ -275,6 +295,33 @@ def test_compatible_jobs_are_batched_and_incompatible_ones_are_not() -> None:
         assert sorted(r["lesa"]["seed"] for r in results) == [0, 1, 2, 3]  # each job keeps its own seed
         metrics = client.get("/metrics").text
         assert 'lesa_batch_size_count{model="fake-image"} 2.0' in metrics
+
+
+def test_a_busy_server_runs_requests_that_allow_it_at_their_max_acceleration() -> None:
+    s = settings(load_queue_depth=1)
+    with TestClient(create_app(s, engine=make_engine(s, step_delay=0.05))) as client:
+        blocker = client.post("/v1/images/jobs", json={"prompt": "busy", "size": "32x16", "num_inference_steps": 40})
+        wait_for(client, f"/v1/images/jobs/{blocker.json()['id']}", {"in_progress"})
+        body = {"prompt": "x", "acceleration": "none", "max_acceleration": "5x", "num_inference_steps": 8, "seed": 3}
+        first = client.post("/v1/images/jobs", json=body).json()  # nothing queued yet: runs as asked
+        second = client.post("/v1/images/jobs", json=body).json()  # one queued: raised
+        strict = client.post("/v1/images/jobs", json={**body, "max_acceleration": None}).json()  # not allowed to
+        # 2x and 5x both run 4 full steps of 8: raising would gain nothing, so it is not done
+        same = client.post("/v1/images/jobs", json={**body, "acceleration": "2x"}).json()
+        lesa = {
+            name: wait_for(client, f"/v1/images/jobs/{job['id']}", {"completed"})["result"]["lesa"]
+            for name, job in (("first", first), ("second", second), ("strict", strict), ("same", same))
+        }
+        assert (lesa["first"]["level"], lesa["first"]["raised_from"]) == ("none", None)
+        assert (lesa["second"]["level"], lesa["second"]["method"], lesa["second"]["raised_from"]) == (
+            "5x",
+            "lesa",
+            "none",
+        )
+        assert lesa["second"]["seed"] == 3 and lesa["second"]["full_steps"] < lesa["first"]["full_steps"]
+        assert (lesa["strict"]["level"], lesa["strict"]["raised_from"]) == ("none", None)
+        assert (lesa["same"]["level"], lesa["same"]["raised_from"]) == ("2x", None)
+        assert 'lesa_load_raised_jobs_total{level="5x",model="fake-image"} 1.0' in client.get("/metrics").text
 
 
 def test_idempotency_key_returns_the_same_job(client: TestClient) -> None:

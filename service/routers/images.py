@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from service.deps import OwnerDep, ReadyDep, get_job, submit, unavailable
+from service.deps import OwnerDep, ReadyDep, get_job, resolve_for_load, submit, unavailable
 from service.errors import ApiError
 from service.queue import Job, JobStatus, QueueUnavailable
 from service.routers.common import artifact_response, cancel_or_delete, image_stream, job_events, partial_response
@@ -51,7 +51,7 @@ async def create_images(
     can be fetched from `GET /v1/images/jobs/{job_id}`. With `stream: true`, server-sent events
     as OpenAI streams images: `partial_images` previews, then the image (`image_stream`).
     """
-    spec = services.engine.resolve_image(body)
+    spec = await resolve_for_load(services, body, services.engine.resolve_image)
     job = await submit(services, spec, owner, idempotency_key, body)
     assert services.queue is not None
     if body.stream:
@@ -99,7 +99,7 @@ async def create_image_job(
     if body.stream:
         raise ApiError(400, "stream=true is for POST /v1/images/generations; a job streams progress from "
                        "GET /v1/images/jobs/{job_id}/events", param="stream", code="unsupported_value")  # fmt: skip
-    spec = services.engine.resolve_image(body)
+    spec = await resolve_for_load(services, body, services.engine.resolve_image)
     job = await submit(services, spec, owner, idempotency_key, body)
     assert services.queue is not None
     return await image_job_object(job, services.queue, base_url(request, services))

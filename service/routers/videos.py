@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from service.deps import OwnerDep, ReadyDep, get_job, submit
+from service.deps import OwnerDep, ReadyDep, get_job, resolve_for_load, submit
 from service.errors import ApiError, body_validation_error
 from service.queue import Job
 from service.routers.common import artifact_response, cancel_or_delete, job_events
@@ -67,7 +67,7 @@ async def create_video(
 ) -> VideoObject:
     """Queue a video; poll `GET /v1/videos/{id}` (progress per denoising step), then get `/content`."""
     body = await _parse_body(request)
-    spec = services.engine.resolve_video(body)
+    spec = await resolve_for_load(services, body, services.engine.resolve_video)
     job = await submit(services, spec, owner, idempotency_key, body)
     return video_object(job)
 
