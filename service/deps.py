@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from service.errors import ApiError
 from service.metrics import Metrics
-from service.queue import Job, JobQueue, JobSpec, JobStatus, QueueFull, QueueUnavailable
+from service.queue import Job, JobQueue, JobSpec, QueueFull, QueueUnavailable
 from service.settings import Settings
 
 
@@ -175,13 +175,14 @@ async def submit(
 
 
 async def cancel(services: Services, job: Job) -> Job:
-    """Cancel a live job and count it, here and only here (not by each worker that held it)."""
+    """Cancel a live job and count it, here and only here (not by each worker that held it); returns
+    its record after the cancel."""
     assert services.queue is not None
-    was_live = not job.status.terminal  # read first: the in-process queue updates `job` itself
-    cancelled = await services.queue.cancel(job.id) or job
-    if was_live and cancelled.status == JobStatus.cancelled:
+    # Counted only by the call the queue says cancelled it: two DELETEs of one job (a client
+    # retrying, two API replicas) can both have read it live, and both used to count it.
+    if await services.queue.cancel(job.id):
         services.metrics.jobs.labels(job.spec.model, "cancelled").inc()
-    return cancelled
+    return await services.queue.get(job.id) or job
 
 
 def unavailable(services: Services, error: Exception) -> ApiError:

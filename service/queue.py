@@ -218,12 +218,13 @@ class JobQueue(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def cancel(self, job_id: str) -> Job | None:
-        """Cancel a queued or running job; returns its record (None if unknown).
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job; returns whether this call cancelled it.
 
         A queued job is never run. A running job is marked `cancelled` at once; its worker sees
         `is_cancelled` at the next denoising step and stops (or, in a batch with other live jobs,
-        drops this job's outputs). Cancelling a terminal job changes nothing.
+        drops this job's outputs). Cancelling a terminal or unknown job changes nothing and returns
+        False: of two racing cancels of one job exactly one returns True, the one the API counts.
         """
 
     @abc.abstractmethod
@@ -441,14 +442,14 @@ class InProcessJobQueue(JobQueue):
             jobs = jobs[ids.index(after) + 1 :] if after in ids else []
         return jobs[:limit], len(jobs) > limit
 
-    async def cancel(self, job_id: str) -> Job | None:
-        job = self._jobs.get(job_id)
-        if job is None or job.status.terminal:
-            return job
+    async def cancel(self, job_id: str) -> bool:
+        job = self._live(job_id)
+        if job is None:
+            return False
         if job_id in self._pending:  # (a job being gathered into a batch has left it already)
             self._pending.remove(job_id)
         self._finish(job, JobStatus.cancelled)
-        return job
+        return True
 
     async def delete(self, job_id: str) -> bool:
         job = self._jobs.get(job_id)

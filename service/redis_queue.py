@@ -314,9 +314,11 @@ return 1
 
 _CANCEL = """
 -- KEYS: job, queued, partial; ARGV: id, now, result_ttl_s, events channel
+-- Returns 1 if this call cancelled the job, 0 if it was unknown or already terminal (so that of
+-- two racing cancels only one is counted).
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return false end
-if status == 'completed' or status == 'failed' or status == 'cancelled' then return status end
+if not status then return 0 end
+if status == 'completed' or status == 'failed' or status == 'cancelled' then return 0 end
 local now = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2], 'expires_at', tostring(now + tonumber(ARGV[3])))
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
@@ -326,7 +328,7 @@ if idem and idem ~= '' then redis.call('PEXPIRE', idem, math.ceil(tonumber(ARGV[
 -- The stream entry stays: the worker that reads it (or is running it) acknowledges it.
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('PUBLISH', ARGV[4], ARGV[1])
-return 'cancelled'
+return 1
 """
 
 
@@ -778,12 +780,12 @@ class RedisJobQueue(JobQueue):
         return page[:limit], len(page) > limit
 
     @_translate_errors
-    async def cancel(self, job_id: str) -> Job | None:
-        await self._cancel(
+    async def cancel(self, job_id: str) -> bool:
+        cancelled = await self._cancel(
             keys=[self._k_job(job_id), self.k_queued, self._k_partial(job_id)],
             args=[job_id, repr(time.time()), self.result_ttl_s, self.channel],
         )
-        return await self.get(job_id)
+        return bool(cancelled)
 
     @_translate_errors
     async def delete(self, job_id: str) -> bool:

@@ -18,7 +18,9 @@ from service_support import assert_error, free_port, make_engine, settings, wait
 
 from lesa_core import level_schedule
 from service.app import create_app
+from service.deps import cancel, get_job
 from service.engine import Engine
+from service.queue import JobStatus
 
 
 @pytest.fixture
@@ -260,6 +262,21 @@ def test_cancel_running_video_stops_denoising() -> None:
         assert 'lesa_jobs_total{model="fake-video",status="cancelled"} 1.0' in client.get("/metrics").text
         # The worker is free again.
         assert client.post("/v1/images/generations", json={"prompt": "next"}).status_code == 200
+
+
+def test_racing_cancels_of_a_job_count_it_once() -> None:
+    """Two DELETEs of one job that both read it live (a client retrying, two API replicas) race to
+    cancel it: only the one that cancelled it counts (both used to: 5 jobs were counted 9 or 10 times)."""
+    s = settings()
+    with TestClient(create_app(s, engine=make_engine(s, step_delay=0.02))) as client:
+        services = client.app.state.services
+        for i in range(5):  # the first runs (100 steps of 20 ms), the others wait behind it
+            job = client.post("/v1/images/jobs", json={"prompt": f"slow {i}", "num_inference_steps": 100}).json()
+            live = client.portal.call(get_job, services, job["id"], "image", None)
+            # Each request holds its own copy of the record, as one read from Redis would be.
+            for request in (live.model_copy(), live.model_copy()):
+                assert client.portal.call(cancel, services, request).status == JobStatus.cancelled
+        assert 'lesa_jobs_total{model="fake-image",status="cancelled"} 5.0' in client.get("/metrics").text
 
 
 def test_failed_generation_is_reported_and_server_keeps_serving(client: TestClient) -> None:

@@ -154,7 +154,7 @@ def test_cancel_while_running_is_seen_by_worker_and_wins_over_complete() -> None
         a = await q.submit(spec())
         await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
         assert not await q.is_cancelled(a.id)
-        assert (await q.cancel(a.id)).status == JobStatus.cancelled
+        assert await q.cancel(a.id) is True
         assert await q.is_cancelled(a.id)
         await q.complete(a.id, JobResult(outputs=[]), {})
         assert (await q.get(a.id)).status == JobStatus.cancelled
@@ -162,6 +162,28 @@ def test_cancel_while_running_is_seen_by_worker_and_wins_over_complete() -> None
         assert timed_out.status == JobStatus.cancelled
         # DELETE again forgets the cancelled job: a worker still on it must stop all the same
         assert await q.delete(a.id) and await q.is_cancelled(a.id)
+
+    run(scenario())
+
+
+def test_of_racing_cancels_of_a_job_exactly_one_says_it_cancelled_it() -> None:
+    """The API counts a cancellation only when `cancel` says this call made it: two DELETEs of one
+    job used to both count it (5 jobs, each cancelled twice at once -> up to 10 counted)."""
+
+    async def scenario() -> None:
+        q = make_queue()
+        jobs = [await q.submit(spec(seed=i)) for i in range(5)]
+        await q.claim_batch("w", max_batch=2, max_wait_ms=0, timeout_s=1)  # two running, three queued
+        outcomes = await asyncio.gather(*(q.cancel(job.id) for job in jobs for _ in range(2)))
+        assert [outcomes[2 * i : 2 * i + 2].count(True) for i in range(5)] == [1] * 5
+        assert [(await q.get(job.id)).status for job in jobs] == [JobStatus.cancelled] * 5
+        # Nothing to cancel: a finished job, an unknown one.
+        done = await q.submit(spec(seed=9))
+        await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
+        assert await q.complete(done.id, JobResult(outputs=[]), {})
+        assert await q.cancel(done.id) is False and await q.cancel("job_unknown") is False
+        assert (await q.get(done.id)).status == JobStatus.completed
+        await q.close()
 
     run(scenario())
 
