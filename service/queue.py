@@ -167,6 +167,12 @@ class QueueUnavailable(QueueError):
     whole ("the job queue (Redis at ...) is unavailable: ..."): the API shows it as is."""
 
 
+class UnknownCursor(QueueError):
+    """`list(after=...)` names a job that is gone (deleted, expired) or was never listed: job ids
+    carry no creation time, so there is no position to continue from. The API answers 400 naming
+    `after`; an empty last page instead ended a client's paging silently, jobs left unlisted."""
+
+
 def new_job_id() -> str:
     return "job_" + secrets.token_hex(12)
 
@@ -212,9 +218,9 @@ class JobQueue(abc.ABC):
     ) -> tuple[list[Job], bool]:
         """`owner`'s jobs ordered by creation time, cursor-paginated like OpenAI lists.
 
-        `after` is a job id: return the jobs that come after it in `order`. Returns the page and
-        whether more jobs follow it. Jobs of other owners are never listed (None is the owner of
-        every job when authentication is off).
+        `after` is a job id: return the jobs that come after it in `order`; raises `UnknownCursor`
+        if that job is gone. Returns the page and whether more jobs follow it. Jobs of other owners
+        are never listed (None is the owner of every job when authentication is off).
         """
 
     @abc.abstractmethod
@@ -439,7 +445,9 @@ class InProcessJobQueue(JobQueue):
             jobs.reverse()
         if after is not None:
             ids = [j.id for j in jobs]
-            jobs = jobs[ids.index(after) + 1 :] if after in ids else []
+            if after not in ids:
+                raise UnknownCursor(after)
+            jobs = jobs[ids.index(after) + 1 :]
         return jobs[:limit], len(jobs) > limit
 
     async def cancel(self, job_id: str) -> bool:

@@ -83,6 +83,7 @@ from service.queue import (
     JobStatus,
     QueueFull,
     QueueUnavailable,
+    UnknownCursor,
     new_job_id,
 )
 
@@ -755,8 +756,8 @@ class RedisJobQueue(JobQueue):
         if after is not None:
             # Rank lookups are O(log n): pages never read the whole index.
             rank = await (self._redis.zrevrank if desc else self._redis.zrank)(index, after)
-            if rank is None:
-                return [], False
+            if rank is None:  # deleted, or expired and pruned (an expired job still indexed keeps its place)
+                raise UnknownCursor(after)
             start = rank + 1
         page: list[Job] = []
         gone: list[str] = []

@@ -13,7 +13,7 @@ import redis
 import test_service_queue as contract
 from test_redis_support import REDIS_URL, cleanup_prefix, free_port, new_prefix
 
-from service.queue import JobResult, JobSpec, JobStatus, OutputRef, QueueFull, QueueUnavailable
+from service.queue import JobResult, JobSpec, JobStatus, OutputRef, QueueFull, QueueUnavailable, UnknownCursor
 from service.redis_queue import RedisJobQueue
 
 
@@ -283,7 +283,8 @@ def test_list_pages_by_cursor_skips_expired_jobs_and_filters_by_kind(prefix: str
         newest, more = await q.list(limit=1)
         assert [j.id for j in newest] == [video.id] and more
         assert await q._redis.zscore(q.k_index, ids[2]) is None  # pruned from the index
-        assert await q.list(after="job_unknown") == ([], False)
+        with pytest.raises(UnknownCursor):  # expired and pruned: no position left to list after
+            await q.list(after=ids[2])
         await q.close()
 
     asyncio.run(scenario())

@@ -239,6 +239,17 @@ def test_video_lifecycle_json_and_multipart(client: TestClient) -> None:
     assert_error(client.get(f"/v1/videos/{video['id']}"), 404, "video_id")
 
 
+def test_listing_after_a_deleted_video_is_a_400_naming_after(client: TestClient) -> None:
+    """Not an empty last page (`has_more` false), which ended a client's paging without a word."""
+    ids = [client.post("/v1/videos", json={"prompt": f"a {i}", "num_frames": 4}).json()["id"] for i in range(2)]
+    first = client.get("/v1/videos", params={"limit": 1, "order": "asc"}).json()
+    assert first["last_id"] == ids[0] and first["has_more"]
+    wait_for(client, f"/v1/videos/{ids[0]}", {"completed"})
+    assert client.delete(f"/v1/videos/{ids[0]}").json()["deleted"]
+    error = assert_error(client.get("/v1/videos", params={"after": ids[0], "order": "asc"}), 400, "after")
+    assert ids[0] in error["message"] and "without `after`" in error["message"]
+
+
 def test_cancel_running_video_stops_denoising() -> None:
     s = settings()
     engine = make_engine(s, step_delay=0.02)

@@ -9,7 +9,17 @@ import asyncio
 
 import pytest
 
-from service.queue import InProcessJobQueue, JobError, JobQueue, JobResult, JobSpec, JobStatus, OutputRef, QueueFull
+from service.queue import (
+    InProcessJobQueue,
+    JobError,
+    JobQueue,
+    JobResult,
+    JobSpec,
+    JobStatus,
+    OutputRef,
+    QueueFull,
+    UnknownCursor,
+)
 
 
 def make_queue(**kwargs) -> JobQueue:
@@ -231,6 +241,25 @@ def test_lists_show_only_their_owners_jobs_and_owners_batch_together() -> None:
         # The owner is provenance, not what to generate: jobs of different owners share a batch.
         batch = await q.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=1)
         assert len(batch) == 5
+
+    run(scenario())
+
+
+def test_listing_after_a_job_that_is_gone_raises_instead_of_ending_the_list() -> None:
+    """A cursor whose job was deleted (or expired) cannot be placed (ids carry no creation time):
+    `list` raises UnknownCursor, the API's 400 naming `after`. It answered an empty page with no
+    more to come, so a client paging through stopped silently with jobs left unlisted."""
+
+    async def scenario() -> None:
+        q = make_queue()
+        jobs = [await q.submit(spec(seed=i)) for i in range(3)]
+        page, more = await q.list(limit=1, order="asc")
+        assert [j.id for j in page] == [jobs[0].id] and more
+        assert await q.cancel(jobs[0].id) and await q.delete(jobs[0].id)
+        for after in (jobs[0].id, "job_unknown"):
+            with pytest.raises(UnknownCursor):
+                await q.list(after=after, order="asc")
+        await q.close()
 
     run(scenario())
 

@@ -10,8 +10,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from service.deps import OwnerDep, ReadyDep, get_job, resolve_for_load, submit
-from service.errors import ApiError, body_validation_error
-from service.queue import Job
+from service.errors import ApiError, bad_request, body_validation_error
+from service.queue import Job, UnknownCursor
 from service.routers.common import artifact_response, cancel_or_delete, job_events
 from service.schemas import DeletedObject, ErrorResponse, ListResponse, VideoCreateRequest, VideoObject
 from service.views import video_object
@@ -72,7 +72,12 @@ async def create_video(
     return video_object(job)
 
 
-@router.get("", response_model=ListResponse, summary="List videos")
+@router.get(
+    "",
+    response_model=ListResponse,
+    responses={400: {"model": ErrorResponse, "description": "`after` names a video that is gone (deleted, expired)"}},
+    summary="List videos",
+)
 async def list_videos(
     services: ReadyDep,
     owner: OwnerDep,
@@ -81,7 +86,14 @@ async def list_videos(
     order: Annotated[Literal["asc", "desc"], Query(description="by creation time")] = "desc",
 ) -> ListResponse:
     assert services.queue is not None
-    jobs, has_more = await services.queue.list(kind="video", after=after, limit=limit, order=order, owner=owner)
+    try:
+        jobs, has_more = await services.queue.list(kind="video", after=after, limit=limit, order=order, owner=owner)
+    except UnknownCursor:
+        raise bad_request(
+            f"cannot list after {after!r}: no such video (unknown, deleted or expired); list again from the "
+            "start, without `after`",
+            "after",
+        ) from None
     data = [video_object(j) for j in jobs]
     return ListResponse(
         data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=has_more
