@@ -110,7 +110,9 @@ class RedisQueueSettings(BaseSettings):
     )
     redis_max_deliveries: int = Field(3, ge=1, description="deliveries before a job that never finishes fails")
     redis_job_ttl_s: float = Field(86400.0, gt=0, description="how long an unfinished job record is kept")
-    redis_socket_timeout_s: float = Field(5.0, gt=0)
+    redis_socket_timeout_s: float = Field(
+        3.0, gt=0, description="a Redis call not answered in this long is a 503 (must exceed the workers' 1 s reads)"
+    )
     max_backlog: int = Field(256, ge=1)
     result_ttl_s: float = Field(3600.0, gt=0)
     # (LESA_MAX_BATCH / LESA_MAX_WAIT_MS: `Settings` holds them, for the embedded and standalone workers alike.)
@@ -426,7 +428,7 @@ class RedisJobQueue(JobQueue):
         max_deliveries: int = 3,
         inline_max_bytes: int = 1_000_000,
         output_dir: str | Path = "outputs/redis",
-        socket_timeout_s: float = 5.0,
+        socket_timeout_s: float = 3.0,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -442,12 +444,17 @@ class RedisJobQueue(JobQueue):
         self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or ''}"
 
         # One quick retry re-dials a pooled socket that a Redis restart killed; more retries would
-        # only delay the 503 a client should get while Redis is really down.
+        # only delay the 503 a client should get while Redis is really down. Connection errors only,
+        # not timeouts (redis-py retries both by default): a hung Redis (stopped, swapping, a stuck
+        # disk) answers a retry no sooner, so each call waited two to four socket timeouts; and a
+        # timed-out script may still have run (a retried submit could enqueue a job twice). A call
+        # thus waits at most `socket_timeout_s`: 3 s by default, above the workers' blocking reads
+        # (1 s slices) and the time a large result takes to write.
         self._redis: aioredis.Redis = aioredis.from_url(
             url,
             socket_connect_timeout=1.0,
             socket_timeout=socket_timeout_s,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=(RedisConnectionError,)),
             health_check_interval=15,
         )
         self.group = f"{prefix}-workers"

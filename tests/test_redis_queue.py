@@ -4,6 +4,8 @@ guarantees). Each test uses its own key prefix and deletes it afterwards."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 import test_service_queue as contract
-from test_redis_support import REDIS_URL, cleanup_prefix, free_port, new_prefix
+from test_redis_support import REDIS_URL, cleanup_prefix, free_port, new_prefix, start_redis_server
 
 from service.queue import JobResult, JobSpec, JobStatus, OutputRef, QueueFull, QueueUnavailable, UnknownCursor
 from service.redis_queue import RedisJobQueue
@@ -262,6 +264,36 @@ def test_unreachable_redis_raises_queue_unavailable_quickly() -> None:
         await q.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
+def test_a_hung_redis_raises_queue_unavailable_after_one_socket_timeout() -> None:
+    """A Redis that takes connections but never answers (here SIGSTOPped; or swapping, a stuck disk):
+    each call fails after one socket timeout. Timeouts were retried, two to four per call, so with
+    the former 5 s default the API answered 503 after 10-20 s."""
+    port = free_port()
+    server = start_redis_server(port)
+
+    async def scenario() -> None:
+        q = RedisJobQueue(f"redis://127.0.0.1:{port}/0", prefix=new_prefix(), socket_timeout_s=0.5)
+        job = await q.submit(spec())
+        server.send_signal(signal.SIGSTOP)
+        try:
+            for call in (lambda: q.get(job.id), lambda: q.submit(spec()), q.ping):
+                started = time.monotonic()
+                with pytest.raises(QueueUnavailable):
+                    await call()
+                assert time.monotonic() - started < 0.9  # one timeout, not two or three
+        finally:
+            server.send_signal(signal.SIGCONT)
+        assert (await q.get(job.id)).id == job.id  # and back by itself once Redis answers
+        await q.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_list_pages_by_cursor_skips_expired_jobs_and_filters_by_kind(prefix: str) -> None:
