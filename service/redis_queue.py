@@ -1021,7 +1021,10 @@ class RedisJobQueue(JobQueue):
                 remaining = wait_until - time.monotonic()
                 if remaining <= 0:
                     break
-                await self._read_new(worker_id, [head.stream], carry, count=max_batch - samples, block_s=remaining)
+                # <= 1 s per read, like the idle wait: a long LESA_MAX_WAIT_MS must not outlast the socket timeout
+                await self._read_new(
+                    worker_id, [head.stream], carry, count=max_batch - samples, block_s=min(remaining, 1.0)
+                )
                 samples = _take_compatible(carry, chosen, key, samples, max_batch)
 
             if self.draining:
