@@ -429,7 +429,8 @@ def test_bench_production_scale_smoke_times_every_method_and_counts_predicted_ca
     cells = {(r["family"], r["method"]): r for r in result["records"]}
     # FLUX also times one preview of a streamed request (its VAE decode), as a share of a generation
     preview = cells.pop(("flux", "preview"))
-    assert preview["seconds_median"] > 0 and 0 < preview["share_of_none_none"] < preview["share_of_2x_lesa"]
+    # (shares only: which share is larger is a timing, and one repeat on a loaded CPU can invert it)
+    assert preview["seconds_median"] > 0 and preview["share_of_none_none"] > 0 and preview["share_of_2x_lesa"] > 0
     assert set(cells) == {(f, m) for f in ("flux", "wan") for m in ("none", "reuse", "taylorseer", "lesa")}
     for (family, method), record in cells.items():
         calls_per_step = 2 if family == "wan" else 1  # Wan runs CFG as two calls
