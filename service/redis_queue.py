@@ -376,6 +376,16 @@ class _Active:
     heartbeat: float
 
 
+def _held(carry: list[_Entry], stream: str) -> int:
+    """Entries of `stream` in a carry-over (the others hold at most one per stream)."""
+    return sum(e.stream == stream for e in carry)
+
+
+def _entry_age(entry: _Entry) -> tuple[int, int]:
+    ms, _, seq = entry.entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _by_stream(entries: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     """(stream, entry id) pairs -> entry ids per stream (stream commands take one stream each)."""
     out: dict[str, list[str]] = {}
@@ -481,6 +491,7 @@ class RedisJobQueue(JobQueue):
         self.draining = False  # set on shutdown: claim_batch stops taking work
         self._groups_ready: set[str] = set()  # streams whose consumer group this instance has made sure of
         self._carry: dict[str, list[_Entry]] = {}  # worker id -> delivered, not started
+        self._read_streams: dict[str, set[str]] = {}  # consumer -> streams it has read (release() looks there)
         self._active: dict[str, _Active] = {}  # job id -> its delivery
         self._last_reclaim = 0.0
         self._last_batch: dict[str, int] = {}  # consumer -> jobs in its previous batch
@@ -940,13 +951,13 @@ class RedisJobQueue(JobQueue):
             while len(delivered) < limit:
                 reply = await self._with_groups(
                     [stream],
-                    lambda s=start, stream=stream: self._redis.xautoclaim(
+                    lambda s=start, stream=stream, room=limit - len(delivered): self._redis.xautoclaim(
                         stream,
                         self.group,
                         consumer,
                         min_idle_time=int(self.visibility_timeout_s * 1000),
                         start_id=s,
-                        count=limit,
+                        count=room,
                     ),
                 )
                 next_start, entries = reply[0], reply[1]
@@ -954,11 +965,7 @@ class RedisJobQueue(JobQueue):
                 start = next_start.decode() if isinstance(next_start, bytes) else str(next_start)
                 if start == "0-0":
                     break
-        if delivered:
-            # Older than anything unread: they go first.
-            before = len(carry)
-            await self._load(carry, delivered)
-            carry[:] = carry[before:] + carry[:before]
+        await self._load(carry, delivered)  # older than anything unread: claim_batch sorts them first
 
     async def _streams(self, models: Collection[str] | None) -> list[str]:
         """The streams a worker for `models` reads (None: every model's, for single-pool setups)."""
@@ -980,6 +987,7 @@ class RedisJobQueue(JobQueue):
         carry = self._carry.setdefault(worker_id, [])
         deadline = time.monotonic() + timeout_s
         streams = await self._streams(models)
+        self._read_streams.setdefault(worker_id, set()).update(streams)
         while True:
             if self.draining:
                 await self.release(worker_id, consumer=True)
@@ -990,15 +998,25 @@ class RedisJobQueue(JobQueue):
                 self._last_seen[worker_id] = now
                 if models is None:  # jobs for a model never seen before may have arrived
                     streams = await self._streams(None)
+                    self._read_streams[worker_id].update(streams)
             await self._reclaim(worker_id, streams, carry, limit=max_batch)
+            # One entry per stream at most (the head's stream tops up below): a worker serving several
+            # models must neither hoard another model's backlog nor leave a model unread behind one.
+            per_stream = max_batch if len(streams) == 1 else 1
             if not carry:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
                 # Block in slices of <= 1 s so reclaim and the worker heartbeat keep running.
-                await self._read_new(worker_id, streams, carry, count=max_batch, block_s=min(remaining, 1.0))
+                await self._read_new(worker_id, streams, carry, count=per_stream, block_s=min(remaining, 1.0))
                 await self._housekeeping()
                 continue
+            unread = [s for s in streams if all(e.stream != s for e in carry)]
+            if unread and len(streams) > 1:
+                await self._read_new(worker_id, unread, carry, count=1, block_s=None)
+            # Oldest first across the models' streams (entry ids are millisecond timestamps);
+            # reclaimed entries are older than anything unread, so they still go first.
+            carry.sort(key=_entry_age)
 
             head = carry[0]
             key = head.spec.batch_key()
@@ -1007,9 +1025,10 @@ class RedisJobQueue(JobQueue):
 
             samples = _take_compatible(carry, chosen, key, samples, max_batch)
             # Entries already in the stream join for free (one non-blocking read), within room and
-            # without hoarding: the carry-over is bounded by max_batch, others may run the rest.
-            # Only the head's stream: compatible jobs share its model.
-            if samples < max_batch and len(carry) - len(chosen) < max_batch:
+            # without hoarding: the head's stream's share of the carry-over is bounded by max_batch
+            # (other streams hold one entry each), others may run the rest. Only the head's stream:
+            # compatible jobs share its model.
+            if samples < max_batch and _held(carry, head.stream) - len(chosen) < max_batch:
                 await self._read_new(worker_id, [head.stream], carry, count=max_batch - samples, block_s=None)
                 samples = _take_compatible(carry, chosen, key, samples, max_batch)
             # The max_wait_ms window opens only when there is concurrency to exploit (as the
@@ -1017,7 +1036,7 @@ class RedisJobQueue(JobQueue):
             # jobs were waiting with this one. A lone client never pays the window.
             concurrent = self._last_batch.get(worker_id, 0) > 1 or len(carry) > 1
             wait_until = time.monotonic() + (max_wait_ms / 1000.0 if concurrent else 0.0)
-            while samples < max_batch and len(carry) - len(chosen) < max_batch:
+            while samples < max_batch and _held(carry, head.stream) - len(chosen) < max_batch:
                 remaining = wait_until - time.monotonic()
                 if remaining <= 0:
                     break
@@ -1048,9 +1067,11 @@ class RedisJobQueue(JobQueue):
         for entry in chosen:
             carry.remove(entry)
         started: list[str] = []
-        settled: list[_Entry] = []  # started, or turned out to be someone else's business
+        mine: list[_Entry] = []  # started by this claim, and the one whose start is in flight
+        settled: list[_Entry] = []  # lost, gone, terminal or dead: someone else's business now
         try:
             for entry in chosen:
+                mine.append(entry)
                 outcome = await self._start(
                     keys=[self._k_job(entry.job_id), entry.stream, self.k_queued, self._k_partial(entry.job_id)],
                     args=[
@@ -1070,6 +1091,7 @@ class RedisJobQueue(JobQueue):
                     started.append(entry.job_id)
                     self._active[entry.job_id] = _Active(consumer, entry.stream, entry.entry_id, time.monotonic())
                 else:
+                    mine.remove(entry)
                     settled.append(entry)
                     if outcome == b"dead" and self.on_gave_up is not None:  # failed by the script just now
                         gave_up = await self.get(entry.job_id)
@@ -1077,10 +1099,11 @@ class RedisJobQueue(JobQueue):
                             self.on_gave_up(gave_up)
             return [j for j in await self._get_many(started) if j is not None]
         except asyncio.CancelledError:
-            # Includes an entry whose start was in flight: the script undoes only what this consumer started.
-            back = [e for e in chosen if e not in settled]
-            await asyncio.shield(self._unstart(consumer, back))
-            carry[:0] = back
+            # The entry whose start was in flight is undone too if it started (the script checks).
+            # Entries never tried go back as they are. Back in the carry-over first: a second
+            # cancel (a second SIGTERM) may interrupt the wait below, not the undo.
+            carry[:0] = [e for e in chosen if e not in settled]
+            await asyncio.shield(self._unstart(consumer, mine))
             raise
 
     async def _unstart(self, consumer: str, entries: list[_Entry]) -> None:
@@ -1192,7 +1215,8 @@ class RedisJobQueue(JobQueue):
                 await pipe.execute()
 
     async def release(self, worker_id: str, *, consumer: bool = False) -> None:
-        """Hand this worker's delivered-but-unstarted entries to other workers now.
+        """Hand this worker's delivered-but-unstarted entries to other workers now (call it once the
+        worker has stopped: only entries of jobs it is running are kept).
 
         Setting their idle time past the visibility timeout makes them eligible for any other
         worker's next XAUTOCLAIM, instead of waiting out the timeout. Also drops the worker from
@@ -1201,10 +1225,17 @@ class RedisJobQueue(JobQueue):
         if not consumer:
             worker_id = self.consumer(worker_id)
         carry = self._carry.pop(worker_id, [])
+        streams = self._read_streams.pop(worker_id, set()) | {e.stream for e in carry}
+        running = {(a.stream, a.entry_id) for a in self._active.values() if a.consumer == worker_id}
         try:
             idle_ms = int(self.visibility_timeout_s * 1000) + 1000
-            for stream, entry_ids in _by_stream((e.stream, e.entry_id) for e in carry).items():
-                await self._release(keys=[stream], args=[self.group, worker_id, idle_ms, *entry_ids])
+            for stream in sorted(streams):
+                # What Redis says this consumer holds, not only the carry-over: a claim cancelled
+                # between a read and its carry-over holds entries no list here knows of.
+                held = await self._redis.xpending_range(stream, self.group, "-", "+", 10_000, consumername=worker_id)
+                entry_ids = [e for e in (_s(h["message_id"]) for h in held) if (stream, e) not in running]
+                if entry_ids:
+                    await self._release(keys=[stream], args=[self.group, worker_id, idle_ms, *entry_ids])
             await self._redis.zrem(self.k_workers, worker_id)
         except (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError):
             pass  # Redis is gone: the entries come back after the visibility timeout anyway

@@ -177,6 +177,95 @@ def test_a_claim_cancelled_while_starting_its_batch_hands_the_jobs_on_at_once(pr
     asyncio.run(scenario())
 
 
+def test_a_worker_serving_several_models_takes_them_oldest_first_and_hoards_none(prefix: str) -> None:
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix)
+        both = ["a", "b"]
+        # Model a's backlog has mixed shapes (never one batch); b's job arrives while the worker is
+        # on a's first ones, before the rest of a's.
+        for i in range(4):
+            await q.submit(spec(model="a", seed=i, width=16 * (1 + i % 3)))
+        order = [j.id for j in await q.claim_batch("w", max_batch=2, max_wait_ms=0, timeout_s=1, models=both)]
+        b = await q.submit(spec(model="b", seed=99))
+        for i in range(4, 12):
+            await q.submit(spec(model="a", seed=i, width=16 * (1 + i % 3)))
+        while jobs := await q.claim_batch("w", max_batch=2, max_wait_ms=0, timeout_s=0.3, models=both):
+            order += [j.id for j in jobs]
+            for job in jobs:
+                await q.complete(job.id, result("x"), {})
+        assert len(order) == 13 and order.index(b.id) <= 4  # it used to run after all of a's backlog
+
+        # One read takes at most a batch from the head's model and one entry from each other
+        # model (COUNT applies per stream): an idle worker beside it finds the rest.
+        for model in ("a", "b", "c"):
+            for i in range(2):
+                await q.submit(spec(model=model, seed=i))
+        batch = await q.claim_batch("w1", max_batch=2, max_wait_ms=0, timeout_s=1, models=["a", "b", "c"])
+        assert [j.spec.model for j in batch] == ["a", "a"]
+        assert len(q._carry[q.consumer("w1")]) <= 2  # one of b, one of c
+        other = await q.claim_batch("w2", max_batch=2, max_wait_ms=0, timeout_s=1, models=["a", "b", "c"])
+        assert [j.spec.model for j in other] in (["b"], ["c"])
+        await q.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_stopping_worker_hands_on_every_entry_it_holds_whenever_its_claim_was_cancelled(prefix: str) -> None:
+    """release() asks Redis what the consumer holds: a claim cancelled between a read and its
+    carry-over, or cancelled twice while undoing its starts, strands nothing for 5 minutes."""
+
+    async def scenario() -> None:
+        for window in ("load", "double cancel"):
+            q = RedisJobQueue(REDIS_URL, prefix=f"{prefix}-{window[0]}", visibility_timeout_s=300)
+            jobs = [await q.submit(spec(seed=i)) for i in range(3)]
+            if window == "load":
+                original_load = q._load
+
+                async def load(carry: list, delivered: list, original_load=original_load) -> int:  # noqa: ANN001
+                    if delivered:  # SIGTERM lands during the round trip that loads the delivery
+                        asyncio.current_task().cancel()
+                        await asyncio.sleep(0)
+                    return await original_load(carry, delivered)
+
+                q._load = load
+                with pytest.raises(asyncio.CancelledError):
+                    await q.claim_batch("w1", max_batch=3, max_wait_ms=0, timeout_s=1)
+            else:
+                original_start, original_unstart, calls = q._start, q._unstart_script, 0
+
+                async def start(original_start=original_start, **kwargs: object) -> object:  # noqa: ANN001
+                    nonlocal calls
+                    calls += 1
+                    outcome = await original_start(**kwargs)
+                    if calls == 2:
+                        asyncio.current_task().cancel()
+                        await asyncio.sleep(0)
+                    return outcome
+
+                async def unstart(original_unstart=original_unstart, **kwargs: object) -> object:  # noqa: ANN001
+                    await asyncio.sleep(0.02)  # a round trip, during which the second signal lands
+                    return await original_unstart(**kwargs)
+
+                q._start, q._unstart_script = start, unstart
+                claim = asyncio.create_task(q.claim_batch("w1", max_batch=3, max_wait_ms=0, timeout_s=1))
+                while calls < 2:
+                    await asyncio.sleep(0)
+                await asyncio.sleep(0.005)
+                claim.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await claim
+                await asyncio.sleep(0.2)  # the shielded undo finishes in the background
+            await q.release("w1")
+            other = RedisJobQueue(REDIS_URL, prefix=q.prefix, visibility_timeout_s=300)
+            batch = await other.claim_batch("w2", max_batch=3, max_wait_ms=0, timeout_s=2)
+            assert sorted(j.id for j in batch) == sorted(j.id for j in jobs), window
+            for q_ in (q, other):
+                await q_.close()
+            cleanup_prefix(q.prefix)
+
+    asyncio.run(scenario())
+
+
 def test_large_outputs_go_to_the_shared_directory(prefix: str, tmp_path: Path) -> None:
     async def scenario() -> None:
         q = RedisJobQueue(REDIS_URL, prefix=prefix, inline_max_bytes=100, output_dir=tmp_path)
