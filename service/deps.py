@@ -113,7 +113,7 @@ async def resolve_for_load(services: Services, body: Body, resolve: Callable[[Bo
         return spec
     assert services.queue is not None
     try:
-        busy = await services.queue.depth() >= services.settings.load_queue_depth
+        busy = await services.queue.depth([spec.model]) >= services.settings.load_queue_depth
     except QueueUnavailable as down:
         raise unavailable(services, down) from None
     if not busy:

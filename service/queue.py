@@ -246,8 +246,8 @@ class JobQueue(abc.ABC):
         """Partial image `index` of a job (encoded like its outputs), or None."""
 
     @abc.abstractmethod
-    async def depth(self) -> int:
-        """Number of jobs waiting to be claimed (the backlog)."""
+    async def depth(self, models: Collection[str] | None = None) -> int:
+        """Number of jobs waiting to be claimed (the backlog), of `models` or of all."""
 
     @abc.abstractmethod
     async def ping(self) -> None:
@@ -478,8 +478,10 @@ class InProcessJobQueue(JobQueue):
             return None
         return self._partials.get(job_id, {}).get(index)
 
-    async def depth(self) -> int:
-        return len(self._pending)
+    async def depth(self, models: Collection[str] | None = None) -> int:
+        if models is None:
+            return len(self._pending)
+        return sum(self._jobs[j].spec.model in models for j in self._pending)
 
     async def ping(self) -> None:
         return None

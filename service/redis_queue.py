@@ -19,7 +19,8 @@ share one Redis):
 * `<p>:art:<id>` / `<p>:files:<id>` — outputs: small ones inline in Redis, larger ones
   (> `inline_max_bytes`) as files under `output_dir` (a volume shared by API and workers), the
   hash holding the path.
-* `<p>:queued` — sorted set of job ids not yet started: `depth()` and the backlog limit.
+* `<p>:queued:<model>` — sorted set of a model's job ids not yet started: `depth()` and the
+  backlog limit, per model (a model no worker serves fills its own backlog, not the others').
 * `<p>:index`, `<p>:index:<kind>` — sorted sets by creation time for `list()`.
 * `<p>:idem:<sha256>` — Idempotency-Key -> job id, kept as long as the job.
 * `<p>:workers` — sorted set worker id -> last heartbeat (live worker count, Retry-After).
@@ -113,7 +114,7 @@ class RedisQueueSettings(BaseSettings):
     redis_socket_timeout_s: float = Field(
         3.0, gt=0, description="a Redis call not answered in this long is a 503 (must exceed the workers' 1 s reads)"
     )
-    max_backlog: int = Field(256, ge=1)
+    max_backlog: int = Field(256, ge=1, description="queued jobs of one model beyond which its requests get 429")
     result_ttl_s: float = Field(3600.0, gt=0)
     # (LESA_MAX_BATCH / LESA_MAX_WAIT_MS: `Settings` holds them, for the embedded and standalone workers alike.)
     # `lesa worker` only:
@@ -131,7 +132,7 @@ class RedisQueueSettings(BaseSettings):
 # Status strings are compared literally; keep in sync with JobStatus.
 
 _SUBMIT = """
--- KEYS: job, stream (the model's), queued, index, kind index, idempotency key, models set
+-- KEYS: job, stream (the model's), queued (the model's), index, kind index, idempotency key, models set
 -- ARGV: id, spec, created_at, idempotency key ('' = none), max_backlog, job_ttl_s, job key prefix, model
 if ARGV[4] ~= '' then
   local existing = redis.call('GET', KEYS[6])
@@ -145,7 +146,7 @@ if depth >= tonumber(ARGV[5]) then
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'status', 'queued', 'progress', '0', 'created_at', ARGV[3],
-  'attempts', '0', 'stream', KEYS[2], 'entry', entry, 'idem', ARGV[4])
+  'attempts', '0', 'stream', KEYS[2], 'queued', KEYS[3], 'entry', entry, 'idem', ARGV[4])
 redis.call('SADD', KEYS[7], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
@@ -265,7 +266,7 @@ return 1
 _FINISH = """
 -- Store a result (or error), mark terminal and acknowledge, atomically. A job that is already
 -- terminal (cancelled, or finished by another delivery) is only acknowledged: first writer wins.
--- KEYS: job, art, files, stats, queued, partial (the stream is the one the job hash names)
+-- KEYS: job, art, files, stats, partial (the stream and queued set are the ones the job hash names)
 -- ARGV: id, group, status, payload json, now, result_ttl_s, events channel, n_inline,
 --       name, bytes, ..., n_files, name, path, ...
 local stream, entry = unpack(redis.call('HMGET', KEYS[1], 'stream', 'entry'))
@@ -300,10 +301,11 @@ end
 redis.call('PEXPIRE', KEYS[1], ttl)
 if n_inline > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 if n_files > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
-redis.call('PEXPIRE', KEYS[6], ttl)
+redis.call('PEXPIRE', KEYS[5], ttl)
 local idem = redis.call('HGET', KEYS[1], 'idem')
 if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
-redis.call('ZREM', KEYS[5], ARGV[1])
+local queued = redis.call('HGET', KEYS[1], 'queued')
+if queued then redis.call('ZREM', queued, ARGV[1]) end
 -- Smoothed seconds per job (start to finish), for the Retry-After estimate.
 local started = tonumber(redis.call('HGET', KEYS[1], 'started_at') or '')
 if started then
@@ -316,7 +318,7 @@ return 1
 """
 
 _CANCEL = """
--- KEYS: job, queued, partial; ARGV: id, now, result_ttl_s, events channel
+-- KEYS: job, partial; ARGV: id, now, result_ttl_s, events channel
 -- Returns 1 if this call cancelled the job, 0 if it was unknown or already terminal (so that of
 -- two racing cancels only one is counted).
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -325,11 +327,12 @@ if status == 'completed' or status == 'failed' or status == 'cancelled' then ret
 local now = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2], 'expires_at', tostring(now + tonumber(ARGV[3])))
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
-redis.call('PEXPIRE', KEYS[3], math.ceil(tonumber(ARGV[3]) * 1000))
+redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[3]) * 1000))
 local idem = redis.call('HGET', KEYS[1], 'idem')
 if idem and idem ~= '' then redis.call('PEXPIRE', idem, math.ceil(tonumber(ARGV[3]) * 1000)) end
 -- The stream entry stays: the worker that reads it (or is running it) acknowledges it.
-redis.call('ZREM', KEYS[2], ARGV[1])
+local queued = redis.call('HGET', KEYS[1], 'queued')
+if queued then redis.call('ZREM', queued, ARGV[1]) end
 redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 """
@@ -469,7 +472,6 @@ class RedisJobQueue(JobQueue):
         )
         self.group = f"{prefix}-workers"
         self.k_models = f"{prefix}:models"
-        self.k_queued = f"{prefix}:queued"
         self.k_index = f"{prefix}:index"
         self.k_workers = f"{prefix}:workers"
         self.k_stats = f"{prefix}:stats"
@@ -536,6 +538,12 @@ class RedisJobQueue(JobQueue):
     def stream_for(self, model: str) -> str:
         """The stream that holds `model`'s jobs (KEDA's `stream` for that model's worker pool)."""
         return f"{self.prefix}:jobs:{model}"
+
+    def _k_queued(self, model: str) -> str:
+        return f"{self.prefix}:queued:{model}"
+
+    def _model_of(self, stream: str) -> str:
+        return stream.removeprefix(f"{self.prefix}:jobs:")
 
     def _k_job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -625,6 +633,7 @@ class RedisJobQueue(JobQueue):
                 pipe.zremrangebyscore(key, "-inf", horizon if key != self.k_workers else now - 3600)
             await pipe.execute()
         await self.prune_consumers()
+        await self._prune_queued()
         if self.output_dir.is_dir():
             stale = [d for d in self.output_dir.iterdir() if d.is_dir() and d.stat().st_mtime < now - self.result_ttl_s]
             if stale:
@@ -632,6 +641,22 @@ class RedisJobQueue(JobQueue):
                 for directory, job in zip(stale, exists, strict=True):
                     if job is None:
                         await asyncio.to_thread(shutil.rmtree, directory, True)
+
+    async def _prune_queued(self) -> None:
+        """Drop backlog members whose job record is gone: a job that expired while queued (no worker
+        served its model for `job_ttl_s`) is removed only when a worker reads its entry."""
+        for model in await self._models():
+            key = self._k_queued(model)
+            job_ids = [j.decode() for j in await self._redis.zrange(key, 0, -1)]
+            for start in range(0, len(job_ids), 500):
+                chunk = job_ids[start : start + 500]
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for job_id in chunk:
+                        pipe.exists(self._k_job(job_id))
+                    alive = await pipe.execute()
+                gone = [j for j, n in zip(chunk, alive, strict=True) if not n]
+                if gone:
+                    await self._redis.zrem(key, *gone)
 
     async def prune_consumers(self, idle_s: float | None = None) -> None:
         """Forget consumers of workers long gone: every worker start adds one to the group, and
@@ -662,7 +687,7 @@ class RedisJobQueue(JobQueue):
             keys=[
                 self._k_job(job_id),
                 stream,
-                self.k_queued,
+                self._k_queued(spec.model),
                 self.k_index,
                 f"{self.k_index}:{spec.kind}",
                 idem_key,
@@ -801,7 +826,7 @@ class RedisJobQueue(JobQueue):
     @_translate_errors
     async def cancel(self, job_id: str) -> bool:
         cancelled = await self._cancel(
-            keys=[self._k_job(job_id), self.k_queued, self._k_partial(job_id)],
+            keys=[self._k_job(job_id), self._k_partial(job_id)],
             args=[job_id, repr(time.time()), self.result_ttl_s, self.channel],
         )
         return bool(cancelled)
@@ -844,8 +869,14 @@ class RedisJobQueue(JobQueue):
             return None
 
     @_translate_errors
-    async def depth(self) -> int:
-        return int(await self._redis.zcard(self.k_queued))
+    async def depth(self, models: Collection[str] | None = None) -> int:
+        models = sorted(models) if models is not None else await self._models()
+        if not models:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.zcard(self._k_queued(model))
+            return sum(int(n) for n in await pipe.execute())
 
     @_translate_errors
     async def ping(self) -> None:
@@ -916,7 +947,8 @@ class RedisJobQueue(JobQueue):
                 for stream, entry_ids in _by_stream((s, e) for s, e, _ in dead).items():
                     pipe.xack(stream, self.group, *entry_ids)
                     pipe.xdel(stream, *entry_ids)
-                pipe.zrem(self.k_queued, *[j for _, _, j in dead])
+                for stream, job_ids in _by_stream((s, j) for s, _, j in dead).items():
+                    pipe.zrem(self._k_queued(self._model_of(stream)), *job_ids)
                 await pipe.execute()
         return added
 
@@ -1073,7 +1105,12 @@ class RedisJobQueue(JobQueue):
             for entry in chosen:
                 mine.append(entry)
                 outcome = await self._start(
-                    keys=[self._k_job(entry.job_id), entry.stream, self.k_queued, self._k_partial(entry.job_id)],
+                    keys=[
+                        self._k_job(entry.job_id),
+                        entry.stream,
+                        self._k_queued(entry.spec.model),
+                        self._k_partial(entry.job_id),
+                    ],
                     args=[
                         entry.job_id,
                         entry.entry_id,
@@ -1109,7 +1146,9 @@ class RedisJobQueue(JobQueue):
     async def _unstart(self, consumer: str, entries: list[_Entry]) -> None:
         for entry in entries:
             self._active.pop(entry.job_id, None)
-            await self._unstart_script(keys=[self._k_job(entry.job_id), self.k_queued], args=[entry.job_id, consumer])
+            await self._unstart_script(
+                keys=[self._k_job(entry.job_id), self._k_queued(entry.spec.model)], args=[entry.job_id, consumer]
+            )
 
     @_translate_errors
     async def set_progress(self, job_id: str, progress: int) -> None:
@@ -1174,7 +1213,6 @@ class RedisJobQueue(JobQueue):
                 self._k_art(job_id),
                 self._k_files(job_id),
                 self.k_stats,
-                self.k_queued,
                 self._k_partial(job_id),
             ],
             args=args,

@@ -67,8 +67,8 @@ class Settings(BaseSettings):
         16,
         ge=0,
         description="jobs queued (not started) from which a request that allows it (`max_acceleration`) runs at "
-        "that faster level instead of waiting longer; 0 = always. The queue's whole depth, all models together "
-        "(with Redis: every API replica sees the same)",
+        "that faster level instead of waiting longer; 0 = always. Jobs of the request's model (with Redis: "
+        "every API replica sees the same)",
     )
 
     # ---- queue and worker ----
@@ -80,7 +80,12 @@ class Settings(BaseSettings):
         description="how long a worker waits for compatible jobs before starting a batch (only when "
         "requests are arriving concurrently: a lone client never waits)",
     )
-    max_backlog: int = Field(256, ge=1, description="queued jobs beyond which requests get 429")
+    max_backlog: int = Field(
+        256,
+        ge=1,
+        description="queued jobs beyond which requests get 429 (with Redis: per model, so a model no "
+        "worker serves fills only its own backlog)",
+    )
     result_ttl_s: float = Field(3600.0, gt=0, description="how long finished jobs and outputs are kept")
     max_jobs_kept: int = Field(1000, ge=1, description="in-process queue: most finished jobs remembered")
     redis_url: str | None = Field(None, description="use the Redis queue at this URL instead of in-process")

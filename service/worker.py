@@ -332,7 +332,7 @@ class Worker:
             while not abandon.is_set():
                 await asyncio.sleep(CANCEL_POLL_S)
                 try:
-                    if self._stopping.is_set() or await self.queue.depth() > 0:
+                    if self._stopping.is_set() or await self.queue.depth(self.models) > 0:
                         abandon.set()
                 except QueueUnavailable:
                     abandon.set()

@@ -320,22 +320,32 @@ def test_cancelled_jobs_are_acknowledged_and_idempotency_spans_api_instances(pre
     asyncio.run(scenario())
 
 
-def test_backlog_limit_gives_queue_full_with_retry_after(prefix: str) -> None:
+def test_backlog_limit_per_model_gives_queue_full_with_retry_after(prefix: str) -> None:
     async def scenario() -> None:
-        q = RedisJobQueue(REDIS_URL, prefix=prefix, max_backlog=3)
+        q = RedisJobQueue(REDIS_URL, prefix=prefix, max_backlog=2, job_ttl_s=1)
         assert await q.stream_stats() == {}  # no stream yet (or Redis lost it)
         assert await q.stream_stats(["m"]) == {"m": {"pending": 0, "lag": 0}}
         for seed in range(2):
             await q.submit(spec(seed=seed))
-        await q.submit(spec(model="other", seed=2))
         with pytest.raises(QueueFull) as full:
             await q.submit(spec(seed=9))
         assert 1 <= full.value.retry_after_s <= 600
-        assert await q.depth() == 3
+        # A model no worker serves fills its own backlog, not the others'
+        for seed in range(2):
+            await q.submit(spec(model="unserved", seed=seed))
+        assert (await q.depth(), await q.depth(["m"]), await q.depth(["unserved"])) == (4, 2, 2)
         await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1, models=["m"])
         # What KEDA scales on (lag) and what is being worked on (pending), per model's stream.
-        assert await q.stream_stats() == {"m": {"pending": 1, "lag": 1}, "other": {"pending": 0, "lag": 1}}
+        assert await q.stream_stats() == {"m": {"pending": 1, "lag": 1}, "unserved": {"pending": 0, "lag": 2}}
         await q.submit(spec(seed=10))  # room again once one was taken
+        # Jobs that expired while queued (nobody read their entries) leave the backlog with the
+        # housekeeping, instead of holding it full for good.
+        await asyncio.sleep(1.1)
+        assert await q.depth(["unserved"]) == 2
+        q._last_housekeeping = 0.0
+        await q._housekeeping()
+        assert await q.depth(["unserved"]) == 0
+        await q.submit(spec(model="unserved", seed=5))
         await q.close()
 
     asyncio.run(scenario())
