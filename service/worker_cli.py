@@ -73,6 +73,12 @@ class WorkerProbe:
             ["model"],
             registry=metrics.registry,
         )
+        # Which models this worker takes jobs of, while it is ready: a model's lag with no ready
+        # worker serving it is LesaModelUnserved.
+        self.serves = Gauge(
+            "lesa_worker_serves", "1 per model this worker has loaded and takes jobs of, while it is ready",
+            ["model"], registry=metrics.registry,
+        )  # fmt: skip
         # Read at scrape time, so /metrics never lags behind /readyz.
         self.workers_ready.set_function(lambda: 1.0 if self.ready else 0.0)
         metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
@@ -136,10 +142,13 @@ async def _watch(queue: RedisJobQueue, probe: WorkerProbe, stop: asyncio.Event) 
         try:
             await queue.ping()
             probe.metrics.queue_depth.set(await queue.depth())
-            for model, stats in (await queue.stream_stats()).items():
-                probe.stream_pending.labels(model).set(stats["pending"] or 0)
-                if stats["lag"] is not None:
-                    probe.stream_lag.labels(model).set(stats["lag"])
+            stats = await queue.stream_stats()
+            for gauge in (probe.stream_pending, probe.stream_lag):
+                gauge.clear()  # a model whose stream is gone (Redis lost its data) has no backlog to report
+            for model, stream in stats.items():
+                probe.stream_pending.labels(model).set(stream["pending"] or 0)
+                if stream["lag"] is not None:
+                    probe.stream_lag.labels(model).set(stream["lag"])
             probe.queue_ok = True
         except QueueUnavailable as error:
             if probe.queue_ok:
@@ -195,6 +204,8 @@ async def run_worker(settings: Settings, qsettings: RedisQueueSettings, name: st
             await asyncio.to_thread(engine.warmup)
         engine.ready = True
         probe.models_loaded = True
+        for model in engine.models:
+            probe.serves.labels(model).set_function(lambda: 1.0 if probe.ready else 0.0)
         log.info("worker %s: models %s ready in %.1fs", name, ", ".join(engine.models), time.perf_counter() - t0)
         if not stop.is_set():
             worker = Worker(
