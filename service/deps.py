@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
@@ -124,8 +125,7 @@ async def resolve_for_load(services: Services, body: Body, resolve: Callable[[Bo
     steps = spec.num_inference_steps
     if theoretical_speedup(fast.level, steps) <= theoretical_speedup(spec.level, steps):
         return spec  # e.g. 2x and 5x both run 4 full steps of 8: nothing to gain
-    services.metrics.load_raised.labels(fast.model, fast.level).inc()
-    return fast.model_copy(update={"raised_from": spec.level})
+    return fast.model_copy(update={"raised_from": spec.level})  # counted by `submit` once it is a job
 
 
 async def submit(
@@ -151,6 +151,7 @@ async def submit(
         body = request.model_dump_json() if request is not None else spec.model_dump_json()
         spec = spec.model_copy(update={"request_hash": hashlib.sha256(body.encode()).hexdigest()[:32]})
         scoped_key = f"{owner or '-'}|{spec.kind}|{idempotency_key}"
+    submitted_at = time.time()
     try:
         job = await services.queue.submit(spec, idempotency_key=scoped_key)
     except QueueFull as full:
@@ -171,6 +172,8 @@ async def submit(
             param="Idempotency-Key",
             code="idempotency_key_reused",
         )
+    if spec.raised_from is not None and job.created_at >= submitted_at:  # a new job, not a replay
+        services.metrics.load_raised.labels(spec.model, spec.level).inc()
     return job
 
 

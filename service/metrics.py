@@ -79,6 +79,10 @@ class Metrics:
             "lesa_load_raised_jobs", "jobs the API ran at their max_acceleration because the queue was long "
             "(LESA_LOAD_QUEUE_DEPTH), by the level they ran at", ["model", "level"], registry=r,
         )  # fmt: skip
+        self.serves = Gauge(
+            "lesa_worker_serves", "1 per model a running worker takes jobs of (LesaModelUnserved looks for one)",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.jobs = Counter("lesa_jobs", "finished jobs by final status", ["model", "status"], registry=r)
         self.errors = Counter("lesa_errors", "errors by type", ["type"], registry=r)
         self.ready = Gauge("lesa_ready", "1 when models are loaded and warmed up", registry=r)

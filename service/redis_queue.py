@@ -379,11 +379,6 @@ class _Active:
     heartbeat: float
 
 
-def _held(carry: list[_Entry], stream: str) -> int:
-    """Entries of `stream` in a carry-over (the others hold at most one per stream)."""
-    return sum(e.stream == stream for e in carry)
-
-
 def _entry_age(entry: _Entry) -> tuple[int, int]:
     ms, _, seq = entry.entry_id.partition("-")
     return int(ms), int(seq or 0)
@@ -1057,10 +1052,10 @@ class RedisJobQueue(JobQueue):
 
             samples = _take_compatible(carry, chosen, key, samples, max_batch)
             # Entries already in the stream join for free (one non-blocking read), within room and
-            # without hoarding: the head's stream's share of the carry-over is bounded by max_batch
-            # (other streams hold one entry each), others may run the rest. Only the head's stream:
-            # compatible jobs share its model.
-            if samples < max_batch and _held(carry, head.stream) - len(chosen) < max_batch:
+            # without hoarding: besides the batch the carry-over keeps at most max_batch entries plus
+            # one per other stream; others may run the rest. Only the head's stream: compatible jobs
+            # share its model.
+            if samples < max_batch and len(carry) - len(chosen) < max_batch + len(streams) - 1:
                 await self._read_new(worker_id, [head.stream], carry, count=max_batch - samples, block_s=None)
                 samples = _take_compatible(carry, chosen, key, samples, max_batch)
             # The max_wait_ms window opens only when there is concurrency to exploit (as the
@@ -1068,7 +1063,7 @@ class RedisJobQueue(JobQueue):
             # jobs were waiting with this one. A lone client never pays the window.
             concurrent = self._last_batch.get(worker_id, 0) > 1 or len(carry) > 1
             wait_until = time.monotonic() + (max_wait_ms / 1000.0 if concurrent else 0.0)
-            while samples < max_batch and _held(carry, head.stream) - len(chosen) < max_batch:
+            while samples < max_batch and len(carry) - len(chosen) < max_batch + len(streams) - 1:
                 remaining = wait_until - time.monotonic()
                 if remaining <= 0:
                     break
@@ -1253,8 +1248,8 @@ class RedisJobQueue(JobQueue):
                 await pipe.execute()
 
     async def release(self, worker_id: str, *, consumer: bool = False) -> None:
-        """Hand this worker's delivered-but-unstarted entries to other workers now (call it once the
-        worker has stopped: only entries of jobs it is running are kept).
+        """Hand every entry this worker holds and has not finished to other workers now. Call it once
+        the worker has stopped (between batches, or on the way out): a job it still ran would run twice.
 
         Setting their idle time past the visibility timeout makes them eligible for any other
         worker's next XAUTOCLAIM, instead of waiting out the timeout. Also drops the worker from
@@ -1264,14 +1259,16 @@ class RedisJobQueue(JobQueue):
             worker_id = self.consumer(worker_id)
         carry = self._carry.pop(worker_id, [])
         streams = self._read_streams.pop(worker_id, set()) | {e.stream for e in carry}
-        running = {(a.stream, a.entry_id) for a in self._active.values() if a.consumer == worker_id}
         try:
+            # Nothing runs any more: finished jobs are acknowledged, every other one is handed on
+            # (a job dropped for a queue outage, or one a cancelled undo had not reached yet).
+            await self._settle(worker_id)
             idle_ms = int(self.visibility_timeout_s * 1000) + 1000
             for stream in sorted(streams):
                 # What Redis says this consumer holds, not only the carry-over: a claim cancelled
                 # between a read and its carry-over holds entries no list here knows of.
                 held = await self._redis.xpending_range(stream, self.group, "-", "+", 10_000, consumername=worker_id)
-                entry_ids = [e for e in (_s(h["message_id"]) for h in held) if (stream, e) not in running]
+                entry_ids = [_s(h["message_id"]) for h in held]
                 if entry_ids:
                     await self._release(keys=[stream], args=[self.group, worker_id, idle_ms, *entry_ids])
             await self._redis.zrem(self.k_workers, worker_id)

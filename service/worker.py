@@ -100,6 +100,16 @@ class Worker:
                  self.shadow_fraction)  # fmt: skip
         for model, level, method, psnr in self.engine.quality_cards():
             self.metrics.card_psnr.labels(model, level, method).set(psnr)
+        for model in self.models or ():
+            self.metrics.serves.labels(model).set(1)
+        try:
+            await self._loop()
+        finally:
+            for model in self.models or ():
+                self.metrics.serves.labels(model).set(0)
+        self._executor.shutdown(wait=True)
+
+    async def _loop(self) -> None:
         down_since: float | None = None  # the queue backend's current outage, if any
         while not self._stopping.is_set():
             try:
@@ -119,7 +129,6 @@ class Worker:
                 self.metrics.errors.labels(type="worker_loop").inc()
                 log.exception("worker loop error; retrying in 1 s")
                 await asyncio.sleep(1.0)
-        self._executor.shutdown(wait=True)
 
     async def run_once(self) -> int:
         """Claim and process at most one batch; returns how many jobs it held."""

@@ -73,12 +73,6 @@ class WorkerProbe:
             ["model"],
             registry=metrics.registry,
         )
-        # Which models this worker takes jobs of, while it is ready: a model's lag with no ready
-        # worker serving it is LesaModelUnserved.
-        self.serves = Gauge(
-            "lesa_worker_serves", "1 per model this worker has loaded and takes jobs of, while it is ready",
-            ["model"], registry=metrics.registry,
-        )  # fmt: skip
         # Read at scrape time, so /metrics never lags behind /readyz.
         self.workers_ready.set_function(lambda: 1.0 if self.ready else 0.0)
         metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
@@ -154,6 +148,8 @@ async def _watch(queue: RedisJobQueue, probe: WorkerProbe, stop: asyncio.Event) 
             if probe.queue_ok:
                 log.warning("queue unavailable: %s", error)
             probe.queue_ok = False
+            for gauge in (probe.stream_pending, probe.stream_lag):
+                gauge.clear()  # unknown while Redis is away: a stale backlog would page as unserved
         except Exception:  # noqa: BLE001 - the probe loop must outlive any one odd reply
             log.exception("queue check failed")
             probe.queue_ok = False
@@ -204,8 +200,6 @@ async def run_worker(settings: Settings, qsettings: RedisQueueSettings, name: st
             await asyncio.to_thread(engine.warmup)
         engine.ready = True
         probe.models_loaded = True
-        for model in engine.models:
-            probe.serves.labels(model).set_function(lambda: 1.0 if probe.ready else 0.0)
         log.info("worker %s: models %s ready in %.1fs", name, ", ".join(engine.models), time.perf_counter() - t0)
         if not stop.is_set():
             worker = Worker(

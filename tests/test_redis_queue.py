@@ -126,13 +126,14 @@ def test_heartbeat_keeps_a_slow_job_and_a_reclaimed_entry_is_never_started_twice
             await q.set_progress(a.id, 10 * (step + 1))
         (stolen,) = await q.claim_batch("w2", max_batch=2, max_wait_ms=0, timeout_s=1)
         assert stolen.id == b.id and stolen.worker_id == "w2"
-        # w1 stopping hands back its carry-over, but never `b`, which w2 reclaimed and runs (it used to
-        # make `b` idle again: a third worker started it a second time)
+        # w1 finishes `a` and stops: it hands back what it holds, but never `b`, which w2 reclaimed
+        # and runs (it used to make `b` idle again: a third worker started it a second time)
+        await q.complete(a.id, result("a"), {})
         await q.release("w1")
+        q._last_reclaim = 0.0  # w3's claim reclaims at once
         assert await q.claim_batch("w3", max_batch=2, max_wait_ms=0, timeout_s=0.05) == []
         assert (await q.get(b.id)).attempts == 1
         await q.set_progress(b.id, 10)  # w2 is working on it (its heartbeat), as below
-        await q.complete(a.id, result("a"), {})
         assert await q.claim_batch("w1", max_batch=2, max_wait_ms=0, timeout_s=0.2) == []
         assert (await q.get(b.id)).attempts == 1
         await q.close()
@@ -262,6 +263,24 @@ def test_a_stopping_worker_hands_on_every_entry_it_holds_whenever_its_claim_was_
             for q_ in (q, other):
                 await q_.close()
             cleanup_prefix(q.prefix)
+
+    asyncio.run(scenario())
+
+
+def test_a_job_its_stopping_worker_dropped_is_handed_on_at_once(prefix: str) -> None:
+    """A batch whose result could not be stored (a Redis blip) is dropped for redelivery; the worker
+    stopping after it must not keep the entry for the visibility timeout."""
+
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix, visibility_timeout_s=300)
+        job = await q.submit(spec())
+        (dropped,) = await q.claim_batch("w1", max_batch=1, max_wait_ms=0, timeout_s=1)
+        await q.release("w1")  # the worker's way out, without a result for `dropped`
+        other = RedisJobQueue(REDIS_URL, prefix=prefix, visibility_timeout_s=300)
+        (again,) = await other.claim_batch("w2", max_batch=1, max_wait_ms=0, timeout_s=2)
+        assert again.id == dropped.id == job.id and again.attempts == 2
+        for q_ in (q, other):
+            await q_.close()
 
     asyncio.run(scenario())
 

@@ -332,7 +332,9 @@ def test_a_busy_server_runs_requests_that_allow_it_at_their_max_acceleration() -
         wait_for(client, f"/v1/images/jobs/{blocker.json()['id']}", {"in_progress"})
         body = {"prompt": "x", "acceleration": "none", "max_acceleration": "5x", "num_inference_steps": 8, "seed": 3}
         first = client.post("/v1/images/jobs", json=body).json()  # nothing queued yet: runs as asked
-        second = client.post("/v1/images/jobs", json=body).json()  # one queued: raised
+        key = {"Idempotency-Key": "raised"}
+        second = client.post("/v1/images/jobs", json=body, headers=key).json()  # one queued: raised
+        assert client.post("/v1/images/jobs", json=body, headers=key).json()["id"] == second["id"]  # a replay
         strict = client.post("/v1/images/jobs", json={**body, "max_acceleration": None}).json()  # not allowed to
         # 2x and 5x both run 4 full steps of 8: raising would gain nothing, so it is not done
         same = client.post("/v1/images/jobs", json={**body, "acceleration": "2x"}).json()
@@ -349,6 +351,7 @@ def test_a_busy_server_runs_requests_that_allow_it_at_their_max_acceleration() -
         assert lesa["second"]["seed"] == 3 and lesa["second"]["full_steps"] < lesa["first"]["full_steps"]
         assert (lesa["strict"]["level"], lesa["strict"]["raised_from"]) == ("none", None)
         assert (lesa["same"]["level"], lesa["same"]["raised_from"]) == ("2x", None)
+        # counted once per job: not for the replay
         assert 'lesa_load_raised_jobs_total{level="5x",model="fake-image"} 1.0' in client.get("/metrics").text
 
 
