@@ -379,9 +379,13 @@ class _Active:
     heartbeat: float
 
 
-def _entry_age(entry: _Entry) -> tuple[int, int]:
-    ms, _, seq = entry.entry_id.partition("-")
+def _id_age(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _entry_age(entry: _Entry) -> tuple[int, int]:
+    return _id_age(entry.entry_id)
 
 
 def _by_stream(entries: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -966,6 +970,34 @@ class RedisJobQueue(JobQueue):
             delivered += self._deliveries(stream.decode() if isinstance(stream, bytes) else stream, entries)
         return await self._load(carry, delivered)
 
+    async def _read_oldest(self, consumer: str, streams: list[str], carry: list[_Entry]) -> None:
+        """Read one entry from the stream whose oldest undelivered entry is the oldest of all, if
+        it is older than everything in the carry-over. Peeks (XINFO GROUPS' last-delivered-id, then
+        XRANGE after it) deliver nothing, so the other streams' entries stay free for any worker."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xinfo_groups(stream)
+            infos = await pipe.execute(raise_on_error=False)
+        last: dict[str, str] = {}
+        for stream, groups in zip(streams, infos, strict=True):
+            if isinstance(groups, Exception):
+                continue  # no stream yet: nothing waits there (the blocking read creates its group)
+            for group in groups:
+                if _s(group["name"]) == self.group:
+                    last[stream] = _s(group["last-delivered-id"]) or "0-0"
+        if not last:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream, after in last.items():
+                pipe.xrange(stream, min=f"({after}", max="+", count=1)
+            firsts = await pipe.execute()
+        waiting = {stream: _id_age(_s(rows[0][0])) for stream, rows in zip(last, firsts, strict=True) if rows}
+        if not waiting:
+            return
+        stream = min(waiting, key=waiting.__getitem__)
+        if not carry or waiting[stream] < min(_entry_age(e) for e in carry):
+            await self._read_new(consumer, [stream], carry, count=1, block_s=None)
+
     async def _reclaim(self, consumer: str, streams: list[str], carry: list[_Entry], limit: int) -> None:
         """Take over entries whose worker stopped heartbeating (at most every visibility/4 s)."""
         now = time.monotonic()
@@ -1027,22 +1059,23 @@ class RedisJobQueue(JobQueue):
                     streams = await self._streams(None)
                     self._read_streams[worker_id].update(streams)
             await self._reclaim(worker_id, streams, carry, limit=max_batch)
-            # One entry per stream at most (the head's stream tops up below): a worker serving several
-            # models must neither hoard another model's backlog nor leave a model unread behind one.
-            per_stream = max_batch if len(streams) == 1 else 1
+            if len(streams) > 1:
+                # A worker serving several models takes the oldest waiting entry of any of them (FIFO
+                # across models, none starves behind another's backlog), and reads only that one:
+                # an entry it took and does not run now would wait for its batch while an idle peer
+                # could run it. The head's stream tops the batch up below.
+                await self._read_oldest(worker_id, streams, carry)
             if not carry:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
-                # Block in slices of <= 1 s so reclaim and the worker heartbeat keep running.
-                await self._read_new(worker_id, streams, carry, count=per_stream, block_s=min(remaining, 1.0))
+                # Block in slices of <= 1 s so reclaim and the worker heartbeat keep running (with
+                # several streams, COUNT 1 each: entries landing in two at once are the only hoard).
+                count = max_batch if len(streams) == 1 else 1
+                await self._read_new(worker_id, streams, carry, count=count, block_s=min(remaining, 1.0))
                 await self._housekeeping()
                 continue
-            unread = [s for s in streams if all(e.stream != s for e in carry)]
-            if unread and len(streams) > 1:
-                await self._read_new(worker_id, unread, carry, count=1, block_s=None)
-            # Oldest first across the models' streams (entry ids are millisecond timestamps);
-            # reclaimed entries are older than anything unread, so they still go first.
+            # Oldest first (entry ids are millisecond timestamps; reclaimed entries are older still).
             carry.sort(key=_entry_age)
 
             head = carry[0]
