@@ -23,7 +23,8 @@ share one Redis):
   backlog limit, per model (a model no worker serves fills its own backlog, not the others').
 * `<p>:index`, `<p>:index:<kind>` — sorted sets by creation time for `list()`.
 * `<p>:idem:<sha256>` — Idempotency-Key -> job id, kept as long as the job.
-* `<p>:workers` — sorted set worker id -> last heartbeat (live worker count, Retry-After).
+* `<p>:workers`, `<p>:workers:<model>` — sorted sets worker id -> last heartbeat, of all workers
+  and of those serving a model (live worker count; a model's Retry-After).
 * `<p>:events` — pub/sub channel: job ids that became terminal (wakes `wait()` at once).
 
 Every state change that must not race is one Lua script (status only moves forward; the first
@@ -541,6 +542,9 @@ class RedisJobQueue(JobQueue):
     def _k_queued(self, model: str) -> str:
         return f"{self.prefix}:queued:{model}"
 
+    def _k_workers(self, model: str) -> str:
+        return f"{self.prefix}:workers:{model}"  # live workers serving `model` -> last heartbeat
+
     def _model_of(self, stream: str) -> str:
         return stream.removeprefix(f"{self.prefix}:jobs:")
 
@@ -627,9 +631,12 @@ class RedisJobQueue(JobQueue):
             return
         self._last_housekeeping = now
         horizon = now - self.job_ttl_s - self.result_ttl_s
+        worker_sets = [self.k_workers, *(self._k_workers(m) for m in await self._models())]
         async with self._redis.pipeline(transaction=False) as pipe:
-            for key in (self.k_index, f"{self.k_index}:image", f"{self.k_index}:video", self.k_workers):
-                pipe.zremrangebyscore(key, "-inf", horizon if key != self.k_workers else now - 3600)
+            for key in (self.k_index, f"{self.k_index}:image", f"{self.k_index}:video"):
+                pipe.zremrangebyscore(key, "-inf", horizon)
+            for key in worker_sets:
+                pipe.zremrangebyscore(key, "-inf", now - 3600)
             await pipe.execute()
         await self.prune_consumers()
         await self._prune_queued()
@@ -710,19 +717,20 @@ class RedisJobQueue(JobQueue):
                 return existing
             return await self.submit(spec, idempotency_key=idempotency_key)  # expired in between
         if kind == "full":
-            raise QueueFull(await self._retry_after(int(value)))
+            raise QueueFull(await self._retry_after(int(value), spec.model))
         if idempotency_key is not None:
             # The original header, for the record (the key name only holds its hash).
             await self._redis.hset(self._k_job(job_id), "idem_key", idempotency_key)
         await self._housekeeping()
         return Job(id=job_id, spec=spec, created_at=created_at, idempotency_key=idempotency_key)
 
-    async def _retry_after(self, depth: int) -> int:
-        """Seconds until the backlog should have drained: depth x seconds per job / live workers."""
+    async def _retry_after(self, depth: int, model: str) -> int:
+        """Seconds until the model's backlog should have drained: its depth x seconds per job / the
+        live workers serving it."""
         now = time.time()
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hget(self.k_stats, "job_s")
-            pipe.zcount(self.k_workers, now - 30, "+inf")
+            pipe.zcount(self._k_workers(model), now - 30, "+inf")
             job_s, workers = await pipe.execute()
         per_job = float(job_s) if job_s else 1.0
         return max(1, min(600, math.ceil(depth * per_job / max(1, int(workers)))))
@@ -1053,11 +1061,14 @@ class RedisJobQueue(JobQueue):
                 return []
             now = time.time()
             if now - self._last_seen.get(worker_id, 0.0) >= 1.0:  # liveness for Retry-After; 1/s is plenty
-                await self._redis.zadd(self.k_workers, {worker_id: now})
-                self._last_seen[worker_id] = now
                 if models is None:  # jobs for a model never seen before may have arrived
                     streams = await self._streams(None)
                     self._read_streams[worker_id].update(streams)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key in (self.k_workers, *(self._k_workers(self._model_of(s)) for s in streams)):
+                        pipe.zadd(key, {worker_id: now})
+                    await pipe.execute()
+                self._last_seen[worker_id] = now
             await self._reclaim(worker_id, streams, carry, limit=max_batch)
             if len(streams) > 1:
                 # A worker serving several models takes the oldest waiting entry of any of them (FIFO
@@ -1304,7 +1315,10 @@ class RedisJobQueue(JobQueue):
                 entry_ids = [_s(h["message_id"]) for h in held]
                 if entry_ids:
                     await self._release(keys=[stream], args=[self.group, worker_id, idle_ms, *entry_ids])
-            await self._redis.zrem(self.k_workers, worker_id)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in (self.k_workers, *(self._k_workers(self._model_of(s)) for s in streams)):
+                    pipe.zrem(key, worker_id)
+                await pipe.execute()
         except (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError):
             pass  # Redis is gone: the entries come back after the visibility timeout anyway
 

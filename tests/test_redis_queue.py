@@ -373,6 +373,26 @@ def test_backlog_limit_per_model_gives_queue_full_with_retry_after(prefix: str) 
     asyncio.run(scenario())
 
 
+def test_retry_after_counts_the_workers_that_serve_the_model(prefix: str) -> None:
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix, max_backlog=2)
+        for worker in ("w1", "w2", "w3"):  # three workers serve m (their claims heartbeat), none serves x
+            assert await q.claim_batch(worker, max_batch=1, max_wait_ms=0, timeout_s=0.01, models=["m"]) == []
+        await q._redis.hset(q.k_stats, "job_s", "10")  # seconds per job, as finished jobs measured it
+        for model in ("m", "x"):
+            for seed in range(2):
+                await q.submit(spec(model=model, seed=seed))
+        waits = {}
+        for model in ("m", "x"):
+            with pytest.raises(QueueFull) as full:
+                await q.submit(spec(model=model, seed=9))
+            waits[model] = full.value.retry_after_s
+        assert waits == {"m": 7, "x": 20}  # 2 jobs x 10 s over 3 workers; over none (as if one)
+        await q.close()
+
+    asyncio.run(scenario())
+
+
 def test_unreachable_redis_raises_queue_unavailable_quickly() -> None:
     async def scenario() -> None:
         q = RedisJobQueue(f"redis://:secret@127.0.0.1:{free_port()}/0", prefix=new_prefix())
