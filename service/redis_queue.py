@@ -978,10 +978,22 @@ class RedisJobQueue(JobQueue):
             delivered += self._deliveries(stream.decode() if isinstance(stream, bytes) else stream, entries)
         return await self._load(carry, delivered)
 
-    async def _read_oldest(self, consumer: str, streams: list[str], carry: list[_Entry]) -> None:
+    async def _heartbeat_worker(self, consumer: str, models: list[str], now: float) -> None:
+        """This worker is alive and serves `models` (Retry-After's worker counts); the models join
+        `<p>:models`, so the housekeeping prunes their worker sets even before their first job."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in (self.k_workers, *(self._k_workers(m) for m in models)):
+                pipe.zadd(key, {consumer: now})
+            if models:
+                pipe.sadd(self.k_models, *models)
+            await pipe.execute()
+        self._last_seen[consumer] = now
+
+    async def _read_oldest(self, consumer: str, streams: list[str], carry: list[_Entry]) -> bool:
         """Read one entry from the stream whose oldest undelivered entry is the oldest of all, if
-        it is older than everything in the carry-over. Peeks (XINFO GROUPS' last-delivered-id, then
-        XRANGE after it) deliver nothing, so the other streams' entries stay free for any worker."""
+        it is older than everything in the carry-over; say whether any entry was waiting. Peeks
+        (XINFO GROUPS' last-delivered-id, then XRANGE after it) deliver nothing, so the other
+        streams' entries stay free for any worker."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xinfo_groups(stream)
@@ -990,21 +1002,22 @@ class RedisJobQueue(JobQueue):
         for stream, groups in zip(streams, infos, strict=True):
             if isinstance(groups, Exception):
                 continue  # no stream yet: nothing waits there (the blocking read creates its group)
-            for group in groups:
-                if _s(group["name"]) == self.group:
-                    last[stream] = _s(group["last-delivered-id"]) or "0-0"
+            # A stream without the group (Redis restarted without its data, and a submit made the
+            # stream again) waits from its start: the read recreates the group from id 0.
+            last[stream] = next((_s(g["last-delivered-id"]) for g in groups if _s(g["name"]) == self.group), "0-0")
         if not last:
-            return
+            return False
         async with self._redis.pipeline(transaction=False) as pipe:
             for stream, after in last.items():
                 pipe.xrange(stream, min=f"({after}", max="+", count=1)
             firsts = await pipe.execute()
         waiting = {stream: _id_age(_s(rows[0][0])) for stream, rows in zip(last, firsts, strict=True) if rows}
         if not waiting:
-            return
+            return False
         stream = min(waiting, key=waiting.__getitem__)
         if not carry or waiting[stream] < min(_entry_age(e) for e in carry):
             await self._read_new(consumer, [stream], carry, count=1, block_s=None)
+        return True
 
     async def _reclaim(self, consumer: str, streams: list[str], carry: list[_Entry], limit: int) -> None:
         """Take over entries whose worker stopped heartbeating (at most every visibility/4 s)."""
@@ -1064,18 +1077,16 @@ class RedisJobQueue(JobQueue):
                 if models is None:  # jobs for a model never seen before may have arrived
                     streams = await self._streams(None)
                     self._read_streams[worker_id].update(streams)
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for key in (self.k_workers, *(self._k_workers(self._model_of(s)) for s in streams)):
-                        pipe.zadd(key, {worker_id: now})
-                    await pipe.execute()
-                self._last_seen[worker_id] = now
+                await self._heartbeat_worker(worker_id, [self._model_of(s) for s in streams], now)
             await self._reclaim(worker_id, streams, carry, limit=max_batch)
-            if len(streams) > 1:
+            if len(streams) > 1 and (carry or time.monotonic() < deadline):
                 # A worker serving several models takes the oldest waiting entry of any of them (FIFO
                 # across models, none starves behind another's backlog), and reads only that one:
                 # an entry it took and does not run now would wait for its batch while an idle peer
                 # could run it. The head's stream tops the batch up below.
-                await self._read_oldest(worker_id, streams, carry)
+                if await self._read_oldest(worker_id, streams, carry) and not carry:
+                    continue  # it was cancelled, or a peer took it first: look again, not block on all
+
             if not carry:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -1194,6 +1205,9 @@ class RedisJobQueue(JobQueue):
         await self._progress(keys=[self._k_job(job_id)], args=[min(100, max(0, int(progress)))])
         active = self._active.get(job_id)
         if active is not None:
+            wall = time.time()
+            if wall - self._last_seen.get(active.consumer, 0.0) >= 1.0:  # busy, not gone: still counted
+                await self._heartbeat_worker(active.consumer, [self._model_of(active.stream)], wall)
             now = time.monotonic()
             if now - active.heartbeat >= self.visibility_timeout_s / 4:
                 # Proof of life for this delivery: keeps other workers from reclaiming it.

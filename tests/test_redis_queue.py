@@ -209,6 +209,27 @@ def test_a_worker_serving_several_models_takes_them_oldest_first_and_hoards_none
         for worker, model in (("w2", "b"), ("w3", "c")):
             batch = await q.claim_batch(worker, max_batch=2, max_wait_ms=0, timeout_s=1, models=abc)
             assert [j.spec.model for j in batch] == [model, model]
+
+        # The oldest waiting entry was cancelled: the worker looks again rather than taking one of
+        # every model in a blocking read.
+        first = await q.submit(spec(model="a", seed=1))
+        for model in ("b", "c"):
+            await q.submit(spec(model=model, seed=1))
+        await q.cancel(first.id)
+        batch = await q.claim_batch("w1", max_batch=1, max_wait_ms=0, timeout_s=1, models=abc)
+        assert [j.spec.model for j in batch] == ["b"] and q._carry[q.consumer("w1")] == []
+        assert [
+            j.spec.model for j in await q.claim_batch("w2", max_batch=1, max_wait_ms=0, timeout_s=1, models=abc)
+        ] == ["c"]
+
+        # A stream that lost its group (Redis restarted without its data; a submit made the stream
+        # again) still competes by age: its job runs first, not after the other model's backlog.
+        await q._redis.delete(q.stream_for("b"))
+        lone = await q.submit(spec(model="b", seed=2))  # this instance believes b's group exists
+        for i in range(3):
+            await q.submit(spec(model="a", seed=10 + i))
+        batch = await q.claim_batch("w1", max_batch=1, max_wait_ms=0, timeout_s=1, models=abc)
+        assert [j.id for j in batch] == [lone.id]
         await q.close()
 
     asyncio.run(scenario())
