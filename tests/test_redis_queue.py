@@ -188,6 +188,7 @@ def test_a_worker_serving_several_models_takes_them_oldest_first_and_hoards_none
             await q.submit(spec(model="a", seed=i, width=16 * (1 + i % 3)))
         order = [j.id for j in await q.claim_batch("w", max_batch=2, max_wait_ms=0, timeout_s=1, models=both)]
         b = await q.submit(spec(model="b", seed=99))
+        await asyncio.sleep(0.005)  # ids of two streams are equal within a millisecond: a tie
         for i in range(4, 12):
             await q.submit(spec(model="a", seed=i, width=16 * (1 + i % 3)))
         while jobs := await q.claim_batch("w", max_batch=2, max_wait_ms=0, timeout_s=0.3, models=both):
@@ -214,6 +215,7 @@ def test_a_worker_serving_several_models_takes_them_oldest_first_and_hoards_none
         # every model in a blocking read.
         first = await q.submit(spec(model="a", seed=1))
         for model in ("b", "c"):
+            await asyncio.sleep(0.005)  # ids of two streams are equal within a millisecond: a tie
             await q.submit(spec(model=model, seed=1))
         await q.cancel(first.id)
         batch = await q.claim_batch("w1", max_batch=1, max_wait_ms=0, timeout_s=1, models=abc)
@@ -226,10 +228,11 @@ def test_a_worker_serving_several_models_takes_them_oldest_first_and_hoards_none
         # again) still competes by age: its job runs first, not after the other model's backlog.
         await q._redis.delete(q.stream_for("b"))
         lone = await q.submit(spec(model="b", seed=2))  # this instance believes b's group exists
+        await asyncio.sleep(0.005)  # ids of two streams are equal within a millisecond: a tie
         for i in range(3):
             await q.submit(spec(model="a", seed=10 + i))
         batch = await q.claim_batch("w1", max_batch=1, max_wait_ms=0, timeout_s=1, models=abc)
-        assert [j.id for j in batch] == [lone.id]
+        assert [j.id for j in batch] == [lone.id], [(j.spec.model, j.spec.seed) for j in batch]
         await q.close()
 
     asyncio.run(scenario())
