@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from pydantic import BaseModel
 
+from service.engine import theoretical_speedup
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.queue import Job, JobQueue, JobSpec, QueueFull, QueueUnavailable
@@ -119,8 +120,6 @@ async def resolve_for_load(services: Services, body: Body, resolve: Callable[[Bo
         raise unavailable(services, down) from None
     if not busy:
         return spec
-    from service.engine import theoretical_speedup
-
     fast = resolve(body.model_copy(update={"acceleration": max_level, "seed": spec.seed}))
     steps = spec.num_inference_steps
     if theoretical_speedup(fast.level, steps) <= theoretical_speedup(spec.level, steps):

@@ -77,6 +77,16 @@ class WorkerProbe:
         self.workers_ready.set_function(lambda: 1.0 if self.ready else 0.0)
         metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
 
+    def show_streams(self, stats: dict[str, dict[str, int | None]]) -> None:
+        """Export these models' stream gauges, and only these: a model whose stream is gone (Redis
+        lost its data) has no backlog to report."""
+        for gauge in (self.stream_pending, self.stream_lag):
+            gauge.clear()
+        for model, stream in stats.items():
+            self.stream_pending.labels(model).set(stream["pending"] or 0)
+            if stream["lag"] is not None:
+                self.stream_lag.labels(model).set(stream["lag"])
+
     @property
     def ready(self) -> bool:
         return self.models_loaded and self.queue_ok
@@ -136,20 +146,13 @@ async def _watch(queue: RedisJobQueue, probe: WorkerProbe, stop: asyncio.Event) 
         try:
             await queue.ping()
             probe.metrics.queue_depth.set(await queue.depth())
-            stats = await queue.stream_stats()
-            for gauge in (probe.stream_pending, probe.stream_lag):
-                gauge.clear()  # a model whose stream is gone (Redis lost its data) has no backlog to report
-            for model, stream in stats.items():
-                probe.stream_pending.labels(model).set(stream["pending"] or 0)
-                if stream["lag"] is not None:
-                    probe.stream_lag.labels(model).set(stream["lag"])
+            probe.show_streams(await queue.stream_stats())
             probe.queue_ok = True
         except QueueUnavailable as error:
             if probe.queue_ok:
                 log.warning("queue unavailable: %s", error)
             probe.queue_ok = False
-            for gauge in (probe.stream_pending, probe.stream_lag):
-                gauge.clear()  # unknown while Redis is away: a stale backlog would page as unserved
+            probe.show_streams({})  # unknown while Redis is away: a stale backlog would page as unserved
         except Exception:  # noqa: BLE001 - the probe loop must outlive any one odd reply
             log.exception("queue check failed")
             probe.queue_ok = False
