@@ -95,6 +95,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rates)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
 MAX_SEED = 2**31 - 1  # what every sampler of the project accepts (--seed here, --seeds lists in benchmark)
 
 

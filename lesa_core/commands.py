@@ -6,7 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
-from lesa_core.cli import CliError, non_negative_int, positive_int, seed_int
+from lesa_core.cli import CliError, non_negative_int, positive_float, positive_int, seed_int
 from lesa_core.predictor import BundleError
 from lesa_core.schedule import CacheSchedule
 from lesa_core.training import TrainSettings as TrainDefaults
@@ -146,7 +146,11 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
         help="epochs of final-sample MSE through the whole sampler (improved; reference models only)",
     )
     train.add_argument("--batch-size", type=positive_int, default=TrainDefaults.batch_size)
-    train.add_argument("--lr", type=float, default=TrainDefaults.lr)
+    train.add_argument("--lr", type=positive_float, default=TrainDefaults.lr)
+    train.add_argument(
+        "--phase3-batch-size", type=positive_int, default=None, help="phase 3's batch (default: --batch-size)"
+    )
+    train.add_argument("--phase3-lr", type=positive_float, default=TrainDefaults.phase3_lr)
     train.add_argument(
         "--kan-hidden",
         default="256,256",
@@ -264,6 +268,8 @@ def _train_predictor(args: argparse.Namespace) -> int:
         phase3_epochs=args.phase3_epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        phase3_lr=args.phase3_lr,
+        phase3_batch_size=args.phase3_batch_size,
         per_branch=args.per_branch,
         train_tokens=args.train_tokens,
         phase2_updates_per_rollout=args.phase2_updates,

@@ -116,6 +116,12 @@ def test_cli_errors_are_one_line_naming_the_problem_never_a_traceback(tmp_path, 
         main(["record", "--model", "digits-image", "--prompts", str(prompts), "--seeds", "0", "--out", "x",
               "--shard-size", "0"])  # fmt: skip
     assert exit_info.value.code == 2 and "--shard-size: must be at least 1" in capsys.readouterr().err
+    for flag in ("--lr", "--phase3-lr"):  # a learning rate of 0, below or NaN would train nothing, silently
+        for bad in ("0", "-1e-4", "nan"):
+            with pytest.raises(SystemExit) as exit_info:
+                main(["train-predictor", "--model", "digits-image", "--data", "x", "--level", "5x", "--out", "y",
+                      f"{flag}={bad}"])  # fmt: skip
+            assert exit_info.value.code == 2 and f"{flag}: must be a number above 0" in capsys.readouterr().err
     # a damaged pipeline directory is named, whatever is wrong in it
     broken = tmp_path / "broken"
     shutil.copytree(Path(lesa_models.__file__).parent / "weights" / "digits-image", broken,

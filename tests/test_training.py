@@ -199,10 +199,18 @@ def test_phase3_backpropagates_the_final_sample_error_through_the_sampler(pipe, 
     assert all(p.requires_grad for p in pipe.transformer.parameters())  # unfrozen afterwards
 
     # --init fine-tunes a trained bundle: its first validation is that bundle's best score
+    # (phase 3 in batches of 1: one update per training trajectory, phase 1 and 2 keep batch_size)
     tune = dataclasses.replace(
-        settings, phase1_epochs=0, phase2_epochs=0, phase3_epochs=1, init_from=str(tmp_path / "bundle")
+        settings,
+        phase1_epochs=0,
+        phase2_epochs=0,
+        phase3_epochs=1,
+        phase3_batch_size=1,
+        init_from=str(tmp_path / "bundle"),
     )
     _, tuned = train_predictor(pipe, out, schedule, tmp_path / "tuned", tune, progress=False)
+    state = torch.load(tmp_path / "tuned.work" / "train_state.pt", weights_only=True)
+    assert state["scheduler"]["last_epoch"] == 4  # 4 training trajectories (1 of 5 held out); batch 4: 1 update
     assert tuned.history[0] == {"epoch": "init", "val_final_mse": pytest.approx(report.best_val_mse)}
     record = StagePredictor.from_pretrained(tmp_path / "tuned").config.training
     assert record["initial"]["settings"]["phase3_epochs"] == 2  # how the starting bundle was trained
