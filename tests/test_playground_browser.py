@@ -249,6 +249,19 @@ def fake_server() -> Iterator[tuple[str, object]]:
         yield url, app.state.services
 
 
+def image_jobs(services, limit: int = 5) -> list:
+    """The newest image jobs of the in-process queue (the fake server's), newest first."""
+    import asyncio
+
+    # Read from this thread while the server's thread may add a job: retry a torn read.
+    for _ in range(10):
+        try:
+            return asyncio.run(services.queue.list(kind="image", limit=limit))[0]
+        except RuntimeError:  # dictionary changed size during iteration
+            time.sleep(0.01)
+    raise AssertionError("could not read the job list")
+
+
 def test_cancel_clicked_while_submitting_cancels_the_job_once_created(fake_server, browser) -> None:
     url, _ = fake_server
     open_page(browser, url)
@@ -266,6 +279,42 @@ def test_cancel_clicked_while_submitting_cancels_the_job_once_created(fake_serve
     wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "cancelled", 30,
          "a Cancel clicked before the job id arrived was lost")  # fmt: skip
     assert browser.find_element(By.ID, "error-general").text.startswith("Cancelled at ")
+
+
+def test_cancel_clicked_as_the_job_finishes_keeps_the_result(fake_server, browser) -> None:
+    """Cancel crossing the job's completion: the page still thinks it runs (its polls are held
+    back) when the job completes. The page cancels with POST .../cancel, which leaves a finished
+    job alone; it used to send DELETE, which deleted the images it then failed to show."""
+    url, services = fake_server
+    open_page(browser, url)
+    browser.execute_script("""
+        window.pollsHeld = true;
+        const original = window.fetch;
+        window.fetch = async (resource, init) => {
+          const get = !init || !init.method || init.method === "GET";
+          if (get && String(resource).includes("/v1/images/jobs/")) {
+            while (window.pollsHeld) await new Promise((r) => setTimeout(r, 20));
+          }
+          return original(resource, init);
+        };""")
+    before = {j.id for j in image_jobs(services, limit=100)}
+    fill(browser, "steps", "4")
+    browser.find_element(By.ID, "generate").click()
+    cancel = browser.find_element(By.ID, "cancel")
+
+    def job():
+        return next((j for j in image_jobs(services) if j.id not in before), None)
+
+    wait(browser, lambda d: job() is not None and job().status == "completed", 30, "the job never completed")
+    assert cancel.is_enabled()  # the page has not seen the completion
+    cancel.click()
+    wait(browser, lambda d: not cancel.is_enabled(), 10)
+    time.sleep(0.5)  # the cancel request reaches the server
+    browser.execute_script("window.pollsHeld = false;")
+    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", 30,
+         "the page did not show the finished job")  # fmt: skip
+    assert browser.find_elements(By.CSS_SELECTOR, "#output img:not(.preview)")
+    assert job().status == "completed"  # kept, not deleted
 
 
 def test_level_cards_show_the_measured_quality(fake_server, browser) -> None:
@@ -398,21 +447,13 @@ def test_api_key_is_asked_for_and_used_for_outputs(browser) -> None:
 def test_cancelling_a_comparison_cancels_its_server_job(fake_server, browser) -> None:
     """Cancel aborts the compare request; the server notices the closed connection and cancels
     the job it was waiting for, so an abandoned comparison does not keep the worker busy."""
-    import asyncio
-
     url, services = fake_server
     open_page(browser, url)
     fill(browser, "steps", "100")  # 3 s a run on the fake pipeline
     browser.find_element(By.ID, "compare").click()
 
     def jobs():
-        # Read from this thread while the server's thread may add a job: retry a torn read.
-        for _ in range(10):
-            try:
-                return asyncio.run(services.queue.list(kind="image", limit=5))[0]
-            except RuntimeError:  # dictionary changed size during iteration
-                time.sleep(0.01)
-        raise AssertionError("could not read the job list")
+        return image_jobs(services)
 
     wait(browser, lambda d: any(j.status == "in_progress" and j.spec.level == "5x" for j in jobs()), 10)
     job_id = next(j.id for j in jobs() if j.status == "in_progress")

@@ -275,6 +275,37 @@ def test_cancel_running_video_stops_denoising() -> None:
         assert client.post("/v1/images/generations", json={"prompt": "next"}).status_code == 200
 
 
+def test_post_cancel_stops_a_live_job_and_keeps_a_finished_one() -> None:
+    """POST .../cancel: a running job is cancelled like DELETE does; a job that finished first is
+    returned unchanged with its content (DELETE would forget it: a client's cancel that crosses
+    the completion must not lose the result)."""
+    s = settings()
+    with TestClient(create_app(s, engine=make_engine(s, step_delay=0.02))) as client:
+        video = client.post("/v1/videos", json={"prompt": "slow", "num_inference_steps": 100}).json()
+        wait_for(client, f"/v1/videos/{video['id']}", {"in_progress"})
+        cancelled = client.post(f"/v1/videos/{video['id']}/cancel")
+        assert cancelled.status_code == 200
+        assert cancelled.json()["object"] == "video" and cancelled.json()["status"] == "cancelled"
+        # cancelling again changes nothing and counts nothing
+        assert client.post(f"/v1/videos/{video['id']}/cancel").json()["status"] == "cancelled"
+        assert 'lesa_jobs_total{model="fake-video",status="cancelled"} 1.0' in client.get("/metrics").text
+
+        image = client.post("/v1/images/jobs", json={"prompt": "quick", "num_inference_steps": 4}).json()
+        done = wait_for(client, f"/v1/images/jobs/{image['id']}", {"completed"})
+        kept = client.post(f"/v1/images/jobs/{image['id']}/cancel")
+        assert kept.status_code == 200 and kept.json() == done
+        assert client.get(f"/v1/images/{image['id']}/content").status_code == 200
+
+        finished = client.post("/v1/videos", json={"prompt": "quick", "num_inference_steps": 4}).json()
+        wait_for(client, f"/v1/videos/{finished['id']}", {"completed"})
+        assert client.post(f"/v1/videos/{finished['id']}/cancel").json()["status"] == "completed"
+        assert client.get(f"/v1/videos/{finished['id']}/content").status_code == 200
+
+        error = assert_error(client.post("/v1/videos/video_unknown/cancel"), 404, "video_id")
+        assert "video_unknown" in error["message"]
+        assert_error(client.post("/v1/images/jobs/unknown/cancel"), 404, "id")
+
+
 def test_racing_cancels_of_a_job_count_it_once() -> None:
     """Two DELETEs of one job that both read it live (a client retrying, two API replicas) race to
     cancel it: only the one that cancelled it counts (both used to: 5 jobs were counted 9 or 10 times)."""

@@ -69,6 +69,15 @@ async def cancel_or_delete(
     return DeletedObject(id=job_id, object=object_name, deleted=True, status=job.status.value)
 
 
+async def cancel_only(services: Services, job_id: str, kind: str, owner: str | None, param: str = "id") -> Job:
+    """POST .../cancel: stop a live job and return its record; a finished job is returned as it is.
+
+    Unlike DELETE (OpenAI's verb, which forgets a finished job), a cancel that crosses the job's
+    completion keeps the result: the client asked to stop work, not to throw away what is done."""
+    job = await get_job(services, job_id, kind, owner, param)
+    return await cancel(services, job) if not job.status.terminal else job
+
+
 EVENT_POLL_S = 0.1  # how often an event stream re-reads its job (works the same on every queue backend)
 EVENT_KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
 

@@ -10,7 +10,14 @@ from fastapi.responses import StreamingResponse
 from service.deps import OwnerDep, ReadyDep, get_job, resolve_for_load, submit, unavailable
 from service.errors import ApiError
 from service.queue import Job, JobStatus, QueueUnavailable
-from service.routers.common import artifact_response, cancel_or_delete, image_stream, job_events, partial_response
+from service.routers.common import (
+    artifact_response,
+    cancel_only,
+    cancel_or_delete,
+    image_stream,
+    job_events,
+    partial_response,
+)
 from service.schemas import DeletedObject, ErrorResponse, ImageGenerationRequest, ImageJobObject, ImagesResponse
 from service.views import image_job_object, images_response
 
@@ -144,6 +151,15 @@ async def image_job_partial(
     ones stored so far); kept as long as the job."""
     job = await get_job(services, job_id, "image", owner)
     return await partial_response(services, job, index)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=ImageJobObject, summary="Cancel an image job (never deletes)")
+async def cancel_image_job(job_id: str, request: Request, services: ReadyDep, owner: OwnerDep) -> ImageJobObject:
+    """A queued or running job stops (status `cancelled`); a finished one is returned unchanged,
+    its images kept. DELETE is the same on a live job but forgets a finished one."""
+    job = await cancel_only(services, job_id, "image", owner)
+    assert services.queue is not None
+    return await image_job_object(job, services.queue, base_url(request, services))
 
 
 @router.delete("/jobs/{job_id}", response_model=DeletedObject, summary="Cancel (or delete) an image job")

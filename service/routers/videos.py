@@ -1,4 +1,4 @@
-"""Videos: OpenAI's asynchronous job lifecycle (create, list, retrieve, content, delete = cancel)."""
+"""Videos: OpenAI's asynchronous job lifecycle (create, list, retrieve, content, delete = cancel), and cancel."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from service.deps import OwnerDep, ReadyDep, get_job, resolve_for_load, submit
 from service.errors import ApiError, bad_request, body_validation_error
 from service.queue import Job, UnknownCursor
-from service.routers.common import artifact_response, cancel_or_delete, job_events
+from service.routers.common import artifact_response, cancel_only, cancel_or_delete, job_events
 from service.schemas import DeletedObject, ErrorResponse, ListResponse, VideoCreateRequest, VideoObject
 from service.views import video_object
 
@@ -136,6 +136,13 @@ async def video_events(video_id: str, services: ReadyDep, owner: OwnerDep) -> St
         return video_object(job)
 
     return job_events(services, video_id, "video", render)
+
+
+@router.post("/{video_id}/cancel", response_model=VideoObject, summary="Cancel a video (never deletes)")
+async def cancel_video(video_id: str, services: ReadyDep, owner: OwnerDep) -> VideoObject:
+    """A queued or running video stops (status `cancelled`); a finished one is returned unchanged,
+    its MP4 kept. DELETE is the same on a live video but forgets a finished one."""
+    return video_object(await cancel_only(services, video_id, "video", owner, "video_id"))
 
 
 @router.delete("/{video_id}", response_model=DeletedObject, summary="Cancel a running video / delete a finished one")

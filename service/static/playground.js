@@ -385,9 +385,9 @@ async function generate() {
     if (model.kind === "image") {
       const created = await api("POST", "/v1/images/jobs", { ...body, partial_images: PREVIEWS });
       job.id = created.id;
-      job.cancelPath = `/v1/images/jobs/${created.id}`;
-      if (job.cancelRequested) await api("DELETE", job.cancelPath); // Cancel was clicked while submitting
-      outcome = await pollJob(job, job.cancelPath, async (done) => {
+      job.path = `/v1/images/jobs/${created.id}`;
+      if (job.cancelRequested) await api("POST", `${job.path}/cancel`); // Cancel was clicked while submitting
+      outcome = await pollJob(job, job.path, async (done) => {
         const images = await Promise.all(done.result.data.map(async (d) => {
           const img = new Image();
           img.alt = done.prompt;
@@ -401,9 +401,9 @@ async function generate() {
     } else {
       const created = await api("POST", "/v1/videos", body);
       job.id = created.id;
-      job.cancelPath = `/v1/videos/${created.id}`;
-      if (job.cancelRequested) await api("DELETE", job.cancelPath); // Cancel was clicked while submitting
-      outcome = await pollJob(job, job.cancelPath, async (done) => {
+      job.path = `/v1/videos/${created.id}`;
+      if (job.cancelRequested) await api("POST", `${job.path}/cancel`); // Cancel was clicked while submitting
+      outcome = await pollJob(job, job.path, async (done) => {
         await showVideo(done);
         showStats(done.lesa, performance.now() - started);
         return "done";
@@ -509,12 +509,14 @@ async function cancel() {
     job.controller.abort();
     return;
   }
-  if (!job.cancelPath) {
+  if (!job.path) {
     job.cancelRequested = true; // not created yet: cancelled as soon as the server names it
     return;
   }
   try {
-    await api("DELETE", job.cancelPath);
+    // POST .../cancel, not DELETE: a click that crosses the job's completion must not delete the
+    // result (the next poll shows it as completed).
+    await api("POST", `${job.path}/cancel`);
   } catch (error) {
     showError(error);
   }
