@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
 MAX_SEED = 2**31 - 1 - 8  # sample i of a job uses seed + i, which must stay a valid 31-bit seed
 MethodName = Literal["lesa", "taylorseer", "reuse", "none"]
@@ -71,8 +71,8 @@ class StrictBody(BaseModel):
 
 
 class ImageGenerationRequest(StrictBody):
-    # JSON only, so its integers are strict: `true`, "2" or 2.0 for n is a client bug to report, not
-    # a guess to make (the video request stays lax: multipart forms send every field as a string)
+    # Numbers are strict: `true`, "2" or 2.0 for n is a client bug to report, not a guess to make
+    # (the video request is as strict in JSON; its multipart form's strings are read as numbers first)
     prompt: str = Field(
         ..., min_length=1, max_length=4000, description=f"What to draw. {_PROMPT_LIMIT}", examples=["a seven"]
     )
@@ -122,14 +122,17 @@ class ImageGenerationRequest(StrictBody):
     # LESA extensions
     seed: StrictInt | None = _SEED
     num_inference_steps: StrictInt | None = _STEPS
-    guidance_scale: float | None = _GUIDANCE
+    guidance_scale: StrictFloat | None = _GUIDANCE  # `true` is not 1.0 (which would turn CFG off)
     acceleration: str | None = _ACCELERATION
     max_acceleration: str | None = _MAX_ACCELERATION
     method: MethodName | None = _METHOD
 
 
 class VideoCreateRequest(StrictBody):
-    """Accepted as JSON or as multipart/form-data (the form the official `openai` client sends)."""
+    """Accepted as JSON or as multipart/form-data (the form the official `openai` client sends).
+
+    JSON numbers are strict, as in the image request; a form's fields are all strings, so the router
+    first reads a number field's string as the number it spells (`service/routers/videos.py`)."""
 
     prompt: str = Field(
         ..., min_length=1, max_length=4000, description=f"What to animate. {_PROMPT_LIMIT}", examples=["a seven"]
@@ -140,23 +143,35 @@ class VideoCreateRequest(StrictBody):
         description="Model id from GET /v1/models. Default: the first video model.",
         examples=["digits-video"],
     )
-    seconds: float | None = Field(
+    seconds: StrictFloat | None = Field(
         None, gt=0, le=600, allow_inf_nan=False,
         description="Duration; converted to frames at the model's fps and must give one of its frame counts. "
         "Give `seconds` or `num_frames` (default: the model's first frame count).", examples=[2],
     )  # fmt: skip
-    num_frames: int | None = Field(None, ge=1, le=1024, description="Frame count (one the model supports).")
+    num_frames: StrictInt | None = Field(None, ge=1, le=1024, description="Frame count (one the model supports).")
     size: str | None = Field(
         None, pattern=r"^([0-9]{1,5}x[0-9]{1,5}|auto)$", description='"WIDTHxHEIGHT" (one of the model\'s sizes).',
         examples=["16x16"],
     )  # fmt: skip
     user: str | None = Field(None, max_length=256)
-    seed: int | None = _SEED
-    num_inference_steps: int | None = _STEPS
-    guidance_scale: float | None = _GUIDANCE
+    seed: StrictInt | None = _SEED
+    num_inference_steps: StrictInt | None = _STEPS
+    guidance_scale: StrictFloat | None = _GUIDANCE
     acceleration: str | None = _ACCELERATION
     max_acceleration: str | None = _MAX_ACCELERATION
     method: MethodName | None = _METHOD
+
+    @field_validator("seconds", mode="before")
+    @classmethod
+    def _seconds_as_openai_sends_them(cls, value: Any) -> Any:
+        """OpenAI's `seconds` is a string ("4", "8", "12"), in JSON too: a numeric string is read
+        as its number; anything else is left for the type check to refuse, naming the field."""
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
 
 
 class LesaStats(BaseModel):

@@ -110,6 +110,8 @@ def test_url_format_and_content_endpoint(client: TestClient) -> None:
         ({"prompt": "x", "n": True}, 400, "n"),  # JSON integers are integers, not coerced
         ({"prompt": "x", "n": "2"}, 400, "n"),
         ({"prompt": "x", "seed": "7"}, 400, "seed"),
+        ({"prompt": "x", "guidance_scale": True}, 400, "guidance_scale"),  # not 1.0, which turns CFG off
+        ({"prompt": "x", "guidance_scale": "4"}, 400, "guidance_scale"),
         # max_acceleration is checked with the request, not first when the server is busy
         ({"prompt": "x", "max_acceleration": "auto"}, 400, "max_acceleration"),
         ({"prompt": "x", "max_acceleration": "9x"}, 400, "max_acceleration"),
@@ -237,6 +239,37 @@ def test_video_lifecycle_json_and_multipart(client: TestClient) -> None:
     deleted = client.delete(f"/v1/videos/{video['id']}").json()
     assert deleted["deleted"] and deleted["object"] == "video.deleted"
     assert_error(client.get(f"/v1/videos/{video['id']}"), 404, "video_id")
+
+
+@pytest.mark.parametrize(
+    ("json", "form", "param"),
+    [
+        ({"num_frames": True}, {"num_frames": "true"}, "num_frames"),
+        ({"num_frames": "8"}, {"num_frames": "8x"}, "num_frames"),
+        ({"seed": 7.5}, {"seed": "7.5"}, "seed"),
+        ({"num_inference_steps": "8"}, {"num_inference_steps": ""}, "num_inference_steps"),
+        ({"guidance_scale": True}, {"guidance_scale": "high"}, "guidance_scale"),
+        ({"seconds": True}, {"seconds": "nan"}, "seconds"),
+    ],
+)
+def test_video_numbers_are_strict_in_json_and_parsed_from_form_strings(
+    client: TestClient, json: dict, form: dict, param: str
+) -> None:
+    """JSON numbers are numbers (`true` for num_frames was 1 frame, "8" was 8); a multipart form's
+    strings are parsed as numbers, and a string that is not one is refused, naming the field."""
+    assert_error(client.post("/v1/videos", json={"prompt": "x", **json}), 400, param)
+    assert_error(client.post("/v1/videos", data={"prompt": "x", **form}), 400, param)
+
+
+def test_video_form_strings_and_openai_string_seconds_are_read_as_numbers(client: TestClient) -> None:
+    form = {"prompt": "x", "num_frames": "4", "seed": "7", "num_inference_steps": "8", "guidance_scale": "3"}
+    created = client.post("/v1/videos", data=form)
+    assert created.status_code == 200, created.text
+    done = wait_for(client, f"/v1/videos/{created.json()['id']}", {"completed", "failed"})
+    assert done["num_frames"] == 4 and done["lesa"]["seed"] == 7
+    assert done["lesa"]["num_inference_steps"] == 8 and done["lesa"]["guidance_scale"] == 3.0
+    # OpenAI's `seconds` is a string in JSON too ("4", "8", "12")
+    assert client.post("/v1/videos", json={"prompt": "x", "seconds": "0.5"}).json()["num_frames"] == 4
 
 
 def test_listing_after_a_deleted_video_is_a_400_naming_after(client: TestClient) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -30,6 +31,31 @@ _OPENAPI_BODY = {
 }
 
 
+def _schema_types(prop: dict) -> set[str]:
+    return {prop.get("type"), *(p.get("type") for p in prop.get("anyOf", []))} - {None}
+
+
+_FORM_PARSERS: dict[str, Callable[[str], Any]] = {
+    name: int if "integer" in _schema_types(prop) else float
+    for name, prop in _BODY_SCHEMA["properties"].items()
+    if _schema_types(prop) & {"integer", "number"}
+}
+
+
+def _form_numbers(form: dict[str, str]) -> dict[str, Any]:
+    """A form's strings as the numbers they spell, for the request's number fields (a form sends
+    every field as a string); a string that spells none is kept, and the strict field refuses it,
+    naming the field, as it refuses `true` or "8" in JSON."""
+    data: dict[str, Any] = dict(form)
+    for name, parse in _FORM_PARSERS.items():
+        if name in form:
+            try:
+                data[name] = parse(form[name])
+            except ValueError:
+                pass
+    return data
+
+
 async def _parse_body(request: Request) -> VideoCreateRequest:
     content_type = request.headers.get("content-type", "")
     data: Any
@@ -38,7 +64,7 @@ async def _parse_body(request: Request) -> VideoCreateRequest:
         if "input_reference" in form:
             raise ApiError(400, "input_reference (image-to-video) is not supported", param="input_reference",
                            code="unsupported")  # fmt: skip
-        data = {k: v for k, v in form.items() if isinstance(v, str)}
+        data = _form_numbers({k: v for k, v in form.items() if isinstance(v, str)})
     else:
         try:
             data = json.loads(await request.body() or b"null")
