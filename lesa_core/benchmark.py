@@ -94,7 +94,9 @@ def portable_path(path: Path, base: Path | None = None) -> str:
 DEFAULT_LEVELS = tuple(name for name in LEVELS if name != "none")
 # Predictor training records seeds < 1000; the benchmark's defaults start above that range.
 TRAINING_SEED_LIMIT = 1000
-DEFAULT_SEEDS = tuple(range(1000, 1016))
+# 256 seeds: a ratio of mean MSEs is decided by its worst seeds. On the first 32 the image 5x
+# LESA / TaylorSeer ratio was 0.73x, and 0.42x without its one bad seed (1021); see the README.
+DEFAULT_SEEDS = tuple(range(1000, 1256))
 FULL = "full"  # label of the reference run (no hooks)
 
 

@@ -34,7 +34,9 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default="digits-image", help="digits-image | digits-video | pipeline directory")
     parser.add_argument("--prompts", type=Path, default=None, help="file, one prompt per line (default: held-out)")
-    parser.add_argument("--seeds", default="1000-1015", help="e.g. 1000-1015 or 1000,1004 (training uses seeds < 1000)")
+    parser.add_argument(
+        "--seeds", default="1000-1255", help="e.g. 1000-1255 (the default) or 1000,1004 (training uses seeds < 1000)"
+    )
     parser.add_argument("--levels", default=",".join(DEFAULT_LEVELS), help="comma-separated lesa_core levels")
     parser.add_argument(
         "--methods",
