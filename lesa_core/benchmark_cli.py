@@ -30,12 +30,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by `lesa bench quality` and benchmarks/bench_quality.py."""
-    from lesa_core.benchmark import DEFAULT_LEVELS, DEFAULT_METHODS
+    from lesa_core.benchmark import DEFAULT_LEVELS, DEFAULT_METHODS, DEFAULT_SEEDS
 
     parser.add_argument("--model", default="digits-image", help="digits-image | digits-video | pipeline directory")
     parser.add_argument("--prompts", type=Path, default=None, help="file, one prompt per line (default: held-out)")
+    seeds = f"{DEFAULT_SEEDS[0]}-{DEFAULT_SEEDS[-1]}"
     parser.add_argument(
-        "--seeds", default="1000-1255", help="e.g. 1000-1255 (the default) or 1000,1004 (training uses seeds < 1000)"
+        "--seeds", default=seeds, help=f"e.g. {seeds} (the default) or 1000,1004 (training uses seeds < 1000)"
     )
     parser.add_argument("--levels", default=",".join(DEFAULT_LEVELS), help="comma-separated lesa_core levels")
     parser.add_argument(
