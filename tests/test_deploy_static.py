@@ -247,6 +247,13 @@ def test_keda_scales_workers_on_the_stream_the_queue_really_uses() -> None:
         assert trigger["metadata"]["consumerGroup"] == queue.group
         assert trigger["metadata"]["address"].startswith("lesa-redis.")
         assert int(trigger["metadata"]["lagCount"]) >= 1
+    # The HPA takes the largest of several metrics: the pool scales on the sum of every served
+    # model's lag instead (KEDA's scaling modifiers), one worker per full batch.
+    modifiers = scaled["spec"]["advanced"]["scalingModifiers"]
+    names = [t["name"] for t in triggers]
+    assert len(set(names)) == len(triggers) and all(re.fullmatch(r"[a-z_][a-z0-9_]*", n) for n in names)
+    assert sorted(modifiers["formula"].replace(" ", "").split("+")) == sorted(names)
+    assert modifiers["metricType"] == "AverageValue" and int(modifiers["target"]) == int(config["LESA_MAX_BATCH"])
 
 
 # ---- Dockerfile -----------------------------------------------------------------------------
