@@ -27,6 +27,7 @@ from service.metrics import Metrics
 from service.queue import InProcessJobQueue, JobQueue, QueueFull, QueueUnavailable
 from service.routers import health, images, models, playground, videos
 from service.settings import Settings
+from service.webhooks import webhook_sender
 from service.worker import Worker
 
 log = logging.getLogger("lesa.app")
@@ -90,6 +91,7 @@ async def _start(services: Services, run_worker: bool) -> None:
             services.queue, services.engine, services.metrics,
             max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, worker_id="embedded",
             shadow_fraction=settings.shadow_fraction, models=list(services.engine.models),
+            webhooks=webhook_sender(settings, services.metrics),
         )  # fmt: skip
         services.background.append(asyncio.create_task(services.worker.run(), name="lesa-worker"))
     services.metrics.ready.set(1)

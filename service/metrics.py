@@ -85,6 +85,10 @@ class Metrics:
         )  # fmt: skip
         self.jobs = Counter("lesa_jobs", "finished jobs by final status", ["model", "status"], registry=r)
         self.errors = Counter("lesa_errors", "errors by type", ["type"], registry=r)
+        self.webhooks = Counter(
+            "lesa_webhooks", "job events sent to LESA_WEBHOOK_URL, by type and outcome (delivered / failed)",
+            ["type", "outcome"], registry=r,
+        )  # fmt: skip
         self.ready = Gauge("lesa_ready", "1 when models are loaded and warmed up", registry=r)
 
     def render(self) -> bytes:

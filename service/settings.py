@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -98,6 +98,16 @@ class Settings(BaseSettings):
         "full-compute generation",
     )
 
+    webhook_url: str | None = Field(
+        None,
+        description="POST a signed event here when a video or image job completes or fails (OpenAI's event "
+        "shape and signing: `service/webhooks.py`); sent by the worker that ran the job",
+    )
+    webhook_secret: str | None = Field(
+        None, description="signing secret of the webhooks (`whsec_<base64>` or any string); required with the URL"
+    )
+    webhook_attempts: int = Field(5, ge=1, le=20, description="tries per event (exponential back-off from 1 s)")
+
     # ---- requests ----
     sync_timeout_s: float = Field(
         300.0, gt=0, description="a synchronous image request answers 504 (with its job id) after this"
@@ -117,6 +127,20 @@ class Settings(BaseSettings):
         if not all(k.isascii() and k.isprintable() for k in keys):
             raise ValueError("keys must be printable ASCII (they travel in an HTTP header)")
         return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_secret_with_url(self) -> Settings:
+        # Unsigned events would let anyone who can reach the receiver fake a completion.
+        if self.webhook_url and not self.webhook_secret:
+            raise ValueError("LESA_WEBHOOK_URL needs LESA_WEBHOOK_SECRET (events are always signed)")
+        return self
 
     @field_validator("default_level")
     @classmethod

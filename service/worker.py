@@ -43,6 +43,7 @@ from typing import Any
 from lesa_core.pipeline_types import GenerationCancelled
 from service.metrics import Metrics
 from service.queue import Job, JobError, JobQueue, JobResult, JobSpec, QueueUnavailable
+from service.webhooks import WebhookSender
 
 log = logging.getLogger("lesa.worker")
 
@@ -65,9 +66,11 @@ class Worker:
         claim_timeout_s: float = 1.0,
         shadow_fraction: float = 0.0,
         models: Collection[str] | None = None,
+        webhooks: WebhookSender | None = None,
     ) -> None:
         """`models`: the models this worker can run (the engine's); it claims only their jobs, so
-        pools serving different models can share one queue. None: any job (single-pool tests)."""
+        pools serving different models can share one queue. None: any job (single-pool tests).
+        `webhooks`: told of every job end this worker records (`service/webhooks.py`)."""
         self.queue = queue
         self.engine = engine
         self.metrics = metrics
@@ -78,6 +81,7 @@ class Worker:
         self.claim_timeout_s = claim_timeout_s
         self.shadow_fraction = shadow_fraction
         self.models = sorted(models) if models is not None else None
+        self.webhooks = webhooks
         self._shadows: deque[tuple[str, JobSpec, Any]] = deque()  # (job id, spec, its samples)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lesa-gen")
         self._stopping = asyncio.Event()
@@ -107,6 +111,8 @@ class Worker:
         finally:
             for model in self.models or ():
                 self.metrics.serves.labels(model).set(0)
+            if self.webhooks is not None:
+                await self.webhooks.aclose()
         self._executor.shutdown(wait=True)
 
     async def _loop(self) -> None:
@@ -189,6 +195,7 @@ class Worker:
         log.error("job %s failed: %s", job.id, job.error.message if job.error else "max deliveries exceeded")
         self.metrics.errors.labels(type="max_deliveries_exceeded").inc()
         self.metrics.jobs.labels(job.spec.model, "failed").inc()
+        self._notify(job, "failed")
 
     async def _generate_or_fail(self, jobs: Sequence[Job]) -> None:
         try:
@@ -207,6 +214,11 @@ class Worker:
             # for a duplicate delivery whose twin already finished it.
             if await self.queue.fail(job.id, JobError(code="generation_failed", message=message)):
                 self.metrics.jobs.labels(job.spec.model, "failed").inc()
+                self._notify(job, "failed")
+
+    def _notify(self, job: Job, outcome: str) -> None:
+        if self.webhooks is not None:
+            self.webhooks.notify(job, outcome)
 
     async def _generate(self, jobs: Sequence[Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -315,6 +327,7 @@ class Worker:
             if lesa.get("realised_speedup") is not None:
                 self.metrics.speedup.labels(*labels, spec.method).observe(float(lesa["realised_speedup"]))
             self.metrics.jobs.labels(spec.model, "completed").inc()
+            self._notify(job, "completed")
             self._maybe_shadow(job, result.samples)
 
     def _maybe_shadow(self, job: Job, samples: Any) -> None:
