@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -103,7 +103,7 @@ class Settings(BaseSettings):
         description="POST a signed event here when a video or image job completes or fails (OpenAI's event "
         "shape and signing: `service/webhooks.py`); sent by the worker that ran the job",
     )
-    webhook_secret: str | None = Field(
+    webhook_secret: SecretStr | None = Field(
         None, description="signing secret of the webhooks (`whsec_<base64>` or any string); required with the URL"
     )
     webhook_attempts: int = Field(5, ge=1, le=20, description="tries per event (exponential back-off from 1 s)")
@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _webhook_secret_with_url(self) -> Settings:
         # Unsigned events would let anyone who can reach the receiver fake a completion.
-        if self.webhook_url and not self.webhook_secret:
+        if self.webhook_url and not (self.webhook_secret and self.webhook_secret.get_secret_value()):
             raise ValueError("LESA_WEBHOOK_URL needs LESA_WEBHOOK_SECRET (events are always signed)")
         return self
 

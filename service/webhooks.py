@@ -58,9 +58,10 @@ def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
 
 def webhook_sender(settings: Settings, metrics: Metrics) -> WebhookSender | None:
     """The sender `LESA_WEBHOOK_URL` asks for, or None."""
-    if not settings.webhook_url or not settings.webhook_secret:
+    if not settings.webhook_url or settings.webhook_secret is None:
         return None
-    return WebhookSender(settings.webhook_url, settings.webhook_secret, metrics, attempts=settings.webhook_attempts)
+    secret = settings.webhook_secret.get_secret_value()
+    return WebhookSender(settings.webhook_url, secret, metrics, attempts=settings.webhook_attempts)
 
 
 class WebhookSender:
