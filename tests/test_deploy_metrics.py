@@ -24,15 +24,14 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from test_redis_support import (
-    REDIS_URL,
     Proc,
     cleanup_prefix,
     free_port,
     image_body,
+    needs_redis,
     new_prefix,
     start_api,
     start_workers,
@@ -44,16 +43,9 @@ METRIC = re.compile(r"\b(lesa_[a-z0-9_]+)\b")
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool"}
 
 
-def _redis_up() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
-    except redis.ConnectionError:
-        return False
-
-
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not _redis_up(), reason=f"needs Redis at {REDIS_URL} (.ci/run starts it)"),
+    needs_redis,
 ]
 
 

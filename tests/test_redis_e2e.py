@@ -18,13 +18,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from test_redis_support import (
     REDIS_URL,
     Proc,
     cleanup_prefix,
     free_port,
     image_body,
+    needs_redis,
     new_prefix,
     read_log,
     start_api,
@@ -36,17 +36,9 @@ from test_redis_support import (
 from service.queue import JobSpec, JobStatus
 from service.redis_queue import RedisJobQueue
 
-
-def _redis_up() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
-    except redis.ConnectionError:
-        return False
-
-
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not _redis_up(), reason=f"needs Redis at {REDIS_URL} (.ci/run starts it)"),
+    needs_redis,
 ]
 
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
+import redis
 from service_support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +41,17 @@ TESTS = Path(__file__).resolve().parent
 PYTHON = sys.executable
 LESA = str(Path(PYTHON).parent / "lesa")
 REDIS_URL = os.environ.get("LESA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def redis_up() -> bool:
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
+    except redis.ConnectionError:
+        return False
+
+
+# Tests that talk to the real Redis (CI starts one; `.ci/run`).
+needs_redis = pytest.mark.skipif(not redis_up(), reason=f"needs Redis at {REDIS_URL} (.ci/run starts it)")
 TEST_MODEL = "test-image"
 
 
