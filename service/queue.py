@@ -34,6 +34,10 @@ exercise them on `InProcessJobQueue`, and can be pointed at another implementati
   job for compatible ones to arrive. (The in-process queue opens that window only when there is
   concurrency to exploit, so a lone client does not pay it; other backends may do the same.)
 * Expiry: finished jobs (and their artifacts) are kept until `expires_at`, then forgotten.
+* Outbox: with `outbox` set (a worker that sends webhooks sets it on its queue), every job end
+  that `complete` / `fail` records, and every job given up after too many deliveries, is also kept
+  as a `JobEvent` in the same step, until `ack_event`: the end and its event exist together or
+  not at all. A cancel makes none (the client did it).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -171,6 +176,22 @@ class UnknownCursor(QueueError):
     """`list(after=...)` names a job that is gone (deleted, expired) or was never listed: job ids
     carry no creation time, so there is no position to continue from. The API answers 400 naming
     `after`; an empty last page instead ended a client's paging silently, jobs left unlisted."""
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """A job's end, kept by the queue's outbox until a sender has delivered it."""
+
+    job_id: str
+    kind: str  # the job's JobKind
+    status: str  # "completed" or "failed"
+    at: float  # when the job ended (Unix seconds)
+    receipt: str = ""  # the backend's handle for `ack_event`
+
+    @property
+    def id(self) -> str:
+        """The event's id: one per job end, the same on every delivery (receivers de-duplicate by it)."""
+        return f"evt_{self.job_id}"
 
 
 def new_job_id() -> str:
@@ -308,6 +329,23 @@ class JobQueue(abc.ABC):
     # re-delivery never call it.
     on_gave_up: Callable[[Job], None] | None = None
 
+    # ---- outbox (webhooks) ----------------------------------------------------------------
+
+    # Set by a worker that sends webhooks: job ends it records are then kept as JobEvents.
+    outbox: bool = False
+
+    @abc.abstractmethod
+    async def next_events(self, consumer: str, *, limit: int, timeout_s: float, lease_s: float) -> list[JobEvent]:
+        """Up to `limit` undelivered job events, oldest first, waiting up to `timeout_s` for one.
+
+        An event handed to a consumer that does not `ack_event` it within `lease_s` (it died, or
+        hangs) is handed out again, to whichever consumer asks: delivery is at least once.
+        """
+
+    @abc.abstractmethod
+    async def ack_event(self, event: JobEvent) -> None:
+        """`event` was delivered (or given up on): never hand it out again."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release in memory
         """Release connections; the default has nothing to release."""
 
@@ -336,6 +374,8 @@ class InProcessJobQueue(JobQueue):
         # Seconds per claimed batch, smoothed: turns the backlog into a Retry-After estimate.
         self._batch_seconds = 1.0
         self._last_sweep = 0.0
+        self._events: deque[JobEvent] = deque()  # the outbox; a consumer that takes one owns it
+        self._event_arrival = asyncio.Event()
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -372,6 +412,9 @@ class InProcessJobQueue(JobQueue):
         job.expires_at = now + self.result_ttl_s
         if job.started_at is not None:
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (now - job.started_at)
+        if self.outbox and status in (JobStatus.completed, JobStatus.failed):
+            self._events.append(JobEvent(job.id, job.spec.kind, status.value, now))
+            self._event_arrival.set()
         event = self._done_events.get(job.id)
         if event is not None:
             event.set()
@@ -590,3 +633,16 @@ class InProcessJobQueue(JobQueue):
         job.error = error
         self._finish(job, JobStatus.failed)
         return True
+
+    async def next_events(self, consumer: str, *, limit: int, timeout_s: float, lease_s: float) -> list[JobEvent]:
+        # One process: a consumer that dies takes the whole queue with it, so there is no lease.
+        if not self._events:
+            self._event_arrival.clear()
+            try:
+                await asyncio.wait_for(self._event_arrival.wait(), timeout_s)
+            except TimeoutError:
+                return []
+        return [self._events.popleft() for _ in range(min(limit, len(self._events)))]
+
+    async def ack_event(self, event: JobEvent) -> None:
+        pass  # taken events already left the outbox

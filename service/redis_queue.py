@@ -26,6 +26,9 @@ share one Redis):
 * `<p>:workers`, `<p>:workers:<model>` — sorted sets worker id -> last heartbeat, of all workers
   and of those serving a model (live worker count; a model's Retry-After).
 * `<p>:events` — pub/sub channel: job ids that became terminal (wakes `wait()` at once).
+* `<p>:outbox` — stream of job ends for the webhook senders (`outbox` set: written by the same
+  script that records the end), consumed by the same group name; a sender acknowledges an event
+  once delivered or given up, and a dead sender's events are reclaimed after their lease.
 
 Every state change that must not race is one Lua script (status only moves forward; the first
 `complete`/`fail` wins and later ones only acknowledge), so two workers that both ran a
@@ -78,6 +81,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service.queue import (
     Job,
     JobError,
+    JobEvent,
     JobKind,
     JobQueue,
     JobResult,
@@ -132,6 +136,15 @@ class RedisQueueSettings(BaseSettings):
 # ---- Lua ------------------------------------------------------------------------------------
 # Status strings are compared literally; keep in sync with JobStatus.
 
+# Put in front of the scripts that end a job (_START, _FINISH): keeps the end as a webhook event.
+# A sender that never comes (webhooks turned off meanwhile) cannot fill Redis: the stream is capped.
+_OUTBOX_ADD = """
+local function outbox_add(outbox, job_key, id, status, at)
+  local kind = cjson.decode(redis.call('HGET', job_key, 'spec'))['kind']
+  redis.call('XADD', outbox, 'MAXLEN', '~', '100000', '*', 'job', id, 'kind', kind, 'status', status, 'at', at)
+end
+"""
+
 _SUBMIT = """
 -- KEYS: job, stream (the model's), queued (the model's), index, kind index, idempotency key, models set
 -- ARGV: id, spec, created_at, idempotency key ('' = none), max_backlog, job_ttl_s, job key prefix, model
@@ -161,8 +174,9 @@ return {'new', entry}
 
 _START = """
 -- Start one delivered job on this worker, or tell why not.
--- KEYS: job, stream, queued, partial
--- ARGV: id, entry, consumer, now, max_deliveries, group, result_ttl_s, events channel, visibility_s, worker id
+-- KEYS: job, stream, queued, partial, outbox
+-- ARGV: id, entry, consumer, now, max_deliveries, group, result_ttl_s, events channel, visibility_s, worker id,
+--       outbox ('1' = keep an event for a job given up on)
 local function ack()
   redis.call('XACK', KEYS[2], ARGV[6], ARGV[2])
   redis.call('XDEL', KEYS[2], ARGV[2])
@@ -193,6 +207,7 @@ if attempts >= tonumber(ARGV[5]) then
   local idem = redis.call('HGET', KEYS[1], 'idem')
   if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
   ack()
+  if ARGV[11] == '1' then outbox_add(KEYS[5], KEYS[1], ARGV[1], 'failed', ARGV[4]) end
   redis.call('PUBLISH', ARGV[8], ARGV[1])
   return 'dead'
 end
@@ -267,9 +282,9 @@ return 1
 _FINISH = """
 -- Store a result (or error), mark terminal and acknowledge, atomically. A job that is already
 -- terminal (cancelled, or finished by another delivery) is only acknowledged: first writer wins.
--- KEYS: job, art, files, stats, partial (the stream and queued set are the ones the job hash names)
--- ARGV: id, group, status, payload json, now, result_ttl_s, events channel, n_inline,
---       name, bytes, ..., n_files, name, path, ...
+-- KEYS: job, art, files, stats, partial, outbox (the stream and queued set are the ones the job hash names)
+-- ARGV: id, group, status, payload json, now, result_ttl_s, events channel, outbox ('1' = keep an event),
+--       n_inline, name, bytes, ..., n_files, name, path, ...
 local stream, entry = unpack(redis.call('HMGET', KEYS[1], 'stream', 'entry'))
 if stream and entry then
   redis.call('XACK', stream, ARGV[2], entry)
@@ -287,8 +302,8 @@ if ARGV[3] == 'completed' then
 else
   redis.call('HSET', KEYS[1], 'error', ARGV[4])
 end
-local i = 9
-local n_inline = tonumber(ARGV[8])
+local i = 10
+local n_inline = tonumber(ARGV[9])
 for _ = 1, n_inline do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   i = i + 2
@@ -314,6 +329,7 @@ if started then
   local old = tonumber(redis.call('HGET', KEYS[4], 'job_s') or tostring(d))
   redis.call('HSET', KEYS[4], 'job_s', tostring(0.8 * old + 0.2 * d))
 end
+if ARGV[8] == '1' then outbox_add(KEYS[6], KEYS[1], ARGV[1], ARGV[3], ARGV[5]) end
 redis.call('PUBLISH', ARGV[7], ARGV[1])
 return 1
 """
@@ -476,13 +492,15 @@ class RedisJobQueue(JobQueue):
         self.k_workers = f"{prefix}:workers"
         self.k_stats = f"{prefix}:stats"
         self.channel = f"{prefix}:events"
+        self.k_outbox = f"{prefix}:outbox"
+        self._outbox_cursor = "0-0"  # where the next reclaim of expired event leases looks
         self._submit = self._redis.register_script(_SUBMIT)
-        self._start = self._redis.register_script(_START)
+        self._start = self._redis.register_script(_OUTBOX_ADD + _START)
         self._unstart_script = self._redis.register_script(_UNSTART)
         self._heartbeat = self._redis.register_script(_HEARTBEAT)
         self._release = self._redis.register_script(_RELEASE)
         self._progress = self._redis.register_script(_PROGRESS)
-        self._finish = self._redis.register_script(_FINISH)
+        self._finish = self._redis.register_script(_OUTBOX_ADD + _FINISH)
         self._cancel = self._redis.register_script(_CANCEL)
         self._partial = self._redis.register_script(_PARTIAL)
 
@@ -670,8 +688,7 @@ class RedisJobQueue(JobQueue):
         idle for `idle_s` (default an hour; a live worker reads every second) are deleted: deleting
         one with pending entries would drop them from re-delivery. Runs with the API's housekeeping."""
         stale_ms = (max(3600.0, 10 * self.visibility_timeout_s) if idle_s is None else idle_s) * 1000
-        for model in await self._models():
-            stream = self.stream_for(model)
+        for stream in [*(self.stream_for(m) for m in await self._models()), self.k_outbox]:
             try:
                 consumers = await self._redis.xinfo_consumers(stream, self.group)
             except ResponseError:  # no group yet
@@ -1160,6 +1177,7 @@ class RedisJobQueue(JobQueue):
                         entry.stream,
                         self._k_queued(entry.spec.model),
                         self._k_partial(entry.job_id),
+                        self.k_outbox,
                     ],
                     args=[
                         entry.job_id,
@@ -1172,6 +1190,7 @@ class RedisJobQueue(JobQueue):
                         self.channel,
                         self.visibility_timeout_s,
                         display_id,
+                        "1" if self.outbox else "0",
                     ],
                 )
                 if outcome == b"ok":
@@ -1253,6 +1272,7 @@ class RedisJobQueue(JobQueue):
             repr(time.time()),
             self.result_ttl_s,
             self.channel,
+            "1" if self.outbox else "0",
             len(inline),
         ]
         for name, data in inline.items():
@@ -1267,6 +1287,7 @@ class RedisJobQueue(JobQueue):
                 self._k_files(job_id),
                 self.k_stats,
                 self._k_partial(job_id),
+                self.k_outbox,
             ],
             args=args,
         )
@@ -1304,6 +1325,41 @@ class RedisJobQueue(JobQueue):
                     pipe.xack(stream, self.group, *entry_ids)
                     pipe.xdel(stream, *entry_ids)
                 await pipe.execute()
+
+    # ---- outbox -----------------------------------------------------------------------------
+
+    @_translate_errors
+    async def next_events(self, consumer: str, *, limit: int, timeout_s: float, lease_s: float) -> list[JobEvent]:
+        name = self.consumer(consumer)
+
+        async def take() -> list[tuple[bytes, dict | None]]:
+            # First the events whose lease ran out (their sender died), then new ones.
+            cursor, entries, *_ = await self._redis.xautoclaim(
+                self.k_outbox, self.group, name, int(lease_s * 1000), self._outbox_cursor, count=limit
+            )
+            self._outbox_cursor = _s(cursor) or "0-0"
+            if entries:
+                return entries
+            reply = await self._redis.xreadgroup(
+                self.group, name, {self.k_outbox: ">"}, count=limit, block=max(1, int(timeout_s * 1000))
+            )
+            return reply[0][1] if reply else []
+
+        events = []
+        for entry_id, fields in await self._with_groups([self.k_outbox], take):
+            if not fields:  # deleted meanwhile
+                await self._redis.xack(self.k_outbox, self.group, entry_id)
+                continue
+            f = {k.decode(): v.decode() for k, v in fields.items()}
+            events.append(JobEvent(f["job"], f["kind"], f["status"], float(f["at"]), receipt=entry_id.decode()))
+        return events
+
+    @_translate_errors
+    async def ack_event(self, event: JobEvent) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.k_outbox, self.group, event.receipt)
+            pipe.xdel(self.k_outbox, event.receipt)
+            await pipe.execute()
 
     async def release(self, worker_id: str, *, consumer: bool = False) -> None:
         """Hand every entry this worker holds and has not finished to other workers now. Call it once

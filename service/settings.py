@@ -101,12 +101,14 @@ class Settings(BaseSettings):
     webhook_url: str | None = Field(
         None,
         description="POST a signed event here when a video or image job completes or fails (OpenAI's event "
-        "shape and signing: `service/webhooks.py`); sent by the worker that ran the job",
+        "shape and signing: `service/webhooks.py`); sent by the workers, at least once",
     )
     webhook_secret: SecretStr | None = Field(
         None, description="signing secret of the webhooks (`whsec_<base64>` or any string); required with the URL"
     )
-    webhook_attempts: int = Field(5, ge=1, le=20, description="tries per event (exponential back-off from 1 s)")
+    webhook_attempts: int = Field(
+        5, ge=1, le=20, description="tries per event (exponential back-off from 1 s, at most 60 s)"
+    )
 
     # ---- requests ----
     sync_timeout_s: float = Field(

@@ -70,7 +70,8 @@ class Worker:
     ) -> None:
         """`models`: the models this worker can run (the engine's); it claims only their jobs, so
         pools serving different models can share one queue. None: any job (single-pool tests).
-        `webhooks`: told of every job end this worker records (`service/webhooks.py`)."""
+        `webhooks`: job ends this worker records are kept in the queue's outbox, and this worker's
+        sender delivers the outbox's events (`service/webhooks.py`)."""
         self.queue = queue
         self.engine = engine
         self.metrics = metrics
@@ -82,6 +83,8 @@ class Worker:
         self.shadow_fraction = shadow_fraction
         self.models = sorted(models) if models is not None else None
         self.webhooks = webhooks
+        if webhooks is not None:
+            queue.outbox = True
         self._shadows: deque[tuple[str, JobSpec, Any]] = deque()  # (job id, spec, its samples)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lesa-gen")
         self._stopping = asyncio.Event()
@@ -106,12 +109,17 @@ class Worker:
             self.metrics.card_psnr.labels(model, level, method).set(psnr)
         for model in self.models or ():
             self.metrics.serves.labels(model).set(1)
+        sending = None
+        if self.webhooks is not None:
+            sending = asyncio.create_task(self.webhooks.run(self.queue, self.worker_id, self._stopping))
         try:
             await self._loop()
         finally:
             for model in self.models or ():
                 self.metrics.serves.labels(model).set(0)
-            if self.webhooks is not None:
+            self._stopping.set()
+            if sending is not None:
+                await sending
                 await self.webhooks.aclose()
         self._executor.shutdown(wait=True)
 
@@ -195,7 +203,6 @@ class Worker:
         log.error("job %s failed: %s", job.id, job.error.message if job.error else "max deliveries exceeded")
         self.metrics.errors.labels(type="max_deliveries_exceeded").inc()
         self.metrics.jobs.labels(job.spec.model, "failed").inc()
-        self._notify(job, "failed")
 
     async def _generate_or_fail(self, jobs: Sequence[Job]) -> None:
         try:
@@ -214,11 +221,6 @@ class Worker:
             # for a duplicate delivery whose twin already finished it.
             if await self.queue.fail(job.id, JobError(code="generation_failed", message=message)):
                 self.metrics.jobs.labels(job.spec.model, "failed").inc()
-                self._notify(job, "failed")
-
-    def _notify(self, job: Job, outcome: str) -> None:
-        if self.webhooks is not None:
-            self.webhooks.notify(job, outcome)
 
     async def _generate(self, jobs: Sequence[Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -327,7 +329,6 @@ class Worker:
             if lesa.get("realised_speedup") is not None:
                 self.metrics.speedup.labels(*labels, spec.method).observe(float(lesa["realised_speedup"]))
             self.metrics.jobs.labels(spec.model, "completed").inc()
-            self._notify(job, "completed")
             self._maybe_shadow(job, result.samples)
 
     def _maybe_shadow(self, job: Job, samples: Any) -> None:

@@ -11,22 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 import test_service_queue as contract
-from test_redis_support import REDIS_URL, cleanup_prefix, free_port, new_prefix, start_redis_server
+from test_redis_support import REDIS_URL, cleanup_prefix, free_port, needs_redis, new_prefix, start_redis_server
 
 from service.queue import JobResult, JobSpec, JobStatus, OutputRef, QueueFull, QueueUnavailable, UnknownCursor
 from service.redis_queue import RedisJobQueue
 
-
-def _redis_up() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
-    except redis.ConnectionError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _redis_up(), reason=f"needs Redis at {REDIS_URL} (.ci/run starts it)")
+pytestmark = needs_redis
 
 
 @pytest.fixture
@@ -99,6 +90,43 @@ def test_redelivery_after_visibility_timeout_first_result_wins_then_max_deliveri
         assert 0 < await r.pttl(q._k_partial(doomed.id)) <= 1000 * q.result_ttl_s  # expires with the job
         assert await r.xlen(q.stream_for("m")) == 0
         await q.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_job_end_event_whose_sender_died_is_handed_out_again_after_its_lease(prefix: str) -> None:
+    """The webhook outbox: an event taken and never acknowledged (its worker was killed mid-delivery)
+    goes to another sender once its lease runs out; a job given up on is an event too."""
+
+    async def scenario() -> None:
+        a = RedisJobQueue(REDIS_URL, prefix=prefix, visibility_timeout_s=0.3, max_deliveries=1)
+        b = RedisJobQueue(REDIS_URL, prefix=prefix)
+        a.outbox = True
+        job = await a.submit(spec())
+        await a.claim_batch("a", max_batch=1, max_wait_ms=0, timeout_s=1)
+        assert await a.complete(job.id, result("a"), {})
+        (taken,) = await a.next_events("a", limit=10, timeout_s=1, lease_s=0.3)
+        assert (taken.job_id, taken.status) == (job.id, "completed")
+        # "a" dies holding it: while its lease runs nobody else is handed it, then "b" is.
+        assert await b.next_events("b", limit=10, timeout_s=0.05, lease_s=0.3) == []
+        await asyncio.sleep(0.4)
+        (again,) = await b.next_events("b", limit=10, timeout_s=1, lease_s=0.3)
+        assert again == taken
+        await b.ack_event(again)
+        await asyncio.sleep(0.4)
+        assert await b.next_events("b", limit=10, timeout_s=0.05, lease_s=0.3) == []
+
+        # A job no delivery finished is failed by the claim that finds it so: that is an event too.
+        doomed = await a.submit(spec(seed=7))
+        await a.claim_batch("a", max_batch=1, max_wait_ms=0, timeout_s=1)
+        await asyncio.sleep(0.4)
+        assert await a.claim_batch("c", max_batch=1, max_wait_ms=0, timeout_s=0.3) == []
+        (gave_up,) = await b.next_events("b", limit=10, timeout_s=1, lease_s=0.3)
+        assert (gave_up.job_id, gave_up.kind, gave_up.status) == (doomed.id, "image", "failed")
+        await b.ack_event(gave_up)
+        assert await a._redis.xlen(a.k_outbox) == 0
+        await a.close()
+        await b.close()
 
     asyncio.run(scenario())
 

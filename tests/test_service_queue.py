@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -222,6 +223,36 @@ def test_complete_and_fail_say_whether_they_recorded_the_outcome() -> None:
         assert await q.complete(job.id, result, {"0.png": b"y"}) is False  # a duplicate delivery
         assert await q.fail(job.id, JobError(code="generation_failed", message="late")) is False
         assert (await q.get(job.id)).status == JobStatus.completed
+
+    run(scenario())
+
+
+def test_the_outbox_keeps_each_recorded_job_end_once_until_acknowledged() -> None:
+    """What webhooks are sent from: completions and failures (not cancels, not a duplicate outcome)."""
+
+    async def scenario() -> None:
+        q = make_queue()
+        quiet = await q.submit(spec(seed=0))  # ends before the outbox is on: no event
+        await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
+        assert await q.complete(quiet.id, JobResult(outputs=[]), {})
+        q.outbox = True
+        done, broken, dropped = [
+            await q.submit(spec(seed=i, kind=k)) for i, k in ((1, "video"), (2, "image"), (3, "image"))
+        ]
+        for _ in range(2):  # the video, then both images
+            await q.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=1)
+        assert await q.complete(done.id, JobResult(outputs=[]), {})
+        assert not await q.fail(done.id, JobError(code="x", message="late duplicate"))
+        assert await q.fail(broken.id, JobError(code="x", message="boom"))
+        assert await q.cancel(dropped.id)
+        events = await q.next_events("w", limit=10, timeout_s=1, lease_s=60)
+        assert [(e.job_id, e.kind, e.status) for e in events] == [
+            (done.id, "video", "completed"), (broken.id, "image", "failed")
+        ]  # fmt: skip
+        assert events[0].id == f"evt_{done.id}" and abs(events[0].at - time.time()) < 60
+        for event in events:
+            await q.ack_event(event)
+        assert await q.next_events("w", limit=10, timeout_s=0.05, lease_s=0.01) == []
 
     run(scenario())
 

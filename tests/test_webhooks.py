@@ -1,5 +1,6 @@
 """Job webhooks (`service/webhooks.py`): signed as OpenAI signs its own, so the official client
-verifies them; retried with the same event id; required secret. The receiver is a real HTTP
+verifies them; retried with the same event id; sent by another worker when the one that
+recorded the job died first (real Redis); required secret. The receiver is a real HTTP
 server (stdlib, a thread of this process)."""
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import test_service_queue as contract
 from fastapi.testclient import TestClient
 from openai import OpenAI
 from pydantic import ValidationError
 from service_support import make_engine, settings, wait_for
+from test_redis_support import REDIS_URL, cleanup_prefix, needs_redis, new_prefix
 
 from service.app import create_app
 from service.metrics import Metrics
+from service.queue import JobEvent, JobResult
+from service.redis_queue import RedisJobQueue
 from service.webhooks import WebhookSender
 
 SECRET = "whsec_" + "c2VjcmV0LWtleS1mb3ItdGVzdHM="  # base64 of "secret-key-for-tests"
@@ -89,18 +94,20 @@ def test_job_ends_are_posted_signed_as_openai_signs_its_webhooks() -> None:
 
 def test_a_refused_event_is_retried_with_the_same_id_then_given_up() -> None:
     metrics = Metrics()
+    event = JobEvent("job_123", "video", "completed", at=1764280000.5)
 
     async def send(url: str) -> bool:
         sender = WebhookSender(url, SECRET, metrics, attempts=3, first_backoff_s=0.01)
         try:
-            return await sender.deliver("video.completed", "video_123")
+            return await sender.deliver(event)
         finally:
             await sender.aclose()
 
     with receiver(fail_first=2) as (url, received):
         assert asyncio.run(send(url)) is True
-        assert len(received) == 3 and len({h["webhook-id"] for h, _ in received}) == 1
-        assert all(verified(h, b)["data"] == {"id": "video_123"} for h, b in received)
+        assert len(received) == 3 and {h["webhook-id"] for h, _ in received} == {"evt_job_123"}
+        assert all(verified(h, b)["data"] == {"id": "job_123"} for h, b in received)
+        assert verified(*received[0])["created_at"] == 1764280000  # when the job ended
     with receiver(fail_first=99) as (url, received):
         assert asyncio.run(send(url)) is False
         assert len(received) == 3
@@ -109,6 +116,47 @@ def test_a_refused_event_is_retried_with_the_same_id_then_given_up() -> None:
         for outcome in ("delivered", "failed")
     ]
     assert counts == [1.0, 1.0]
+
+
+@needs_redis
+def test_an_event_its_worker_took_and_never_delivered_is_sent_by_another_worker() -> None:
+    """Worker "a" recorded a job's end (and so its event), took the event and was killed before
+    delivering it: worker "b"'s sender delivers it, under the same webhook-id, once its lease ran out."""
+    prefix = new_prefix()
+
+    async def scenario(url: str) -> str:
+        a, b = RedisJobQueue(REDIS_URL, prefix=prefix), RedisJobQueue(REDIS_URL, prefix=prefix)
+        a.outbox = True
+        job = await a.submit(contract.spec(kind="video"))
+        await a.claim_batch("a", max_batch=1, max_wait_ms=0, timeout_s=1)
+        assert await a.complete(job.id, JobResult(outputs=[]), {})
+        assert len(await a.next_events("a", limit=10, timeout_s=1, lease_s=0.5)) == 1  # then "a" dies
+        sender, stopping = WebhookSender(url, SECRET, lease_s=0.5), asyncio.Event()
+        sending = asyncio.create_task(sender.run(b, "b", stopping))
+        deadline = time.monotonic() + 10
+        while not await _outbox_empty(b) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stopping.set()
+        await sending
+        await sender.aclose()
+        await a.close()
+        await b.close()
+        return job.id
+
+    try:
+        with receiver() as (url, received):
+            job_id = asyncio.run(scenario(url))
+            assert len(received) == 1
+            event = verified(*received[0])
+            assert event["id"] == f"evt_{job_id}" and event["type"] == "video.completed"
+            assert event["data"] == {"id": job_id}
+    finally:
+        cleanup_prefix(prefix)
+
+
+async def _outbox_empty(queue: RedisJobQueue) -> bool:
+    """Nothing left to send: no event in the stream, none taken and unacknowledged."""
+    return await queue._redis.xlen(queue.k_outbox) == 0
 
 
 def test_webhook_settings_are_checked() -> None:
