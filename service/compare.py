@@ -13,23 +13,17 @@ from __future__ import annotations
 
 import base64
 import io
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
-from service.deps import Services, cancel, submit, unavailable
+from service.deps import Disconnected, Services, submit, wait_while_connected
 from service.errors import ApiError, body_validation_error
-from service.queue import Job, JobSpec, JobStatus, QueueUnavailable
+from service.queue import Job, JobSpec, JobStatus
 from service.schemas import MAX_SEED, ImageGenerationRequest, LesaStats, MethodName, StrictBody
 from service.views import lesa_stats
-
-# How often a waiting comparison checks whether the browser went away (then both jobs are
-# cancelled, so an abandoned comparison does not keep the worker busy).
-DISCONNECT_POLL_S = 0.25
 
 
 class CompareRequest(StrictBody):
@@ -80,26 +74,13 @@ def psnr_db(accelerated: bytes, full: bytes) -> float:
     return round(float(psnr(a[None], b[None])), 2)
 
 
-async def _run(
-    services: Services, spec: JobSpec, owner: str | None, disconnected: Callable[[], Awaitable[bool]]
-) -> Job:
+async def _run(services: Services, spec: JobSpec, owner: str | None, disconnected: Disconnected) -> Job:
     """Submit one job and wait for it; 5xx/409/504 as the sync image endpoint answers them."""
-    queue = services.queue
-    assert queue is not None
     job = await submit(services, spec, owner)
-    deadline = time.monotonic() + services.settings.sync_timeout_s
-    try:
-        while not job.status.terminal:
-            if await disconnected():
-                await cancel(services, job)
-                raise ApiError(499, "the client went away; comparison cancelled", code="client_closed")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ApiError(504, f"comparison job {job.id} did not finish in time", type="timeout",
-                               code="timeout", extra={"job_id": job.id})  # fmt: skip
-            job = await queue.wait(job.id, min(DISCONNECT_POLL_S, remaining)) or job
-    except QueueUnavailable as down:
-        raise unavailable(services, down) from None
+    job = await wait_while_connected(services, job, services.settings.sync_timeout_s, disconnected)
+    if not job.status.terminal:
+        raise ApiError(504, f"comparison job {job.id} did not finish in time", type="timeout",
+                       code="timeout", extra={"job_id": job.id})  # fmt: skip
     if job.status == JobStatus.failed:
         message = job.error.message if job.error else "generation failed"
         raise ApiError(500, message, type="server_error", code="generation_failed", extra={"job_id": job.id})
@@ -125,7 +106,7 @@ async def _side(services: Services, job: Job) -> tuple[CompareSide, bytes]:
 
 
 async def compare(
-    services: Services, body: CompareRequest, owner: str | None, disconnected: Callable[[], Awaitable[bool]]
+    services: Services, body: CompareRequest, owner: str | None, disconnected: Disconnected
 ) -> CompareResponse:
     engine = services.engine
     fields = body.model_dump(exclude_none=True)

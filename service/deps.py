@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
@@ -185,6 +185,42 @@ async def cancel(services: Services, job: Job) -> Job:
     if await services.queue.cancel(job.id):
         services.metrics.jobs.labels(job.spec.model, "cancelled").inc()
     return await services.queue.get(job.id) or job
+
+
+# How often a request waiting for its job checks whether its client is still there.
+DISCONNECT_POLL_S = 0.5
+Disconnected = Callable[[], Awaitable[bool]]  # `Request.is_disconnected`
+
+
+async def client_gone(services: Services, job: Job, *, keep: bool) -> ApiError:
+    """What to do when the client of a request waiting for `job` went away: cancel the job, since
+    nobody can collect its result (the openai client retries a timed-out request as a new one, and
+    each abandoned try used to run to the end), unless `keep` (the request had an Idempotency-Key:
+    its retry collects this job). The error is for the log: nobody reads the answer."""
+    if keep:
+        return ApiError(499, f"the client went away; job {job.id} continues (Idempotency-Key)", code="client_closed")
+    await cancel(services, job)
+    return ApiError(499, f"the client went away; job {job.id} was cancelled", code="client_closed")
+
+
+async def wait_while_connected(
+    services: Services, job: Job, timeout_s: float, disconnected: Disconnected, *, keep: bool = False
+) -> Job:
+    """`job`'s record once it is terminal or `timeout_s` has passed; raises 499 (`client_gone`) if
+    the client goes away first, 503 if the queue is down."""
+    assert services.queue is not None
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not job.status.terminal:
+            if await disconnected():
+                raise await client_gone(services, job, keep=keep)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            job = await services.queue.wait(job.id, min(DISCONNECT_POLL_S, remaining)) or job
+    except QueueUnavailable as down:
+        raise unavailable(services, down) from None
+    return job
 
 
 def unavailable(services: Services, error: Exception) -> ApiError:

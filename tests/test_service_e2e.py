@@ -8,6 +8,7 @@ process so the model loads once for the whole module.
 from __future__ import annotations
 
 import base64
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -199,6 +200,56 @@ def test_cancel_mid_run_stops_the_generation(server: Server) -> None:
         assert final["status"] == "cancelled" and final["progress"] < 50 and final["result"] is None
         assert followup["queue_ms"] < 10 * followup["generation_ms"], f"worker did not stop: {followup}"
         assert f'lesa_jobs_total{{model="{MODEL}",status="cancelled"}} 1.0' in client.get("/metrics").text
+
+
+def jobs_total(client: httpx.Client, status: str) -> float:
+    found = re.search(rf'lesa_jobs_total{{model="{MODEL}",status="{status}"}} ([0-9.e+]+)', client.get("/metrics").text)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_that_goes_away_cancels_its_request_unless_it_can_retry(server: Server) -> None:
+    """Nobody can collect an abandoned sync request's images: its job is cancelled (the openai
+    client retries a timed-out request as a new one; each abandoned try used to run to the end).
+    With an Idempotency-Key the retry collects the same job, so that one runs on."""
+    slow = {"prompt": "a patient seven", "model": MODEL, "num_inference_steps": 100, "n": 8, "acceleration": "none"}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with (
+        server.client() as client,
+        httpx.Client(base_url=server.url, headers=auth, timeout=httpx.Timeout(60, read=1)) as impatient,
+    ):
+        cancelled = jobs_total(client, "cancelled")
+        with pytest.raises(httpx.ReadTimeout):
+            impatient.post("/v1/images/generations", json=slow)
+        deadline = time.monotonic() + 30
+        while jobs_total(client, "cancelled") < cancelled + 1:
+            assert time.monotonic() < deadline, "the abandoned job was not cancelled"
+            time.sleep(0.1)
+        followup = generate(client, num_inference_steps=4, guidance_scale=1.0)["lesa"]
+        assert followup["queue_ms"] < 10 * followup["generation_ms"], f"worker did not stop: {followup}"
+
+        # A stream the client closes: the same (its job waits behind a slow one, so it cannot end first).
+        ahead = client.post("/v1/images/jobs", json=slow).json()
+        streamed = {**slow, "n": 1, "stream": True, "partial_images": 1}
+        with impatient.stream("POST", "/v1/images/generations", json=streamed) as response:
+            assert response.status_code == 200
+            job_id = response.headers["x-job-id"]
+        deadline = time.monotonic() + 30
+        while (state := client.get(f"/v1/images/jobs/{job_id}").json())["status"] != "cancelled":
+            assert state["status"] in ("queued", "in_progress") and time.monotonic() < deadline, state
+            time.sleep(0.1)
+        assert state["progress"] < 100
+        assert client.delete(f"/v1/images/jobs/{ahead['id']}").json()["status"] == "cancelled"
+
+        # With an Idempotency-Key the job runs on, and the retry gets its images.
+        key = {"Idempotency-Key": f"retry-me-{time.time()}"}
+        with pytest.raises(httpx.ReadTimeout):
+            impatient.post("/v1/images/generations", json=slow, headers=key)
+        time.sleep(1.5)  # past the server's check that the client is gone
+        retried = client.post("/v1/images/generations", json=slow, headers=key)
+        assert retried.status_code == 200, retried.text
+        assert len(retried.json()["data"]) == 8
+        assert client.get(f"/v1/images/jobs/{retried.json()['lesa']['job_id']}").json()["status"] == "completed"
+        assert jobs_total(client, "cancelled") == cancelled + 3  # the two abandoned ones and `ahead`
 
 
 def test_delete_cancels_a_running_video(server: Server) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -12,11 +13,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from service import media
-from service.deps import Services, cancel, get_job
+from service.deps import Services, cancel, client_gone, get_job
 from service.errors import ApiError
 from service.queue import Job, JobStatus, QueueUnavailable
 from service.schemas import DeletedObject
 from service.views import image_stream_event
+
+log = logging.getLogger("lesa.api")
 
 
 async def artifact_response(services: Services, job: Job, *, index: int, variant: str) -> Response:
@@ -126,16 +129,37 @@ def _sse(event: str, payload: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
 
 
-def image_stream(services: Services, job_id: str, requested: str | None) -> StreamingResponse:
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _in_background(work: Awaitable[None]) -> None:
+    """Run `work` in a task of its own: a cancelled stream's own awaits would be cancelled too."""
+    task = asyncio.get_running_loop().create_task(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+async def _client_gone_mid_stream(services: Services, job_id: str, keep: bool) -> None:
+    assert services.queue is not None
+    try:
+        job = await services.queue.get(job_id)
+        if job is not None and not job.status.terminal:
+            log.info("%s", await client_gone(services, job, keep=keep))
+    except QueueUnavailable:
+        pass  # the job runs on; nothing else to do for a client that is gone
+
+
+def image_stream(services: Services, job_id: str, requested: str | None, *, keep: bool) -> StreamingResponse:
     """A streamed `POST /v1/images/generations`: each partial image as soon as the worker stored it,
     then the image; a failure, cancellation or `LESA_SYNC_TIMEOUT_S` ends it with an `error`
-    event (which the openai client raises as APIError). The `X-Job-Id` header names the job."""
+    event (which the openai client raises as APIError). The `X-Job-Id` header names the job.
+    A client that goes away mid-stream cancels the job unless `keep` (`client_gone`)."""
     timeout = services.settings.sync_timeout_s
 
     def error(message: str, code: str, type_: str = "server_error") -> bytes:
         return _sse("error", {"error": {"message": message, "type": type_, "code": code, "job_id": job_id}})
 
-    async def stream() -> AsyncIterator[bytes]:
+    async def events() -> AsyncIterator[bytes]:
         assert services.queue is not None
         sent = 0
         deadline = time.monotonic() + timeout
@@ -177,6 +201,16 @@ def image_stream(services: Services, job_id: str, requested: str | None) -> Stre
                 quiet_since = time.monotonic()
                 yield b": keep-alive\n\n"
             await asyncio.sleep(EVENT_POLL_S)
+
+    async def stream() -> AsyncIterator[bytes]:
+        ended = False
+        try:
+            async for chunk in events():
+                yield chunk
+            ended = True
+        finally:
+            if not ended:  # the client went away: Starlette cancelled the stream, or dropped it at a send
+                _in_background(_client_gone_mid_stream(services, job_id, keep))
 
     # The job id comes first, so a client can cancel (DELETE /v1/images/jobs/{id}) mid-stream.
     return sse_response(stream(), {"X-Job-Id": job_id})

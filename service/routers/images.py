@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from service.deps import OwnerDep, ReadyDep, get_job, resolve_for_load, submit, unavailable
+from service.deps import OwnerDep, ReadyDep, get_job, resolve_for_load, submit, wait_while_connected
 from service.errors import ApiError
-from service.queue import Job, JobStatus, QueueUnavailable
+from service.queue import Job, JobStatus
 from service.routers.common import (
     artifact_response,
     cancel_only,
@@ -57,17 +57,17 @@ async def create_images(
     On timeout the answer is 504 with the job id in `error.job_id`; the job keeps running and
     can be fetched from `GET /v1/images/jobs/{job_id}`. With `stream: true`, server-sent events
     as OpenAI streams images: `partial_images` previews, then the image (`image_stream`).
+    A client that goes away before the answer cancels the job, unless it sent an Idempotency-Key.
     """
     spec = await resolve_for_load(services, body, services.engine.resolve_image)
     job = await submit(services, spec, owner, idempotency_key, body)
     assert services.queue is not None
+    keep = idempotency_key is not None  # a retry with the key collects this job: never cancel it
     if body.stream:
-        return image_stream(services, job.id, body.acceleration or services.settings.default_level)
+        requested = body.acceleration or services.settings.default_level
+        return image_stream(services, job.id, requested, keep=keep)
     timeout = services.settings.sync_timeout_s
-    try:
-        job = await services.queue.wait(job.id, timeout) or job
-    except QueueUnavailable as down:
-        raise unavailable(services, down) from None
+    job = await wait_while_connected(services, job, timeout, request.is_disconnected, keep=keep)
     if job.status == JobStatus.completed:
         return await images_response(
             job, services.queue, response_format=body.response_format, base_url=base_url(request, services),
