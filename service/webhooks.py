@@ -93,6 +93,10 @@ class WebhookSender:
         self.lease_s = lease_s if lease_s is not None else waits + attempts * timeout_s + LEASE_MARGIN_S
         self._client = httpx.AsyncClient(timeout=timeout_s)
         self._tasks: set[asyncio.Task[None]] = set()
+        if metrics is not None:  # every series from 0, so that increase() sees the first failure
+            for event_type in EVENT_TYPES.values():
+                for outcome in ("delivered", "failed"):
+                    metrics.webhooks.labels(event_type, outcome)
 
     def _backoff(self, attempt: int) -> float:
         return min(self.max_backoff_s, self.first_backoff_s * 2 ** (attempt - 1))

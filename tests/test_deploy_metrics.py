@@ -77,8 +77,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     try:
         api = start_api(tmp, prefix)
         procs.append(api)
-        # every accelerated job shadow-checked, so the online-quality series carry their labels
-        (worker,) = start_workers(tmp, prefix, ["m1"], cli=True, LESA_SHADOW_FRACTION="1")
+        # every accelerated job shadow-checked, so the online-quality series carry their labels;
+        # webhooks on (to a port nobody listens on), so their series exist
+        webhooks = {"LESA_WEBHOOK_URL": f"http://127.0.0.1:{free_port()}/hooks", "LESA_WEBHOOK_SECRET": "s"}
+        (worker,) = start_workers(tmp, prefix, ["m1"], cli=True, LESA_SHADOW_FRACTION="1", **webhooks)
         procs.append(worker)
         with httpx.Client(base_url=api.url, timeout=60) as client:
             for body in (image_body(), image_body(acceleration="2x", num_inference_steps=8), image_body(n=2)):
@@ -212,7 +214,7 @@ def test_real_prometheus_scrapes_the_service_and_accepts_every_query(stack: dict
             time.sleep(0.5)
         assert {r["name"] for r in rules} == {
             "LesaBacklogGrowing", "LesaHighErrorRate", "LesaGenerationErrors", "LesaSpeedupCollapsed",
-            "LesaQualityDrift", "LesaModelUnserved", "LesaNoReadyWorkers",
+            "LesaQualityDrift", "LesaModelUnserved", "LesaNoReadyWorkers", "LesaWebhooksFailing",
         }  # fmt: skip
     finally:
         server.terminate()
