@@ -230,9 +230,10 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        # Errors by type = the error code clients see; a failed generation is counted once, by the
-        # worker that saw it (the sync request reporting it is not a second error).
-        if exc.code != "generation_failed":
+        # Errors by type = the error code clients see; a failed generation or a job that timed out
+        # in the queue is counted once, by the worker that saw it (the sync request reporting it is
+        # not a second error).
+        if exc.code not in ("generation_failed", "queue_timeout"):
             services.metrics.errors.labels(type=exc.code or f"http_{exc.status}").inc()
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 

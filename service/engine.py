@@ -374,6 +374,9 @@ class Engine:
                 "max_below_level",
             )
 
+    def _queue_timeout(self, body: ImageGenerationRequest | VideoCreateRequest) -> float | None:
+        return body.queue_timeout_s or self.settings.queue_timeout_s
+
     def resolve_image(self, body: ImageGenerationRequest) -> JobSpec:
         entry = self._model(body.model, "image")
         width, height = self._size(entry, body.size)
@@ -384,7 +387,7 @@ class Engine:
             kind="image", model=entry.name, prompt=body.prompt, n=body.n, width=width, height=height,
             num_inference_steps=steps, guidance_scale=guidance, level=level, method=method, seed=seed,
             output_format=body.output_format, user=body.user,
-            partial_images=body.partial_images or 0,
+            partial_images=body.partial_images or 0, queue_timeout_s=self._queue_timeout(body),
         )  # fmt: skip
 
     def resolve_video(self, body: VideoCreateRequest) -> JobSpec:
@@ -415,6 +418,7 @@ class Engine:
             kind="video", model=entry.name, prompt=body.prompt, n=1, width=width, height=height,
             num_frames=frames, fps=entry.fps, num_inference_steps=steps, guidance_scale=guidance, level=level,
             method=method, seed=seed, output_format="mp4", user=body.user,
+            queue_timeout_s=self._queue_timeout(body),
         )  # fmt: skip
 
     # -------------------------------------------------------------------------------- runner

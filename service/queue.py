@@ -101,6 +101,7 @@ class JobSpec(BaseModel):
     owner: str | None = None  # a hash of the caller's API key (None without auth): only the owner sees the job
     request_hash: str | None = None  # fingerprint of the request body an Idempotency-Key came with
     raised_from: str | None = None  # the level asked for, when the API raised it under load (max_acceleration)
+    queue_timeout_s: float | None = None  # not started this long after created_at: fails, never runs
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can run as one batched generation (one pipeline call)."""

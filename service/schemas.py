@@ -23,6 +23,16 @@ _ACCELERATION = Field(
     "Default: the server's `LESA_DEFAULT_LEVEL`.",
     examples=["5x"],
 )
+_QUEUE_TIMEOUT = Field(
+    None,
+    gt=0,
+    le=86400,
+    allow_inf_nan=False,
+    description="Seconds the job may wait for a worker: one not started by then fails with error code "
+    "`queue_timeout` and never runs (a sync image request answers 503). Default: `LESA_QUEUE_TIMEOUT_S` "
+    "(unset: no limit).",
+    examples=[30],
+)
 _MAX_ACCELERATION = Field(
     None,
     max_length=32,
@@ -126,6 +136,7 @@ class ImageGenerationRequest(StrictBody):
     acceleration: str | None = _ACCELERATION
     max_acceleration: str | None = _MAX_ACCELERATION
     method: MethodName | None = _METHOD
+    queue_timeout_s: StrictFloat | None = _QUEUE_TIMEOUT
 
 
 class VideoCreateRequest(StrictBody):
@@ -160,6 +171,7 @@ class VideoCreateRequest(StrictBody):
     acceleration: str | None = _ACCELERATION
     max_acceleration: str | None = _MAX_ACCELERATION
     method: MethodName | None = _METHOD
+    queue_timeout_s: StrictFloat | None = _QUEUE_TIMEOUT
 
     @field_validator("seconds", mode="before")
     @classmethod

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         28.0,
         description='"auto" picks the fastest level whose quality card PSNR (vs full compute) is at least this',
     )
+    queue_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="a job no worker started within this many seconds fails (`queue_timeout`) and never runs; "
+        "a request's `queue_timeout_s` overrides it; unset = no limit",
+    )
     load_queue_depth: int = Field(
         16,
         ge=0,

@@ -179,6 +179,9 @@ class Worker:
                 self.metrics.queue_wait.labels(first.model, first.level).observe(
                     max(0.0, job.started_at - job.created_at)
                 )
+        jobs = await self._fail_late(jobs)
+        if not jobs:
+            return
         self.metrics.in_flight.inc(len(jobs))
         try:
             try:
@@ -197,6 +200,21 @@ class Worker:
         finally:
             self.metrics.in_flight.dec(len(jobs))
             self.batches_run += 1
+
+    async def _fail_late(self, jobs: Sequence[Job]) -> list[Job]:
+        """The jobs to run: one started after its `queue_timeout_s` fails instead, never run (its
+        client would rather have an error than a late result)."""
+        live = []
+        for job in jobs:
+            limit, waited = job.spec.queue_timeout_s, (job.started_at or time.time()) - job.created_at
+            if limit is None or waited <= limit:
+                live.append(job)
+                continue
+            message = f"no worker was free within queue_timeout_s ({limit:g} s; it waited {waited:.1f} s): it never ran"
+            if await self.queue.fail(job.id, JobError(code="queue_timeout", message=message)):
+                self.metrics.jobs.labels(job.spec.model, "failed").inc()
+                self.metrics.errors.labels(type="queue_timeout").inc()
+        return live
 
     def _gave_up(self, job: Job) -> None:
         """A job that no worker could finish in `max_deliveries` tries (each crashed or hung)."""

@@ -21,6 +21,7 @@ from service.app import create_app
 from service.deps import cancel, get_job
 from service.engine import Engine
 from service.queue import JobStatus
+from service.schemas import ImageGenerationRequest
 
 
 @pytest.fixture
@@ -387,6 +388,32 @@ def test_compatible_jobs_are_batched_and_incompatible_ones_are_not() -> None:
         assert sorted(r["lesa"]["seed"] for r in results) == [0, 1, 2, 3]  # each job keeps its own seed
         metrics = client.get("/metrics").text
         assert 'lesa_batch_size_count{model="fake-image"} 2.0' in metrics
+
+
+def test_a_job_not_started_within_its_queue_timeout_fails_and_never_runs() -> None:
+    s = settings(queue_timeout_s=60.0)
+    engine = make_engine(s, step_delay=0.05)
+    with TestClient(create_app(s, engine=engine)) as client:
+        blocker = client.post("/v1/images/jobs", json={"prompt": "busy", "num_inference_steps": 20}).json()
+        wait_for(client, f"/v1/images/jobs/{blocker['id']}", {"in_progress"})
+        video = client.post("/v1/videos", data={"prompt": "also in a hurry", "queue_timeout_s": "0.01"}).json()
+        late = client.post("/v1/images/generations", json={"prompt": "in a hurry", "queue_timeout_s": 0.2})
+        error = assert_error(late, 503, None)
+        assert error["code"] == "queue_timeout" and "never ran" in error["message"]
+        assert late.headers["retry-after"] == "1"
+        failed = wait_for(client, f"/v1/videos/{video['id']}", {"failed", "completed"})
+        assert failed["status"] == "failed" and failed["error"]["code"] == "queue_timeout"
+        # Without one, the server's default (LESA_QUEUE_TIMEOUT_S) applies: 60 s here, plenty.
+        assert engine.resolve_image(ImageGenerationRequest(prompt="x")).queue_timeout_s == 60.0
+        patient = client.post("/v1/images/generations", json={"prompt": "patient"})
+        assert patient.status_code == 200, patient.text
+        ran = [p for c in engine.models["fake-image"].pipe.calls + engine.models["fake-video"].pipe.calls
+               for p in c["prompts"]]  # fmt: skip
+        assert ran == ["busy", "patient"]
+        assert 'lesa_errors_total{type="queue_timeout"} 2.0' in client.get("/metrics").text
+        for bad in (0, -1, "5", True):
+            response = client.post("/v1/images/generations", json={"prompt": "x", "queue_timeout_s": bad})
+            assert_error(response, 400, "queue_timeout_s")
 
 
 def test_a_busy_server_runs_requests_that_allow_it_at_their_max_acceleration() -> None:

@@ -188,7 +188,8 @@ def image_stream(services: Services, job_id: str, requested: str | None, *, keep
                 yield error(f"job queue unavailable: {down}", "queue_unavailable")
                 return
             if job.status == JobStatus.failed:
-                yield error(job.error.message if job.error else "generation failed", "generation_failed")
+                yield error(job.error.message if job.error else "generation failed",
+                            job.error.code if job.error else "generation_failed")  # fmt: skip
                 return
             if job.status == JobStatus.cancelled:
                 yield error(f"job {job_id} was cancelled", "cancelled", "invalid_request_error")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -27,6 +28,7 @@ ERRORS = {
     400: {"model": ErrorResponse, "description": "invalid request; `error.param` names the field"},
     404: {"model": ErrorResponse, "description": "unknown model"},
     429: {"model": ErrorResponse, "description": "queue full; see Retry-After"},
+    503: {"model": ErrorResponse, "description": "loading, queue unavailable, or not started in `queue_timeout_s`"},
     504: {"model": ErrorResponse, "description": "not finished in time; `error.job_id` can be polled"},
 }
 IdempotencyKey = Annotated[
@@ -75,6 +77,10 @@ async def create_images(
         )  # fmt: skip
     if job.status == JobStatus.failed:
         message = job.error.message if job.error else "generation failed"
+        if job.error is not None and job.error.code == "queue_timeout":  # never ran: a retry may find a worker
+            retry = str(math.ceil(job.spec.queue_timeout_s or 1))
+            raise ApiError(503, message, type="server_error", code="queue_timeout", extra={"job_id": job.id},
+                           headers={"Retry-After": retry})  # fmt: skip
         raise ApiError(500, message, type="server_error", code="generation_failed", extra={"job_id": job.id})
     # OpenAI SDKs retry 409 and 5xx by default; a retry here would start a second generation
     # while the first continues (or was cancelled on purpose), so tell them not to.
