@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from opentelemetry.trace import Tracer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,6 +28,7 @@ from service.metrics import Metrics
 from service.queue import InProcessJobQueue, JobQueue, QueueFull, QueueUnavailable
 from service.routers import health, images, models, playground, videos
 from service.settings import Settings
+from service.tracing import finish_server_span, make_tracer, server_span
 from service.webhooks import webhook_sender
 from service.worker import Worker
 
@@ -91,14 +93,15 @@ async def _start(services: Services, run_worker: bool) -> None:
             services.queue, services.engine, services.metrics,
             max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, worker_id="embedded",
             shadow_fraction=settings.shadow_fraction, models=list(services.engine.models),
-            webhooks=webhook_sender(settings, services.metrics),
+            webhooks=webhook_sender(settings, services.metrics), tracer=services.tracer,
         )  # fmt: skip
         services.background.append(asyncio.create_task(services.worker.run(), name="lesa-worker"))
     services.metrics.ready.set(1)
 
 
 class LimitsAndMetricsMiddleware:
-    """Pure ASGI (no per-request task like BaseHTTPMiddleware): body-size limit + request metrics.
+    """Pure ASGI (no per-request task like BaseHTTPMiddleware): body-size limit, request metrics and
+    the request's trace span (`service/tracing.py`).
 
     Oversize bodies get 413 from the declared Content-Length before anything is read; bodies
     without one (chunked) are buffered up to the limit and cut off there.
@@ -127,36 +130,41 @@ class LimitsAndMetricsMiddleware:
             await send(message)
 
         declared = dict(scope["headers"]).get(b"content-length")
-        try:
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                await self._too_large(scope, receive, send_wrapper, limit)
-            elif declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                # Chunked upload: buffer it up to the limit here (FastAPI would turn an error
-                # raised while it reads the body into a generic 400), then replay it.
-                messages: list[Message] = []
-                size = 0
-                while True:
-                    message = await receive()
-                    messages.append(message)
-                    size += len(message.get("body", b""))
-                    if size > limit:
-                        await self._too_large(scope, receive, send_wrapper, limit)
-                        return
-                    if message["type"] != "http.request" or not message.get("more_body", False):
-                        break
+        with server_span(self.services.tracer, scope) as span:
+            try:
+                await self._limited(scope, receive, send_wrapper, limit, declared)
+            finally:
+                route = scope.get("route")
+                endpoint = getattr(route, "path", None) or "unmatched"
+                metrics = self.services.metrics
+                metrics.requests.labels(endpoint, scope["method"], str(status[0])).inc()
+                metrics.request_latency.labels(endpoint).observe(time.perf_counter() - started)
+                finish_server_span(span, scope["method"], endpoint, status[0])
 
-                async def replay() -> Message:
-                    return messages.pop(0) if messages else await receive()
+    async def _limited(self, scope: Scope, receive: Receive, send: Send, limit: int, declared: bytes | None) -> None:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._too_large(scope, receive, send, limit)
+        elif declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # Chunked upload: buffer it up to the limit here (FastAPI would turn an error
+            # raised while it reads the body into a generic 400), then replay it.
+            messages: list[Message] = []
+            size = 0
+            while True:
+                message = await receive()
+                messages.append(message)
+                size += len(message.get("body", b""))
+                if size > limit:
+                    await self._too_large(scope, receive, send, limit)
+                    return
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    break
 
-                await self.app(scope, replay, send_wrapper)
-            else:
-                await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            metrics = self.services.metrics
-            metrics.requests.labels(endpoint, scope["method"], str(status[0])).inc()
-            metrics.request_latency.labels(endpoint).observe(time.perf_counter() - started)
+            async def replay() -> Message:
+                return messages.pop(0) if messages else await receive()
+
+            await self.app(scope, replay, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
@@ -188,10 +196,11 @@ def create_app(
     engine: Any = None,
     queue: JobQueue | None = None,
     metrics: Metrics | None = None,
+    tracer: Tracer | None = None,
     run_worker: bool | None = None,
     on_startup_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """Build the app. Pass `engine`/`queue`/`metrics` to inject them (tests, benchmarks);
+    """Build the app. Pass `engine`/`queue`/`metrics`/`tracer` to inject them (tests, benchmarks);
     otherwise they are built from `settings` at start-up. `run_worker` (default
     `settings.embedded_worker`) runs a worker in this process. If loading the models fails, the
     app stays up answering 503 with the reason (what an orchestrator wants) and calls
@@ -199,7 +208,7 @@ def create_app(
     settings = settings or Settings()
     services = Services(
         settings=settings, metrics=metrics or Metrics(), queue=queue, engine=engine,
-        on_startup_failure=on_startup_failure,
+        on_startup_failure=on_startup_failure, tracer=tracer or make_tracer(settings, "lesa-api"),
     )  # fmt: skip
     embedded = settings.embedded_worker if run_worker is None else run_worker
 

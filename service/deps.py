@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 from pydantic import BaseModel
 
 from service.engine import theoretical_speedup
@@ -21,6 +23,7 @@ from service.errors import ApiError
 from service.metrics import Metrics
 from service.queue import Job, JobQueue, JobSpec, QueueFull, QueueUnavailable
 from service.settings import Settings
+from service.tracing import current_context
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Services:
     startup_error: str | None = None
     on_startup_failure: Callable[[str], None] | None = None
     background: list[Any] = field(default_factory=list)
+    tracer: Tracer = field(default_factory=trace.NoOpTracer)
 
     @property
     def ready(self) -> bool:
@@ -141,7 +145,7 @@ async def submit(
     not the first job's result (IETF draft-ietf-httpapi-idempotency-key-header).
     """
     assert services.queue is not None
-    spec = spec.model_copy(update={"owner": owner})
+    spec = spec.model_copy(update={"owner": owner, "trace_context": current_context()})
     scoped_key = None
     if idempotency_key is not None:
         if not idempotency_key.strip():

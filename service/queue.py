@@ -102,6 +102,7 @@ class JobSpec(BaseModel):
     request_hash: str | None = None  # fingerprint of the request body an Idempotency-Key came with
     raised_from: str | None = None  # the level asked for, when the API raised it under load (max_acceleration)
     queue_timeout_s: float | None = None  # not started this long after created_at: fails, never runs
+    trace_context: dict[str, str] | None = None  # W3C trace headers of the request (service/tracing.py)
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can run as one batched generation (one pipeline call)."""

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
         28.0,
         description='"auto" picks the fastest level whose quality card PSNR (vs full compute) is at least this',
     )
+    tracing: Literal["off", "otlp", "console"] = Field(
+        "off",
+        description="OpenTelemetry traces (`service/tracing.py`): `otlp` to OTEL_EXPORTER_OTLP_ENDPOINT "
+        "(the SDK's variables), `console` to stdout",
+    )
     queue_timeout_s: float | None = Field(
         None,
         gt=0,

@@ -40,7 +40,11 @@ from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+
 from lesa_core.pipeline_types import GenerationCancelled
+from service import tracing
 from service.metrics import Metrics
 from service.queue import Job, JobError, JobQueue, JobResult, JobSpec, QueueUnavailable
 from service.webhooks import WebhookSender
@@ -67,11 +71,13 @@ class Worker:
         shadow_fraction: float = 0.0,
         models: Collection[str] | None = None,
         webhooks: WebhookSender | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         """`models`: the models this worker can run (the engine's); it claims only their jobs, so
         pools serving different models can share one queue. None: any job (single-pool tests).
         `webhooks`: job ends this worker records are kept in the queue's outbox, and this worker's
-        sender delivers the outbox's events (`service/webhooks.py`)."""
+        sender delivers the outbox's events (`service/webhooks.py`). `tracer`: records each job's
+        spans in its request's trace (`service/tracing.py`)."""
         self.queue = queue
         self.engine = engine
         self.metrics = metrics
@@ -83,6 +89,7 @@ class Worker:
         self.shadow_fraction = shadow_fraction
         self.models = sorted(models) if models is not None else None
         self.webhooks = webhooks
+        self.tracer = tracer or trace.NoOpTracer()
         if webhooks is not None:
             queue.outbox = True
         self._shadows: deque[tuple[str, JobSpec, Any]] = deque()  # (job id, spec, its samples)
@@ -200,6 +207,19 @@ class Worker:
         finally:
             self.metrics.in_flight.dec(len(jobs))
             self.batches_run += 1
+            await self._trace(jobs)
+
+    async def _trace(self, jobs: Sequence[Job]) -> None:
+        """Each job's spans, from its record as stored (its end, result or error)."""
+        if not tracing.is_on(self.tracer):
+            return
+        for job in jobs:
+            try:
+                record = await self.queue.get(job.id)
+            except QueueUnavailable:
+                return  # spans are not worth waiting for Redis
+            if record is not None:
+                tracing.record_job(self.tracer, record, self.worker_id, job.started_at or time.time())
 
     async def _fail_late(self, jobs: Sequence[Job]) -> list[Job]:
         """The jobs to run: one started after its `queue_timeout_s` fails instead, never run (its

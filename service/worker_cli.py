@@ -38,6 +38,7 @@ from service.metrics import Metrics
 from service.queue import QueueUnavailable
 from service.redis_queue import RedisJobQueue, RedisQueueSettings, default_worker_name
 from service.settings import Settings
+from service.tracing import make_tracer
 from service.webhooks import webhook_sender
 
 log = logging.getLogger("lesa.worker")
@@ -209,7 +210,7 @@ async def run_worker(settings: Settings, qsettings: RedisQueueSettings, name: st
             worker = Worker(
                 queue, engine, metrics, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                 worker_id=name, shadow_fraction=settings.shadow_fraction, models=list(engine.models),
-                webhooks=webhook_sender(settings, metrics),
+                webhooks=webhook_sender(settings, metrics), tracer=make_tracer(settings, "lesa-worker"),
             )  # fmt: skip
             await worker.run()
     finally:
