@@ -186,7 +186,10 @@ class Worker:
                 self.metrics.queue_wait.labels(first.model, first.level).observe(
                     max(0.0, job.started_at - job.created_at)
                 )
-        jobs = await self._fail_late(jobs)
+        live = await self._fail_late(jobs)
+        if len(live) < len(jobs):
+            await self._trace([job for job in jobs if job not in live])
+        jobs = live
         if not jobs:
             return
         self.metrics.in_flight.inc(len(jobs))

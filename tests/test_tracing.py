@@ -25,7 +25,9 @@ def traced() -> tuple[TestClient, InMemorySpanExporter]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     s = settings()
-    with TestClient(create_app(s, engine=make_engine(s), tracer=provider.get_tracer("test"))) as client:
+    with TestClient(
+        create_app(s, engine=make_engine(s, step_delay=0.005), tracer=provider.get_tracer("test"))
+    ) as client:
         yield client, exporter
 
 
@@ -60,6 +62,20 @@ def test_a_failed_job_is_an_error_span(traced) -> None:
     assert run.status.status_code == StatusCode.ERROR and "generation_failed" in run.status.description
     (server,) = [s for s in exporter.get_finished_spans() if s.name == "POST /v1/images/jobs"]
     assert run.context.trace_id == server.context.trace_id  # no caller context: the API started the trace
+
+
+def test_a_job_that_timed_out_in_the_queue_is_an_error_span(traced) -> None:
+    client, exporter = traced
+    blocker = client.post("/v1/images/jobs", json={"prompt": "busy", "num_inference_steps": 100}).json()  # 0.5 s
+    late = client.post("/v1/images/jobs", json={"prompt": "late", "queue_timeout_s": 0.001}).json()
+    assert wait_for(client, f"/v1/images/jobs/{late['id']}", {"failed"})["error"]["code"] == "queue_timeout"
+    wait_for(client, f"/v1/images/jobs/{blocker['id']}", {"completed"})
+    runs = {s.attributes["lesa.job_id"]: s for s in exporter.get_finished_spans() if s.name == "lesa.job.run"}
+    assert (
+        runs[late["id"]].status.status_code == StatusCode.ERROR
+        and "queue_timeout" in runs[late["id"]].status.description
+    )
+    assert runs[blocker["id"]].status.status_code == StatusCode.UNSET
 
 
 def test_tracing_is_off_unless_asked_and_exports_where_the_otel_variables_say() -> None:
