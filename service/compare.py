@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
-from service.deps import Disconnected, Services, submit, wait_while_connected
+from service.deps import Disconnected, Services, failed_job_error, submit, wait_while_connected
 from service.errors import ApiError, body_validation_error
 from service.queue import Job, JobSpec, JobStatus
 from service.schemas import MAX_SEED, ImageGenerationRequest, LesaStats, MethodName, StrictBody
@@ -82,8 +82,7 @@ async def _run(services: Services, spec: JobSpec, owner: str | None, disconnecte
         raise ApiError(504, f"comparison job {job.id} did not finish in time", type="timeout",
                        code="timeout", extra={"job_id": job.id})  # fmt: skip
     if job.status == JobStatus.failed:
-        message = job.error.message if job.error else "generation failed"
-        raise ApiError(500, message, type="server_error", code="generation_failed", extra={"job_id": job.id})
+        raise failed_job_error(job)
     if job.status == JobStatus.cancelled:
         raise ApiError(409, f"job {job.id} was cancelled", code="cancelled", extra={"job_id": job.id})
     return job

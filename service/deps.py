@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -225,6 +226,17 @@ async def wait_while_connected(
     except QueueUnavailable as down:
         raise unavailable(services, down) from None
     return job
+
+
+def failed_job_error(job: Job) -> ApiError:
+    """What a request waiting for `job` answers when the job failed: 503 + Retry-After when it
+    never ran (`queue_timeout`: a retry may find a free worker), else 500 with the job's error."""
+    message = job.error.message if job.error else "generation failed"
+    if job.error is not None and job.error.code == "queue_timeout":
+        retry = str(math.ceil(job.spec.queue_timeout_s or 1))
+        return ApiError(503, message, type="server_error", code="queue_timeout", extra={"job_id": job.id},
+                        headers={"Retry-After": retry})  # fmt: skip
+    return ApiError(500, message, type="server_error", code="generation_failed", extra={"job_id": job.id})
 
 
 def unavailable(services: Services, error: Exception) -> ApiError:

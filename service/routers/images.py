@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from service.deps import OwnerDep, ReadyDep, get_job, resolve_for_load, submit, wait_while_connected
+from service.deps import (
+    OwnerDep,
+    ReadyDep,
+    failed_job_error,
+    get_job,
+    resolve_for_load,
+    submit,
+    wait_while_connected,
+)
 from service.errors import ApiError
 from service.queue import Job, JobStatus
 from service.routers.common import (
@@ -76,12 +83,7 @@ async def create_images(
             requested=body.acceleration or services.settings.default_level,
         )  # fmt: skip
     if job.status == JobStatus.failed:
-        message = job.error.message if job.error else "generation failed"
-        if job.error is not None and job.error.code == "queue_timeout":  # never ran: a retry may find a worker
-            retry = str(math.ceil(job.spec.queue_timeout_s or 1))
-            raise ApiError(503, message, type="server_error", code="queue_timeout", extra={"job_id": job.id},
-                           headers={"Retry-After": retry})  # fmt: skip
-        raise ApiError(500, message, type="server_error", code="generation_failed", extra={"job_id": job.id})
+        raise failed_job_error(job)
     # OpenAI SDKs retry 409 and 5xx by default; a retry here would start a second generation
     # while the first continues (or was cancelled on purpose), so tell them not to.
     no_retry = {"x-should-retry": "false"}
