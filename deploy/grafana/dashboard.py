@@ -202,7 +202,8 @@ def build() -> dict[str, Any]:
     # ---- health
     layout.add(
         timeseries("Errors by type", [(f"sum by (type) (rate(lesa_errors_total[{WINDOW}]))", "{{type}}")],
-                   "ops", "queue_full = 429s, queue_unavailable = Redis down, generation_failed, ..."), 12, 8,
+                   "ops", "queue_full = 429s, queue_unavailable = Redis down, generation_failed, queue_timeout (a job "
+                   "no worker started within its queue_timeout_s), ..."), 12, 8,
     )  # fmt: skip
     layout.add(
         timeseries("Redis streams: lag and pending",
@@ -217,6 +218,12 @@ def build() -> dict[str, Any]:
                    [("sum(lesa_workers_ready)", "ready workers"),
                     (f"sum by (status) (rate(lesa_jobs_total{{{MODEL}}}[{WINDOW}]))", "jobs/s {{status}}")],
                    "none", "Ready worker processes, and jobs finished per second by final status."), 12, 8,
+    )  # fmt: skip
+    layout.add(
+        timeseries("Webhooks",
+                   [(f"sum by (type, outcome) (rate(lesa_webhooks_total[{WINDOW}]))", "{{type}} {{outcome}}")],
+                   "ops", "Job events POSTed to LESA_WEBHOOK_URL per second: delivered, or failed after every "
+                   "try (alert: LesaWebhooksFailing). Empty without webhooks."), 12, 8,
     )  # fmt: skip
 
     def variable(name: str, query: str) -> dict[str, Any]:
