@@ -54,7 +54,10 @@ def make_queue(settings: Settings) -> JobQueue:
 
         return RedisJobQueue.from_settings(settings)
     return InProcessJobQueue(
-        max_backlog=settings.max_backlog, result_ttl_s=settings.result_ttl_s, max_jobs_kept=settings.max_jobs_kept
+        max_backlog=settings.max_backlog,
+        result_ttl_s=settings.result_ttl_s,
+        max_jobs_kept=settings.max_jobs_kept,
+        max_jobs_per_owner=settings.max_jobs_per_key,
     )
 
 

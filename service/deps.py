@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from service.engine import theoretical_speedup
 from service.errors import ApiError
 from service.metrics import Metrics
-from service.queue import Job, JobQueue, JobSpec, QueueFull, QueueUnavailable
+from service.queue import Job, JobQueue, JobSpec, QueueFull, QueueUnavailable, TooManyJobs
 from service.settings import Settings
 from service.tracing import current_context
 
@@ -158,6 +158,16 @@ async def submit(
     submitted_at = time.time()
     try:
         job = await services.queue.submit(spec, idempotency_key=scoped_key)
+    except TooManyJobs as full:
+        limit = services.settings.max_jobs_per_key
+        raise ApiError(
+            429,
+            f"too many jobs: {full} (LESA_MAX_JOBS_PER_KEY={limit}); retry after {full.retry_after_s} s, "
+            "once one of them has finished",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(full.retry_after_s)},
+        ) from None
     except QueueFull as full:
         raise ApiError(
             429,

@@ -25,7 +25,9 @@ exercise them on `InProcessJobQueue`, and can be pointed at another implementati
 * Idempotency: `submit(spec, idempotency_key=k)` twice with the same key returns the first job
   (no second generation) for as long as that job is kept.
 * Backpressure: when `max_backlog` jobs are queued (not yet claimed), `submit` raises
-  `QueueFull(retry_after_s)`; the API turns it into 429 + `Retry-After`.
+  `QueueFull(retry_after_s)`; the API turns it into 429 + `Retry-After`. With
+  `max_jobs_per_owner`, an owner (API key) with that many live jobs (queued or running) gets
+  `TooManyJobs` (a `QueueFull`) instead: one key cannot fill the queue for everyone.
 * Unavailability: a backend that cannot be reached raises `QueueUnavailable`; the API turns it
   into 503, `/readyz` reports it via `ping`.
 * Batching: `claim_batch` returns jobs that share one `batch_key` (same model, kind, size,
@@ -169,6 +171,10 @@ class QueueFull(QueueError):
         self.retry_after_s = max(1, int(retry_after_s))
 
 
+class TooManyJobs(QueueFull):
+    """The job's owner already has `max_jobs_per_owner` jobs queued or running."""
+
+
 class QueueUnavailable(QueueError):
     """The queue backend cannot be reached (e.g. Redis down): answer 503. Its message says so
     whole ("the job queue (Redis at ...) is unavailable: ..."): the API shows it as is."""
@@ -214,7 +220,9 @@ class JobQueue(abc.ABC):
         """Enqueue a new job and return it (status `queued`).
 
         With `idempotency_key`, a second submit with the same key returns the existing job
-        instead of enqueuing another. Raises `QueueFull` when `max_backlog` jobs are waiting.
+        instead of enqueuing another. Raises `QueueFull` when `max_backlog` jobs are waiting, and
+        `TooManyJobs` when `spec.owner` has `max_jobs_per_owner` live jobs (0: no limit; jobs
+        without an owner have none).
         """
 
     @abc.abstractmethod
@@ -360,8 +368,17 @@ class InProcessJobQueue(JobQueue):
     durability).
     """
 
-    def __init__(self, *, max_backlog: int = 256, result_ttl_s: float = 3600.0, max_jobs_kept: int = 1000):
+    def __init__(
+        self,
+        *,
+        max_backlog: int = 256,
+        result_ttl_s: float = 3600.0,
+        max_jobs_kept: int = 1000,
+        max_jobs_per_owner: int = 0,
+    ):
         self.max_backlog = max_backlog
+        self.max_jobs_per_owner = max_jobs_per_owner
+        self._live_by_owner: dict[str, set[str]] = {}
         self.result_ttl_s = result_ttl_s
         self.max_jobs_kept = max_jobs_kept
         self._jobs: OrderedDict[str, Job] = OrderedDict()  # creation order
@@ -409,6 +426,7 @@ class InProcessJobQueue(JobQueue):
 
     def _finish(self, job: Job, status: JobStatus) -> None:
         now = time.time()
+        self._live_by_owner.get(job.spec.owner or "", set()).discard(job.id)
         job.status = status
         job.completed_at = now
         job.expires_at = now + self.result_ttl_s
@@ -434,7 +452,12 @@ class InProcessJobQueue(JobQueue):
         if len(self._pending) >= self.max_backlog:
             # Time for the backlog to drain, assuming one batch at a time of one job each.
             raise QueueFull(math.ceil(len(self._pending) * self._batch_seconds))
+        live = self._live_by_owner.setdefault(spec.owner, set()) if spec.owner is not None else None
+        if live is not None and self.max_jobs_per_owner and len(live) >= self.max_jobs_per_owner:
+            raise TooManyJobs(math.ceil(self._batch_seconds), f"{len(live)} jobs of this API key are queued or running")
         job = Job(id=new_job_id(), spec=spec, created_at=time.time(), idempotency_key=idempotency_key)
+        if live is not None:
+            live.add(job.id)
         self._jobs[job.id] = job
         self._done_events[job.id] = asyncio.Event()
         if idempotency_key is not None:

@@ -23,6 +23,9 @@ share one Redis):
   backlog limit, per model (a model no worker serves fills its own backlog, not the others').
 * `<p>:index`, `<p>:index:<kind>` — sorted sets by creation time for `list()`.
 * `<p>:idem:<sha256>` — Idempotency-Key -> job id, kept as long as the job.
+* `<p>:live:<owner>` — sorted set of an owner's (API key's) live jobs by creation time: the
+  `max_jobs_per_owner` limit, checked and filled by the submit script, emptied by the scripts that
+  end a job (the job hash names its set in `live`).
 * `<p>:workers`, `<p>:workers:<model>` — sorted sets worker id -> last heartbeat, of all workers
   and of those serving a model (live worker count; a model's Retry-After).
 * `<p>:events` — pub/sub channel: job ids that became terminal (wakes `wait()` at once).
@@ -89,6 +92,7 @@ from service.queue import (
     JobStatus,
     QueueFull,
     QueueUnavailable,
+    TooManyJobs,
     UnknownCursor,
     new_job_id,
 )
@@ -136,18 +140,25 @@ class RedisQueueSettings(BaseSettings):
 # ---- Lua ------------------------------------------------------------------------------------
 # Status strings are compared literally; keep in sync with JobStatus.
 
-# Put in front of the scripts that end a job (_START, _FINISH): keeps the end as a webhook event.
-# A sender that never comes (webhooks turned off meanwhile) cannot fill Redis: the stream is capped.
-_OUTBOX_ADD = """
+# Put in front of the scripts that end a job (_START's give-up, _FINISH, _CANCEL). outbox_add keeps
+# the end as a webhook event (a sender that never comes cannot fill Redis: the stream is capped);
+# live_done takes the job off its owner's live set (max_jobs_per_owner).
+_JOB_END = """
 local function outbox_add(outbox, job_key, id, status, at)
   local kind = cjson.decode(redis.call('HGET', job_key, 'spec'))['kind']
   redis.call('XADD', outbox, 'MAXLEN', '~', '100000', '*', 'job', id, 'kind', kind, 'status', status, 'at', at)
 end
+local function live_done(job_key, id)
+  local live = redis.call('HGET', job_key, 'live')
+  if live and live ~= '' then redis.call('ZREM', live, id) end
+end
 """
 
 _SUBMIT = """
--- KEYS: job, stream (the model's), queued (the model's), index, kind index, idempotency key, models set
--- ARGV: id, spec, created_at, idempotency key ('' = none), max_backlog, job_ttl_s, job key prefix, model
+-- KEYS: job, stream (the model's), queued (the model's), index, kind index, idempotency key, models set,
+--       owner's live set
+-- ARGV: id, spec, created_at, idempotency key ('' = none), max_backlog, job_ttl_s, job key prefix, model,
+--       max jobs per owner ('0' = no limit), owner ('1' = the job has one)
 if ARGV[4] ~= '' then
   local existing = redis.call('GET', KEYS[6])
   if existing and redis.call('EXISTS', ARGV[7] .. existing) == 1 then
@@ -158,9 +169,21 @@ local depth = redis.call('ZCARD', KEYS[3])
 if depth >= tonumber(ARGV[5]) then
   return {'full', tostring(depth)}
 end
+local owned = ARGV[10] == '1'
+if owned then
+  -- members whose record expired unfinished (no worker ever took them) no longer count
+  redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', tonumber(ARGV[3]) - tonumber(ARGV[6]))
+  local live = redis.call('ZCARD', KEYS[8])
+  if ARGV[9] ~= '0' and live >= tonumber(ARGV[9]) then
+    return {'owner_full', tostring(live)}
+  end
+  redis.call('ZADD', KEYS[8], ARGV[3], ARGV[1])
+  redis.call('EXPIRE', KEYS[8], ARGV[6])
+end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'status', 'queued', 'progress', '0', 'created_at', ARGV[3],
-  'attempts', '0', 'stream', KEYS[2], 'queued', KEYS[3], 'entry', entry, 'idem', ARGV[4])
+  'attempts', '0', 'stream', KEYS[2], 'queued', KEYS[3], 'entry', entry, 'idem', ARGV[4],
+  'live', owned and KEYS[8] or '')
 redis.call('SADD', KEYS[7], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
@@ -207,6 +230,7 @@ if attempts >= tonumber(ARGV[5]) then
   local idem = redis.call('HGET', KEYS[1], 'idem')
   if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
   ack()
+  live_done(KEYS[1], ARGV[1])
   if ARGV[11] == '1' then outbox_add(KEYS[5], KEYS[1], ARGV[1], 'failed', ARGV[4]) end
   redis.call('PUBLISH', ARGV[8], ARGV[1])
   return 'dead'
@@ -329,6 +353,7 @@ if started then
   local old = tonumber(redis.call('HGET', KEYS[4], 'job_s') or tostring(d))
   redis.call('HSET', KEYS[4], 'job_s', tostring(0.8 * old + 0.2 * d))
 end
+live_done(KEYS[1], ARGV[1])
 if ARGV[8] == '1' then outbox_add(KEYS[6], KEYS[1], ARGV[1], ARGV[3], ARGV[5]) end
 redis.call('PUBLISH', ARGV[7], ARGV[1])
 return 1
@@ -350,6 +375,7 @@ if idem and idem ~= '' then redis.call('PEXPIRE', idem, math.ceil(tonumber(ARGV[
 -- The stream entry stays: the worker that reads it (or is running it) acknowledges it.
 local queued = redis.call('HGET', KEYS[1], 'queued')
 if queued then redis.call('ZREM', queued, ARGV[1]) end
+live_done(KEYS[1], ARGV[1])
 redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 """
@@ -455,6 +481,7 @@ class RedisJobQueue(JobQueue):
         job_ttl_s: float = 86400.0,
         visibility_timeout_s: float = 300.0,
         max_deliveries: int = 3,
+        max_jobs_per_owner: int = 0,
         inline_max_bytes: int = 1_000_000,
         output_dir: str | Path = "outputs/redis",
         socket_timeout_s: float = 3.0,
@@ -466,6 +493,7 @@ class RedisJobQueue(JobQueue):
         self.job_ttl_s = job_ttl_s
         self.visibility_timeout_s = visibility_timeout_s
         self.max_deliveries = max_deliveries
+        self.max_jobs_per_owner = max_jobs_per_owner
         self.inline_max_bytes = inline_max_bytes
         self.output_dir = Path(output_dir)
         parts = urlsplit(url)
@@ -495,13 +523,13 @@ class RedisJobQueue(JobQueue):
         self.k_outbox = f"{prefix}:outbox"
         self._outbox_cursor = "0-0"  # where the next reclaim of expired event leases looks
         self._submit = self._redis.register_script(_SUBMIT)
-        self._start = self._redis.register_script(_OUTBOX_ADD + _START)
+        self._start = self._redis.register_script(_JOB_END + _START)
         self._unstart_script = self._redis.register_script(_UNSTART)
         self._heartbeat = self._redis.register_script(_HEARTBEAT)
         self._release = self._redis.register_script(_RELEASE)
         self._progress = self._redis.register_script(_PROGRESS)
-        self._finish = self._redis.register_script(_OUTBOX_ADD + _FINISH)
-        self._cancel = self._redis.register_script(_CANCEL)
+        self._finish = self._redis.register_script(_JOB_END + _FINISH)
+        self._cancel = self._redis.register_script(_JOB_END + _CANCEL)
         self._partial = self._redis.register_script(_PARTIAL)
 
         # Consumer names get a per-instance suffix: two processes that pass the same worker id
@@ -544,6 +572,7 @@ class RedisJobQueue(JobQueue):
             job_ttl_s=pick("redis_job_ttl_s"),
             visibility_timeout_s=pick("redis_visibility_timeout_s"),
             max_deliveries=pick("redis_max_deliveries"),
+            max_jobs_per_owner=getattr(settings, "max_jobs_per_key", 0) or 0,  # the API's setting
             inline_max_bytes=pick("redis_inline_max_bytes"),
             output_dir=pick("redis_output_dir"),
             socket_timeout_s=pick("redis_socket_timeout_s"),
@@ -577,6 +606,10 @@ class RedisJobQueue(JobQueue):
 
     def _k_partial(self, job_id: str) -> str:
         return f"{self.prefix}:partial:{job_id}"
+
+    def _k_live(self, owner: str | None) -> str:
+        """The owner's live jobs (queued or running), by creation time: `max_jobs_per_owner`."""
+        return f"{self.prefix}:live:{owner or '-'}"
 
     def _k_idem(self, key: str) -> str:
         # Hashed: the header is client-chosen text of any length.
@@ -715,6 +748,7 @@ class RedisJobQueue(JobQueue):
                 f"{self.k_index}:{spec.kind}",
                 idem_key,
                 self.k_models,
+                self._k_live(spec.owner),
             ],
             args=[
                 job_id,
@@ -725,6 +759,8 @@ class RedisJobQueue(JobQueue):
                 math.ceil(self.job_ttl_s),
                 f"{self.prefix}:job:",
                 spec.model,
+                self.max_jobs_per_owner,
+                "1" if spec.owner is not None else "0",
             ],
         )
         kind = kind.decode()
@@ -735,6 +771,10 @@ class RedisJobQueue(JobQueue):
             return await self.submit(spec, idempotency_key=idempotency_key)  # expired in between
         if kind == "full":
             raise QueueFull(await self._retry_after(int(value), spec.model))
+        if kind == "owner_full":
+            raise TooManyJobs(
+                await self._retry_after(1, spec.model), f"{int(value)} jobs of this API key are queued or running"
+            )
         if idempotency_key is not None:
             # The original header, for the record (the key name only holds its hash).
             await self._redis.hset(self._k_job(job_id), "idem_key", idempotency_key)

@@ -91,6 +91,12 @@ class Settings(BaseSettings):
         description="how long a worker waits for compatible jobs before starting a batch (only when "
         "requests are arriving concurrently: a lone client never waits)",
     )
+    max_jobs_per_key: int = Field(
+        0,
+        ge=0,
+        description="jobs one API key may have queued or running at once; more get 429 `rate_limit_exceeded` "
+        "(0 = no limit; keys come from LESA_API_KEYS, requests without authentication have no limit)",
+    )
     max_backlog: int = Field(
         256,
         ge=1,

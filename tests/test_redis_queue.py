@@ -16,6 +16,7 @@ from test_redis_support import REDIS_URL, cleanup_prefix, free_port, needs_redis
 
 from service.queue import JobResult, JobSpec, JobStatus, OutputRef, QueueFull, QueueUnavailable, UnknownCursor
 from service.redis_queue import RedisJobQueue
+from service.settings import Settings
 
 pytestmark = needs_redis
 
@@ -529,3 +530,12 @@ def test_consumers_of_gone_workers_are_pruned_but_never_one_with_pending_jobs(pr
         await q.close()
 
     asyncio.run(scenario())
+
+
+def test_from_settings_takes_the_api_limits_and_the_redis_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LESA_REDIS_MAX_DELIVERIES", "5")
+    monkeypatch.setenv("LESA_REDIS_PREFIX", "p")
+    s = Settings(_env_file=None, redis_url=REDIS_URL, max_backlog=7, max_jobs_per_key=3)
+    q = RedisJobQueue.from_settings(s)
+    assert (q.max_backlog, q.max_jobs_per_owner, q.max_deliveries, q.prefix) == (7, 3, 5, "p")
+    asyncio.run(q.close())

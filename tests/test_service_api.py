@@ -416,6 +416,21 @@ def test_a_job_not_started_within_its_queue_timeout_fails_and_never_runs() -> No
             assert_error(response, 400, "queue_timeout_s")
 
 
+def test_an_api_key_with_max_jobs_per_key_live_jobs_gets_429_until_one_ends() -> None:
+    s = settings(api_keys="key-1,key-2", max_jobs_per_key=1)
+    one, two = ({"Authorization": f"Bearer key-{i}"} for i in (1, 2))
+    with TestClient(create_app(s, engine=make_engine(s, step_delay=0.05))) as client:
+        first = client.post("/v1/images/jobs", json={"prompt": "slow", "num_inference_steps": 60}, headers=one)
+        assert first.status_code == 202
+        refused = client.post("/v1/videos", json={"prompt": "more"}, headers=one)  # any kind counts
+        error = assert_error(refused, 429, None)
+        assert error["code"] == "rate_limit_exceeded" and "LESA_MAX_JOBS_PER_KEY=1" in error["message"]
+        assert int(refused.headers["retry-after"]) >= 1
+        assert client.post("/v1/videos", json={"prompt": "other key"}, headers=two).status_code == 200
+        client.delete(f"/v1/images/jobs/{first.json()['id']}", headers=one)  # cancelled: its place is free
+        assert client.post("/v1/videos", json={"prompt": "more"}, headers=one).status_code == 200
+
+
 def test_a_busy_server_runs_requests_that_allow_it_at_their_max_acceleration() -> None:
     s = settings(load_queue_depth=1)
     with TestClient(create_app(s, engine=make_engine(s, step_delay=0.05))) as client:

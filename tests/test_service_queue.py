@@ -19,6 +19,7 @@ from service.queue import (
     JobStatus,
     OutputRef,
     QueueFull,
+    TooManyJobs,
     UnknownCursor,
 )
 
@@ -223,6 +224,33 @@ def test_complete_and_fail_say_whether_they_recorded_the_outcome() -> None:
         assert await q.complete(job.id, result, {"0.png": b"y"}) is False  # a duplicate delivery
         assert await q.fail(job.id, JobError(code="generation_failed", message="late")) is False
         assert (await q.get(job.id)).status == JobStatus.completed
+
+    run(scenario())
+
+
+def test_an_owner_with_max_live_jobs_gets_too_many_jobs_until_one_ends() -> None:
+    async def scenario() -> None:
+        q = make_queue(max_jobs_per_owner=2)
+        a1, a2 = [await q.submit(spec(seed=i, owner="a")) for i in (1, 2)]
+        with pytest.raises(TooManyJobs) as refused:
+            await q.submit(spec(seed=3, owner="a"))
+        assert refused.value.retry_after_s >= 1 and "2 jobs" in str(refused.value)
+        await q.submit(spec(seed=4, owner="b"))  # other owners are not affected,
+        for i in range(3):
+            await q.submit(spec(seed=10 + i))  # nor jobs without an owner (no authentication)
+        # Ending a job (cancelled while queued, completed, failed) frees its place.
+        assert await q.cancel(a1.id)
+        keyed = await q.submit(spec(seed=5, owner="a"), idempotency_key="k")
+        assert (await q.submit(spec(seed=5, owner="a"), idempotency_key="k")).id == keyed.id  # a replay, not a job
+        with pytest.raises(TooManyJobs):
+            await q.submit(spec(seed=6, owner="a"))
+        claimed: list = []
+        while len(claimed) < 6:
+            claimed += await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
+        assert await q.complete(a2.id, JobResult(outputs=[]), {})
+        assert await q.fail(keyed.id, JobError(code="x", message="boom"))
+        for i in (7, 8):
+            await q.submit(spec(seed=i, owner="a"))
 
     run(scenario())
 
