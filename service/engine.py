@@ -24,6 +24,7 @@ Acceleration policy (documented for users in the README and in `/docs`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -32,6 +33,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -60,6 +62,7 @@ class Bundle:
     predictor: Any  # lesa_core.StagePredictor
     num_steps: int  # the schedule it was trained for
     quality: dict[str, Any]
+    content_id: str | None = None  # which bundle files ran (`content_id`), echoed in every response
 
     @property
     def psnr(self) -> float | None:
@@ -86,6 +89,7 @@ class ModelEntry:
     bundles: dict[str, Bundle] = field(default_factory=dict)
     description: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    revision: str | None = None  # which weights (`model_revision`), echoed in every response
 
     def bundle_for(self, level: str, steps: int) -> Bundle | None:
         bundle = self.bundles.get(level)
@@ -140,8 +144,16 @@ class Engine:
         for name, model in served.items():
             entry = entry_from_pipeline(model.pipe, name=name, fps=model.config.fps,
                                         description=model.config.description)  # fmt: skip
+            entry.revision = model_revision(model.config, settings.weights_dir)
+            paths = model.config.bundle_paths()
             entry.bundles = {
-                level: Bundle(level, predictor, predictor.schedule.num_steps, dict(predictor.config.quality or {}))
+                level: Bundle(
+                    level,
+                    predictor,
+                    predictor.schedule.num_steps,
+                    dict(predictor.config.quality or {}),
+                    content_id(paths[level]) if level in paths else None,
+                )  # fmt: skip
                 for level, predictor in model.bundles.items()
             }
             models[name] = entry
@@ -194,7 +206,7 @@ class Engine:
                 name=name, kind=kind, pipe=None, sizes=sizes, num_frames=frames if kind == "video" else [1],
                 fps=int(fps or DEFAULT_VIDEO_FPS), default_steps=default_steps, min_steps=min_steps,
                 max_steps=max_steps, default_guidance=guidance, levels=list(_levels()),
-                description=model.description,
+                description=model.description, revision=model_revision(model, config.weights_root),
             )  # fmt: skip
             for level, path in model.bundle_paths().items():
                 try:
@@ -205,7 +217,8 @@ class Engine:
                                 name, path, level, error)  # fmt: skip
                     continue
                 if level in entry.levels and level != "none":
-                    entry.bundles[level] = Bundle(level, None, schedule.num_steps, dict(data.get("quality") or {}))
+                    quality = dict(data.get("quality") or {})
+                    entry.bundles[level] = Bundle(level, None, schedule.num_steps, quality, content_id(path))
             models[name] = entry
         if not models:
             raise RuntimeError("no model in the catalogue: check LESA_MODELS / LESA_WEIGHTS_DIR / deploy/models.toml")
@@ -486,9 +499,12 @@ class Engine:
         for i, seconds in enumerate(step_times):  # (a chunked batch counts each chunk's steps in turn)
             full_step = schedule is None or schedule.is_full(i % steps)
             by_kind["full" if full_step else "predicted"].append(seconds)
+        entry = self.models[first.model]
+        bundle = entry.bundle_for(first.level, steps) if first.method == "lesa" else None
         for result, spec in zip(results, specs, strict=True):
             result.step_seconds = by_kind
             result.lesa.update(
+                model_revision=entry.revision, predictor=bundle.content_id if bundle is not None else None,
                 model=spec.model, level=spec.level, method=spec.method, num_inference_steps=steps,
                 guidance_scale=spec.guidance_scale, full_steps=full, predicted_steps=steps - full,
                 theoretical_speedup=round(steps / full, 3), realised_speedup=realised,
@@ -653,11 +669,39 @@ def _levels() -> list[str]:
     return list(lesa_core.LEVELS)
 
 
+def content_id(root: Path, skip: str | None = None) -> str:
+    """12 hex digits of sha256 over every file under `root`, names and bytes (`skip`: a top-level
+    folder left out): which weights or bundle made an output, for an audit or a rerun."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        relative = path.relative_to(root)
+        if skip is not None and relative.parts[0] == skip:
+            continue
+        digest.update(relative.as_posix().encode() + b"\0")
+        with path.open("rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def model_revision(model: Any, weights_root: Any) -> str | None:
+    """The revision a model's outputs name: models.toml's `revision` (a hub commit) where it pins
+    one; for a reference model, the content of its pipeline directory (without its predictors);
+    otherwise None (unpinned hub weights: hashing tens of GB at every start is not worth it)."""
+    if model.revision:
+        return str(model.revision)
+    if model.backend != "digits":
+        return None
+    from lesa_core.production.config import digits_source
+    from lesa_models.registry import model_path
+
+    source = digits_source(model, Path(weights_root) if weights_root is not None else None)
+    return content_id(model_path(source) if isinstance(source, str) else Path(source), skip="predictors")
+
+
 def _digits_index(model: Any, weights_root: Any) -> dict[str, Any]:
     """`lesa_digits` of a reference checkpoint's model_index.json, found as the loader finds it (a
     source that names none is a ConfigError, as it is for the workers)."""
-    from pathlib import Path
-
     from lesa_core.production.config import digits_source
     from lesa_models.registry import model_path
 
@@ -703,7 +747,7 @@ def model_card_levels(entry: ModelEntry) -> list[dict[str, Any]]:
             dict(
                 level=name, methods=methods, full_steps=schedule.num_full,
                 theoretical_speedup=round(schedule.speedup, 3), lesa_available=bundle is not None,
-                lesa_steps=bundle.num_steps if bundle else None,
+                lesa_steps=bundle.num_steps if bundle else None, predictor=bundle.content_id if bundle else None,
                 quality=json.loads(json.dumps(bundle.quality)) if bundle else None,
             )
         )  # fmt: skip

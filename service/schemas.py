@@ -207,6 +207,15 @@ class LesaStats(BaseModel):
     )
     seed: int
     seeds: list[int] = Field(default_factory=list)
+    model_revision: str | None = Field(
+        None, description="the weights that ran: models.toml's pinned `revision`, or a content hash of a "
+        "reference model's files; null: unpinned hub weights", examples=["3f1c0a9b2e47"],
+    )  # fmt: skip
+    predictor: str | None = Field(
+        None,
+        description="content hash of the LESA bundle that forecast the skipped steps (method lesa)",
+        examples=["9a2e47b3f1c0"],
+    )
     batch_size: int | None = Field(None, description="samples in the batched generation this job ran in")
     queue_ms: float | None = Field(None, description="time from submission to a worker starting it")
     generation_ms: float | None = Field(None, description="time of the batched generation")
@@ -299,6 +308,7 @@ class AccelerationLevel(BaseModel):
     theoretical_speedup: float
     lesa_available: bool
     lesa_steps: int | None = Field(None, description="the step count the LESA predictor was trained for")
+    predictor: str | None = Field(None, description="content hash of the LESA bundle (as `lesa.predictor`)")
     quality: dict[str, Any] | None = Field(None, description="the LESA predictor's quality card (PSNR vs full, …)")
 
 
@@ -315,6 +325,7 @@ class ModelCard(BaseModel):
     step_range: tuple[int, int]
     default_guidance_scale: float
     default_acceleration: str
+    revision: str | None = Field(None, description="the weights served (as `lesa.model_revision`)")
     acceleration: list[AccelerationLevel]
 
 

@@ -88,6 +88,13 @@ def test_http_image_generation_reports_what_ran(server: Server) -> None:
         assert lesa["level"] == "5x" and lesa["method"] == "taylorseer"  # no LESA bundle for 8 steps
         assert (lesa["full_steps"], lesa["predicted_steps"]) == (4, 4) and lesa["seeds"] == [11, 12]
         assert lesa["realised_speedup"] > 1.0 and lesa["generation_ms"] > 0
+        # What ran, for an audit or a rerun: the weights' revision and (for LESA) the bundle.
+        card = client.get(f"/v1/models/{MODEL}").json()
+        assert re.fullmatch("[0-9a-f]{12}", card["revision"]) and lesa["model_revision"] == card["revision"]
+        assert lesa["predictor"] is None  # taylorseer: no bundle ran
+        ran = generate(client, acceleration="5x", num_inference_steps=50, method="lesa")["lesa"]
+        level = next(c for c in card["acceleration"] if c["level"] == "5x")
+        assert re.fullmatch("[0-9a-f]{12}", level["predictor"]) and ran["predictor"] == level["predictor"]
         # url outputs are served by the same server
         body = generate(client, response_format="url", output_format="jpeg")
         image = client.get(body["data"][0]["url"])

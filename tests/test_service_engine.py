@@ -5,13 +5,16 @@ method, CFG on/off, batch size, step count)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
 from lesa_models.pipeline import DigitsPipeline
 from lesa_models.text_encoder import get_text_encoder
-from service.engine import Engine, entry_from_pipeline
+from service.engine import Engine, content_id, entry_from_pipeline
 from service.queue import JobSpec
 from service.settings import Settings
 
@@ -69,3 +72,21 @@ def test_cache_counts_match_the_schedule(engine: Engine) -> None:
     # The hooks' own counters (per CFG branch) agree with what the response reports.
     for branch in ("cond", "uncond"):
         assert lesa["cache_stats"][branch] == {"full": 4, "predicted": 4}
+
+
+def test_content_id_names_the_files_that_ran(tmp_path: Path) -> None:
+    """The `lesa.model_revision` / `lesa.predictor` of a response: one changed byte, file name or
+    added file is another id; the same files elsewhere are the same id; `skip` leaves a folder out."""
+    (tmp_path / "a" / "predictors" / "5x").mkdir(parents=True)
+    (tmp_path / "a" / "weights.safetensors").write_bytes(b"\x00" * 1000)
+    (tmp_path / "a" / "predictors" / "5x" / "config.json").write_text("{}")
+    base = content_id(tmp_path / "a", skip="predictors")
+    assert len(base) == 12 and base != content_id(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert content_id(tmp_path / "b", skip="predictors") == base
+    (tmp_path / "b" / "predictors" / "5x" / "config.json").write_text('{"changed": 1}')
+    assert content_id(tmp_path / "b", skip="predictors") == base  # a retrained bundle is not new weights
+    (tmp_path / "b" / "weights.safetensors").write_bytes(b"\x00" * 999 + b"\x01")
+    assert content_id(tmp_path / "b", skip="predictors") != base
+    (tmp_path / "a" / "weights.safetensors").rename(tmp_path / "a" / "other.safetensors")
+    assert content_id(tmp_path / "a", skip="predictors") != base

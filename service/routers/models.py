@@ -24,6 +24,7 @@ def model_card(entry: ModelEntry, default_level: str) -> ModelCard:
         step_range=(entry.min_steps, entry.max_steps),
         default_guidance_scale=entry.default_guidance,
         default_acceleration=default_level,
+        revision=entry.revision,
         acceleration=model_card_levels(entry),  # type: ignore[arg-type]
     )
 
