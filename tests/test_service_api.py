@@ -416,6 +416,28 @@ def test_a_job_not_started_within_its_queue_timeout_fails_and_never_runs() -> No
             assert_error(response, 400, "queue_timeout_s")
 
 
+def test_image_jobs_are_listed_per_api_key_newest_first_sync_ones_too() -> None:
+    s = settings(api_keys="key-1,key-2")
+    one, two = ({"Authorization": f"Bearer key-{i}"} for i in (1, 2))
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        synced = client.post("/v1/images/generations", json={"prompt": "a"}, headers=one).json()["lesa"]["job_id"]
+        queued = [client.post("/v1/images/jobs", json={"prompt": p}, headers=one).json()["id"] for p in ("b", "c")]
+        theirs = client.post("/v1/images/jobs", json={"prompt": "d"}, headers=two).json()["id"]
+        page = client.get("/v1/images/jobs", params={"limit": 2}, headers=one).json()
+        assert page["object"] == "list" and page["has_more"]
+        assert [j["id"] for j in page["data"]] == queued[::-1] and page["last_id"] == queued[0]
+        assert {j["object"] for j in page["data"]} == {"image.job"} and page["data"][0]["prompt"] == "c"
+        rest = client.get("/v1/images/jobs", params={"after": page["last_id"]}, headers=one).json()
+        assert [j["id"] for j in rest["data"]] == [synced] and not rest["has_more"]
+        done = wait_for(client, f"/v1/images/jobs/{synced}", {"completed"}, headers=one)
+        assert rest["data"][0]["result"]["data"][0]["url"] == done["result"]["data"][0]["url"]
+        assert [j["id"] for j in client.get("/v1/images/jobs", headers=two).json()["data"]] == [theirs]
+        wait_for(client, f"/v1/images/jobs/{queued[0]}", {"completed"}, headers=one)
+        assert client.delete(f"/v1/images/jobs/{queued[0]}", headers=one).json()["deleted"]
+        response = client.get("/v1/images/jobs", params={"after": queued[0]}, headers=one)
+        assert queued[0] in assert_error(response, 400, "after")["message"]
+
+
 def test_an_api_key_with_max_jobs_per_key_live_jobs_gets_429_until_one_ends() -> None:
     s = settings(api_keys="key-1,key-2", max_jobs_per_key=1)
     one, two = ({"Authorization": f"Bearer key-{i}"} for i in (1, 2))

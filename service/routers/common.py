@@ -7,16 +7,17 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal
 
 from fastapi import Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from service import media
-from service.deps import Services, cancel, client_gone, get_job
-from service.errors import ApiError
-from service.queue import Job, JobStatus, QueueUnavailable
-from service.schemas import DeletedObject
+from service.deps import Services, cancel, client_gone, get_job, unavailable
+from service.errors import ApiError, bad_request
+from service.queue import Job, JobKind, JobStatus, QueueUnavailable, UnknownCursor
+from service.schemas import DeletedObject, ListResponse
 from service.views import image_stream_event
 
 log = logging.getLogger("lesa.api")
@@ -127,6 +128,32 @@ def sse_response(events: AsyncIterator[bytes], headers: dict[str, str] | None = 
 
 def _sse(event: str, payload: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+async def list_page(
+    services: Services,
+    kind: JobKind,
+    owner: str | None,
+    after: str | None,
+    limit: int,
+    order: Literal["asc", "desc"],
+    view: Callable[[Job], Awaitable[BaseModel]],
+) -> ListResponse:
+    """One page of `owner`'s jobs of `kind`, OpenAI's list shape; a gone `after` is a 400 naming it."""
+    assert services.queue is not None
+    try:
+        jobs, has_more = await services.queue.list(kind=kind, after=after, limit=limit, order=order, owner=owner)
+    except UnknownCursor:
+        raise bad_request(
+            f"cannot list after {after!r}: no such {kind} job (unknown, deleted or expired); list again from the "
+            "start, without `after`",
+            "after",
+        ) from None
+    except QueueUnavailable as down:
+        raise unavailable(services, down) from None
+    data = [await view(job) for job in jobs]  # each object's id is its job's
+    first, last = (jobs[0].id, jobs[-1].id) if jobs else (None, None)
+    return ListResponse(data=data, first_id=first, last_id=last, has_more=has_more)
 
 
 _BACKGROUND: set[asyncio.Task[None]] = set()

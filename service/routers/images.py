@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -24,9 +24,17 @@ from service.routers.common import (
     cancel_or_delete,
     image_stream,
     job_events,
+    list_page,
     partial_response,
 )
-from service.schemas import DeletedObject, ErrorResponse, ImageGenerationRequest, ImageJobObject, ImagesResponse
+from service.schemas import (
+    DeletedObject,
+    ErrorResponse,
+    ImageGenerationRequest,
+    ImageJobObject,
+    ImagesResponse,
+    ListResponse,
+)
 from service.views import image_job_object, images_response
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
@@ -118,6 +126,30 @@ async def create_image_job(
     job = await submit(services, spec, owner, idempotency_key, body)
     assert services.queue is not None
     return await image_job_object(job, services.queue, base_url(request, services))
+
+
+@router.get(
+    "/jobs",
+    response_model=ListResponse,
+    responses={400: {"model": ErrorResponse, "description": "`after` names a job that is gone (deleted, expired)"}},
+    summary="List image jobs",
+)
+async def list_image_jobs(
+    request: Request,
+    services: ReadyDep,
+    owner: OwnerDep,
+    after: Annotated[str | None, Query(description="id of the last job of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Annotated[Literal["asc", "desc"], Query(description="by creation time")] = "desc",
+) -> ListResponse:
+    """The caller's image jobs (sync requests' too), newest first: find a job whose answer was lost."""
+    assert services.queue is not None
+    queue, url = services.queue, base_url(request, services)
+
+    async def view(job: Job) -> ImageJobObject:
+        return await image_job_object(job, queue, url)
+
+    return await list_page(services, "image", owner, after, limit, order, view)
 
 
 @router.get("/jobs/{job_id}", response_model=ImageJobObject, summary="Get an image job")

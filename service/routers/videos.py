@@ -11,9 +11,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from service.deps import OwnerDep, ReadyDep, get_job, resolve_for_load, submit
-from service.errors import ApiError, bad_request, body_validation_error
-from service.queue import Job, UnknownCursor
-from service.routers.common import artifact_response, cancel_only, cancel_or_delete, job_events
+from service.errors import ApiError, body_validation_error
+from service.queue import Job
+from service.routers.common import artifact_response, cancel_only, cancel_or_delete, job_events, list_page
 from service.schemas import DeletedObject, ErrorResponse, ListResponse, VideoCreateRequest, VideoObject
 from service.views import video_object
 
@@ -111,19 +111,10 @@ async def list_videos(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     order: Annotated[Literal["asc", "desc"], Query(description="by creation time")] = "desc",
 ) -> ListResponse:
-    assert services.queue is not None
-    try:
-        jobs, has_more = await services.queue.list(kind="video", after=after, limit=limit, order=order, owner=owner)
-    except UnknownCursor:
-        raise bad_request(
-            f"cannot list after {after!r}: no such video (unknown, deleted or expired); list again from the "
-            "start, without `after`",
-            "after",
-        ) from None
-    data = [video_object(j) for j in jobs]
-    return ListResponse(
-        data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=has_more
-    )
+    async def view(job: Job) -> VideoObject:
+        return video_object(job)
+
+    return await list_page(services, "video", owner, after, limit, order, view)
 
 
 @router.get("/{video_id}", response_model=VideoObject, summary="Retrieve a video")
