@@ -118,6 +118,10 @@ class WebhookSender:
                 down = True
                 await asyncio.sleep(1.0)
                 continue
+            except Exception:  # noqa: BLE001 - a bug here must not end every later delivery
+                log.exception("webhook outbox read failed; retrying in 1 s")
+                await asyncio.sleep(1.0)
+                continue
             down = False
             for event in events:
                 task = asyncio.get_running_loop().create_task(self._send(queue, event), name=f"webhook-{event.id}")
