@@ -11,8 +11,9 @@ Spans of one request:
     POST /v1/images/generations      API, server span (a caller's `traceparent` header is its parent)
       lesa.job.queued                from the submit to a worker's start
       lesa.job.run                   the worker's batch for this job, with what ran (level, method,
-                                     full / predicted steps, batch size, realised speed-up); status
-                                     ERROR with the job's error when it failed
+                                     full / predicted steps, batch size, realised speed-up, weights'
+                                     revision, predictor); status ERROR with the job's error when it
+                                     failed
 
 The context crosses the queue in `JobSpec.trace_context` (W3C `traceparent`), so with Redis the
 worker's spans land in the API's trace. The worker records a job's spans from its stored record
@@ -113,7 +114,16 @@ def record_job(tracer: Tracer, job: Job, worker_id: str, started_at: float) -> N
         "lesa.worker": worker_id, "lesa.status": job.status.value, "lesa.attempt": job.attempts,
     }  # fmt: skip
     stats = job.result.lesa if job.result is not None else {}
-    for key in ("full_steps", "predicted_steps", "batch_size", "realised_speedup", "generation_ms", "denoise_ms"):
+    for key in (
+        "full_steps",
+        "predicted_steps",
+        "batch_size",
+        "realised_speedup",
+        "generation_ms",
+        "denoise_ms",
+        "model_revision",
+        "predictor",
+    ):
         if stats.get(key) is not None:
             attributes[f"lesa.{key}"] = stats[key]
     run.set_attributes(attributes)
