@@ -5,7 +5,8 @@ Both sides talk only to `JobQueue`:
 * the API (`service/routers/`) calls `submit`, `get`, `wait`, `list`, `cancel`, `delete`,
   `get_artifact`, `depth`, `ping`;
 * a worker (`service/worker.py`, embedded in `lesa serve` or standalone as `lesa worker`) calls
-  `claim_batch`, `set_progress`, `is_cancelled`, `complete`, `fail`.
+  `claim_batch`, `set_progress`, `is_cancelled`, `complete`, `fail`; one that sends webhooks also
+  `next_events`, `ack_event` (the outbox).
 
 `InProcessJobQueue` (below) keeps everything in this process's memory: the default for
 `lesa serve`, where the worker is an asyncio task of the same event loop. A Redis Streams
