@@ -233,7 +233,9 @@ class Worker:
             if limit is None or waited <= limit:
                 live.append(job)
                 continue
-            message = f"no worker was free within queue_timeout_s ({limit:g} s; it waited {waited:.1f} s): it never ran"
+            # (a redelivered job, whose first worker died, is judged on when this delivery started)
+            ran = "it never ran" if job.attempts <= 1 else f"its {job.attempts - 1} earlier deliveries did not finish"
+            message = f"no worker was free within queue_timeout_s ({limit:g} s; it waited {waited:.1f} s): {ran}"
             if await self.queue.fail(job.id, JobError(code="queue_timeout", message=message)):
                 self.metrics.jobs.labels(job.spec.model, "failed").inc()
                 self.metrics.errors.labels(type="queue_timeout").inc()
