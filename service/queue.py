@@ -158,6 +158,8 @@ class Job(BaseModel):
     worker_id: str | None = None
     attempts: int = 0  # deliveries to a worker (Redis re-delivers after a crash)
     partials: int = 0  # partial images stored so far (`JobQueue.get_partial`, indices 0..partials-1)
+    # Queued jobs of its model ahead of it (0: next), as `get` / `list` read it; None unless queued.
+    queue_position: int | None = None
 
 
 class QueueError(Exception):
@@ -228,7 +230,8 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     async def get(self, job_id: str) -> Job | None:
-        """The job's current record, or None if unknown or expired."""
+        """The job's current record, or None if unknown or expired; a queued one with its
+        `queue_position` (as `list` gives them)."""
 
     @abc.abstractmethod
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
@@ -449,7 +452,7 @@ class InProcessJobQueue(JobQueue):
     async def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> Job:
         self._sweep()
         if idempotency_key is not None and idempotency_key in self._by_key:
-            return self._jobs[self._by_key[idempotency_key]]
+            return self._positioned(self._jobs[self._by_key[idempotency_key]])
         if len(self._pending) >= self.max_backlog:
             # Time for the backlog to drain, assuming one batch at a time of one job each.
             raise QueueFull(math.ceil(len(self._pending) * self._batch_seconds))
@@ -466,7 +469,7 @@ class InProcessJobQueue(JobQueue):
         self._pending.append(job.id)
         self._last_arrivals.append(time.monotonic())
         self._arrival.set()
-        return job
+        return self._positioned(job)
 
     def _fresh(self, job_id: str) -> Job | None:
         """The job unless it has expired (checked per job: the full sweep is throttled)."""
@@ -478,7 +481,19 @@ class InProcessJobQueue(JobQueue):
 
     async def get(self, job_id: str) -> Job | None:
         self._sweep()
-        return self._fresh(job_id)
+        job = self._fresh(job_id)
+        return self._positioned(job) if job is not None else None
+
+    def _positioned(self, job: Job) -> Job:
+        """A queued job's record with its place in line (a copy: the stored record has none)."""
+        if job.status != JobStatus.queued:
+            return job
+        ahead = 0
+        for job_id in self._pending:
+            if job_id == job.id:
+                break
+            ahead += self._jobs[job_id].spec.model == job.spec.model
+        return job.model_copy(update={"queue_position": ahead})
 
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
         job = self._jobs.get(job_id)
@@ -517,7 +532,7 @@ class InProcessJobQueue(JobQueue):
             if after not in ids:
                 raise UnknownCursor(after)
             jobs = jobs[ids.index(after) + 1 :]
-        return jobs[:limit], len(jobs) > limit
+        return [self._positioned(j) for j in jobs[:limit]], len(jobs) > limit
 
     async def cancel(self, job_id: str) -> bool:
         job = self._live(job_id)

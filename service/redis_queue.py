@@ -192,7 +192,7 @@ redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[6], ARGV[1], 'EX', ARGV[6])
 end
-return {'new', entry}
+return {'new', entry, tostring(depth)}
 """
 
 _START = """
@@ -739,7 +739,7 @@ class RedisJobQueue(JobQueue):
         job_id = new_job_id()
         created_at = time.time()
         idem_key = self._k_idem(idempotency_key) if idempotency_key is not None else f"{self.prefix}:idem:-"
-        kind, value = await self._submit(
+        kind, value, *rest = await self._submit(
             keys=[
                 self._k_job(job_id),
                 stream,
@@ -779,7 +779,8 @@ class RedisJobQueue(JobQueue):
             # The original header, for the record (the key name only holds its hash).
             await self._redis.hset(self._k_job(job_id), "idem_key", idempotency_key)
         await self._housekeeping()
-        return Job(id=job_id, spec=spec, created_at=created_at, idempotency_key=idempotency_key)
+        ahead = int(rest[0])  # its model's backlog before it
+        return Job(id=job_id, spec=spec, created_at=created_at, idempotency_key=idempotency_key, queue_position=ahead)
 
     async def _retry_after(self, depth: int, model: str) -> int:
         """Seconds until the model's backlog should have drained: its depth x seconds per job / the
@@ -794,7 +795,21 @@ class RedisJobQueue(JobQueue):
 
     @_translate_errors
     async def get(self, job_id: str) -> Job | None:
-        return self._job_from_hash(job_id, await self._redis.hgetall(self._k_job(job_id)))
+        job = self._job_from_hash(job_id, await self._redis.hgetall(self._k_job(job_id)))
+        return (await self._positioned([job]))[0] if job is not None else None
+
+    async def _positioned(self, jobs: list[Job]) -> list[Job]:
+        """The queued ones with their place in line: their rank in their model's backlog set."""
+        queued = [j for j in jobs if j.status == JobStatus.queued]
+        if not queued:
+            return jobs
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job in queued:
+                pipe.zrank(self._k_queued(job.spec.model), job.id)
+            ranks = dict(zip((j.id for j in queued), await pipe.execute(), strict=True))
+        return [
+            j.model_copy(update={"queue_position": ranks[j.id]}) if ranks.get(j.id) is not None else j for j in jobs
+        ]
 
     async def _listen(self) -> None:
         """Wake `wait()` callers when their job turns terminal (pub/sub; polling covers gaps)."""
@@ -885,7 +900,7 @@ class RedisJobQueue(JobQueue):
                 for key in (self.k_index, f"{self.k_index}:image", f"{self.k_index}:video"):
                     pipe.zrem(key, *gone)
                 await pipe.execute()
-        return page[:limit], len(page) > limit
+        return await self._positioned(page[:limit]), len(page) > limit
 
     @_translate_errors
     async def cancel(self, job_id: str) -> bool:

@@ -33,6 +33,9 @@ _QUEUE_TIMEOUT = Field(
     "(unset: no limit).",
     examples=[30],
 )
+_QUEUE_POSITION = Field(
+    None, description="while queued: jobs of the same model that workers take before this one (0: next)"
+)
 _MAX_ACCELERATION = Field(
     None,
     max_length=32,
@@ -247,6 +250,7 @@ class VideoObject(BaseModel):
     model: str
     status: Literal["queued", "in_progress", "completed", "failed", "cancelled"]
     progress: int = Field(ge=0, le=100, description="percent of denoising steps done, updated per step")
+    queue_position: int | None = _QUEUE_POSITION
     created_at: int
     completed_at: int | None = None
     expires_at: int | None = None
@@ -267,6 +271,7 @@ class ImageJobObject(BaseModel):
     model: str
     status: Literal["queued", "in_progress", "completed", "failed", "cancelled"]
     progress: int
+    queue_position: int | None = _QUEUE_POSITION
     created_at: int
     completed_at: int | None = None
     expires_at: int | None = None

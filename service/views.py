@@ -81,6 +81,7 @@ def video_object(job: Job) -> VideoObject:
         model=spec.model,
         status=job.status.value,  # type: ignore[arg-type]
         progress=job.progress,
+        queue_position=job.queue_position,
         created_at=int(job.created_at),
         completed_at=_ts(job.completed_at),
         expires_at=_ts(job.expires_at),
@@ -104,6 +105,7 @@ async def image_job_object(job: Job, queue: JobQueue, base_url: str) -> ImageJob
         model=spec.model,
         status=job.status.value,  # type: ignore[arg-type]
         progress=job.progress,
+        queue_position=job.queue_position,
         created_at=int(job.created_at),
         completed_at=_ts(job.completed_at),
         expires_at=_ts(job.expires_at),

@@ -363,6 +363,27 @@ def test_video_shows_progress_then_plays_inline(fake_server, browser) -> None:
     assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done"
 
 
+def test_a_queued_job_shows_its_place_in_line(fake_server, browser) -> None:
+    url, _ = fake_server
+    open_page(browser, url)
+    body = {"prompt": "a one", "model": "fake-image", "num_inference_steps": 100}  # 3 s on the one worker
+    with httpx.Client(base_url=url, timeout=10) as client:
+        running = client.post("/v1/images/jobs", json=body).json()["id"]
+        deadline = time.monotonic() + 10
+        while client.get(f"/v1/images/jobs/{running}").json()["status"] != "in_progress":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        try:
+            Select(browser.find_element(By.ID, "model")).select_by_value("fake-video")
+            fill(browser, "steps", "8")
+            browser.find_element(By.ID, "generate").click()
+            busy = browser.find_element(By.ID, "busy")
+            wait(browser, lambda d: busy.text == "queued, next", 10, f"no place in line: {busy.text!r}")
+        finally:
+            client.delete(f"/v1/images/jobs/{running}")
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#output video, #output img"), 30, "no video")
+
+
 def test_busy_server_429_is_shown_plainly(fake_server, browser) -> None:
     url, _ = fake_server
     open_page(browser, url)

@@ -416,6 +416,23 @@ def test_a_job_not_started_within_its_queue_timeout_fails_and_never_runs() -> No
             assert_error(response, 400, "queue_timeout_s")
 
 
+def test_queued_jobs_show_their_place_in_line() -> None:
+    s = settings()
+    with TestClient(create_app(s, engine=make_engine(s, step_delay=0.02))) as client:
+        running = client.post("/v1/videos", json={"prompt": "first", "num_inference_steps": 40}).json()
+        wait_for(client, f"/v1/videos/{running['id']}", {"in_progress"})
+        waiting = [client.post("/v1/videos", json={"prompt": f"next {i}"}).json() for i in range(2)]
+        assert [v["queue_position"] for v in waiting] == [0, 1]
+        image = client.post("/v1/images/jobs", json={"prompt": "an image"}).json()
+        assert image["queue_position"] == 0  # its own model's line
+        assert client.get(f"/v1/videos/{waiting[1]['id']}").json()["queue_position"] == 1
+        done = wait_for(client, f"/v1/videos/{waiting[1]['id']}", {"completed"})
+        assert (
+            done["queue_position"] is None
+            and client.get(f"/v1/videos/{running['id']}").json()["queue_position"] is None
+        )
+
+
 def test_image_jobs_are_listed_per_api_key_newest_first_sync_ones_too() -> None:
     s = settings(api_keys="key-1,key-2")
     one, two = ({"Authorization": f"Bearer key-{i}"} for i in (1, 2))

@@ -228,6 +228,24 @@ def test_complete_and_fail_say_whether_they_recorded_the_outcome() -> None:
     run(scenario())
 
 
+def test_a_queued_job_knows_how_many_jobs_of_its_model_are_ahead_of_it() -> None:
+    async def scenario() -> None:
+        q = make_queue()
+        a, b, c = [await q.submit(spec(seed=i)) for i in range(3)]
+        other = await q.submit(spec(model="n", seed=9))  # another model's line
+        assert [j.queue_position for j in (a, b, c, other)] == [0, 1, 2, 0]
+        assert (await q.get(c.id)).queue_position == 2
+        (first,) = await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1, models=["m"])
+        assert first.id == a.id and (await q.get(a.id)).queue_position is None  # running: not in line
+        assert [(await q.get(j.id)).queue_position for j in (b, c, other)] == [0, 1, 0]
+        assert await q.cancel(b.id)
+        assert (await q.get(c.id)).queue_position == 0
+        listed, _ = await q.list(order="asc")
+        assert [j.queue_position for j in listed] == [None, None, 0, 0]
+
+    run(scenario())
+
+
 def test_an_owner_with_max_live_jobs_gets_too_many_jobs_until_one_ends() -> None:
     async def scenario() -> None:
         q = make_queue(max_jobs_per_owner=2)

@@ -93,7 +93,7 @@ def job_events(
     changes, ending after the terminal state. Lets a browser show per-step progress without polling."""
 
     async def stream() -> AsyncIterator[bytes]:
-        last: tuple[str, int] | None = None
+        last: tuple[str, int, int | None] | None = None
         quiet_since = time.monotonic()
         while True:
             assert services.queue is not None
@@ -101,7 +101,7 @@ def job_events(
             if job is None or job.spec.kind != kind:
                 yield b'event: error\ndata: {"code": "not_found"}\n\n'
                 return
-            state = (job.status.value, job.progress)
+            state = (job.status.value, job.progress, job.queue_position)
             if state != last:
                 last = state
                 quiet_since = time.monotonic()

@@ -356,7 +356,11 @@ async function pollJob(job, path, onDone, onProgress) {
   for (;;) {
     const current = await api("GET", path);
     progress.value = current.progress || 0;
-    $("busy").textContent = `${current.status.replace("_", " ")} ${current.progress || 0}%`;
+    // While queued the server says how many jobs of the model are ahead: more use than "0%".
+    const ahead = current.queue_position;
+    $("busy").textContent = current.status === "queued" && ahead != null
+      ? `queued, ${ahead === 0 ? "next" : `${ahead} ahead`}`
+      : `${current.status.replace("_", " ")} ${current.progress || 0}%`;
     if (onProgress) await onProgress(current);
     if (current.status === "completed") return onDone(current);
     // The server's own failure, shown as such (a plain Error would read "Cannot reach the server").
