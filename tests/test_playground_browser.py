@@ -363,16 +363,24 @@ def test_video_shows_progress_then_plays_inline(fake_server, browser) -> None:
     assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done"
 
 
+SLOW_IMAGE = {"prompt": "a one", "model": "fake-image", "num_inference_steps": 100}  # 3 s on the one worker
+
+
+def start_a_slow_image(client: httpx.Client) -> str:
+    """An image job that keeps the fake server's one worker busy for 3 s; its id once it runs."""
+    running = client.post("/v1/images/jobs", json=SLOW_IMAGE).json()["id"]
+    deadline = time.monotonic() + 10
+    while client.get(f"/v1/images/jobs/{running}").json()["status"] != "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return running
+
+
 def test_a_queued_job_shows_its_place_in_line(fake_server, browser) -> None:
     url, _ = fake_server
     open_page(browser, url)
-    body = {"prompt": "a one", "model": "fake-image", "num_inference_steps": 100}  # 3 s on the one worker
     with httpx.Client(base_url=url, timeout=10) as client:
-        running = client.post("/v1/images/jobs", json=body).json()["id"]
-        deadline = time.monotonic() + 10
-        while client.get(f"/v1/images/jobs/{running}").json()["status"] != "in_progress":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        running = start_a_slow_image(client)
         try:
             Select(browser.find_element(By.ID, "model")).select_by_value("fake-video")
             fill(browser, "steps", "8")
@@ -387,14 +395,9 @@ def test_a_queued_job_shows_its_place_in_line(fake_server, browser) -> None:
 def test_busy_server_429_is_shown_plainly(fake_server, browser) -> None:
     url, _ = fake_server
     open_page(browser, url)
-    body = {"prompt": "a one", "model": "fake-image", "num_inference_steps": 100}
     with httpx.Client(base_url=url, timeout=10) as client:
-        running = client.post("/v1/images/jobs", json=body).json()["id"]
-        deadline = time.monotonic() + 10
-        while client.get(f"/v1/images/jobs/{running}").json()["status"] != "in_progress":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        queued = client.post("/v1/images/jobs", json=body).json()["id"]  # fills the backlog of 1
+        running = start_a_slow_image(client)
+        queued = client.post("/v1/images/jobs", json=SLOW_IMAGE).json()["id"]  # fills the backlog of 1
         try:
             browser.find_element(By.ID, "generate").click()
             banner = browser.find_element(By.ID, "banner")

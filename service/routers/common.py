@@ -7,9 +7,10 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from fastapi import Response
+from fastapi import Depends, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -17,7 +18,7 @@ from service import media
 from service.deps import Services, cancel, client_gone, get_job, unavailable
 from service.errors import ApiError, bad_request
 from service.queue import Job, JobKind, JobStatus, QueueUnavailable, UnknownCursor
-from service.schemas import DeletedObject, ListResponse
+from service.schemas import DeletedObject, ErrorResponse, ListResponse
 from service.views import image_stream_event
 
 log = logging.getLogger("lesa.api")
@@ -130,17 +131,39 @@ def _sse(event: str, payload: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
 
 
+@dataclass
+class ListQuery:
+    """A list request's cursor query, OpenAI's: `after` (the last id of the previous page), `limit`, `order`."""
+
+    after: str | None
+    limit: int
+    order: Literal["asc", "desc"]
+
+
+def list_query(
+    after: Annotated[str | None, Query(description="id of the last item of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Annotated[Literal["asc", "desc"], Query(description="by creation time")] = "desc",
+) -> ListQuery:
+    return ListQuery(after, limit, order)
+
+
+ListQueryDep = Annotated[ListQuery, Depends(list_query)]
+LIST_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "`after` names a job that is gone (deleted, expired)"}
+}
+
+
 async def list_page(
     services: Services,
     kind: JobKind,
     owner: str | None,
-    after: str | None,
-    limit: int,
-    order: Literal["asc", "desc"],
+    query: ListQuery,
     view: Callable[[Job], Awaitable[BaseModel]],
 ) -> ListResponse:
     """One page of `owner`'s jobs of `kind`, OpenAI's list shape; a gone `after` is a 400 naming it."""
     assert services.queue is not None
+    after, limit, order = query.after, query.limit, query.order
     try:
         jobs, has_more = await services.queue.list(kind=kind, after=after, limit=limit, order=order, owner=owner)
     except UnknownCursor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -19,6 +19,8 @@ from service.deps import (
 from service.errors import ApiError
 from service.queue import Job, JobStatus
 from service.routers.common import (
+    LIST_ERRORS,
+    ListQueryDep,
     artifact_response,
     cancel_only,
     cancel_or_delete,
@@ -128,20 +130,8 @@ async def create_image_job(
     return await image_job_object(job, services.queue, base_url(request, services))
 
 
-@router.get(
-    "/jobs",
-    response_model=ListResponse,
-    responses={400: {"model": ErrorResponse, "description": "`after` names a job that is gone (deleted, expired)"}},
-    summary="List image jobs",
-)
-async def list_image_jobs(
-    request: Request,
-    services: ReadyDep,
-    owner: OwnerDep,
-    after: Annotated[str | None, Query(description="id of the last job of the previous page")] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    order: Annotated[Literal["asc", "desc"], Query(description="by creation time")] = "desc",
-) -> ListResponse:
+@router.get("/jobs", response_model=ListResponse, responses=LIST_ERRORS, summary="List image jobs")
+async def list_image_jobs(request: Request, services: ReadyDep, owner: OwnerDep, query: ListQueryDep) -> ListResponse:
     """The caller's image jobs (sync requests' too), newest first: find a job whose answer was lost."""
     assert services.queue is not None
     queue, url = services.queue, base_url(request, services)
@@ -149,7 +139,7 @@ async def list_image_jobs(
     async def view(job: Job) -> ImageJobObject:
         return await image_job_object(job, queue, url)
 
-    return await list_page(services, "image", owner, after, limit, order, view)
+    return await list_page(services, "image", owner, query, view)
 
 
 @router.get("/jobs/{job_id}", response_model=ImageJobObject, summary="Get an image job")

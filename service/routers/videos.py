@@ -13,7 +13,15 @@ from pydantic import ValidationError
 from service.deps import OwnerDep, ReadyDep, get_job, resolve_for_load, submit
 from service.errors import ApiError, body_validation_error
 from service.queue import Job
-from service.routers.common import artifact_response, cancel_only, cancel_or_delete, job_events, list_page
+from service.routers.common import (
+    LIST_ERRORS,
+    ListQueryDep,
+    artifact_response,
+    cancel_only,
+    cancel_or_delete,
+    job_events,
+    list_page,
+)
 from service.schemas import DeletedObject, ErrorResponse, ListResponse, VideoCreateRequest, VideoObject
 from service.views import video_object
 
@@ -98,23 +106,12 @@ async def create_video(
     return video_object(job)
 
 
-@router.get(
-    "",
-    response_model=ListResponse,
-    responses={400: {"model": ErrorResponse, "description": "`after` names a video that is gone (deleted, expired)"}},
-    summary="List videos",
-)
-async def list_videos(
-    services: ReadyDep,
-    owner: OwnerDep,
-    after: Annotated[str | None, Query(description="id of the last video of the previous page")] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    order: Annotated[Literal["asc", "desc"], Query(description="by creation time")] = "desc",
-) -> ListResponse:
+@router.get("", response_model=ListResponse, responses=LIST_ERRORS, summary="List videos")
+async def list_videos(services: ReadyDep, owner: OwnerDep, query: ListQueryDep) -> ListResponse:
     async def view(job: Job) -> VideoObject:
         return video_object(job)
 
-    return await list_page(services, "video", owner, after, limit, order, view)
+    return await list_page(services, "video", owner, query, view)
 
 
 @router.get("/{video_id}", response_model=VideoObject, summary="Retrieve a video")
