@@ -126,7 +126,7 @@ class Engine:
         """Load the models of `deploy/models.toml` (LESA_MODELS_CONFIG) through lesa_core.production:
         the reference digits models and, on GPU nodes, FLUX.1 / Qwen-Image / Wan2.1 / HunyuanVideo,
         each with the LESA bundles that load and fit it."""
-        from lesa_core.production import load_models
+        from lesa_core.production import load_models, read_config
 
         if settings.torch_threads:
             import torch
@@ -140,11 +140,13 @@ class Engine:
             dtype=settings.dtype,
             weights_root=settings.weights_dir,
         )
+        # the root load_models resolved, as the API's catalogue resolves it: both name the same revision
+        weights_root = read_config(settings.models_config, settings.weights_dir).weights_root
         models: dict[str, ModelEntry] = {}
         for name, model in served.items():
             entry = entry_from_pipeline(model.pipe, name=name, fps=model.config.fps,
                                         description=model.config.description)  # fmt: skip
-            entry.revision = model_revision(model.config, settings.weights_dir)
+            entry.revision = model_revision(model.config, weights_root)
             paths = model.config.bundle_paths()
             entry.bundles = {
                 level: Bundle(

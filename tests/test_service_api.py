@@ -19,7 +19,7 @@ from service_support import assert_error, free_port, make_engine, settings, wait
 from lesa_core import level_schedule
 from service.app import create_app
 from service.deps import cancel, get_job
-from service.engine import Engine
+from service.engine import Engine, content_id
 from service.queue import JobStatus
 from service.schemas import ImageGenerationRequest
 
@@ -690,6 +690,7 @@ def test_catalogue_engine_for_an_api_tier_loads_no_weights(tmp_path) -> None:
         (model,) = client.get("/v1/models").json()["data"]
         levels = {lvl["level"]: lvl for lvl in model["acceleration"]}
         assert levels["5x"]["lesa_available"] and levels["5x"]["quality"]["psnr"] == 33.0
+        assert levels["5x"]["predictor"] == content_id(bundle) and model["revision"] is None  # unpinned hub weights
         assert model["sizes"] == ["1024x1024", "768x1344"]
         job = client.post("/v1/images/jobs", json={"model": "big-flux", "prompt": "a fox", "size": "768x1344"})
         assert job.status_code == 202 and job.json()["status"] == "queued"

@@ -90,3 +90,10 @@ def test_content_id_names_the_files_that_ran(tmp_path: Path) -> None:
     assert content_id(tmp_path / "b", skip="predictors") != base
     (tmp_path / "a" / "weights.safetensors").rename(tmp_path / "a" / "other.safetensors")
     assert content_id(tmp_path / "a", skip="predictors") != base
+
+
+def test_the_api_catalogue_and_the_workers_name_the_same_revision_and_bundles() -> None:
+    s = Settings(_env_file=None, models="digits-image")
+    api, worker = Engine.catalogue(s).models["digits-image"], Engine.load(s).models["digits-image"]
+    assert api.revision == worker.revision and len(api.revision) == 12
+    assert {k: b.content_id for k, b in api.bundles.items()} == {k: b.content_id for k, b in worker.bundles.items()}
