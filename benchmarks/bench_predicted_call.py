@@ -5,7 +5,8 @@ batch-8 generations of a reference model at one level (both CFG branches), so ca
 the sampler are as a user meets them. Per method: median full and predicted call, the forecast's
 share of a predicted call, and the whole generation's wall / theoretical speed-up (fastest
 generation of the round-robin repeats against full compute's; sampler overhead included).
-Prints a table and writes JSON.
+Also counts the page faults of each generation (memory the allocator gave back and took again;
+`--allocator default` measures without `lesa_core/allocator.py`). Prints a table and writes JSON.
 
     python benchmarks/bench_predicted_call.py --model digits-image --level 5x
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 import lesa_core.hooks
+from lesa_core.allocator import retain_freed_memory
 from lesa_core.benchmark import default_prompts, machine_info
 from lesa_core.forecasters import BranchHistory, ForecastContext, Forecaster
 from lesa_models import load_pipeline
@@ -54,7 +57,16 @@ def main() -> None:
     parser.add_argument(
         "--json", type=Path, default=None, help="default benchmarks/results/<model>/predicted_call_<level>.json"
     )
+    parser.add_argument(
+        "--allocator",
+        choices=("retain", "default"),
+        default="retain",
+        help="retain: freed memory kept for reuse, as the service and the lesa commands run "
+        "(lesa_core/allocator.py); default: the C library's own behaviour, for comparison",
+    )
     args = parser.parse_args()
+    if args.allocator == "retain":
+        retain_freed_memory()
     torch.set_num_threads(1)
     pipe = load_pipeline(args.model)
     prompts = default_prompts(pipe.kind, args.batch)
@@ -76,7 +88,7 @@ def main() -> None:
     methods = ["none", *args.methods.split(",")]
     caches = {m: None if m == "none" else resolve_acceleration(pipe, args.level, 50, method=m) for m in methods}
     seen: dict[str, dict[str, list[float]]] = {
-        m: {"wall": [], "full": [], "predicted": [], "forecast": []} for m in methods
+        m: {"wall": [], "full": [], "predicted": [], "forecast": [], "faults": []} for m in methods
     }
     try:
         for repeat in range(args.repeats + 1):  # round-robin, so the machine's drift hits every method alike
@@ -84,12 +96,14 @@ def main() -> None:
                 schedule = cache.schedule if cache is not None else None
                 calls.clear()
                 timed.clear()
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0 = time.perf_counter()
                 pipe(prompts, seeds=seeds, height=height, width=width, num_inference_steps=50, cache=cache)
                 if repeat == 0:
                     continue  # warm-up: the first request on a schedule folds the predictor's tables
                 acc = seen[method]
                 acc["wall"].append(time.perf_counter() - t0)
+                acc["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
                 branches = len(calls) // 50
                 for i, seconds in enumerate(calls):
                     acc["full" if schedule is None or schedule.is_full(i // branches) else "predicted"].append(seconds)
@@ -110,16 +124,21 @@ def main() -> None:
                     statistics.mean(acc["forecast"]) / (len(predicted) / args.repeats) * 1e3 if predicted else None
                 ),
                 "full_steps": schedule.num_full if schedule is not None else 50,
+                # pages the kernel had to map (and zero) again: memory freed and reallocated
+                "page_faults_per_generation": statistics.median(acc["faults"]),
             }
         )
 
     base = records[0]
-    print(f"{args.model} at {args.level}, batch {args.batch}, 50 steps; {machine_info()['cpu']}, 1 thread")
+    print(
+        f"{args.model} at {args.level}, batch {args.batch}, 50 steps; {machine_info()['cpu']}, 1 thread, "
+        f"allocator {args.allocator}"
+    )
     print(
         "| method | generation | full call | predicted call | of which forecast | predicted / full "
-        "| wall / theoretical | calls only |"
+        "| wall / theoretical | calls only | page faults |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in records:
         theoretical = 50 / r["full_steps"]
         r["speedup_wall"] = base["generation_s"] / r["generation_s"]
@@ -133,11 +152,19 @@ def main() -> None:
         ratio = "-" if r["predicted_over_full"] is None else f"{r['predicted_over_full'] * 100:.2f}%"
         print(
             f"| {r['method']} | {r['generation_s'] * 1e3:.0f} ms | {r['full_call_ms']:.2f} ms | {pred} | {fc} | {ratio} "
-            f"| {r['wall_over_theoretical']:.3f} | {r['calls_over_theoretical']:.3f} |"
+            f"| {r['wall_over_theoretical']:.3f} | {r['calls_over_theoretical']:.3f} "
+            f"| {r['page_faults_per_generation']:.0f} |"
         )
     out = args.json or Path("benchmarks/results") / args.model / f"predicted_call_{args.level}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = {"model": args.model, "level": args.level, "batch": args.batch, "repeats": args.repeats, **machine_info()}
+    header = {
+        "model": args.model,
+        "level": args.level,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "allocator": args.allocator,
+        **machine_info(),
+    }
     out.write_text(json.dumps({"header": header, "records": records}, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -387,14 +387,17 @@ def load_average() -> list[float] | None:
 
 
 def machine_info() -> dict[str, Any]:
-    """What the timings depend on: CPU, cores, torch threads, versions, load, date."""
+    """What the timings depend on: CPU, cores, torch threads, allocator, versions, load, date."""
     import diffusers
+
+    from lesa_core.allocator import freed_memory_retained
 
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "freed_memory_retained": freed_memory_retained(),  # lesa_core/allocator.py
         "device": device,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,

@@ -13,6 +13,8 @@ import pickle
 import sys
 from pathlib import Path
 
+from lesa_core.allocator import retain_freed_memory
+
 # Packages that contribute sub-commands, in the order they appear in `lesa --help`.
 COMMAND_MODULES = ("lesa_core.commands", "lesa_models.cli", "service.cli", "lesa_core.benchmark_cli")
 
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     name = f"lesa {args.command}"
+    if not getattr(args, "allocator_from_settings", False):  # `serve` and `worker`: LESA_RETAIN_FREED_MEMORY
+        retain_freed_memory()  # generation and training, step after step: lesa_core/allocator.py
     try:
         return int(args.func(args) or 0)
     except CliError as error:

@@ -31,7 +31,7 @@ def add_commands(subparsers: Any) -> None:
     serve.add_argument("--max-batch", type=positive_int, help="most samples per batched generation (LESA_MAX_BATCH)")
     serve.add_argument("--no-worker", action="store_true", help="API only: leave generation to `lesa worker`")
     serve.add_argument("--shadow-fraction", type=float, help=SHADOW_HELP)
-    serve.set_defaults(func=run_serve)
+    serve.set_defaults(func=run_serve, allocator_from_settings=True)
 
     # `lesa worker` lives next to the Redis queue it needs (service/worker_cli.py).
     from service.worker_cli import add_worker_command

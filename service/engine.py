@@ -126,8 +126,11 @@ class Engine:
         """Load the models of `deploy/models.toml` (LESA_MODELS_CONFIG) through lesa_core.production:
         the reference digits models and, on GPU nodes, FLUX.1 / Qwen-Image / Wan2.1 / HunyuanVideo,
         each with the LESA bundles that load and fit it."""
+        from lesa_core.allocator import retain_freed_memory
         from lesa_core.production import load_models, read_config
 
+        if settings.retain_freed_memory:
+            retain_freed_memory()
         if settings.torch_threads:
             import torch
 

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         description="torch intra-op threads for CPU generation (default: torch's choice); 1 avoids "
         "oversubscription when the cores are shared with other processes",
     )
+    retain_freed_memory: bool = Field(
+        True,
+        description="keep memory a generation frees for its next step instead of returning it to the kernel "
+        "(glibc only; lesa_core/allocator.py): faster steps, resident memory stays near its peak",
+    )
     warmup: bool = Field(True, description="run one tiny generation per model before reporting ready")
     warmup_steps: int = Field(4, ge=1, le=100)
     default_level: str = Field(

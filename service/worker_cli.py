@@ -271,7 +271,7 @@ def add_worker_command(subparsers: Any) -> None:
     parser.add_argument("--metrics-port", type=int, help="/metrics, /healthz, /readyz; 0 = off (9101)")
     parser.add_argument("--name", help="consumer name in the stream group (default: host-pid-random)")
     parser.add_argument("--shadow-fraction", type=float, help=SHADOW_HELP)
-    parser.set_defaults(func=_cmd_worker)
+    parser.set_defaults(func=_cmd_worker, allocator_from_settings=True)
 
 
 if __name__ == "__main__":  # `python -m service.worker_cli` = `lesa worker`

@@ -186,7 +186,8 @@ def test_run_writes_json_markdown_and_pngs(image_pipe, tmp_path: Path) -> None:
         "speedup_wall_b8",
     }
     assert all(required <= set(record) for record in data["records"])
-    assert {"cpu", "torch_threads", "torch", "load_average_start", "date"} <= set(data["header"])
+    header_keys = {"cpu", "torch_threads", "freed_memory_retained", "torch", "load_average_start", "date"}
+    assert header_keys <= set(data["header"])
     table = Path(paths["markdown"]).read_text()
     assert "| taylorseer2 | tiny4x | 2/8 |" in table and "wall b2" in table
     for key in ("grid", "difference_grid", "plot"):
