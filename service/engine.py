@@ -136,20 +136,14 @@ class Engine:
 
             torch.set_num_threads(settings.torch_threads)
         t0 = time.perf_counter()
-        served = load_models(
-            settings.models_config,
-            settings.model_list or None,
-            device=settings.device,
-            dtype=settings.dtype,
-            weights_root=settings.weights_dir,
-        )
-        # the root load_models resolved, as the API's catalogue resolves it: both name the same revision
-        weights_root = read_config(settings.models_config, settings.weights_dir).weights_root
+        # read once: the weights root it resolves (as the API's catalogue resolves it) names the revision
+        config = read_config(settings.models_config, settings.weights_dir)
+        served = load_models(config, settings.model_list or None, device=settings.device, dtype=settings.dtype)
         models: dict[str, ModelEntry] = {}
         for name, model in served.items():
             entry = entry_from_pipeline(model.pipe, name=name, fps=model.config.fps,
                                         description=model.config.description)  # fmt: skip
-            entry.revision = model_revision(model.config, weights_root)
+            entry.revision = model_revision(model.config, config.weights_root)
             paths = model.config.bundle_paths()
             entry.bundles = {
                 level: Bundle(
@@ -502,6 +496,8 @@ class Engine:
         cache_counts = output.stats.get("cache")
         by_kind: dict[str, list[float]] = {"full": [], "predicted": []}
         for i, seconds in enumerate(step_times):  # (a chunked batch counts each chunk's steps in turn)
+            if i % steps == 0:  # a generation's first step also carries its text encoding and setup
+                continue
             full_step = schedule is None or schedule.is_full(i % steps)
             by_kind["full" if full_step else "predicted"].append(seconds)
         entry = self.models[first.model]

@@ -53,7 +53,8 @@ class Metrics:
         )  # fmt: skip
         self.step_time = Histogram(
             "lesa_step_seconds", "one denoising step of a batched generation (every CFG branch, the sampler's "
-            "own work included), by kind: full = every block ran, predicted = forecast",
+            "own work included), by kind: full = every block ran, predicted = forecast; a generation's first "
+            "step, which also encodes the prompts, is not observed",
             ["model", "level", "kind"], buckets=STEP_BUCKETS, registry=r,
         )  # fmt: skip
         self.speedup = Histogram(

@@ -327,7 +327,7 @@ def load_bundles(config: ModelConfig, info: Any) -> dict[str, lesa_core.StagePre
 
 
 def load_models(
-    path: str | Path | None = None,
+    path: str | Path | ModelsConfig | None = None,
     names: list[str] | None = None,
     *,
     device: str = "auto",
@@ -336,11 +336,12 @@ def load_models(
 ) -> dict[str, ServedModel]:
     """Load the models of the config file: `names` (in that order), or every model enabled here.
 
+    `path` may be a config already read (`read_config`), whose weights root then holds.
     An explicitly named model that is disabled in the file still loads (the operator asked for
     it); a "gpu" model named on a machine without CUDA is a clear error instead of a 50 GB
     download that cannot run.
     """
-    config = read_config(path, weights_root)
+    config = path if isinstance(path, ModelsConfig) else read_config(path, weights_root)
     device = resolve_device(device)
     if names:
         unknown = [n for n in names if n not in config.models]
