@@ -341,6 +341,8 @@ def load_models(
     it); a "gpu" model named on a machine without CUDA is a clear error instead of a 50 GB
     download that cannot run.
     """
+    if isinstance(path, ModelsConfig) and weights_root is not None:
+        raise ValueError("weights_root is read with the config: pass it to read_config, not with a read config")
     config = path if isinstance(path, ModelsConfig) else read_config(path, weights_root)
     device = resolve_device(device)
     if names:
