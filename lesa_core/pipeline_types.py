@@ -38,7 +38,12 @@ class PipelineInfo:
 
 @dataclass
 class GenerationOutput:
-    """samples: float32 in [0, 1], [B, H, W] (image) or [B, F, H, W] (video); stats: timings, cache use."""
+    """samples: float32 in [0, 1], [B, H, W] (image) or [B, F, H, W] (video); stats: timings, cache use.
+
+    `stats["stage_seconds"]`: where the call's time went, in order: `encode_prompts` (the text
+    encoder, for every CFG branch), `denoise` (the sampling loop), `decode` (latents to pixels: the
+    VAE, or a copy for a pixel-space model). The service reports them per job and per stage.
+    """
 
     samples: np.ndarray
     stats: dict[str, Any] = field(default_factory=dict)

@@ -379,7 +379,9 @@ class DigitsPipeline:
             preview=preview,
             preview_steps=preview_steps,
         )
-        samples = x.clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
+        decoding = time.perf_counter()
+        samples = x.clamp(0.0, 1.0).cpu().numpy().astype(np.float32)  # pixel space: decoding is a copy
+        stats["stage_seconds"]["decode"] = time.perf_counter() - decoding
         return GenerationOutput(samples=samples, stats=stats)
 
     def denoise(
@@ -429,6 +431,7 @@ class DigitsPipeline:
         x = x.to(self.device)
 
         do_cfg = guidance_scale > 1.0
+        encoding = time.perf_counter()
         cond = self.encode(list(prompts))
         uncond = self.encode([""] * len(prompts)) if do_cfg else None
         sched = self._fresh_scheduler(num_inference_steps)
@@ -475,8 +478,10 @@ class DigitsPipeline:
                 if cache is not None:
                     lesa_core.disable_cache(self.transformer)
 
+        denoised = time.perf_counter()
         stats.update(
-            wall_time_s=time.perf_counter() - started,
+            wall_time_s=denoised - started,
+            stage_seconds={"encode_prompts": started - encoding, "denoise": denoised - started},
             num_inference_steps=num_inference_steps,
             guidance_scale=float(guidance_scale),
             batch_size=len(prompts),

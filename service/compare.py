@@ -98,7 +98,7 @@ async def _side(services: Services, job: Job) -> tuple[CompareSide, bytes]:
     side = CompareSide(
         image=base64.b64encode(content).decode("ascii"),
         wall_ms=float(lesa.get("generation_ms") or 0.0),
-        denoise_ms=lesa.get("denoise_ms"),
+        denoise_ms=(lesa.get("stage_ms") or {}).get("denoise"),
         lesa=lesa_stats(job),
     )
     return side, content

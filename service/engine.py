@@ -483,16 +483,21 @@ class Engine:
             return on_step(done, total) if on_step is not None else None
 
         with self._run_lock:
+            started_at = time.time()
             t0 = time.perf_counter()
             last[0] = t0
             output = self._call(specs, cache, callback, **previews)
-            denoise_s = time.perf_counter() - t0
+            pipeline_s = time.perf_counter() - t0
             results = self._encode(specs, output.samples)
             generation_s = time.perf_counter() - t0
+        # Where the time went, in order (a pipeline that does not split its call is one stage).
+        stages = dict(output.stats.get("stage_seconds") or {"pipeline": pipeline_s})
+        stages["encode_output"] = generation_s - pipeline_s
+        stage_ms = {stage: round(seconds * 1000.0, 2) for stage, seconds in stages.items()}
 
         steps = first.num_inference_steps
         full = schedule.num_full if schedule is not None else steps
-        realised = _realised_speedup(step_times, schedule, denoise_s)
+        realised = _realised_speedup(step_times, schedule, pipeline_s)
         cache_counts = output.stats.get("cache")
         by_kind: dict[str, list[float]] = {"full": [], "predicted": []}
         for i, seconds in enumerate(step_times):  # (a chunked batch counts each chunk's steps in turn)
@@ -510,8 +515,7 @@ class Engine:
                 guidance_scale=spec.guidance_scale, full_steps=full, predicted_steps=steps - full,
                 theoretical_speedup=round(steps / full, 3), realised_speedup=realised,
                 seed=spec.seed, seeds=[spec.seed + i for i in range(spec.n)], batch_size=len(output.samples),
-                generation_ms=round(generation_s * 1000.0, 2), denoise_ms=round(denoise_s * 1000.0, 2),
-                cache_stats=cache_counts,
+                generation_ms=round(generation_s * 1000.0, 2), stage_ms=stage_ms, generation_started_at=started_at, cache_stats=cache_counts,
             )  # fmt: skip
         return results
 
@@ -647,7 +651,7 @@ def theoretical_speedup(level: str, steps: int) -> float:
     return lesa_core.level_schedule(level, steps).speedup
 
 
-def _realised_speedup(step_times: list[float], schedule: Any, denoise_s: float) -> float:
+def _realised_speedup(step_times: list[float], schedule: Any, pipeline_s: float) -> float:
     """Estimated all-full generation time / actual time, from this batch's own step timings.
 
     Predicted steps are re-costed at the mean time of the batch's full steps. Step 1 (index 0)
@@ -660,8 +664,8 @@ def _realised_speedup(step_times: list[float], schedule: Any, denoise_s: float) 
         full = [step_times[0]]
     predicted = [t for i, t in enumerate(step_times) if not schedule.is_full(i)]
     mean_full = sum(full) / len(full)
-    estimate = denoise_s + sum(mean_full - t for t in predicted)
-    return round(estimate / denoise_s, 3) if denoise_s > 0 else 1.0
+    estimate = pipeline_s + sum(mean_full - t for t in predicted)
+    return round(estimate / pipeline_s, 3) if pipeline_s > 0 else 1.0
 
 
 def _levels() -> list[str]:

@@ -57,6 +57,11 @@ class Metrics:
             "step, which also encodes the prompts, is not observed",
             ["model", "level", "kind"], buckets=STEP_BUCKETS, registry=r,
         )  # fmt: skip
+        self.stage_time = Histogram(
+            "lesa_stage_seconds", "one batched generation's time in a stage: encode_prompts (text encoder), "
+            "denoise (sampling loop), decode (latents to pixels), encode_output (PNG / MP4)",
+            ["model", "level", "stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.speedup = Histogram(
             "lesa_realised_speedup",
             "estimated full-compute generation time / actual generation time, per job",

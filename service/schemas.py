@@ -222,6 +222,12 @@ class LesaStats(BaseModel):
     batch_size: int | None = Field(None, description="samples in the batched generation this job ran in")
     queue_ms: float | None = Field(None, description="time from submission to a worker starting it")
     generation_ms: float | None = Field(None, description="time of the batched generation")
+    stage_ms: dict[str, float] | None = Field(
+        None, description="the batched generation's time by stage, in order: encode_prompts (text encoder), "
+        "denoise (the sampling loop), decode (latents to pixels), encode_output (PNG / MP4 encoding); "
+        "a pipeline that does not time its stages reports one `pipeline` stage instead of the first three",
+        examples=[{"encode_prompts": 2.1, "denoise": 410.5, "decode": 0.4, "encode_output": 3.2}],
+    )  # fmt: skip
     total_ms: float | None = Field(None, description="submission to completion")
 
 

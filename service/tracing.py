@@ -14,6 +14,10 @@ Spans of one request:
                                      full / predicted steps, batch size, realised speed-up, weights'
                                      revision, predictor); status ERROR with the job's error when it
                                      failed
+        lesa.stage.encode_prompts    the batched generation's stages, one after the other (as the
+        lesa.stage.denoise           job's `lesa.stage_ms` reports them): text encoder, sampling
+        lesa.stage.decode            loop, latents to pixels, PNG / MP4 encoding
+        lesa.stage.encode_output
 
 The context crosses the queue in `JobSpec.trace_context` (W3C `traceparent`), so with Redis the
 worker's spans land in the API's trace. The worker records a job's spans from its stored record
@@ -120,7 +124,6 @@ def record_job(tracer: Tracer, job: Job, worker_id: str, started_at: float) -> N
         "batch_size",
         "realised_speedup",
         "generation_ms",
-        "denoise_ms",
         "model_revision",
         "predictor",
     ):
@@ -129,4 +132,12 @@ def record_job(tracer: Tracer, job: Job, worker_id: str, started_at: float) -> N
     run.set_attributes(attributes)
     if job.error is not None and job.status.value == "failed":
         run.set_status(Status(StatusCode.ERROR, f"{job.error.code}: {job.error.message}"))
+    stage_start = stats.get("generation_started_at")
+    if isinstance(stage_start, int | float):
+        inside_run = trace.set_span_in_context(run)
+        for stage, ms in (stats.get("stage_ms") or {}).items():
+            span = tracer.start_span(f"lesa.stage.{stage}", context=inside_run, start_time=ns(stage_start))
+            span.set_attributes({"lesa.job_id": job.id, "lesa.stage": stage})
+            stage_start += ms / 1000.0
+            span.end(end_time=ns(stage_start))
     run.end(end_time=ns(job.completed_at or time.time()))

@@ -341,6 +341,9 @@ class Worker:
             histogram = self.metrics.step_time.labels(specs[0].model, specs[0].level, kind)
             for value in seconds:
                 histogram.observe(value)
+        stage_ms = results[0].lesa.get("stage_ms") if results else None
+        for stage, ms in (stage_ms or {}).items():
+            self.metrics.stage_time.labels(specs[0].model, specs[0].level, stage).observe(ms / 1000.0)
         for future in stored:
             try:
                 await asyncio.wrap_future(future)

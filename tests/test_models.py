@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # loading must never touch the network
 
@@ -49,6 +50,27 @@ def test_generation_is_deterministic_per_seed(image_pipe):
     np.testing.assert_array_equal(a.samples, b.samples)
     assert not np.allclose(a.samples, c.samples)
     assert a.stats["transformer_calls"] == 2 * STEPS and "wall_time_s" in a.stats
+
+
+def test_each_stage_of_the_call_is_timed_where_it_runs(image_pipe, monkeypatch):
+    # Each delay in its own stage: were two stages to overlap, their sum would exceed the wall time
+    # by at least the delay counted twice.
+    text_s, step_s = 0.1, 0.002
+    monkeypatch.setattr(
+        image_pipe, "encode", lambda prompts, real=image_pipe.encode: time.sleep(text_s) or real(prompts)
+    )
+    handle = image_pipe.transformer.register_forward_pre_hook(lambda *_: time.sleep(step_s))
+    try:
+        started = time.perf_counter()
+        out = image_pipe(["a handwritten seven"], seeds=[3], num_inference_steps=STEPS, **_size(image_pipe))
+        wall = time.perf_counter() - started
+    finally:
+        handle.remove()
+    stages = out.stats["stage_seconds"]
+    assert list(stages) == ["encode_prompts", "denoise", "decode"]
+    assert stages["encode_prompts"] >= 2 * text_s  # both CFG branches' prompts
+    assert stages["denoise"] >= 2 * STEPS * step_s
+    assert 0 <= stages["decode"] and sum(stages.values()) <= wall
 
 
 def test_sample_does_not_depend_on_its_batch(image_pipe):

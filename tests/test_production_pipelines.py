@@ -2,7 +2,8 @@
 
 For FluxPipeline, QwenImagePipeline, WanPipeline and HunyuanVideoPipeline: every step full through
 the backend equals the un-hooked pipeline bit for bit; LESA skips every transformer block on the
-predicted steps of every CFG branch and gets the sampler's own sigmas; output shapes; cancellation.
+predicted steps of every CFG branch and gets the sampler's own sigmas; output shapes; cancellation; the
+time of each stage of a call (text encoder, steps, VAE).
 """
 
 from __future__ import annotations
@@ -202,3 +203,36 @@ def test_image_pipelines_preview_the_clean_estimate_decoded_as_the_output_is(tin
         assert early.shape == late.shape == out.samples[item].shape and 0 <= late.min() and late.max() <= 1
         # nearer the result the later it is taken
         assert np.mean((late - out.samples[item]) ** 2) < np.mean((early - out.samples[item]) ** 2)
+
+
+def test_each_stage_of_the_call_is_timed_where_it_runs(tiny, monkeypatch):
+    """Text encoder, steps and VAE each made slow: each delay lands in its own stage, summed over
+    the chunks of a split batch, and the stages fit inside the call."""
+    import time
+
+    text_s, step_s, vae_s = 0.06, 0.004, 0.05
+    pipe = tiny.pipe
+
+    def slowed(function, seconds):
+        def run(*args, **kwargs):
+            time.sleep(seconds)
+            return function(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(pipe, "encode_prompt", slowed(pipe.encode_prompt, text_s))
+    monkeypatch.setattr(pipe.vae, "decode", slowed(pipe.vae.decode, vae_s))
+    handle = pipe.transformer.register_forward_pre_hook(lambda *_: time.sleep(step_s))
+    try:
+        capped = backend_for(tiny, max_batch_pixels=tiny.width * tiny.height)  # two chunks of one
+        started = time.perf_counter()
+        out = call(capped, tiny)
+        wall = time.perf_counter() - started
+    finally:
+        handle.remove()
+    stages = out.stats["stage_seconds"]
+    assert list(stages) == ["encode_prompts", "denoise", "decode"]
+    assert stages["encode_prompts"] >= 2 * text_s
+    assert stages["denoise"] >= 2 * STEPS * tiny.calls_per_step * step_s
+    assert stages["decode"] >= 2 * vae_s
+    assert sum(stages.values()) <= wall

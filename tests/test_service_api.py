@@ -563,18 +563,28 @@ def test_metrics_probes_and_docs(client: TestClient) -> None:
     lesa = client.post("/v1/images/generations", json={"prompt": "x", "acceleration": "2x"}).json()["lesa"]
     text = client.get("/metrics").text
 
-    def steps(metrics: str, kind: str) -> float:  # lesa_step_seconds observations of one kind at 2x
-        line = f'lesa_step_seconds_count{{kind="{kind}",level="2x",model="fake-image"}} '
-        return next((float(x.split()[-1]) for x in metrics.splitlines() if x.startswith(line)), 0.0)
+    def added(sample: str) -> float:  # how much a sample's value grew during the request
+        line = sample + " "
+        values = [
+            next((float(x.split()[-1]) for x in m.splitlines() if x.startswith(line)), 0.0) for m in (before, text)
+        ]
+        return values[1] - values[0]
+
+    def steps(kind: str) -> str:
+        return f'lesa_step_seconds_count{{kind="{kind}",level="2x",model="fake-image"}}'
 
     # every denoising step timed once, by kind, as the job's own counts say, but the first (a full
     # step that also encodes the prompts)
-    assert steps(text, "full") - steps(before, "full") == lesa["full_steps"] - 1
-    assert steps(text, "predicted") - steps(before, "predicted") == lesa["predicted_steps"] > 0
+    assert added(steps("full")) == lesa["full_steps"] - 1
+    assert added(steps("predicted")) == lesa["predicted_steps"] > 0
+    # each stage the job reports observed once (the fake pipeline does not split its call)
+    assert list(lesa["stage_ms"]) == ["pipeline", "encode_output"]
+    for stage in lesa["stage_ms"]:
+        assert added(f'lesa_stage_seconds_count{{level="2x",model="fake-image",stage="{stage}"}}') == 1, stage
     for name in (
         "lesa_requests_total", "lesa_job_e2e_seconds", "lesa_job_queue_wait_seconds", "lesa_generation_seconds",
         "lesa_queue_depth", "lesa_jobs_in_flight", "lesa_batch_size", "lesa_denoising_steps_total",
-        "lesa_realised_speedup", "lesa_errors", "lesa_step_seconds",
+        "lesa_realised_speedup", "lesa_errors", "lesa_step_seconds", "lesa_stage_seconds",
     ):  # fmt: skip
         assert name in text, name
     assert 'lesa_requests_total{endpoint="/v1/images/generations",method="POST",status="200"}' in text

@@ -97,3 +97,15 @@ def test_the_api_catalogue_and_the_workers_name_the_same_revision_and_bundles() 
     api, worker = Engine.catalogue(s).models["digits-image"], Engine.load(s).models["digits-image"]
     assert api.revision == worker.revision and len(api.revision) == 12
     assert {k: b.content_id for k, b in api.bundles.items()} == {k: b.content_id for k, b in worker.bundles.items()}
+
+
+def test_a_batch_reports_where_its_time_went(engine: Engine) -> None:
+    """The pipeline's stages, then the outputs' encoding: in order, adding up to the generation."""
+    (result,) = engine.run_batch([spec((32, 32), "2x", "reuse", 3.0, seed=9, n=2)])
+    lesa = result.lesa
+    stages = lesa["stage_ms"]
+    assert list(stages) == ["encode_prompts", "denoise", "decode", "encode_output"]
+    assert all(ms >= 0 for ms in stages.values()) and stages["denoise"] > 0 and stages["encode_output"] > 0
+    assert sum(stages.values()) <= lesa["generation_ms"] + 0.05  # each rounded to 0.01 ms
+    # what the time outside the stages is: the pipeline's own setup, a few ms at most here
+    assert lesa["generation_ms"] - sum(stages.values()) < 50

@@ -40,7 +40,9 @@ def test_a_request_is_one_trace_from_the_caller_through_the_queue_to_the_worker(
     job_id = response.json()["lesa"]["job_id"]
     client.get("/metrics")  # not traced
     spans = {s.name: s for s in exporter.get_finished_spans()}
-    assert set(spans) == {"POST /v1/images/generations", "lesa.job.queued", "lesa.job.run"}
+    # the fake pipeline does not time its stages: one `pipeline` stage, then the PNG encoding
+    stages = ["lesa.stage.pipeline", "lesa.stage.encode_output"]
+    assert set(spans) == {"POST /v1/images/generations", "lesa.job.queued", "lesa.job.run", *stages}
     server, queued, run = spans["POST /v1/images/generations"], spans["lesa.job.queued"], spans["lesa.job.run"]
     assert {format(s.context.trace_id, "032x") for s in spans.values()} == {CALLER_TRACE}
     assert server.kind == SpanKind.SERVER and format(server.parent.span_id, "016x") == CALLER_SPAN
@@ -52,6 +54,14 @@ def test_a_request_is_one_trace_from_the_caller_through_the_queue_to_the_worker(
     assert run.attributes["lesa.full_steps"] == 4 and run.attributes["lesa.predicted_steps"] == 4
     assert run.attributes["lesa.samples"] == 2 and run.attributes["lesa.status"] == "completed"
     assert run.status.status_code == StatusCode.UNSET
+    # the stages: children of the run, end to end inside it, as long as the job says they took
+    pipeline, encode = spans[stages[0]], spans[stages[1]]
+    assert pipeline.parent.span_id == encode.parent.span_id == run.context.span_id
+    assert run.start_time <= pipeline.start_time < pipeline.end_time == encode.start_time < encode.end_time
+    assert encode.end_time <= run.end_time
+    stage_ms = response.json()["lesa"]["stage_ms"]
+    assert list(stage_ms) == ["pipeline", "encode_output"]
+    assert (pipeline.end_time - pipeline.start_time) / 1e6 == pytest.approx(stage_ms["pipeline"], abs=0.01)
 
 
 def test_a_failed_job_is_an_error_span(traced) -> None:

@@ -177,7 +177,15 @@ def build() -> dict[str, Any]:
         timeseries("Step time: full vs predicted", quantiles("lesa_step_seconds", "kind"), "s",
                    "One denoising step of a batched generation (every CFG branch and the sampler's own "
                    "work), by kind. What a predicted step costs against a full one is what caps the "
-                   "realised speed-up."), 24, 8,
+                   "realised speed-up."), 12, 8,
+    )  # fmt: skip
+    layout.add(
+        timeseries("Where a generation's time goes",
+                   [(mean("lesa_stage_seconds", "stage", f"{MODEL}, {LEVEL}"), "{{stage}}")],
+                   "s", "Mean seconds per batched generation in each stage: encode_prompts (text encoder), "
+                   "denoise (the sampling loop: what acceleration shortens), decode (latents to pixels: the "
+                   "VAE), encode_output (PNG / MP4). Stacked, the total is the generation time.",
+                   stacking={"mode": "normal"}), 12, 8,
     )  # fmt: skip
 
     # ---- online quality (LESA_SHADOW_FRACTION > 0)

@@ -485,8 +485,12 @@ class DiffusersBackend:
 
         counts: dict[str, dict[str, int]] = {}
         before: list[torch.Tensor | None] = [kwargs.get("latents")]  # the step's starting latents
+        # Stage boundaries inside the pipeline's call: it encodes the prompts, fixes its timesteps,
+        # runs the steps, then decodes. (perf_counter when each was last seen)
+        marks: dict[str, float] = {}
 
         def on_step_end(_pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            marks["stepped"] = time.perf_counter()
             if preview is not None:
                 after = callback_kwargs["latents"]
                 if i + 1 in preview_steps and before[0] is not None:
@@ -515,13 +519,16 @@ class DiffusersBackend:
         @functools.wraps(original_set_timesteps)
         def set_timesteps(*args: Any, **kw: Any) -> Any:
             result = original_set_timesteps(*args, **kw)
-            lesa_core.new_generation(transformer, timesteps=normalised_times(scheduler))
+            marks.setdefault("timesteps", time.perf_counter())
+            if cache is not None:
+                lesa_core.new_generation(transformer, timesteps=normalised_times(scheduler))
             return result
 
         try:
             if cache is not None:
                 lesa_core.enable_cache(transformer, cache)
-                scheduler.set_timesteps = set_timesteps
+            scheduler.set_timesteps = set_timesteps
+            marks["called"] = time.perf_counter()
             output = pipe(
                 prompt=list(prompts),
                 height=height,
@@ -532,13 +539,20 @@ class DiffusersBackend:
                 callback_on_step_end=on_step_end,
                 **kwargs,
             )
+            marks["returned"] = time.perf_counter()
             if cache is not None:
                 stats["cache"] = _merge_counts(stats.get("cache"), counts)
         finally:
             counter.remove()
+            scheduler.__dict__.pop("set_timesteps", None)  # back to the class's method
             if cache is not None:
-                scheduler.__dict__.pop("set_timesteps", None)  # back to the class's method
                 lesa_core.disable_cache(transformer)
+        stages = stats.setdefault("stage_seconds", {"encode_prompts": 0.0, "denoise": 0.0, "decode": 0.0})
+        timesteps = marks.get("timesteps", marks["called"])
+        stepped = marks.get("stepped", timesteps)
+        stages["encode_prompts"] += timesteps - marks["called"]  # with the latents' preparation
+        stages["denoise"] += stepped - timesteps
+        stages["decode"] += marks["returned"] - stepped  # the VAE and the pipeline's postprocessing
         stats["transformer_calls"] += calls[0]
         stats["chunks"].append(len(prompts))
         samples = np.asarray(getattr(output, self.family.output_attr), dtype=np.float32)
