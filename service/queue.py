@@ -430,7 +430,11 @@ class InProcessJobQueue(JobQueue):
 
     def _finish(self, job: Job, status: JobStatus) -> None:
         now = time.time()
-        self._live_by_owner.get(job.spec.owner or "", set()).discard(job.id)
+        live = self._live_by_owner.get(job.spec.owner) if job.spec.owner is not None else None
+        if live is not None:
+            live.discard(job.id)
+            if not live:  # one set per owner with live jobs, not per owner ever seen
+                del self._live_by_owner[job.spec.owner]
         job.status = status
         job.completed_at = now
         job.expires_at = now + self.result_ttl_s
