@@ -269,11 +269,12 @@ def test_an_owner_with_max_live_jobs_gets_too_many_jobs_until_one_ends() -> None
         assert await q.fail(keyed.id, JobError(code="x", message="boom"))
         for i in (7, 8):
             await q.submit(spec(seed=i, owner="a"))
-        # the count is kept only for owners with live jobs (a server sees many keys over time)
         (b_job,) = [j for j in claimed if j.spec.owner == "b"]
-        assert "b" in q._live_by_owner
-        assert await q.complete(b_job.id, JobResult(outputs=[]), {})
-        assert "b" not in q._live_by_owner and "a" in q._live_by_owner
+        if isinstance(q, InProcessJobQueue):  # (in Redis an emptied sorted set is deleted by Redis)
+            # the count is kept only for owners with live jobs (a server sees many keys over time)
+            assert "b" in q._live_by_owner
+            assert await q.complete(b_job.id, JobResult(outputs=[]), {})
+            assert "b" not in q._live_by_owner and "a" in q._live_by_owner
 
     run(scenario())
 
