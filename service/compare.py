@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
-from service.deps import Disconnected, Services, failed_job_error, submit, wait_while_connected
+from service.deps import Disconnected, Services, failed_job_error, refresh_live_quality, submit, wait_while_connected
 from service.errors import ApiError, body_validation_error
 from service.queue import Job, JobSpec, JobStatus
 from service.schemas import MAX_SEED, ImageGenerationRequest, LesaStats, MethodName, StrictBody
@@ -114,6 +114,7 @@ async def compare(
     except ValidationError as error:  # a bound the image request has and this body lacks: still the field's 400
         raise body_validation_error(error) from None
     # The engine validates it exactly like a generation request (same messages, same `param`).
+    await refresh_live_quality(services)
     fast = engine.resolve_image(request)
     if fast.level == "none":
         why = (

@@ -108,12 +108,33 @@ ReadyDep = Annotated[Services, Depends(require_ready)]
 Body = TypeVar("Body", bound=BaseModel)
 
 
+LIVE_QUALITY_REFRESH_S = 5.0  # how stale the shadow-check figures "auto" judges levels by may be
+
+
+async def refresh_live_quality(services: Services) -> None:
+    """Give the engine the queue's latest shadow-check figures, at most every LIVE_QUALITY_REFRESH_S
+    (one read for every API process's view; the queue is what the workers write them to)."""
+    engine, queue = services.engine, services.queue
+    if not services.settings.auto_live_min_checks or queue is None:
+        return
+    now = time.monotonic()
+    if now - engine.live_psnr_at < LIVE_QUALITY_REFRESH_S:
+        return
+    keys = [(name, level) for name, entry in engine.models.items() for level in entry.bundles]
+    try:
+        live = await queue.live_quality(keys)
+    except QueueUnavailable:
+        return  # judged by the figures it had; the request itself meets the outage next
+    engine.set_live_quality(live, now)
+
+
 async def resolve_for_load(services: Services, body: Body, resolve: Callable[[Body], JobSpec]) -> JobSpec:
     """The request's job; when the queue is long (LESA_LOAD_QUEUE_DEPTH) and the request allows it
     (`max_acceleration`), the same job at that faster level, so it waits less instead of more.
 
     The engine validated `max_acceleration` with the request, so resolving at it cannot fail here.
     """
+    await refresh_live_quality(services)  # "auto" judges levels by them
     spec = resolve(body)
     max_level = getattr(body, "max_acceleration", None)
     if max_level is None:

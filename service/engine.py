@@ -18,8 +18,10 @@ Acceleration policy (documented for users in the README and in `/docs`):
   model has a predictor bundle for that level *trained for this step count*, else "taylorseer".
 * An explicit `method: "lesa"` where no matching bundle exists is a 400 naming `method`: a silent
   fallback would hand users a different quality than they asked for.
-* "auto": the fastest level with a LESA bundle for this step count whose quality card PSNR
-  is >= `auto_min_psnr`; "none" if no bundle qualifies.
+* "auto": the fastest level with a LESA bundle for this step count whose PSNR is >=
+  `auto_min_psnr`; "none" if no bundle qualifies. The PSNR is the quality card's until the level
+  has `auto_live_min_checks` shadow-checked samples, then their mean (the latest `QUALITY_WINDOW`):
+  a level whose served quality drifts below the floor leaves "auto" until it recovers.
 """
 
 from __future__ import annotations
@@ -115,6 +117,9 @@ class Engine:
         self.settings = settings
         self.models = models
         self.ready = False
+        # (model, level) -> the latest shadow-check PSNRs, as the queue holds them (`set_live_quality`)
+        self.live_psnr: dict[tuple[str, str], list[float]] = {}
+        self.live_psnr_at = -float("inf")  # time.monotonic() of the last update
         # One generation at a time per engine: the cache hooks hold per-generation state on the
         # transformer, and on one device parallel generations only slow each other down.
         self._run_lock = threading.Lock()
@@ -302,8 +307,9 @@ class Engine:
             candidates = [
                 b
                 for b in entry.bundles.values()
-                if b.num_steps == steps and b.psnr is not None and b.psnr >= self.settings.auto_min_psnr
-            ]
+                if b.num_steps == steps and (psnr := self.judged_psnr(entry.name, b)[0]) is not None
+                and psnr >= self.settings.auto_min_psnr
+            ]  # fmt: skip
             if method not in (None, "lesa"):
                 raise bad_request(
                     f'"auto" chooses among measured LESA levels; to use method {method!r}, name a level '
@@ -518,6 +524,56 @@ class Engine:
                 generation_ms=round(generation_s * 1000.0, 2), stage_ms=stage_ms, generation_started_at=started_at, cache_stats=cache_counts,
             )  # fmt: skip
         return results
+
+    def judged_psnr(self, model: str, bundle: Bundle) -> tuple[float | None, str]:
+        """The PSNR "auto" judges a LESA level by, and whence: the mean of its shadow checks once it
+        has `auto_live_min_checks` of them ("live"), else its quality card's ("card")."""
+        live = self.live_psnr.get((model, bundle.level), [])
+        needed = self.settings.auto_live_min_checks
+        if needed and len(live) >= needed:
+            return sum(live) / len(live), "live"
+        return bundle.psnr, "card"
+
+    def set_live_quality(self, live: dict[tuple[str, str], list[float]], at: float) -> None:
+        """New shadow-check figures (from the queue); logs each level that leaves or rejoins "auto"."""
+        floor = self.settings.auto_min_psnr
+
+        def eligible() -> dict[tuple[str, str], bool]:
+            return {
+                (name, b.level): (psnr := self.judged_psnr(name, b)[0]) is not None and psnr >= floor
+                for name, entry in self.models.items()
+                for b in entry.bundles.values()
+            }
+
+        before = eligible()
+        self.live_psnr, self.live_psnr_at = live, at
+        for (model, level), now in eligible().items():
+            if now != before[(model, level)]:
+                psnr, source = self.judged_psnr(model, self.models[model].bundles[level])
+                log.warning("%s %s %s \"auto\": %s PSNR %.2f dB vs floor %.2f dB", model, level,
+                            "rejoins" if now else "leaves", source, psnr or float("nan"), floor)  # fmt: skip
+
+    def acceleration_levels(self, entry: ModelEntry) -> list[dict[str, Any]]:
+        """The acceleration part of GET /v1/models for one model, with what "auto" judges each by."""
+        import lesa_core
+
+        levels = []
+        for name in entry.levels:
+            schedule = lesa_core.level_schedule(name, entry.default_steps)
+            bundle = entry.bundles.get(name)
+            methods = ["none"] if name == "none" else (["lesa"] if bundle else []) + ["taylorseer", "reuse"]
+            live = self.live_psnr.get((entry.name, name), [])
+            levels.append(
+                dict(
+                    level=name, methods=methods, full_steps=schedule.num_full,
+                    theoretical_speedup=round(schedule.speedup, 3), lesa_available=bundle is not None,
+                    lesa_steps=bundle.num_steps if bundle else None, predictor=bundle.content_id if bundle else None,
+                    quality=json.loads(json.dumps(bundle.quality)) if bundle else None,
+                    live_psnr=round(sum(live) / len(live), 3) if live else None, live_checks=len(live),
+                    auto_judged_by=self.judged_psnr(entry.name, bundle)[1] if bundle else None,
+                )
+            )  # fmt: skip
+        return levels
 
     def quality_cards(self) -> list[tuple[str, str, str, float]]:
         """(model, level, method, mean PSNR vs full compute) from each bundle's quality card: LESA's,
@@ -737,23 +793,3 @@ def entry_from_pipeline(
         levels=list(lesa_core.LEVELS),
         description=description,
     )
-
-
-def model_card_levels(entry: ModelEntry) -> list[dict[str, Any]]:
-    """The acceleration part of GET /v1/models for one model."""
-    import lesa_core
-
-    levels = []
-    for name in entry.levels:
-        schedule = lesa_core.level_schedule(name, entry.default_steps)
-        bundle = entry.bundles.get(name)
-        methods = ["none"] if name == "none" else (["lesa"] if bundle else []) + ["taylorseer", "reuse"]
-        levels.append(
-            dict(
-                level=name, methods=methods, full_steps=schedule.num_full,
-                theoretical_speedup=round(schedule.speedup, 3), lesa_available=bundle is not None,
-                lesa_steps=bundle.num_steps if bundle else None, predictor=bundle.content_id if bundle else None,
-                quality=json.loads(json.dumps(bundle.quality)) if bundle else None,
-            )
-        )  # fmt: skip
-    return levels

@@ -51,12 +51,16 @@ import math
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+# Shadow-checked PSNRs kept per LESA level (`record_quality`): what "auto" judges a level by once
+# it has enough of them (LESA_AUTO_LIVE_MIN_CHECKS); the oldest drop out as new checks come.
+QUALITY_WINDOW = 32
 
 JobKind = Literal["image", "video"]
 
@@ -360,6 +364,17 @@ class JobQueue(abc.ABC):
     async def ack_event(self, event: JobEvent) -> None:
         """`event` was delivered (or given up on): never hand it out again."""
 
+    # ---- online quality (shadow checks) ---------------------------------------------------
+
+    @abc.abstractmethod
+    async def record_quality(self, model: str, level: str, psnrs: Sequence[float]) -> None:
+        """Keep the PSNRs (vs full compute, at the quality card's settings) of a LESA level's shadow
+        check: the latest `QUALITY_WINDOW` per (model, level), seen by every API process."""
+
+    @abc.abstractmethod
+    async def live_quality(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], list[float]]:
+        """The kept PSNRs of each (model, level) in `keys` that has any, newest first."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release in memory
         """Release connections; the default has nothing to release."""
 
@@ -399,6 +414,7 @@ class InProcessJobQueue(JobQueue):
         self._last_sweep = 0.0
         self._events: deque[JobEvent] = deque()  # the outbox; a consumer that takes one owns it
         self._event_arrival = asyncio.Event()
+        self._quality: dict[tuple[str, str], deque[float]] = {}
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -691,3 +707,10 @@ class InProcessJobQueue(JobQueue):
 
     async def ack_event(self, event: JobEvent) -> None:
         pass  # taken events already left the outbox
+
+    async def record_quality(self, model: str, level: str, psnrs: Sequence[float]) -> None:
+        kept = self._quality.setdefault((model, level), deque(maxlen=QUALITY_WINDOW))
+        kept.extendleft(float(p) for p in psnrs)
+
+    async def live_quality(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], list[float]]:
+        return {key: list(self._quality[key]) for key in keys if self._quality.get(key)}

@@ -28,6 +28,9 @@ share one Redis):
   end a job (the job hash names its set in `live`).
 * `<p>:workers`, `<p>:workers:<model>` — sorted sets worker id -> last heartbeat, of all workers
   and of those serving a model (live worker count; a model's Retry-After).
+* `<p>:quality:<model>:<level>` — list of the latest shadow-check PSNRs of a LESA level (newest
+  first, `QUALITY_WINDOW` at most; expires a week after the last check): what "auto" judges the
+  level by once it has enough (`record_quality`, `live_quality`).
 * `<p>:events` — pub/sub channel: job ids that became terminal (wakes `wait()` at once).
 * `<p>:outbox` — stream of job ends for the webhook senders (`outbox` set: written by the same
   script that records the end), consumed by the same group name; a sender acknowledges an event
@@ -66,7 +69,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
@@ -82,6 +85,7 @@ from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.queue import (
+    QUALITY_WINDOW,
     Job,
     JobError,
     JobEvent,
@@ -98,6 +102,7 @@ from service.queue import (
 )
 
 TERMINAL = ("completed", "failed", "cancelled")
+QUALITY_TTL_S = 7 * 24 * 3600  # a level's shadow-check figures outlive restarts, not a week without checks
 
 
 class RedisQueueSettings(BaseSettings):
@@ -597,6 +602,9 @@ class RedisJobQueue(JobQueue):
 
     def _k_job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
+
+    def _k_quality(self, model: str, level: str) -> str:
+        return f"{self.prefix}:quality:{model}:{level}"
 
     def _k_art(self, job_id: str) -> str:
         return f"{self.prefix}:art:{job_id}"
@@ -1415,6 +1423,28 @@ class RedisJobQueue(JobQueue):
             pipe.xack(self.k_outbox, self.group, event.receipt)
             pipe.xdel(self.k_outbox, event.receipt)
             await pipe.execute()
+
+    @_translate_errors
+    async def record_quality(self, model: str, level: str, psnrs: Sequence[float]) -> None:
+        if not psnrs:
+            return
+        key = self._k_quality(model, level)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, *(repr(float(p)) for p in psnrs))
+            pipe.ltrim(key, 0, QUALITY_WINDOW - 1)
+            pipe.expire(key, QUALITY_TTL_S)
+            await pipe.execute()
+
+    @_translate_errors
+    async def live_quality(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], list[float]]:
+        keys = list(keys)
+        if not keys:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for model, level in keys:
+                pipe.lrange(self._k_quality(model, level), 0, -1)
+            kept = await pipe.execute()
+        return {key: [float(v) for v in values] for key, values in zip(keys, kept, strict=True) if values}
 
     async def release(self, worker_id: str, *, consumer: bool = False) -> None:
         """Hand every entry this worker holds and has not finished to other workers now. Call it once

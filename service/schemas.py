@@ -321,6 +321,15 @@ class AccelerationLevel(BaseModel):
     lesa_steps: int | None = Field(None, description="the step count the LESA predictor was trained for")
     predictor: str | None = Field(None, description="content hash of the LESA bundle (as `lesa.predictor`)")
     quality: dict[str, Any] | None = Field(None, description="the LESA predictor's quality card (PSNR vs full, …)")
+    live_psnr: float | None = Field(
+        None, description="mean PSNR vs full compute of this level's latest shadow checks (LESA_SHADOW_FRACTION; "
+        "LESA samples at the quality card's steps and guidance)",
+    )  # fmt: skip
+    live_checks: int = Field(0, description="shadow-checked samples behind live_psnr (the latest 32 at most)")
+    auto_judged_by: Literal["card", "live"] | None = Field(
+        None, description='which PSNR "auto" compares with its floor (LESA_AUTO_MIN_PSNR): the quality card\'s, '
+        "or live_psnr once live_checks reaches LESA_AUTO_LIVE_MIN_CHECKS",
+    )  # fmt: skip
 
 
 class ModelCard(BaseModel):

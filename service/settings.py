@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         28.0,
         description='"auto" picks the fastest level whose quality card PSNR (vs full compute) is at least this',
     )
+    auto_live_min_checks: int = Field(
+        8,
+        ge=0,
+        description='shadow-checked samples (shadow_fraction) a LESA level needs before "auto" judges it by '
+        "their mean PSNR instead of its quality card, so a level whose served quality drifts below "
+        "auto_min_psnr leaves auto until it recovers; 0: by the card only",
+    )
     tracing: Literal["off", "otlp", "console"] = Field(
         "off",
         description="OpenTelemetry traces (`service/tracing.py`): `otlp` to OTEL_EXPORTER_OTLP_ENDPOINT "

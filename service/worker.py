@@ -424,5 +424,10 @@ class Worker:
         for psnr in psnrs:
             self.metrics.shadow_psnr.labels(spec.model, spec.level, spec.method).observe(psnr)
         self.metrics.shadow_checks.labels(spec.model, spec.level, "done").inc()
+        if spec.method == "lesa":  # what "auto" judges the level by (LESA_AUTO_LIVE_MIN_CHECKS)
+            try:
+                await self.queue.record_quality(spec.model, spec.level, psnrs)
+            except QueueUnavailable:
+                log.warning("shadow check of job %s: the queue is down, its PSNR was not recorded", job_id)
         log.info("shadow check of job %s (%s %s %s, %d steps): PSNR vs full compute %s dB", job_id, spec.model,
                  spec.level, spec.method, spec.num_inference_steps, ", ".join(f"{p:.2f}" for p in psnrs))  # fmt: skip

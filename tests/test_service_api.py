@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from service_support import assert_error, free_port, make_engine, settings, wait_for
 
+import service.deps
 from lesa_core import level_schedule
 from service.app import create_app
 from service.deps import cancel, get_job
@@ -761,7 +762,8 @@ def test_serve_exits_when_the_models_cannot_load(tmp_path, monkeypatch, capsys) 
     assert "could not load the models: ConfigError" in err and "not valid TOML" in err
 
 
-def test_shadow_checks_rerun_accelerated_jobs_at_full_compute_only_when_the_worker_is_idle() -> None:
+def test_shadow_checks_rerun_accelerated_jobs_at_full_compute_only_when_the_worker_is_idle(monkeypatch) -> None:
+    monkeypatch.setattr(service.deps, "LIVE_QUALITY_REFRESH_S", 0.0)
     s = settings(shadow_fraction=1.0, max_batch=1)
     engine = make_engine(s, step_delay=0.02)
     pipe = engine.models["fake-image"].pipe
@@ -784,6 +786,9 @@ def test_shadow_checks_rerun_accelerated_jobs_at_full_compute_only_when_the_work
         ):
             assert time.monotonic() < deadline, metrics
             time.sleep(0.05)
+        # kept where "auto" reads them (4 samples: fewer than the 8 it needs to judge by them)
+        (level,) = [lv for lv in client.get("/v1/models/fake-image").json()["acceleration"] if lv["level"] == "5x"]
+        assert (level["live_psnr"], level["live_checks"], level["auto_judged_by"]) == (100.0, 4, "card")
     # The worker never waits on a check while jobs queue: the four kept (a backlog of four; two
     # dropped) ran after every job, at full compute, for the same prompts and seeds.
     assert 'lesa_shadow_checks_total{level="5x",model="fake-image",result="dropped"} 2.0' in metrics
@@ -877,3 +882,32 @@ def test_a_job_that_arrives_during_a_shadow_check_goes_first() -> None:
         metrics = client.get("/metrics").text
         assert 'lesa_shadow_checks_total{level="2x",model="fake-image",result="preempted"} 1.0' in metrics
         assert "lesa_shadow_psnr_db_count" not in metrics  # the abandoned check measured nothing
+
+
+def test_auto_leaves_a_level_whose_shadow_checked_quality_falls_below_the_floor(monkeypatch) -> None:
+    """The fake 5x card says 31.5 dB (floor 30): "auto" takes 5x until enough live checks say less."""
+    monkeypatch.setattr(service.deps, "LIVE_QUALITY_REFRESH_S", 0.0)
+    s = settings(auto_min_psnr=30.0, auto_live_min_checks=4)
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        queue = client.app.state.services.queue
+
+        def auto_level() -> str:
+            body = {"prompt": "x", "acceleration": "auto", "num_inference_steps": 8}
+            return client.post("/v1/images/generations", json=body).json()["lesa"]["level"]
+
+        def card() -> tuple:
+            (level,) = [lv for lv in client.get("/v1/models/fake-image").json()["acceleration"] if lv["level"] == "5x"]
+            return level["live_psnr"], level["live_checks"], level["auto_judged_by"]
+
+        assert auto_level() == "5x" and card() == (None, 0, "card")
+        client.portal.call(queue.record_quality, "fake-image", "5x", [25.0, 25.0, 25.0])
+        assert auto_level() == "5x" and card() == (25.0, 3, "card")  # too few checks to judge by
+        client.portal.call(queue.record_quality, "fake-image", "5x", [25.0])
+        assert auto_level() == "none" and card() == (25.0, 4, "live")
+        client.portal.call(queue.record_quality, "fake-image", "5x", [40.0] * 8)  # mean 35 dB now
+        assert auto_level() == "5x" and card() == (35.0, 12, "live")
+        # a named level is what the client asked for: served whatever its live quality
+        client.portal.call(queue.record_quality, "fake-image", "5x", [10.0] * 32)
+        body = {"prompt": "x", "acceleration": "5x", "num_inference_steps": 8}
+        assert client.post("/v1/images/generations", json=body).json()["lesa"]["level"] == "5x"
+        assert auto_level() == "none"

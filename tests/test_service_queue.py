@@ -11,6 +11,7 @@ import time
 import pytest
 
 from service.queue import (
+    QUALITY_WINDOW,
     InProcessJobQueue,
     JobError,
     JobQueue,
@@ -398,5 +399,26 @@ def test_a_queue_outage_while_storing_a_result_leaves_the_job_pending_not_failed
                 assert (await queue.get(job.id)).status == JobStatus.in_progress
         assert metrics.registry.get_sample_value("lesa_jobs_total", {"model": "fake-image", "status": "failed"}) is None
         assert metrics.registry.get_sample_value("lesa_errors_total", {"type": "generation_failed"}) is None
+
+    run(scenario())
+
+
+def test_shadow_check_quality_keeps_the_latest_window_per_level_newest_first() -> None:
+    """What "auto" judges LESA levels by (recorded by workers, read by every API process)."""
+
+    async def scenario() -> None:
+        q = make_queue()
+        assert await q.live_quality([("m", "5x")]) == {}
+        await q.record_quality("m", "5x", [30.0, 31.0])
+        await q.record_quality("m", "2x", [40.5])
+        await q.record_quality("other", "5x", [])  # a check that measured nothing keeps nothing
+        assert await q.live_quality([("m", "5x"), ("m", "2x"), ("other", "5x")]) == {
+            ("m", "5x"): [31.0, 30.0],
+            ("m", "2x"): [40.5],
+        }
+        await q.record_quality("m", "5x", [float(i) for i in range(QUALITY_WINDOW)])
+        live = await q.live_quality([("m", "5x"), ("m", "6.25x")])
+        assert live == {("m", "5x"): [float(i) for i in reversed(range(QUALITY_WINDOW))]}  # 30 and 31 dropped
+        await q.close()
 
     run(scenario())

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.deps import ReadyDep
-from service.engine import ModelEntry, model_card_levels
+from service.deps import ReadyDep, refresh_live_quality
+from service.engine import Engine, ModelEntry
 from service.errors import not_found
 from service.schemas import ListResponse, ModelCard
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def model_card(entry: ModelEntry, default_level: str) -> ModelCard:
+def model_card(engine: Engine, entry: ModelEntry, default_level: str) -> ModelCard:
     return ModelCard(
         id=entry.name,
         created=entry.created,
@@ -25,13 +25,15 @@ def model_card(entry: ModelEntry, default_level: str) -> ModelCard:
         default_guidance_scale=entry.default_guidance,
         default_acceleration=default_level,
         revision=entry.revision,
-        acceleration=model_card_levels(entry),  # type: ignore[arg-type]
+        acceleration=engine.acceleration_levels(entry),  # type: ignore[arg-type]
     )
 
 
 @router.get("", response_model=ListResponse, summary="List models")
 async def list_models(services: ReadyDep) -> ListResponse:
-    cards = [model_card(e, services.settings.default_level) for e in services.engine.models.values()]
+    await refresh_live_quality(services)
+    engine = services.engine
+    cards = [model_card(engine, e, services.settings.default_level) for e in engine.models.values()]
     return ListResponse(data=cards)
 
 
@@ -41,4 +43,5 @@ async def get_model(model_id: str, services: ReadyDep) -> ModelCard:
     if entry is None:
         shown = model_id if len(model_id) <= 100 else model_id[:100] + "..."  # never echo a huge path back
         raise not_found(f"model {shown!r} not found", "model_id", "model_not_found")
-    return model_card(entry, services.settings.default_level)
+    await refresh_live_quality(services)
+    return model_card(services.engine, entry, services.settings.default_level)
