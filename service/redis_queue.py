@@ -204,7 +204,7 @@ _START = """
 -- Start one delivered job on this worker, or tell why not.
 -- KEYS: job, stream, queued, partial, outbox
 -- ARGV: id, entry, consumer, now, max_deliveries, group, result_ttl_s, events channel, visibility_s, worker id,
---       outbox ('1' = keep an event for a job given up on)
+--       outbox ('1' = keep an event for a job given up on), job_ttl_s
 local function ack()
   redis.call('XACK', KEYS[2], ARGV[6], ARGV[2])
   redis.call('XDEL', KEYS[2], ARGV[2])
@@ -244,6 +244,15 @@ end
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'started_at', ARGV[4], 'worker_id', ARGV[10],
   'consumer', ARGV[3], 'attempts', tostring(attempts + 1), 'progress', '0', 'partials', '0')
 redis.call('ZREM', KEYS[3], ARGV[1])
+-- The delivery's lease starts now, however long the entry waited in this worker's carry-over
+-- (else another worker could reclaim a job that is running well).
+redis.call('XCLAIM', KEYS[2], ARGV[6], ARGV[3], 0, ARGV[2], 'JUSTID')
+-- And the record lives job_ttl_s from its start, not from its submit: a job that waited long must
+-- not expire while it runs (its result would have nowhere to go).
+local job_ttl = math.ceil(tonumber(ARGV[12]) * 1000)
+redis.call('PEXPIRE', KEYS[1], job_ttl)
+local idem = redis.call('HGET', KEYS[1], 'idem')
+if idem and idem ~= '' then redis.call('PEXPIRE', idem, job_ttl) end
 return 'ok'
 """
 
@@ -1254,6 +1263,7 @@ class RedisJobQueue(JobQueue):
                         self.visibility_timeout_s,
                         display_id,
                         "1" if self.outbox else "0",
+                        self.job_ttl_s,
                     ],
                 )
                 if outcome == b"ok":

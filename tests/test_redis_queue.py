@@ -539,3 +539,42 @@ def test_from_settings_takes_the_api_limits_and_the_redis_knobs(monkeypatch: pyt
     q = RedisJobQueue.from_settings(s)
     assert (q.max_backlog, q.max_jobs_per_owner, q.max_deliveries, q.prefix) == (7, 3, 5, "p")
     asyncio.run(q.close())
+
+
+def test_a_job_started_from_the_carry_over_gets_a_fresh_lease(prefix: str) -> None:
+    """An entry that waited in a worker's carry-over (an incompatible job read with a batch) starts
+    with its idle time reset: no other worker reclaims it while it runs and heartbeats."""
+
+    async def scenario() -> None:
+        a = RedisJobQueue(REDIS_URL, prefix=prefix, visibility_timeout_s=2.0)
+        b = RedisJobQueue(REDIS_URL, prefix=prefix, visibility_timeout_s=2.0)
+        first = await a.submit(spec(seed=1, width=32))
+        carried = await a.submit(spec(seed=2, width=16))  # another shape: waits in a's carry-over
+        assert [j.id for j in await a.claim_batch("a", max_batch=2, max_wait_ms=0, timeout_s=1)] == [first.id]
+        await asyncio.sleep(1.7)  # the first batch runs most of a visibility timeout
+        await a.complete(first.id, result("first"), {})
+        (started,) = await a.claim_batch("a", max_batch=2, max_wait_ms=0, timeout_s=1)
+        assert started.id == carried.id
+        await asyncio.sleep(0.5)  # its entry has now been idle 2.2 s since it was read, 0.5 s since its start
+        assert await b.claim_batch("b", max_batch=1, max_wait_ms=0, timeout_s=0.1) == []
+        record = await a.get(carried.id)
+        assert (record.status, record.attempts, record.worker_id) == (JobStatus.in_progress, 1, "a")
+        await a.close()
+        await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_job_record_lives_job_ttl_from_its_start_not_its_submit(prefix: str) -> None:
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix, job_ttl_s=2)
+        job = await q.submit(spec(), idempotency_key="k")
+        await asyncio.sleep(1.5)  # waits most of job_ttl_s in the queue
+        await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
+        await asyncio.sleep(1.0)  # runs past submit + job_ttl_s
+        assert await q.complete(job.id, result("late"), {"0.png": b"png"})
+        assert (await q.get(job.id)).status == JobStatus.completed
+        assert (await q.submit(spec(), idempotency_key="k")).id == job.id  # the key lived as long
+        await q.close()
+
+    asyncio.run(scenario())
