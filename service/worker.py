@@ -305,18 +305,23 @@ class Worker:
                 except TimeoutError:
                     pass
                 progress_signal.clear()
-                for job in jobs:
-                    if job.id not in cancelled and await self.queue.is_cancelled(job.id):
-                        cancelled.add(job.id)
-                if len(cancelled) == len(jobs):
-                    stop_flag.set()
-                # Keep 100 for "completed": the last step is not the end (encoding follows).
-                percent = min(99, int(100 * latest[0] / max(latest[1], 1)))
-                if percent != published:
-                    published = percent
+                try:
                     for job in jobs:
-                        if job.id not in cancelled:
-                            await self.queue.set_progress(job.id, percent)
+                        if job.id not in cancelled and await self.queue.is_cancelled(job.id):
+                            cancelled.add(job.id)
+                    if len(cancelled) == len(jobs):
+                        stop_flag.set()
+                    # Keep 100 for "completed": the last step is not the end (encoding follows).
+                    percent = min(99, int(100 * latest[0] / max(latest[1], 1)))
+                    if percent != published:
+                        for job in jobs:
+                            if job.id not in cancelled:
+                                await self.queue.set_progress(job.id, percent)
+                        published = percent
+                except QueueUnavailable as error:
+                    # A blip must not end the watch: cancels, progress and the delivery's heartbeat
+                    # (sent with progress) carry on at the next poll.
+                    log.warning("batch %s: progress not recorded (%s); retrying", [j.id for j in jobs], error)
 
         monitor_task = asyncio.create_task(monitor())
         started = time.time()

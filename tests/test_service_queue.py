@@ -403,6 +403,45 @@ def test_a_queue_outage_while_storing_a_result_leaves_the_job_pending_not_failed
     run(scenario())
 
 
+def test_a_queue_blip_while_a_batch_runs_does_not_end_its_progress_and_cancel_watch() -> None:
+    """One failed queue call (a Redis timeout) in the middle of a generation: the worker keeps
+    publishing progress (its heartbeat, with Redis) and still sees a cancel."""
+    from service_support import make_engine, settings
+
+    from service.metrics import Metrics
+    from service.queue import QueueUnavailable
+    from service.schemas import ImageGenerationRequest
+    from service.worker import Worker
+
+    engine = make_engine(settings(), step_delay=0.05)
+    pipe = engine.models["fake-image"].pipe
+
+    class BlipsOnce(InProcessJobQueue):
+        blips = 0
+
+        async def is_cancelled(self, job_id: str) -> bool:
+            if self.blips == 0 and pipe.last_step >= 2:
+                self.blips += 1
+                raise QueueUnavailable("job queue unreachable (test)")
+            return await super().is_cancelled(job_id)
+
+    async def scenario() -> None:
+        queue = BlipsOnce()
+        worker = Worker(queue, engine, Metrics(), claim_timeout_s=0.1)
+        job = await queue.submit(engine.resolve_image(ImageGenerationRequest(prompt="a", num_inference_steps=60)))
+        running = asyncio.create_task(worker.run_once())
+        while pipe.last_step < 12:
+            await asyncio.sleep(0.01)
+        assert queue.blips == 1
+        assert (await queue.get(job.id)).progress >= 10  # published after the blip (5% before it)
+        assert await queue.cancel(job.id)
+        cancelled_at = pipe.last_step
+        await running
+        assert pipe.last_step < cancelled_at + 10, "the generation ran on after the cancel"
+
+    run(scenario())
+
+
 def test_shadow_check_quality_keeps_the_latest_window_per_level_newest_first() -> None:
     """What "auto" judges LESA levels by (recorded by workers, read by every API process)."""
 
