@@ -61,22 +61,24 @@ Not supported: Redis Cluster (the scripts touch a few keys they derive instead o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
+import logging
 import math
 import os
 import secrets
 import shutil
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -100,6 +102,8 @@ from service.queue import (
     UnknownCursor,
     new_job_id,
 )
+
+log = logging.getLogger(__name__)
 
 TERMINAL = ("completed", "failed", "cancelled")
 QUALITY_TTL_S = 7 * 24 * 3600  # a level's shadow-check figures outlive restarts, not a week without checks
@@ -555,6 +559,7 @@ class RedisJobQueue(JobQueue):
         self._carry: dict[str, list[_Entry]] = {}  # worker id -> delivered, not started
         self._read_streams: dict[str, set[str]] = {}  # consumer -> streams it has read (release() looks there)
         self._active: dict[str, _Active] = {}  # job id -> its delivery
+        self._unstored: set[str] = set()  # jobs whose outcome could not be stored (`_settle` hands them on)
         self._last_reclaim = 0.0
         self._last_batch: dict[str, int] = {}  # consumer -> jobs in its previous batch
         self._last_seen: dict[str, float] = {}  # consumer -> last heartbeat written to <p>:workers
@@ -1036,7 +1041,18 @@ class RedisJobQueue(JobQueue):
             if spec is None or (status is not None and status.decode() in TERMINAL):
                 dead.append((stream, entry_id, job_id))  # expired, deleted or cancelled while queued
             elif (stream, entry_id) not in known:
-                carry.append(_Entry(stream, entry_id, job_id, JobSpec.model_validate_json(spec)))
+                try:
+                    parsed = JobSpec.model_validate_json(spec)
+                except ValidationError as error:
+                    # Failed, not raised: it would come back with every read and hold up the jobs
+                    # delivered with it (an API of another version wrote it, during an upgrade).
+                    log.error("job %s: unreadable spec, failed: %s", job_id, error)
+                    message = "this job's record cannot be read by the workers (written by another version of the API?)"
+                    await self._store(
+                        job_id, "failed", JobError(code="unreadable_job", message=message).model_dump_json(), {}
+                    )
+                    continue
+                carry.append(_Entry(stream, entry_id, job_id, parsed))
                 added += 1
         if dead:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -1371,18 +1387,33 @@ class RedisJobQueue(JobQueue):
 
     @_translate_errors
     async def complete(self, job_id: str, result: JobResult, artifacts: dict[str, bytes]) -> bool:
-        return await self._store(job_id, JobStatus.completed.value, result.model_dump_json(), artifacts)
+        with self._handed_on_if_unstored(job_id):
+            return await self._store(job_id, JobStatus.completed.value, result.model_dump_json(), artifacts)
 
     @_translate_errors
     async def fail(self, job_id: str, error: JobError) -> bool:
-        return await self._store(job_id, JobStatus.failed.value, error.model_dump_json(), {})
+        with self._handed_on_if_unstored(job_id):
+            return await self._store(job_id, JobStatus.failed.value, error.model_dump_json(), {})
+
+    @contextlib.contextmanager
+    def _handed_on_if_unstored(self, job_id: str) -> Iterator[None]:
+        """A job whose outcome could not be stored (Redis unreachable) is run again: the worker's next
+        claim hands it on at once (`_settle`), not after the visibility timeout."""
+        try:
+            yield
+        except Exception:
+            self._unstored.add(job_id)
+            raise
 
     async def _settle(self, consumer: str) -> None:
-        """Acknowledge jobs of this consumer's previous batch that the worker dropped.
+        """Settle the jobs of this consumer's previous batch that the worker dropped.
 
         The worker calls neither `complete` nor `fail` for a job cancelled while it ran (it just
-        drops the outputs), so its entry would sit in the PEL until some worker reclaims it. By
-        the time the same consumer claims again, that batch is over: acknowledge what is terminal.
+        drops the outputs), and a job whose outcome could not be stored (the queue was down) is
+        not finished, so their entries would sit in the PEL until some worker reclaims them after
+        the visibility timeout. By the time the same consumer claims again, that batch is over:
+        acknowledge what is terminal, and hand the unstored ones on at once (the next XAUTOCLAIM,
+        this worker's included).
         """
         leftovers = [(j, a) for j, a in self._active.items() if a.consumer == consumer]
         if not leftovers:
@@ -1398,6 +1429,18 @@ class RedisJobQueue(JobQueue):
                     pipe.xack(stream, self.group, *entry_ids)
                     pipe.xdel(stream, *entry_ids)
                 await pipe.execute()
+        dropped = [(a.stream, a.entry_id) for (job_id, a), job in zip(leftovers, statuses, strict=True)
+                   if job is not None and not job.status.terminal and job_id in self._unstored]  # fmt: skip
+        self._unstored.difference_update(job_id for job_id, _ in leftovers)
+        for stream, entry_ids in _by_stream(dropped).items():
+            await self._release(keys=[stream], args=[self.group, consumer, self._handed_on_idle_ms, *entry_ids])
+        if dropped:
+            self._last_reclaim = 0.0  # this claim's reclaim takes them if no other worker did first
+
+    @property
+    def _handed_on_idle_ms(self) -> int:
+        """An idle time past the visibility timeout: an entry given it is reclaimed at the next XAUTOCLAIM."""
+        return int(self.visibility_timeout_s * 1000) + 1000
 
     # ---- outbox -----------------------------------------------------------------------------
 
@@ -1472,14 +1515,15 @@ class RedisJobQueue(JobQueue):
             # Nothing runs any more: finished jobs are acknowledged, every other one is handed on
             # (a job dropped for a queue outage, or one a cancelled undo had not reached yet).
             await self._settle(worker_id)
-            idle_ms = int(self.visibility_timeout_s * 1000) + 1000
             for stream in sorted(streams):
                 # What Redis says this consumer holds, not only the carry-over: a claim cancelled
                 # between a read and its carry-over holds entries no list here knows of.
                 held = await self._redis.xpending_range(stream, self.group, "-", "+", 10_000, consumername=worker_id)
                 entry_ids = [_s(h["message_id"]) for h in held]
                 if entry_ids:
-                    await self._release(keys=[stream], args=[self.group, worker_id, idle_ms, *entry_ids])
+                    await self._release(
+                        keys=[stream], args=[self.group, worker_id, self._handed_on_idle_ms, *entry_ids]
+                    )
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key in (self.k_workers, *(self._k_workers(self._model_of(s)) for s in streams)):
                     pipe.zrem(key, worker_id)

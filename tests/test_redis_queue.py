@@ -4,6 +4,7 @@ guarantees). Each test uses its own key prefix and deletes it afterwards."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import test_service_queue as contract
+from redis.exceptions import ConnectionError as RedisConnectionError
 from test_redis_support import REDIS_URL, cleanup_prefix, free_port, needs_redis, new_prefix, start_redis_server
 
 from service.queue import JobResult, JobSpec, JobStatus, OutputRef, QueueFull, QueueUnavailable, UnknownCursor
@@ -341,6 +343,34 @@ def test_a_job_its_stopping_worker_dropped_is_handed_on_at_once(prefix: str) -> 
     asyncio.run(scenario())
 
 
+def test_a_job_a_running_worker_dropped_is_run_again_at_its_next_claim(prefix: str) -> None:
+    """The same, for a worker that goes on: its next claim hands the dropped job on (to itself,
+    here) at once, not after the visibility timeout."""
+
+    class BlipsOnStore(RedisJobQueue):
+        blips = 0
+
+        async def _store(self, *args: object) -> bool:
+            if not self.blips:
+                self.blips += 1
+                raise RedisConnectionError("Redis went away (test)")
+            return await super()._store(*args)
+
+    async def scenario() -> None:
+        q = BlipsOnStore(REDIS_URL, prefix=prefix, visibility_timeout_s=300)
+        job = await q.submit(spec())
+        (dropped,) = await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
+        with pytest.raises(QueueUnavailable):
+            await q.complete(job.id, result("first"), {})
+        (again,) = await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=2)
+        assert again.id == dropped.id == job.id and again.attempts == 2
+        assert await q.complete(job.id, result("second"), {})
+        assert await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=0.2) == []  # nothing left over
+        await q.close()
+
+    asyncio.run(scenario())
+
+
 def test_large_outputs_go_to_the_shared_directory(prefix: str, tmp_path: Path) -> None:
     async def scenario() -> None:
         q = RedisJobQueue(REDIS_URL, prefix=prefix, inline_max_bytes=100, output_dir=tmp_path)
@@ -575,6 +605,27 @@ def test_a_job_record_lives_job_ttl_from_its_start_not_its_submit(prefix: str) -
         assert await q.complete(job.id, result("late"), {"0.png": b"png"})
         assert (await q.get(job.id)).status == JobStatus.completed
         assert (await q.submit(spec(), idempotency_key="k")).id == job.id  # the key lived as long
+        await q.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_job_whose_spec_a_worker_cannot_read_fails_and_holds_up_no_other(prefix: str) -> None:
+    """A spec written by another version of the API (a rolling upgrade): that job fails with a
+    message; the jobs delivered with it run."""
+
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix)
+        unreadable = await q.submit(spec(seed=0))
+        written = json.loads(spec(seed=0).model_dump_json()) | {"kind": "audio"}
+        await q._redis.hset(q._k_job(unreadable.id), "spec", json.dumps(written))
+        readable = [await q.submit(spec(seed=i)) for i in (1, 2)]
+        batch = await q.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=1)
+        assert [j.id for j in batch] == [j.id for j in readable]
+        status, error = await q._redis.hmget(q._k_job(unreadable.id), "status", "error")
+        assert status == b"failed" and json.loads(error)["code"] == "unreadable_job"
+        assert await q.depth() == 0  # out of the backlog, and acknowledged:
+        assert (await q._redis.xpending(q.stream_for("m"), q.group))["pending"] == 2
         await q.close()
 
     asyncio.run(scenario())
