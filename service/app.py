@@ -49,16 +49,22 @@ the offending field.
 
 
 def make_queue(settings: Settings) -> JobQueue:
+    queue: JobQueue
     if settings.redis_url:
         from service.redis_queue import RedisJobQueue  # type: ignore[import-not-found]
 
-        return RedisJobQueue.from_settings(settings)
-    return InProcessJobQueue(
-        max_backlog=settings.max_backlog,
-        result_ttl_s=settings.result_ttl_s,
-        max_jobs_kept=settings.max_jobs_kept,
-        max_jobs_per_owner=settings.max_jobs_per_key,
-    )
+        queue = RedisJobQueue.from_settings(settings)
+    else:
+        queue = InProcessJobQueue(
+            max_backlog=settings.max_backlog,
+            result_ttl_s=settings.result_ttl_s,
+            max_jobs_kept=settings.max_jobs_kept,
+            max_jobs_per_owner=settings.max_jobs_per_key,
+        )
+    # The API ends jobs too (one whose queue_timeout_s passed while it waited): announced like the
+    # workers' ends when webhooks are on.
+    queue.outbox = settings.webhook_url is not None
+    return queue
 
 
 async def _start(services: Services, run_worker: bool) -> None:

@@ -19,10 +19,20 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from pydantic import BaseModel
 
+from service import tracing
 from service.engine import theoretical_speedup
 from service.errors import ApiError
 from service.metrics import Metrics
-from service.queue import Job, JobQueue, JobSpec, QueueFull, QueueUnavailable, TooManyJobs
+from service.queue import (
+    Job,
+    JobQueue,
+    JobSpec,
+    JobStatus,
+    QueueFull,
+    QueueUnavailable,
+    TooManyJobs,
+    queue_timeout_error,
+)
 from service.settings import Settings
 from service.tracing import current_context
 
@@ -254,6 +264,7 @@ async def wait_while_connected(
             if remaining <= 0:
                 break
             job = await services.queue.wait(job.id, min(DISCONNECT_POLL_S, remaining)) or job
+            job = await fail_if_late(services, job)
     except QueueUnavailable as down:
         raise unavailable(services, down) from None
     return job
@@ -275,11 +286,35 @@ def unavailable(services: Services, error: Exception) -> ApiError:
                     headers={"Retry-After": "5"})  # fmt: skip
 
 
+async def read_job(services: Services, job_id: str) -> Job | None:
+    """A job as the API shows it (`queue.get`), failed first if it is still queued past its
+    `queue_timeout_s`: workers judge a job when they take it, and a client polling or waiting for
+    one must not wait on for a worker instead (it asked for an error in time)."""
+    assert services.queue is not None
+    job = await services.queue.get(job_id)
+    return await fail_if_late(services, job) if job is not None else None
+
+
+async def fail_if_late(services: Services, job: Job) -> Job:
+    """`job`, or its record failed with `queue_timeout` if it waited for a worker past its deadline."""
+    assert services.queue is not None
+    limit = job.spec.queue_timeout_s
+    waited = time.time() - job.created_at
+    if job.status != JobStatus.queued or limit is None or waited <= limit:
+        return job
+    failed = await services.queue.fail_queued(job.id, queue_timeout_error(job, waited))
+    record = await services.queue.get(job.id) or job
+    if failed:  # counted and traced once, by whoever failed it
+        services.metrics.jobs.labels(job.spec.model, "failed").inc()
+        services.metrics.errors.labels(type="queue_timeout").inc()
+        tracing.record_queue_timeout(services.tracer, record)
+    return record
+
+
 async def get_job(services: Services, job_id: str, kind: str, owner: str | None, param: str = "id") -> Job:
     """`owner`'s job of this kind, or 404 (another owner's job is answered as unknown)."""
-    assert services.queue is not None
     try:
-        job = await services.queue.get(job_id)
+        job = await read_job(services, job_id)
     except QueueUnavailable as down:
         raise unavailable(services, down) from None
     if job is None or job.spec.kind != kind or job.spec.owner != owner:

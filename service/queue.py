@@ -213,6 +213,16 @@ def new_job_id() -> str:
     return "job_" + secrets.token_hex(12)
 
 
+def queue_timeout_error(job: Job, waited: float) -> JobError:
+    """The error of a job that waited longer than its `queue_timeout_s` for a worker."""
+    ran = "it never ran" if job.attempts <= 1 else f"its {job.attempts - 1} earlier deliveries did not finish"
+    limit = job.spec.queue_timeout_s or 0.0
+    return JobError(
+        code="queue_timeout",
+        message=f"no worker was free within queue_timeout_s ({limit:g} s; it waited {waited:.1f} s): {ran}",
+    )
+
+
 class JobQueue(abc.ABC):
     """Interface shared by the API and the workers. All methods are coroutines.
 
@@ -271,6 +281,11 @@ class JobQueue(abc.ABC):
         drops this job's outputs). Cancelling a terminal or unknown job changes nothing and returns
         False: of two racing cancels of one job exactly one returns True, the one the API counts.
         """
+
+    @abc.abstractmethod
+    async def fail_queued(self, job_id: str, error: JobError) -> bool:
+        """Fail a job no worker has taken yet (its `queue_timeout_s` passed while it waited);
+        returns whether this call failed it (False if unknown, taken or ended meanwhile)."""
 
     @abc.abstractmethod
     async def delete(self, job_id: str) -> bool:
@@ -694,6 +709,12 @@ class InProcessJobQueue(JobQueue):
         job.error = error
         self._finish(job, JobStatus.failed)
         return True
+
+    async def fail_queued(self, job_id: str, error: JobError) -> bool:
+        if job_id not in self._pending:  # taken (or being gathered into a batch: its worker judges it)
+            return False
+        self._pending.remove(job_id)
+        return await self.fail(job_id, error)
 
     async def next_events(self, consumer: str, *, limit: int, timeout_s: float, lease_s: float) -> list[JobEvent]:
         # One process: a consumer that dies takes the whole queue with it, so there is no lease.

@@ -398,6 +398,28 @@ redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 """
 
+_FAIL_QUEUED = """
+-- Fail a job no worker has started: its queue deadline passed (the API saw it first).
+-- KEYS: job, partial, outbox; ARGV: id, now, result_ttl_s, events channel, error json, outbox ('1' = keep an event)
+-- Returns 1 if this call failed it, 0 if it was unknown, started or ended meanwhile.
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+local now = tonumber(ARGV[2])
+local ttl = math.ceil(tonumber(ARGV[3]) * 1000)
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[5], 'completed_at', ARGV[2],
+  'expires_at', tostring(now + tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+local idem = redis.call('HGET', KEYS[1], 'idem')
+if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
+-- The stream entry stays: the worker that reads it acknowledges it (as for a cancelled job).
+local queued = redis.call('HGET', KEYS[1], 'queued')
+if queued then redis.call('ZREM', queued, ARGV[1]) end
+live_done(KEYS[1], ARGV[1])
+if ARGV[6] == '1' then outbox_add(KEYS[3], KEYS[1], ARGV[1], 'failed', ARGV[2]) end
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return 1
+"""
+
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -548,6 +570,7 @@ class RedisJobQueue(JobQueue):
         self._progress = self._redis.register_script(_PROGRESS)
         self._finish = self._redis.register_script(_JOB_END + _FINISH)
         self._cancel = self._redis.register_script(_JOB_END + _CANCEL)
+        self._fail_queued = self._redis.register_script(_JOB_END + _FAIL_QUEUED)
         self._partial = self._redis.register_script(_PARTIAL)
 
         # Consumer names get a per-instance suffix: two processes that pass the same worker id
@@ -931,6 +954,15 @@ class RedisJobQueue(JobQueue):
             args=[job_id, repr(time.time()), self.result_ttl_s, self.channel],
         )
         return bool(cancelled)
+
+    @_translate_errors
+    async def fail_queued(self, job_id: str, error: JobError) -> bool:
+        failed = await self._fail_queued(
+            keys=[self._k_job(job_id), self._k_partial(job_id), self.k_outbox],
+            args=[job_id, repr(time.time()), self.result_ttl_s, self.channel, error.model_dump_json(),
+                  "1" if self.outbox else "0"],
+        )  # fmt: skip
+        return bool(failed)
 
     @_translate_errors
     async def delete(self, job_id: str) -> bool:

@@ -98,20 +98,35 @@ def finish_server_span(span: Any, method: str, route: str, status: int) -> None:
         span.set_status(Status(StatusCode.ERROR))
 
 
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def _queued_span(tracer: Tracer, job: Job) -> Any:
+    """`job`'s wait in the queue, started (the caller ends it), in the trace its request began."""
+    parent = propagate.extract(job.spec.trace_context or {})
+    queued = tracer.start_span("lesa.job.queued", context=parent, start_time=_ns(job.created_at))
+    queued.set_attributes({"lesa.job_id": job.id, "lesa.model": job.spec.model})
+    return queued
+
+
+def record_queue_timeout(tracer: Tracer, job: Job) -> None:
+    """The wait of a job no worker took before its `queue_timeout_s` (the API failed it): its
+    `lesa.job.queued` span, an error; it has no run."""
+    queued = _queued_span(tracer, job)
+    if job.error is not None:
+        queued.set_status(Status(StatusCode.ERROR, f"{job.error.code}: {job.error.message}"))
+    queued.end(end_time=_ns(max(job.completed_at or time.time(), job.created_at)))
+
+
 def record_job(tracer: Tracer, job: Job, worker_id: str, started_at: float) -> None:
     """`job`'s spans in its own trace: its wait in the queue and this worker's run of it (from
     `started_at`, when this worker took it, to the stored end, or now if it has none)."""
     parent = propagate.extract(job.spec.trace_context or {})
     spec = job.spec
+    _queued_span(tracer, job).end(end_time=_ns(max(started_at, job.created_at)))
 
-    def ns(seconds: float) -> int:
-        return int(seconds * 1e9)
-
-    queued = tracer.start_span("lesa.job.queued", context=parent, start_time=ns(job.created_at))
-    queued.set_attributes({"lesa.job_id": job.id, "lesa.model": spec.model})
-    queued.end(end_time=ns(max(started_at, job.created_at)))
-
-    run = tracer.start_span("lesa.job.run", context=parent, start_time=ns(started_at))
+    run = tracer.start_span("lesa.job.run", context=parent, start_time=_ns(started_at))
     attributes: dict[str, Any] = {
         "lesa.job_id": job.id, "lesa.kind": spec.kind, "lesa.model": spec.model, "lesa.level": spec.level,
         "lesa.method": spec.method, "lesa.steps": spec.num_inference_steps, "lesa.samples": spec.n,
@@ -136,8 +151,8 @@ def record_job(tracer: Tracer, job: Job, worker_id: str, started_at: float) -> N
     if isinstance(stage_start, int | float):
         inside_run = trace.set_span_in_context(run)
         for stage, ms in (stats.get("stage_ms") or {}).items():
-            span = tracer.start_span(f"lesa.stage.{stage}", context=inside_run, start_time=ns(stage_start))
+            span = tracer.start_span(f"lesa.stage.{stage}", context=inside_run, start_time=_ns(stage_start))
             span.set_attributes({"lesa.job_id": job.id, "lesa.stage": stage})
             stage_start += ms / 1000.0
-            span.end(end_time=ns(stage_start))
-    run.end(end_time=ns(job.completed_at or time.time()))
+            span.end(end_time=_ns(stage_start))
+    run.end(end_time=_ns(job.completed_at or time.time()))

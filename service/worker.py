@@ -46,7 +46,7 @@ from opentelemetry.trace import Tracer
 from lesa_core.pipeline_types import GenerationCancelled
 from service import tracing
 from service.metrics import Metrics
-from service.queue import Job, JobError, JobQueue, JobResult, JobSpec, QueueUnavailable
+from service.queue import Job, JobError, JobQueue, JobResult, JobSpec, QueueUnavailable, queue_timeout_error
 from service.webhooks import WebhookSender
 
 log = logging.getLogger("lesa.worker")
@@ -234,9 +234,7 @@ class Worker:
                 live.append(job)
                 continue
             # (a redelivered job, whose first worker died, is judged on when this delivery started)
-            ran = "it never ran" if job.attempts <= 1 else f"its {job.attempts - 1} earlier deliveries did not finish"
-            message = f"no worker was free within queue_timeout_s ({limit:g} s; it waited {waited:.1f} s): {ran}"
-            if await self.queue.fail(job.id, JobError(code="queue_timeout", message=message)):
+            if await self.queue.fail(job.id, queue_timeout_error(job, waited)):
                 self.metrics.jobs.labels(job.spec.model, "failed").inc()
                 self.metrics.errors.labels(type="queue_timeout").inc()
         return live

@@ -395,13 +395,15 @@ def test_a_job_not_started_within_its_queue_timeout_fails_and_never_runs() -> No
     s = settings(queue_timeout_s=60.0)
     engine = make_engine(s, step_delay=0.05)
     with TestClient(create_app(s, engine=engine)) as client:
-        blocker = client.post("/v1/images/jobs", json={"prompt": "busy", "num_inference_steps": 20}).json()
+        blocker = client.post("/v1/images/jobs", json={"prompt": "busy", "num_inference_steps": 40}).json()
         wait_for(client, f"/v1/images/jobs/{blocker['id']}", {"in_progress"})
         video = client.post("/v1/videos", data={"prompt": "also in a hurry", "queue_timeout_s": "0.01"}).json()
         late = client.post("/v1/images/generations", json={"prompt": "in a hurry", "queue_timeout_s": 0.2})
         error = assert_error(late, 503, None)
         assert error["code"] == "queue_timeout" and "never ran" in error["message"]
         assert late.headers["retry-after"] == "1"
+        # in time: the client did not wait for a worker to be free (the blocker still runs)
+        assert client.get(f"/v1/images/jobs/{blocker['id']}").json()["status"] == "in_progress"
         failed = wait_for(client, f"/v1/videos/{video['id']}", {"failed", "completed"})
         assert failed["status"] == "failed" and failed["error"]["code"] == "queue_timeout"
         # Without one, the server's default (LESA_QUEUE_TIMEOUT_S) applies: 60 s here, plenty.

@@ -461,3 +461,21 @@ def test_shadow_check_quality_keeps_the_latest_window_per_level_newest_first() -
         await q.close()
 
     run(scenario())
+
+
+def test_a_queued_job_past_its_deadline_is_failed_once_and_never_taken() -> None:
+    async def scenario() -> None:
+        q = make_queue()
+        late, taken = await q.submit(spec(seed=1)), await q.submit(spec(seed=2, width=16))
+        error = JobError(code="queue_timeout", message="no worker was free in time")
+        assert await q.fail_queued(late.id, error)
+        assert not await q.fail_queued(late.id, error)  # once: the caller counts it
+        record = await q.get(late.id)
+        assert record.status == JobStatus.failed and record.error == error and await q.depth() == 1
+        (started,) = await q.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=1)
+        assert started.id == taken.id  # the failed job is never handed to a worker
+        assert not await q.fail_queued(taken.id, error) and not await q.fail_queued("job_unknown", error)
+        assert (await q.get(taken.id)).status == JobStatus.in_progress
+        await q.close()
+
+    run(scenario())

@@ -78,14 +78,15 @@ def test_a_job_that_timed_out_in_the_queue_is_an_error_span(traced) -> None:
     client, exporter = traced
     blocker = client.post("/v1/images/jobs", json={"prompt": "busy", "num_inference_steps": 100}).json()  # 0.5 s
     late = client.post("/v1/images/jobs", json={"prompt": "late", "queue_timeout_s": 0.001}).json()
+    # failed by the API when the client looked (the worker is busy): its wait is the error, no run
     assert wait_for(client, f"/v1/images/jobs/{late['id']}", {"failed"})["error"]["code"] == "queue_timeout"
     wait_for(client, f"/v1/images/jobs/{blocker['id']}", {"completed"})
-    runs = {s.attributes["lesa.job_id"]: s for s in exporter.get_finished_spans() if s.name == "lesa.job.run"}
-    assert (
-        runs[late["id"]].status.status_code == StatusCode.ERROR
-        and "queue_timeout" in runs[late["id"]].status.description
-    )
-    assert runs[blocker["id"]].status.status_code == StatusCode.UNSET
+    spans = exporter.get_finished_spans()
+    runs = {s.attributes["lesa.job_id"]: s for s in spans if s.name == "lesa.job.run"}
+    (waited,) = [s for s in spans if s.name == "lesa.job.queued" and s.attributes["lesa.job_id"] == late["id"]]
+    assert waited.status.status_code == StatusCode.ERROR and "queue_timeout" in waited.status.description
+    (post,) = [s for s in spans if s.name == "POST /v1/images/jobs" and s.context.span_id == waited.parent.span_id]
+    assert late["id"] not in runs and runs[blocker["id"]].status.status_code == StatusCode.UNSET
 
 
 def test_tracing_is_off_unless_asked_and_exports_where_the_otel_variables_say() -> None:

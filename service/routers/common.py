@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from service import media
-from service.deps import Services, cancel, client_gone, get_job, unavailable
+from service.deps import Services, cancel, client_gone, get_job, read_job, unavailable
 from service.errors import ApiError, bad_request
 from service.queue import Job, JobKind, JobStatus, QueueUnavailable, UnknownCursor
 from service.schemas import DeletedObject, ErrorResponse, ListResponse
@@ -98,7 +98,7 @@ def job_events(
         quiet_since = time.monotonic()
         while True:
             assert services.queue is not None
-            job = await services.queue.get(job_id)
+            job = await read_job(services, job_id)
             if job is None or job.spec.kind != kind:
                 yield b'event: error\ndata: {"code": "not_found"}\n\n'
                 return
@@ -216,7 +216,7 @@ def image_stream(services: Services, job_id: str, requested: str | None, *, keep
         quiet_since = time.monotonic()
         while True:
             try:
-                job = await services.queue.get(job_id)
+                job = await read_job(services, job_id)
                 if job is None:
                     yield error(f"job {job_id} expired", "expired")
                     return
