@@ -189,6 +189,14 @@ async def submit(
     submitted_at = time.time()
     try:
         job = await services.queue.submit(spec, idempotency_key=scoped_key)
+        if (
+            job.created_at < submitted_at  # a replay of the key ...
+            and job.spec.request_hash == spec.request_hash
+            and job.error is not None
+            and job.error.code == "queue_timeout"  # ... whose job never ran: the retry runs it
+            and await services.queue.delete(job.id)
+        ):
+            job = await services.queue.submit(spec, idempotency_key=scoped_key)
     except TooManyJobs as full:
         limit = services.settings.max_jobs_per_key
         raise ApiError(

@@ -913,3 +913,24 @@ def test_auto_leaves_a_level_whose_shadow_checked_quality_falls_below_the_floor(
         body = {"prompt": "x", "acceleration": "5x", "num_inference_steps": 8}
         assert client.post("/v1/images/generations", json=body).json()["lesa"]["level"] == "5x"
         assert auto_level() == "none"
+
+
+def test_a_retry_with_the_key_of_a_job_that_timed_out_in_the_queue_runs_it() -> None:
+    """The 503 says retry (the job never ran): a retry with the same Idempotency-Key must run the
+    request, not replay the failure for as long as the key lives."""
+    s = settings()
+    engine = make_engine(s, step_delay=0.02)
+    with TestClient(create_app(s, engine=engine)) as client:
+        blocker = client.post("/v1/images/jobs", json={"prompt": "busy", "num_inference_steps": 40}).json()
+        wait_for(client, f"/v1/images/jobs/{blocker['id']}", {"in_progress"})
+        headers = {"Idempotency-Key": "retry-me"}
+        body = {"prompt": "in a hurry", "queue_timeout_s": 0.1, "num_inference_steps": 4}
+        first = assert_error(client.post("/v1/images/generations", json=body, headers=headers), 503, None)
+        assert first["code"] == "queue_timeout"
+        wait_for(client, f"/v1/images/jobs/{blocker['id']}", {"completed"})
+        again = client.post("/v1/images/generations", json=body, headers=headers)
+        assert again.status_code == 200, again.text
+        assert again.json()["lesa"]["job_id"] != first["job_id"]
+        replay = client.post("/v1/images/generations", json=body, headers=headers)  # the key names the run now
+        assert replay.json()["lesa"]["job_id"] == again.json()["lesa"]["job_id"]
+        assert [c["prompts"] for c in engine.models["fake-image"].pipe.calls] == [["busy"], ["in a hurry"]]
