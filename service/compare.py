@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StrictFloat, StrictInt, ValidationError
 
 from service.deps import Disconnected, Services, failed_job_error, refresh_live_quality, submit, wait_while_connected
 from service.errors import ApiError, body_validation_error
@@ -32,9 +32,10 @@ class CompareRequest(StrictBody):
     prompt: str = Field(..., min_length=1, max_length=4000, examples=["a handwritten seven"])
     model: str | None = Field(None, max_length=256, description="an image model of GET /v1/models (default: the first)")
     size: str | None = Field(None, pattern=r"^([0-9]{1,5}x[0-9]{1,5}|auto)$")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="default: random, then used for both runs")
-    num_inference_steps: int | None = Field(None, ge=1, le=1000)
-    guidance_scale: float | None = Field(None, ge=0, le=50)
+    # as strict as the generation request's (`true` is not a seed, "3" not a guidance scale)
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="default: random, then used for both runs")
+    num_inference_steps: StrictInt | None = Field(None, ge=1, le=1000)
+    guidance_scale: StrictFloat | None = Field(None, ge=0, le=50, allow_inf_nan=False)
     acceleration: str = Field(
         ..., max_length=32, description="the level to compare against full compute", examples=["5x"]
     )

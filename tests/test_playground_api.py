@@ -94,6 +94,10 @@ def test_compare_runs_both_with_one_seed_and_measures_them(client: TestClient) -
         ({"model": "nope"}, 404, "model"),
         ({"size": "64x64"}, 400, "size"),
         ({"seed": -1}, 400, "seed"),
+        ({"seed": True}, 400, "seed"),  # as strict as a generation request
+        ({"seed": "5"}, 400, "seed"),
+        ({"num_inference_steps": 4.0}, 400, "num_inference_steps"),
+        ({"guidance_scale": "3"}, 400, "guidance_scale"),
         ({"acceleraton": "5x"}, 400, "acceleraton"),
         ({"acceleration": "2x", "method": "lesa"}, 400, "method"),
         ({"model": "m" * 5000}, 400, "model"),
