@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from service import tracing
 from service.engine import theoretical_speedup
-from service.errors import ApiError
+from service.errors import ApiError, shown
 from service.metrics import Metrics
 from service.queue import (
     Job,
@@ -326,5 +326,5 @@ async def get_job(services: Services, job_id: str, kind: str, owner: str | None,
     except QueueUnavailable as down:
         raise unavailable(services, down) from None
     if job is None or job.spec.kind != kind or job.spec.owner != owner:
-        raise ApiError(404, f"no {kind} job {job_id!r} (unknown or expired)", param=param, code="not_found")
+        raise ApiError(404, f"no {kind} job {shown(job_id)} (unknown or expired)", param=param, code="not_found")
     return job

@@ -39,6 +39,11 @@ class ApiError(Exception):
         return {"error": error}
 
 
+def shown(value: str, limit: int = 100) -> str:
+    """A client's value as an error message repeats it: never a huge path or id echoed back whole."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
 def bad_request(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
 

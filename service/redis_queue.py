@@ -161,6 +161,13 @@ local function live_done(job_key, id)
   local live = redis.call('HGET', job_key, 'live')
   if live and live ~= '' then redis.call('ZREM', live, id) end
 end
+-- A queued job's stream entry, deleted when the job ends before any worker started it: else it
+-- stays until a worker reads it, for ever for a model no worker serves. One a worker has read
+-- stays pending for it; its start acknowledges it (the job is terminal).
+local function drop_entry(job_key)
+  local stream, entry = unpack(redis.call('HMGET', job_key, 'stream', 'entry'))
+  if stream and entry then redis.call('XDEL', stream, entry) end
+end
 """
 
 _SUBMIT = """
@@ -390,7 +397,7 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
 redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[3]) * 1000))
 local idem = redis.call('HGET', KEYS[1], 'idem')
 if idem and idem ~= '' then redis.call('PEXPIRE', idem, math.ceil(tonumber(ARGV[3]) * 1000)) end
--- The stream entry stays: the worker that reads it (or is running it) acknowledges it.
+if status == 'queued' then drop_entry(KEYS[1]) end  -- (a running job's worker acknowledges its own)
 local queued = redis.call('HGET', KEYS[1], 'queued')
 if queued then redis.call('ZREM', queued, ARGV[1]) end
 live_done(KEYS[1], ARGV[1])
@@ -411,7 +418,7 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 local idem = redis.call('HGET', KEYS[1], 'idem')
 if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
--- The stream entry stays: the worker that reads it acknowledges it (as for a cancelled job).
+drop_entry(KEYS[1])
 local queued = redis.call('HGET', KEYS[1], 'queued')
 if queued then redis.call('ZREM', queued, ARGV[1]) end
 live_done(KEYS[1], ARGV[1])
@@ -736,13 +743,26 @@ class RedisJobQueue(JobQueue):
             await pipe.execute()
         await self.prune_consumers()
         await self._prune_queued()
-        if self.output_dir.is_dir():
-            stale = [d for d in self.output_dir.iterdir() if d.is_dir() and d.stat().st_mtime < now - self.result_ttl_s]
-            if stale:
-                exists = await self._get_many([d.name for d in stale])
-                for directory, job in zip(stale, exists, strict=True):
-                    if job is None:
-                        await asyncio.to_thread(shutil.rmtree, directory, True)
+        stale = await asyncio.to_thread(self._stale_output_dirs, now - self.result_ttl_s)
+        if stale:
+            exists = await self._get_many([d.name for d in stale])
+            for directory, job in zip(stale, exists, strict=True):
+                if job is None:
+                    await asyncio.to_thread(shutil.rmtree, directory, True)
+
+    def _stale_output_dirs(self, before: float) -> list[Path]:
+        """Output directories not touched since `before` (candidates: their job may live on)."""
+        stale = []
+        try:
+            for directory in self.output_dir.iterdir():
+                try:
+                    if directory.is_dir() and directory.stat().st_mtime < before:
+                        stale.append(directory)
+                except FileNotFoundError:
+                    pass  # deleted meanwhile (a DELETE, another API replica's housekeeping)
+        except FileNotFoundError:
+            pass
+        return stale
 
     async def _prune_queued(self) -> None:
         """Drop backlog members whose job record is gone: a job that expired while queued (no worker
@@ -823,7 +843,10 @@ class RedisJobQueue(JobQueue):
         if idempotency_key is not None:
             # The original header, for the record (the key name only holds its hash).
             await self._redis.hset(self._k_job(job_id), "idem_key", idempotency_key)
-        await self._housekeeping()
+        try:
+            await self._housekeeping()
+        except Exception as error:  # noqa: BLE001 - the job is queued: its client must hear so
+            log.warning("housekeeping after a submit failed (retried in a minute): %s: %s", type(error).__name__, error)
         ahead = int(rest[0])  # its model's backlog before it
         return Job(id=job_id, spec=spec, created_at=created_at, idempotency_key=idempotency_key, queue_position=ahead)
 

@@ -16,7 +16,7 @@ import test_service_queue as contract
 from redis.exceptions import ConnectionError as RedisConnectionError
 from test_redis_support import REDIS_URL, cleanup_prefix, free_port, needs_redis, new_prefix, start_redis_server
 
-from service.queue import JobResult, JobSpec, JobStatus, OutputRef, QueueFull, QueueUnavailable, UnknownCursor
+from service.queue import JobError, JobResult, JobSpec, JobStatus, OutputRef, QueueFull, QueueUnavailable, UnknownCursor
 from service.redis_queue import RedisJobQueue
 from service.settings import Settings
 
@@ -626,6 +626,39 @@ def test_a_job_whose_spec_a_worker_cannot_read_fails_and_holds_up_no_other(prefi
         assert status == b"failed" and json.loads(error)["code"] == "unreadable_job"
         assert await q.depth() == 0  # out of the backlog, and acknowledged:
         assert (await q._redis.xpending(q.stream_for("m"), q.group))["pending"] == 2
+        await q.close()
+
+    asyncio.run(scenario())
+
+
+def test_jobs_that_end_while_queued_leave_no_stream_entry_behind(prefix: str) -> None:
+    """A model no worker serves: its cancelled and timed-out jobs must not pile up in its stream."""
+
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix)
+        jobs = [await q.submit(spec(model="nobody", seed=i)) for i in range(4)]
+        assert await q._redis.xlen(q.stream_for("nobody")) == 4
+        assert await q.cancel(jobs[0].id) and await q.cancel(jobs[1].id)
+        assert await q.fail_queued(jobs[2].id, JobError(code="queue_timeout", message="late"))
+        assert await q._redis.xlen(q.stream_for("nobody")) == 1 and await q.depth() == 1
+        await q.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_submit_whose_housekeeping_fails_still_answers_with_its_job(prefix: str) -> None:
+    """The job is queued by then: an error in the minute's housekeeping (an output directory
+    deleted under it) must not turn into a 500 that invites a duplicate."""
+
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix)
+
+        async def broken() -> None:
+            raise FileNotFoundError("output directory deleted meanwhile (test)")
+
+        q._housekeeping = broken  # type: ignore[method-assign]
+        job = await q.submit(spec())
+        assert (await q.get(job.id)).status == JobStatus.queued and await q.depth() == 1
         await q.close()
 
     asyncio.run(scenario())

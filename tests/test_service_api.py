@@ -154,6 +154,8 @@ def test_malformed_oversize_and_unknown_routes(client: TestClient) -> None:
     assert_error(client.get("/v1/nothing"), 404, None)
     assert_error(client.get("/v1/videos/job_unknown"), 404, "video_id")
     assert_error(client.delete("/v1/videos/job_unknown"), 404, "video_id")
+    huge = assert_error(client.get("/v1/images/jobs/" + "j" * 50_000), 404, "id")  # not echoed back whole
+    assert len(huge["message"]) < 300 and "jjj..." in huge["message"]
     # A body that is not a JSON object gets a message saying so, whatever its content type.
     for content, headers in (
         (b"prompt=x", {"content-type": "application/x-www-form-urlencoded"}),

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from service.deps import ReadyDep, refresh_live_quality
 from service.engine import Engine, ModelEntry
-from service.errors import not_found
+from service.errors import not_found, shown
 from service.schemas import ListResponse, ModelCard
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -41,7 +41,6 @@ async def list_models(services: ReadyDep) -> ListResponse:
 async def get_model(model_id: str, services: ReadyDep) -> ModelCard:
     entry = services.engine.models.get(model_id)
     if entry is None:
-        shown = model_id if len(model_id) <= 100 else model_id[:100] + "..."  # never echo a huge path back
-        raise not_found(f"model {shown!r} not found", "model_id", "model_not_found")
+        raise not_found(f"model {shown(model_id)} not found", "model_id", "model_not_found")
     await refresh_live_quality(services)
     return model_card(services.engine, entry, services.settings.default_level)
