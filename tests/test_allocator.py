@@ -44,9 +44,11 @@ def _resident(mode: str) -> dict:
 def test_freed_activations_stay_resident_for_the_next_step():
     default, retained = _resident("default"), _resident("retain")
     assert retained["retained"] and not default["retained"]
-    # measured on a 2-core Intel Xeon, with and without transparent huge pages: ~3% kept by
-    # default (unmapped, or trimmed off the heap's top), ~100% retained
-    assert all(kept < 0.5 for kept in default["kept"]), default
+    # By default the first round's blocks, above glibc's initial 128 KiB mmap threshold, are
+    # unmapped when freed (~1-3% kept). Later rounds depend on the heap's layout (a small block
+    # allocated above them pins them; 3% and 100% were both seen), so only the first is asserted.
+    # Retained: every round's blocks stay (~100%).
+    assert default["kept"][0] < 0.5, default
     assert all(kept > 0.9 for kept in retained["kept"]), retained
 
 
