@@ -67,6 +67,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -83,7 +84,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.queue import (
@@ -428,12 +429,17 @@ return 1
 """
 
 
+# Redis up but refusing writes: failing to save (MISCONF), or over maxmemory as a script reports it
+# (a plain command's OOM is redis-py's OutOfMemoryError).
+_REDIS_REFUSES_WRITES = re.compile(r"\bOOM command not allowed|\bMISCONF\b")
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
 def _translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Map "Redis cannot be reached" to `QueueUnavailable` (-> 503), with where and why."""
+    """Map "Redis cannot be reached" or "cannot take writes now" (out of memory, failing to save)
+    to `QueueUnavailable` (-> 503 with Retry-After), with where and why."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -441,10 +447,17 @@ def _translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]
             return await fn(*args, **kwargs)
         # Builtin ConnectionError / TimeoutError: socket-level failures redis-py lets through.
         # Not OSError at large: a full output disk is not "Redis unavailable".
-        except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, ConnectionError, TimeoutError) as error:
-            queue = args[0]
-            assert isinstance(queue, RedisJobQueue)
-            raise QueueUnavailable(f"the job queue (Redis at {queue.where}) is unavailable: {error}") from error
+        except (
+            RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError, ConnectionError, TimeoutError
+        ) as error:  # fmt: skip
+            failure: Exception = error
+        except ResponseError as error:
+            if not _REDIS_REFUSES_WRITES.search(str(error)):
+                raise
+            failure = error
+        queue = args[0]
+        assert isinstance(queue, RedisJobQueue)
+        raise QueueUnavailable(f"the job queue (Redis at {queue.where}) is unavailable: {failure}") from failure
 
     return wrapper
 

@@ -520,6 +520,31 @@ def test_a_hung_redis_raises_queue_unavailable_after_one_socket_timeout() -> Non
         server.wait(10)
 
 
+def test_a_redis_out_of_memory_is_queue_unavailable_not_an_error() -> None:
+    """Redis up but refusing writes (over maxmemory with noeviction): 503 with Retry-After for
+    the client, as when it is down, not a 500 that pages someone for a client error."""
+    port = free_port()
+    server = start_redis_server(port)
+
+    async def scenario() -> None:
+        q = RedisJobQueue(f"redis://127.0.0.1:{port}/0", prefix=new_prefix())
+        job = await q.submit(spec())
+        await q._redis.config_set("maxmemory-policy", "noeviction")
+        await q._redis.config_set("maxmemory", "1")
+        with pytest.raises(QueueUnavailable, match="maxmemory"):
+            await q.submit(spec(seed=2))
+        assert (await q.get(job.id)).id == job.id  # reads still work
+        await q._redis.config_set("maxmemory", "0")
+        await q.submit(spec(seed=3))  # and writes once memory is back
+        await q.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def test_list_pages_by_cursor_skips_expired_jobs_and_filters_by_kind(prefix: str) -> None:
     async def scenario() -> None:
         q = RedisJobQueue(REDIS_URL, prefix=prefix)
