@@ -372,12 +372,14 @@ local idem = redis.call('HGET', KEYS[1], 'idem')
 if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
 local queued = redis.call('HGET', KEYS[1], 'queued')
 if queued then redis.call('ZREM', queued, ARGV[1]) end
--- Smoothed seconds per job (start to finish), for the Retry-After estimate.
+-- Smoothed seconds per job (start to finish) of the job's model (field job_s:<its stream>), for
+-- the Retry-After estimate: a video model's minutes must not stretch an image model's wait.
 local started = tonumber(redis.call('HGET', KEYS[1], 'started_at') or '')
 if started then
   local d = now - started
-  local old = tonumber(redis.call('HGET', KEYS[4], 'job_s') or tostring(d))
-  redis.call('HSET', KEYS[4], 'job_s', tostring(0.8 * old + 0.2 * d))
+  local field = 'job_s:' .. (redis.call('HGET', KEYS[1], 'stream') or '')
+  local old = tonumber(redis.call('HGET', KEYS[4], field) or tostring(d))
+  redis.call('HSET', KEYS[4], field, tostring(0.8 * old + 0.2 * d))
 end
 live_done(KEYS[1], ARGV[1])
 if ARGV[8] == '1' then outbox_add(KEYS[6], KEYS[1], ARGV[1], ARGV[3], ARGV[5]) end
@@ -864,11 +866,11 @@ class RedisJobQueue(JobQueue):
         return Job(id=job_id, spec=spec, created_at=created_at, idempotency_key=idempotency_key, queue_position=ahead)
 
     async def _retry_after(self, depth: int, model: str) -> int:
-        """Seconds until the model's backlog should have drained: its depth x seconds per job / the
-        live workers serving it."""
+        """Seconds until the model's backlog should have drained: its depth x its seconds per job /
+        the live workers serving it."""
         now = time.time()
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hget(self.k_stats, "job_s")
+            pipe.hget(self.k_stats, f"job_s:{self.stream_for(model)}")
             pipe.zcount(self._k_workers(model), now - 30, "+inf")
             job_s, workers = await pipe.execute()
         per_job = float(job_s) if job_s else 1.0

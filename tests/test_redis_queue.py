@@ -461,7 +461,8 @@ def test_retry_after_counts_the_workers_that_serve_the_model(prefix: str) -> Non
         q = RedisJobQueue(REDIS_URL, prefix=prefix, max_backlog=2)
         for worker in ("w1", "w2", "w3"):  # three workers serve m (their claims heartbeat), none serves x
             assert await q.claim_batch(worker, max_batch=1, max_wait_ms=0, timeout_s=0.01, models=["m"]) == []
-        await q._redis.hset(q.k_stats, "job_s", "10")  # seconds per job, as finished jobs measured it
+        # seconds per job of each model, as its finished jobs measured it
+        await q._redis.hset(q.k_stats, mapping={f"job_s:{q.stream_for('m')}": "10", f"job_s:{q.stream_for('x')}": "30"})
         for model in ("m", "x"):
             for seed in range(2):
                 await q.submit(spec(model=model, seed=seed))
@@ -470,7 +471,13 @@ def test_retry_after_counts_the_workers_that_serve_the_model(prefix: str) -> Non
             with pytest.raises(QueueFull) as full:
                 await q.submit(spec(model=model, seed=9))
             waits[model] = full.value.retry_after_s
-        assert waits == {"m": 7, "x": 20}  # 2 jobs x 10 s over 3 workers; over none (as if one)
+        assert waits == {"m": 7, "x": 60}  # 2 jobs x 10 s over 3 workers; 2 x 30 s over none (as if one)
+        # a finished job updates its own model's figure only
+        job = await q.submit(spec(model="y"))
+        await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1, models=["y"])
+        assert await q.complete(job.id, result("y"), {})
+        stats = await q._redis.hgetall(q.k_stats)
+        assert f"job_s:{q.stream_for('y')}".encode() in stats and stats[f"job_s:{q.stream_for('m')}".encode()] == b"10"
         await q.close()
 
     asyncio.run(scenario())
