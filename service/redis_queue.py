@@ -318,6 +318,18 @@ if tonumber(ARGV[1]) > cur then redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 return 1
 """
 
+_GET = """
+-- A job's record and, while it is queued, its place in its model's backlog: one round trip (the
+-- SSE streams and pollers read a waiting job over and over). KEYS: job; ARGV: id
+local record = redis.call('HGETALL', KEYS[1])
+local rank = false
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then
+  local queued = redis.call('HGET', KEYS[1], 'queued')
+  if queued then rank = redis.call('ZRANK', queued, ARGV[1]) end
+end
+return {record, rank}
+"""
+
 _PARTIAL = """
 -- KEYS: job, partial; ARGV: index, bytes. Running jobs only; the partials expire with the job.
 if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
@@ -590,6 +602,7 @@ class RedisJobQueue(JobQueue):
         self._heartbeat = self._redis.register_script(_HEARTBEAT)
         self._release = self._redis.register_script(_RELEASE)
         self._progress = self._redis.register_script(_PROGRESS)
+        self._get = self._redis.register_script(_GET)
         self._finish = self._redis.register_script(_JOB_END + _FINISH)
         self._cancel = self._redis.register_script(_JOB_END + _CANCEL)
         self._fail_queued = self._redis.register_script(_JOB_END + _FAIL_QUEUED)
@@ -878,8 +891,11 @@ class RedisJobQueue(JobQueue):
 
     @_translate_errors
     async def get(self, job_id: str) -> Job | None:
-        job = self._job_from_hash(job_id, await self._redis.hgetall(self._k_job(job_id)))
-        return (await self._positioned([job]))[0] if job is not None else None
+        record, rank = await self._get(keys=[self._k_job(job_id)], args=[job_id])
+        job = self._job_from_hash(job_id, dict(zip(record[::2], record[1::2], strict=True)))
+        if job is None or rank is None:
+            return job
+        return job.model_copy(update={"queue_position": int(rank)})
 
     async def _positioned(self, jobs: list[Job]) -> list[Job]:
         """The queued ones with their place in line: their rank in their model's backlog set."""
