@@ -264,16 +264,16 @@ class StagePredictor(nn.Module):
         return list((gain * weights).float().cpu().unbind(-1)), (gain * bias).float().cpu()
 
     def schedule_coefficients(self, timesteps: torch.Tensor, branch: str | None = None) -> dict[int, tuple]:
-        """`step_coefficients` of every predicted step of the schedule, one KAN call per stage.
+        """`step_coefficients` of every predicted step the learned experts forecast (`learned_steps`:
+        not those of `taylor_stages`, which TaylorSeer forecasts), one KAN call per stage.
 
         A server folds a schedule on its first request at that step count; step by step that is
         one small KAN call per step and branch (~1 ms each on a CPU), batched it is three.
         """
         times = self._check_times(torch.as_tensor(timesteps, dtype=torch.float32))
         by_stage: dict[int, list[int]] = {}
-        for step in range(self.schedule.num_steps):
-            if not self.schedule.is_full(step):
-                by_stage.setdefault(self.stage(float(times[step])), []).append(step)
+        for step in self.learned_steps(times):
+            by_stage.setdefault(self.stage(float(times[step])), []).append(step)
         table: dict[int, tuple] = {}
         with torch.no_grad():
             for stage, steps in by_stage.items():

@@ -328,3 +328,19 @@ def test_taylor_stages_variant_forecasts_those_stages_like_taylorseer(tmp_path):
     torch.testing.assert_close(mixed[6], predictor.predict(window, times, float(times[6])))
     predictor.save_pretrained(tmp_path / "bundle")
     assert StagePredictor.from_pretrained(tmp_path / "bundle").config.taylor_stages == (1,)
+
+
+def test_a_taylor_stage_after_a_learned_one_stays_taylorseer_in_every_generation():
+    """The first learned step folds the schedule's coefficients: never those of a TaylorSeer stage
+    (here stage 2, steps 6-9, after the learned stage 1), in this generation or the next (the
+    folded table is kept across generations)."""
+    predictor = _predictor(taylor_stages=(2,)).float().eval()
+    assert predictor.learned_steps(torch.linspace(1, 0, 11)) == [3, 4]
+    trajectory = [torch.randn(2, 4) for _ in range(10)]
+    full = set(predictor.schedule.full_steps)
+    forecaster = LesaForecaster(predictor)
+    for _ in range(2):
+        mixed = _feed(forecaster, trajectory, full, 10)
+        taylor = _feed(TaylorSeerForecaster(1), trajectory, full, 10)
+        for step in (6, 7, 8, 9):
+            torch.testing.assert_close(mixed[step], taylor[step])
