@@ -162,13 +162,6 @@ local function live_done(job_key, id)
   local live = redis.call('HGET', job_key, 'live')
   if live and live ~= '' then redis.call('ZREM', live, id) end
 end
--- A queued job's stream entry, deleted when the job ends before any worker started it: else it
--- stays until a worker reads it, for ever for a model no worker serves. One a worker has read
--- stays pending for it; its start acknowledges it (the job is terminal).
-local function drop_entry(job_key)
-  local stream, entry = unpack(redis.call('HMGET', job_key, 'stream', 'entry'))
-  if stream and entry then redis.call('XDEL', stream, entry) end
-end
 """
 
 _SUBMIT = """
@@ -412,7 +405,9 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
 redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[3]) * 1000))
 local idem = redis.call('HGET', KEYS[1], 'idem')
 if idem and idem ~= '' then redis.call('PEXPIRE', idem, math.ceil(tonumber(ARGV[3]) * 1000)) end
-if status == 'queued' then drop_entry(KEYS[1]) end  -- (a running job's worker acknowledges its own)
+-- The stream entry stays: the worker that reads it (or is running it) acknowledges it. (Deleting an
+-- unread entry would make Redis report the group's lag as unknown until a worker reads past it:
+-- the autoscaler's and LesaModelUnserved's signal.)
 local queued = redis.call('HGET', KEYS[1], 'queued')
 if queued then redis.call('ZREM', queued, ARGV[1]) end
 live_done(KEYS[1], ARGV[1])
@@ -433,7 +428,7 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 local idem = redis.call('HGET', KEYS[1], 'idem')
 if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
-drop_entry(KEYS[1])
+-- The stream entry stays, as for a cancelled job (see _CANCEL).
 local queued = redis.call('HGET', KEYS[1], 'queued')
 if queued then redis.call('ZREM', queued, ARGV[1]) end
 live_done(KEYS[1], ARGV[1])

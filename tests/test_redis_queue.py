@@ -663,16 +663,18 @@ def test_a_job_whose_spec_a_worker_cannot_read_fails_and_holds_up_no_other(prefi
     asyncio.run(scenario())
 
 
-def test_jobs_that_end_while_queued_leave_no_stream_entry_behind(prefix: str) -> None:
-    """A model no worker serves: its cancelled and timed-out jobs must not pile up in its stream."""
+def test_jobs_that_end_while_queued_keep_the_streams_lag_known(prefix: str) -> None:
+    """A cancelled or timed-out queued job leaves its entry for the worker that reads it: deleting
+    an unread entry makes Redis report the group's lag as unknown (nil) until a worker reads past
+    it, and the lag is what KEDA scales on and LesaModelUnserved fires on."""
 
     async def scenario() -> None:
         q = RedisJobQueue(REDIS_URL, prefix=prefix)
         jobs = [await q.submit(spec(model="nobody", seed=i)) for i in range(4)]
-        assert await q._redis.xlen(q.stream_for("nobody")) == 4
-        assert await q.cancel(jobs[0].id) and await q.cancel(jobs[1].id)
+        assert await q.cancel(jobs[1].id)
         assert await q.fail_queued(jobs[2].id, JobError(code="queue_timeout", message="late"))
-        assert await q._redis.xlen(q.stream_for("nobody")) == 1 and await q.depth() == 1
+        (group,) = await q._redis.xinfo_groups(q.stream_for("nobody"))
+        assert group["lag"] == 4 and await q.depth() == 2
         await q.close()
 
     asyncio.run(scenario())
