@@ -53,6 +53,9 @@ log = logging.getLogger("lesa.worker")
 
 CANCEL_POLL_S = 0.05  # how often a running batch checks its jobs' cancellation flags
 PROGRESS_MIN_INTERVAL_S = 0.02
+# Progress is republished unchanged this often: it carries the delivery's heartbeat (Redis), which
+# must not stop while a batch sits at one percentage (a long VAE decode after the last step).
+PROGRESS_REPEAT_S = 1.0
 SHADOW_BACKLOG = 4  # accelerated jobs waiting for their shadow quality check
 SHADOW_IDLE_S = 0.05
 
@@ -296,7 +299,7 @@ class Worker:
         async def monitor() -> None:
             # Ends on the `finished` flag, not by cancellation: on Python 3.11 `wait_for` can
             # swallow a cancel that races with its inner wait completing, which would hang here.
-            published = -1
+            published, published_at = -1, 0.0
             while not finished:
                 try:
                     await asyncio.wait_for(progress_signal.wait(), CANCEL_POLL_S)
@@ -311,11 +314,11 @@ class Worker:
                         stop_flag.set()
                     # Keep 100 for "completed": the last step is not the end (encoding follows).
                     percent = min(99, int(100 * latest[0] / max(latest[1], 1)))
-                    if percent != published:
+                    if percent != published or time.monotonic() - published_at >= PROGRESS_REPEAT_S:
                         for job in jobs:
                             if job.id not in cancelled:
                                 await self.queue.set_progress(job.id, percent)
-                        published = percent
+                        published, published_at = percent, time.monotonic()
                 except QueueUnavailable as error:
                     # A blip must not end the watch: cancels, progress and the delivery's heartbeat
                     # (sent with progress) carry on at the next poll.

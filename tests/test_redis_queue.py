@@ -696,3 +696,45 @@ def test_a_submit_whose_housekeeping_fails_still_answers_with_its_job(prefix: st
         await q.close()
 
     asyncio.run(scenario())
+
+
+def test_a_job_in_a_long_decode_keeps_its_delivery(prefix: str) -> None:
+    """After the last denoising step progress sits at 99% while the VAE decodes: the worker must
+    still heartbeat, or an idle worker reclaims the job and generates it a second time."""
+    from service_support import FakePipeline, make_engine, settings
+
+    from service.metrics import Metrics
+    from service.schemas import ImageGenerationRequest
+    from service.worker import Worker
+
+    runs: list[str] = []
+
+    class SlowDecode(FakePipeline):
+        def __call__(self, prompts, *, seeds, callback=None, **kwargs):  # noqa: ANN001, ANN003, ANN204
+            runs.append(self.name)
+            out = super().__call__(prompts, seeds=seeds, callback=callback, **kwargs)
+            time.sleep(3.0)  # the decode: longer than the visibility timeout, no step callbacks
+            return out
+
+    async def scenario() -> None:
+        workers, queues = [], []
+        for name in ("first", "second"):
+            engine = make_engine(settings())
+            engine.models["fake-image"].pipe = SlowDecode(name)
+            queues.append(RedisJobQueue(REDIS_URL, prefix=prefix, visibility_timeout_s=2.0))
+            workers.append(Worker(queues[-1], engine, Metrics(), max_wait_ms=0, claim_timeout_s=0.2, worker_id=name))
+        spec = workers[0].engine.resolve_image(ImageGenerationRequest(prompt="p", num_inference_steps=4))
+        job = await queues[0].submit(spec)
+        first = asyncio.create_task(workers[0].run())
+        while not runs:
+            await asyncio.sleep(0.05)
+        second = asyncio.create_task(workers[1].run())  # idle, reclaiming whatever is left idle
+        record = await queues[0].wait(job.id, 15)
+        for worker in workers:
+            worker.stop()
+        await asyncio.gather(first, second)
+        assert (record.status, record.attempts, runs) == (JobStatus.completed, 1, ["first"])
+        for q in queues:
+            await q.close()
+
+    asyncio.run(scenario())
