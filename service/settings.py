@@ -6,6 +6,7 @@ here because this class *is* the configuration reference.
 
 from __future__ import annotations
 
+import base64
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -169,8 +170,14 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _webhook_secret_with_url(self) -> Settings:
         # Unsigned events would let anyone who can reach the receiver fake a completion.
-        if self.webhook_url and not (self.webhook_secret and self.webhook_secret.get_secret_value()):
+        secret = self.webhook_secret.get_secret_value() if self.webhook_secret else ""
+        if self.webhook_url and not secret:
             raise ValueError("LESA_WEBHOOK_URL needs LESA_WEBHOOK_SECRET (events are always signed)")
+        if secret.startswith("whsec_"):  # checked now: at the first event, every delivery would fail
+            try:
+                base64.b64decode(secret[len("whsec_") :], validate=True)
+            except ValueError:
+                raise ValueError("LESA_WEBHOOK_SECRET: after whsec_ must come base64 (Standard Webhooks)") from None
         return self
 
     @field_validator("default_level")

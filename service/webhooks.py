@@ -106,7 +106,10 @@ class WebhookSender:
         down = False
         while not stopping.is_set():
             if len(self._tasks) >= self.max_in_flight:
-                await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+                # (or until the stop: a dead receiver's retries must not hold up a worker's exit)
+                stop = asyncio.ensure_future(stopping.wait())
+                await asyncio.wait({*self._tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
                 continue
             try:
                 events = await queue.next_events(
@@ -158,7 +161,7 @@ class WebhookSender:
             }
             try:
                 response = await self._client.post(self.url, content=body, headers=headers)
-            except httpx.HTTPError as error:
+            except Exception as error:  # noqa: BLE001 - HTTPError, and an invalid URL (InvalidURL is not one)
                 problem = f"{type(error).__name__}: {error}"
                 continue
             if response.is_success:

@@ -18,12 +18,12 @@ import test_service_queue as contract
 from fastapi.testclient import TestClient
 from openai import OpenAI
 from pydantic import ValidationError
-from service_support import make_engine, settings, wait_for
+from service_support import free_port, make_engine, settings, wait_for
 from test_redis_support import REDIS_URL, cleanup_prefix, needs_redis, new_prefix
 
 from service.app import create_app
 from service.metrics import Metrics
-from service.queue import JobEvent, JobResult
+from service.queue import InProcessJobQueue, JobEvent, JobResult
 from service.redis_queue import RedisJobQueue
 from service.webhooks import WebhookSender
 
@@ -164,3 +164,39 @@ def test_webhook_settings_are_checked() -> None:
         settings(webhook_url="http://127.0.0.1:9/hooks")
     with pytest.raises(ValidationError, match="http:// or https://"):
         settings(webhook_url="ftp://example/hooks", webhook_secret=SECRET)
+    with pytest.raises(ValidationError, match="after whsec_ must come base64"):  # not at the first event
+        settings(webhook_url="http://127.0.0.1:9/hooks", webhook_secret="whsec_not base64!")
+
+
+def test_a_dead_receiver_neither_stops_deliveries_silently_nor_holds_up_a_stop() -> None:
+    """Every try fails (nothing listens; an invalid URL too): each event is counted as failed, and a
+    worker stopping while its deliveries back off between tries leaves at once."""
+    metrics = Metrics()
+    for url in (f"http://127.0.0.1:{free_port()}/hooks", "http://[::1/hooks"):
+        sender = WebhookSender(url, SECRET, metrics, attempts=2, first_backoff_s=0.01)
+        assert asyncio.run(sender.deliver(JobEvent("job_1", "image", "completed", at=1.0))) is False
+        asyncio.run(sender.aclose())
+    assert (
+        metrics.registry.get_sample_value("lesa_webhooks_total", {"type": "image.job.completed", "outcome": "failed"})
+        == 2
+    )
+
+    async def stop_while_backing_off() -> float:
+        queue = InProcessJobQueue()
+        queue.outbox = True
+        for i in range(2):
+            job = await queue.submit(contract.spec(seed=i))
+            await queue.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)
+            await queue.complete(job.id, JobResult(outputs=[]), {})
+        sender = WebhookSender(f"http://127.0.0.1:{free_port()}/hooks", SECRET, attempts=20, first_backoff_s=10.0,
+                               max_in_flight=1)  # fmt: skip
+        stopping = asyncio.Event()
+        sending = asyncio.create_task(sender.run(queue, "w", stopping))
+        await asyncio.sleep(0.5)  # the first event is backing off, the second waits for room
+        stopping.set()
+        started = time.monotonic()
+        await sending
+        await sender.aclose(wait_s=0.1)
+        return time.monotonic() - started
+
+    assert asyncio.run(stop_while_backing_off()) < 2.0
