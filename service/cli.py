@@ -75,6 +75,13 @@ def run_serve(args: argparse.Namespace) -> int:
         shadow_fraction=args.shadow_fraction,
     )  # fmt: skip
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.embedded_worker and not settings.redis_url:
+        print(
+            "lesa serve: --no-worker (LESA_EMBEDDED_WORKER=false) needs LESA_REDIS_URL: with the in-process "
+            "queue no worker could ever take the jobs",
+            file=sys.stderr,
+        )
+        return 2
     if settings.models:  # a typo must stop the command, not leave a server that is never ready
         from lesa_core.production import read_config
 

@@ -117,7 +117,8 @@ class RedisQueueSettings(BaseSettings):
     environment, and `Settings` ignores these names.
     """
 
-    model_config = SettingsConfigDict(env_prefix="LESA_", env_file=".env", extra="ignore")
+    # allow_inf_nan=False: "nan" or "inf" in a number would pass every bound and then mean nothing
+    model_config = SettingsConfigDict(env_prefix="LESA_", env_file=".env", extra="ignore", allow_inf_nan=False)
 
     redis_url: str | None = Field(None, description="redis://host:port/db; unset = in-process queue")
     redis_prefix: str = Field("lesa", description="key prefix; streams `<p>:jobs:<model>`, group `<p>-workers`")

@@ -16,7 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LESA_", env_file=".env", extra="ignore")
+    # allow_inf_nan=False: "nan" or "inf" in a number would pass every bound and then mean nothing
+    model_config = SettingsConfigDict(env_prefix="LESA_", env_file=".env", extra="ignore", allow_inf_nan=False)
 
     # ---- network ----
     host: str = Field("127.0.0.1", description="interface `lesa serve` binds to")

@@ -747,6 +747,24 @@ def test_settings_that_would_silently_weaken_the_server_are_refused() -> None:
         settings(api_keys="clé")
     with pytest.raises(ValidationError, match="unknown level 'bogus'"):  # every request would get a 400
         settings(default_level="bogus")
+    with pytest.raises(ValidationError, match="finite number"):  # "auto" would always pick none
+        settings(auto_min_psnr=float("nan"))
+    with pytest.raises(ValidationError, match="finite number"):  # a lone job would wait for ever
+        settings(max_wait_ms=float("inf"))
+
+
+def test_serve_without_a_worker_needs_redis(monkeypatch, capsys) -> None:
+    """An API-only server on the in-process queue would accept jobs that nothing ever runs."""
+    import argparse
+
+    from service.cli import run_serve
+
+    monkeypatch.delenv("LESA_REDIS_URL", raising=False)
+    args = argparse.Namespace(
+        host="127.0.0.1", port=free_port(), models=None, max_batch=None, no_worker=True, shadow_fraction=None
+    )
+    assert run_serve(args) == 2
+    assert "--no-worker (LESA_EMBEDDED_WORKER=false) needs LESA_REDIS_URL" in capsys.readouterr().err
 
 
 def test_serve_exits_when_the_models_cannot_load(tmp_path, monkeypatch, capsys) -> None:
