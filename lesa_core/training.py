@@ -262,6 +262,7 @@ def train_predictor(
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=settings.lr_step, gamma=settings.lr_gamma)
     report = TrainReport(best_val_mse=float("inf"), best_epoch="none")
     start_epoch = 0
+    generator = torch.Generator().manual_seed(settings.seed)  # epoch orders and token subsets
     # what the run trains on: resuming on other trajectories would mix two datasets in one bundle
     data_id = json.dumps({"settings": asdict(data.settings), "prompts": data.prompts, "seeds": data.seeds})
     if state_path.exists():
@@ -279,6 +280,8 @@ def train_predictor(
                 start_epoch = int(state["epoch"])
                 report = TrainReport(**json.loads(state["report"]))
                 torch.set_rng_state(state["rng"])
+                if "generator" in state:  # (states saved before it was kept replay epoch 0's orders)
+                    generator.set_state(state["generator"])
         except Exception as error:  # noqa: BLE001 - truncated, garbage, or another format: say which file
             raise ValueError(
                 f"{state_path}: not a readable training state ({type(error).__name__}); remove {work} to start afresh"
@@ -310,6 +313,7 @@ def train_predictor(
                 "schedule": json.dumps(schedule.to_dict()),
                 "data": data_id,
                 "rng": torch.get_rng_state(),
+                "generator": generator.get_state(),  # a resumed run shuffles as an uninterrupted one
             },
             state_path.with_suffix(".tmp"),
         )
@@ -331,7 +335,6 @@ def train_predictor(
         validate("init")
     bar = tqdm(range(start_epoch, total_epochs), desc=f"train {schedule.describe()}", disable=not progress)
     bar.update(0)
-    generator = torch.Generator().manual_seed(settings.seed)
     for epoch in bar:
         phase = max(p for p, first in first_epoch.items() if epoch >= first)
         if phase > 1 and epoch == first_epoch[phase]:

@@ -172,6 +172,38 @@ def test_two_phase_training_writes_a_usable_bundle_and_resumes(pipe, recorded, t
         train_predictor(pipe, out, schedule, tmp_path / "bundle", settings, progress=False)
 
 
+def test_an_interrupted_and_resumed_run_trains_the_weights_an_uninterrupted_one_does(
+    pipe, recorded, tmp_path, monkeypatch
+):
+    """The epoch orders and token subsets continue where they stopped (their generator is kept in
+    the state), so resuming is not a different training run."""
+    import lesa_core.training as training
+
+    out, _ = recorded
+    schedule = CacheSchedule.from_full_steps(STEPS, [0, 1, 3])
+    settings = TrainSettings(phase1_epochs=4, batch_size=2, kan_hidden=(8,), validate_every=100, train_tokens=4)
+
+    def last_weights(bundle) -> dict:  # the last epoch's, from the resumable state (not the best bundle)
+        return torch.load(tmp_path / f"{bundle}.work" / "train_state.pt", weights_only=True)["predictor"]
+
+    train_predictor(pipe, out, schedule, tmp_path / "whole", settings, progress=False)
+    calls = [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > 4:  # in epoch 3 (2 batches an epoch): a Ctrl-C
+            raise KeyboardInterrupt
+        return forecast_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "forecast_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_predictor(pipe, out, schedule, tmp_path / "resumed", settings, progress=False)
+    monkeypatch.setattr(training, "forecast_loss", forecast_loss)
+    train_predictor(pipe, out, schedule, tmp_path / "resumed", settings, progress=False)
+    whole, resumed = last_weights("whole"), last_weights("resumed")
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
 def test_phase3_backpropagates_the_final_sample_error_through_the_sampler(pipe, recorded, tmp_path):
     out, _ = recorded
     schedule = CacheSchedule.from_full_steps(STEPS, [0, 1, 3])
