@@ -98,6 +98,18 @@ class StagePredictor(nn.Module):
             raise BundleError(f"history_weights must be 'scalar' or 'channel', got {config.history_weights!r}")
         if config.history_weights == "channel" and not config.hidden_size:
             raise BundleError("history_weights='channel' needs hidden_size")
+        # Checked here, not at the first forecast of a request (where a bad value fails a generation).
+        thresholds = config.stage_thresholds
+        if len(thresholds) != 2 or not 1.0 >= float(thresholds[0]) >= float(thresholds[1]) >= 0.0:
+            raise BundleError(
+                f"stage_thresholds must be (high, low) with 1 >= high >= low >= 0, got {list(thresholds)}"
+            )
+        if len(config.history_depths) != 3 or not all(isinstance(d, int) and d >= 1 for d in config.history_depths):
+            raise BundleError(
+                f"history_depths must be 3 whole numbers >= 1 (one per stage), got {list(config.history_depths)}"
+            )
+        if not set(config.taylor_stages) <= {0, 1, 2}:
+            raise BundleError(f"taylor_stages must name stages 0, 1, 2, got {list(config.taylor_stages)}")
         out = 1 if config.history_weights == "scalar" else int(config.hidden_size)
         self.latent = nn.ModuleDict(
             {b: nn.ModuleList(nn.Linear(k, out) for k in config.history_depths) for b in config.branches}

@@ -166,7 +166,12 @@ def test_corrupt_and_missing_bundles_fail_cleanly(tmp_path):
         StagePredictor.from_pretrained(tmp_path / "b")
     # valid JSON, wrong types or sizes; bytes that are not UTF-8: each named as the bundle's config
     good = json.loads(json.dumps(asdict(_predictor().config)))
-    for broken in ({**good, "schedule": "x"}, {**good, "schedule": None}, {**good, "history_depths": [-1, 8, 8]}):
+    for broken in (
+        {**good, "schedule": "x"}, {**good, "schedule": None}, {**good, "history_depths": [-1, 8, 8]},
+        # loaded fine before, and failed the first request's forecast instead
+        {**good, "stage_thresholds": [0.9]}, {**good, "stage_thresholds": [0.3, 0.7]},
+        {**good, "history_depths": [4, 8]}, {**good, "taylor_stages": [3]},
+    ):  # fmt: skip
         (tmp_path / "b" / "config.json").write_text(json.dumps(broken))
         with pytest.raises(BundleError, match=r"config.json: not a valid predictor config"):
             StagePredictor.from_pretrained(tmp_path / "b")
