@@ -47,6 +47,13 @@ def _ensemble_predictors(args: argparse.Namespace) -> int:
             member = StagePredictor.from_pretrained(bundle)
         except BundleError as error:
             raise CliError(f"member {name}: {error}") from error
+        if not isinstance(member, StagePredictor):
+            raise CliError(f"member {name} ({bundle}): an ensemble; members are single predictors")
+        if members and member.schedule != members[0].schedule:
+            raise CliError(
+                f"member {name} ({bundle}) is for {member.schedule.describe()}, member {names[0]} for "
+                f"{members[0].schedule.describe()}: an ensemble's members share one schedule"
+            )
         names.append(name)
         members.append(member)
     if len(set(names)) != len(names):

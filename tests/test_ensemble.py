@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -81,7 +82,7 @@ def test_schedule_coefficients_fold_every_predicted_step_as_step_coefficients_do
                     torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(want), rtol=1e-5, atol=1e-6)
 
 
-def test_ensemble_bundle_round_trip_and_clear_errors(tmp_path):
+def test_ensemble_bundle_round_trip_and_clear_errors(tmp_path, capsys):
     members = _members()
     for i, member in enumerate(members):
         member.save_pretrained(tmp_path / f"m{i}")
@@ -96,6 +97,21 @@ def test_ensemble_bundle_round_trip_and_clear_errors(tmp_path):
         for (name, a), (_, b) in zip(original.state_dict().items(), member.state_dict().items(), strict=True):
             assert torch.equal(a, b), name
     loaded.check_compatible(SCHEDULE, family=None, hidden_size=4)
+    # the command names the member that cannot join, and its bundle
+    assert (
+        main(["ensemble-predictors", "--out", str(tmp_path / "e2"), f"m0={tmp_path / 'm0'}", f"e={tmp_path / 'ens'}"])
+        == 2
+    )
+    assert f"member e ({tmp_path / 'ens'}): an ensemble" in capsys.readouterr().err
+    other = StagePredictor(
+        dataclasses.replace(members[0].config, schedule=CacheSchedule.from_full_steps(10, [0, 5]).to_dict())
+    )
+    other.save_pretrained(tmp_path / "other")
+    assert (
+        main(["ensemble-predictors", "--out", str(tmp_path / "e3"), f"m0={tmp_path / 'm0'}", f"x={tmp_path / 'other'}"])
+        == 2
+    )
+    assert f"member x ({tmp_path / 'other'}) is for" in capsys.readouterr().err
     with pytest.raises(ValueError, match="fine-tune one of its members"):  # train-predictor --init ENSEMBLE
         _load_initial(_member(0), tmp_path / "ens")
     with pytest.raises(BundleError, match="num_steps and schedule must match"):
