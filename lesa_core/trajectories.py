@@ -12,6 +12,7 @@ the production diffusers backends alike).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -143,6 +144,7 @@ def _record_into(
         if path.exists():
             try:
                 _check_shard(path, settings, shard_prompts, shard_seeds)
+                _read_shard(path)
                 shards.append(path.name)
                 bar.set_postfix_str("kept")
                 continue
@@ -194,10 +196,37 @@ def _record_shard(pipe: Any, path: Path, settings: RecordSettings, prompts: list
         if len(steps) != settings.num_steps:
             raise RuntimeError(f"branch {branch}: recorded {len(steps)} of {settings.num_steps} steps")
         tensors[f"hidden.{branch}"] = torch.stack(steps, dim=1).contiguous()
-    metadata = {"prompts": json.dumps(prompts), "seeds": json.dumps(seeds), "settings": json.dumps(asdict(settings))}
+    metadata = {
+        "prompts": json.dumps(prompts), "seeds": json.dumps(seeds), "settings": json.dumps(asdict(settings)),
+        "sha256": json.dumps({key: _digest(t) for key, t in tensors.items()}),
+    }  # fmt: skip
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as written:  # on disk before it takes the real name (a power cut: no torn shard)
+        os.fsync(written.fileno())
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written shard under the real name
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _read_shard(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A shard's metadata and tensors, its content checked: bytes overwritten or zeroed inside it
+    (a torn write) pass every header check, and would poison training."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise TrajectoryError(f"{path}: corrupt or truncated ({error}); rerun `lesa record` to re-record it") from error
+    digests = json.loads(meta.get("sha256", "{}"))  # (shards recorded before 2026-11-28 have none)
+    bad = [key for key, t in tensors.items() if key in digests and _digest(t) != digests[key]]
+    bad += [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TrajectoryError(f"{path}: {', '.join(sorted(set(bad)))} do not hold what was recorded: corrupt; delete "
+                              "it and rerun `lesa record` to re-record it")  # fmt: skip
+    return meta, tensors
 
 
 def _check_shard(path: Path, settings: RecordSettings, prompts: list[str] | None, seeds: list[int] | None) -> None:
@@ -249,27 +278,15 @@ def load_trajectories(data_dir: str | Path) -> Trajectories:
     for name in manifest["shards"]:
         path = root / name
         _check_shard(path, settings, None, None)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata()
-                prompts += json.loads(meta["prompts"])
-                seeds += json.loads(meta["seeds"])
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-            # Bytes overwritten inside a shard pass every header check but poison training (NaN).
-            bad = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-            if bad:
-                raise TrajectoryError(f"{path}: non-finite values in {', '.join(bad)}: corrupt; delete it and rerun "
-                                      "`lesa record` to re-record it")  # fmt: skip
-            noise.append(tensors["noise"])
-            final.append(tensors["final"])
-            times = tensors["times"]
-            for key, tensor in tensors.items():
-                if key.startswith("hidden."):
-                    hidden.setdefault(key.removeprefix("hidden."), []).append(tensor.float())
-        except (SafetensorError, OSError, RuntimeError) as error:
-            raise TrajectoryError(
-                f"{path}: corrupt or truncated ({error}); rerun `lesa record` to re-record it"
-            ) from error
+        meta, tensors = _read_shard(path)
+        prompts += json.loads(meta["prompts"])
+        seeds += json.loads(meta["seeds"])
+        noise.append(tensors["noise"])
+        final.append(tensors["final"])
+        times = tensors["times"]
+        for key, tensor in tensors.items():
+            if key.startswith("hidden."):
+                hidden.setdefault(key.removeprefix("hidden."), []).append(tensor.float())
     if not seeds:
         raise TrajectoryError(f"{root}: no samples")
     return Trajectories(

@@ -113,8 +113,16 @@ def test_a_recording_is_never_overwritten_by_another_and_poisoned_shards_are_ref
     data = bytearray(shard.read_bytes())
     data[-4000:-3000] = b"\xff" * 1000  # fp16 0xffff is NaN
     shard.write_bytes(bytes(data))
-    with pytest.raises(TrajectoryError, match="shard-00001.*non-finite"):
+    with pytest.raises(TrajectoryError, match="shard-00001.*do not hold what was recorded"):
         load_trajectories(copy)
+    # ... and so is one zeroed (a torn write: finite, so only its checksum tells), which a resumed
+    # `lesa record` re-records instead of keeping
+    data[-4000:-3000] = bytes(1000)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TrajectoryError, match="shard-00001.*do not hold what was recorded"):
+        load_trajectories(copy)
+    record(pipe, load_trajectories(out).prompts, [0, 1, 2, 3, 4], copy, settings, shard_size=2, progress=False)
+    assert torch.equal(load_trajectories(copy).hidden["cond"], load_trajectories(out).hidden["cond"])
     (copy / "dataset.json").write_text("{not json")
     with pytest.raises(TrajectoryError, match="dataset.json: not a `lesa record` manifest"):
         load_trajectories(copy)
