@@ -1069,7 +1069,8 @@ class RedisJobQueue(JobQueue):
     async def stream_stats(self, models: Collection[str] | None = None) -> dict[str, dict[str, int | None]]:
         """Per model (default: every model with a stream): the consumer group's `pending`
         (delivered, not yet acknowledged) and `lag` (not yet delivered to any worker: KEDA's
-        scaling signal; None when Redis cannot tell)."""
+        scaling signal). Where Redis cannot tell the lag (entries deleted ahead of the group's
+        last read), the model's backlog stands in for it: the alerts on it must not go blind."""
         stats: dict[str, dict[str, int | None]] = {}
         for model in sorted(models) if models is not None else await self._models():
             stream = self.stream_for(model)
@@ -1084,7 +1085,10 @@ class RedisJobQueue(JobQueue):
                 continue
             for group in groups:
                 if _s(group["name"]) == self.group:
-                    stats[model] = {"pending": int(group["pending"]), "lag": group.get("lag")}
+                    lag = group.get("lag")
+                    if lag is None:
+                        lag = int(await self._redis.zcard(self._k_queued(model)))
+                    stats[model] = {"pending": int(group["pending"]), "lag": lag}
         return stats
 
     async def live_workers(self, within_s: float = 30.0) -> int:
