@@ -338,6 +338,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "lesa"
     kind: Literal["image", "video"]
+    description: str = Field("", description="one line from the model's entry in deploy/models.toml")
     sizes: list[str]
     num_frames: list[int] | None = None
     fps: int | None = None

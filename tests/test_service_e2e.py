@@ -91,6 +91,7 @@ def test_http_image_generation_reports_what_ran(server: Server) -> None:
         # What ran, for an audit or a rerun: the weights' revision and (for LESA) the bundle.
         card = client.get(f"/v1/models/{MODEL}").json()
         assert re.fullmatch("[0-9a-f]{12}", card["revision"]) and lesa["model_revision"] == card["revision"]
+        assert card["description"].startswith("grey-scale digits")  # deploy/models.toml's line
         assert lesa["predictor"] is None  # taylorseer: no bundle ran
         ran = generate(client, acceleration="5x", num_inference_steps=50, method="lesa")["lesa"]
         level = next(c for c in card["acceleration"] if c["level"] == "5x")

@@ -17,6 +17,7 @@ def model_card(engine: Engine, entry: ModelEntry, default_level: str) -> ModelCa
         id=entry.name,
         created=entry.created,
         kind=entry.kind,  # type: ignore[arg-type]
+        description=entry.description,
         sizes=[f"{w}x{h}" for w, h in entry.sizes],
         num_frames=entry.num_frames if entry.kind == "video" else None,
         fps=entry.fps if entry.kind == "video" else None,
