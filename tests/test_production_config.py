@@ -89,6 +89,32 @@ def test_batches_over_the_cap_and_out_of_memory_split_without_changing_samples()
     finally:
         handle.remove()
 
+    # Out of memory late (step 3 of 4, previews already shown after step 2): progress never goes
+    # back nor past its total, ends at 100%, and the retried halves do not preview step 2 again.
+    calls = [0]
+
+    def oom_late(module, args, kwargs):
+        calls[0] += 1
+        if kwargs["hidden_states"].shape[0] > 1 and calls[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    progress.clear()
+    previews: list[tuple[int, int, int]] = []
+    handle = backend.transformer.register_forward_pre_hook(oom_late, with_kwargs=True)
+    try:
+        fresh = DiffusersBackend(tiny.pipe, backend.options)  # no remembered OOM ceiling
+        late = fresh(PROMPTS[:2], seeds=SEEDS[:2], height=16, width=16, num_inference_steps=STEPS,
+                     callback=lambda d, t: progress.append((d, t)), preview_steps={2},
+                     preview=lambda step, samples, first: previews.append((step, first, len(samples))))  # fmt: skip
+    finally:
+        handle.remove()
+    assert late.stats["chunks"] == [1, 1] and late.stats["oom_splits"] == 1
+    np.testing.assert_allclose(late.samples, whole.samples[:2], atol=1e-5)
+    done = [d for d, _ in progress]
+    assert done == sorted(done) and all(d <= t for d, t in progress) and progress[-1][0] == progress[-1][1]
+    assert progress[-1] == (2 + 2 * STEPS, 2 + 2 * STEPS)  # the 2 steps the failed batch made count too
+    assert previews == [(2, 0, 2)]
+
     def other_error(module, args):
         raise RuntimeError("shape mismatch")
 
@@ -183,10 +209,34 @@ num_frames = [81]
         ("max_batch_pixels = -5", r"max_batch_pixels: must be at least 1"),
         ('num_frames = ["a"]', r"\[models.x\]: a value has the wrong type"),
         ('device = "gpu0"', r"\[models.x\].device: 'gpu0' is not a torch device"),
+        # values of the right type that no request could use
+        ("num_frames = []", r"\[models.x\].num_frames: one or more frame counts"),
+        ("num_frames = [0]", r"\[models.x\].num_frames: one or more frame counts"),
+        ("default_guidance = nan", r"\[models.x\].default_guidance: must be a finite number >= 0"),
+        ("default_guidance = -1.0", r"\[models.x\].default_guidance: must be a finite number >= 0"),
+        ('dtype = "bf17"', r"\[models.x\].dtype: unknown dtype 'bf17'"),
+        ('vae_dtype = "int8"', r"\[models.x\].vae_dtype: unknown dtype 'int8'"),
     ):
         bad.write_text(flux + extra + "\n")
         with pytest.raises(ConfigError, match=message):
             read_config(bad)
+    for sizes in ("[[0, 16]]", "[[-16, 16]]"):  # (multiples of 16 as well)
+        bad.write_text(flux.replace("[[16, 16]]", sizes))
+        with pytest.raises(ConfigError, match=r"\[models.x\].sizes: widths and heights must be at least 1"):
+            read_config(bad)
+    # Pipeline keywords are checked against the pipeline's signature before any weights load (a
+    # typo would fail every request with a TypeError), the file's mistake whether named or not.
+    for extra, message in (
+        ("call_kwargs = { max_seq_length = 512 }", r"\[models.x\].call_kwargs: FluxPipeline takes no .*max_seq_length"),
+        ('guidance_arg = "cfg_scale"', r"\[models.x\].guidance_arg: FluxPipeline takes no .*cfg_scale"),
+    ):
+        bad.write_text(flux + extra + "\n")
+        for names in (["x"], None):
+            with pytest.raises(ConfigError, match=message):
+                load_models(bad, names, device="cpu")
+    bad.write_text(flux + 'call_kwargs = { max_sequence_length = 64 }\nguidance_arg = "guidance_scale"\n')
+    with pytest.raises(OSError):  # accepted: on to loading "a", which is no pipeline
+        load_models(bad, ["x"], device="cpu")
     bad.write_text('[defaults]\nweigths_root = "w"\n' + flux)
     with pytest.raises(ConfigError, match=r"\[defaults\] takes only weights_root"):
         read_config(bad)
@@ -270,3 +320,28 @@ def test_an_enabled_model_the_file_gets_wrong_stops_the_start_instead_of_being_s
                       'device = "cuda"\n[models.small]\nbackend = "digits"\nsource = "digits-image"\ndevice = ""\n')  # fmt: skip
     if not torch.cuda.is_available():
         assert list(load_models(config, device="cpu")) == ["small"]
+
+
+def test_a_moved_reference_model_is_a_copy_of_its_own_in_the_dtype_asked_for(tmp_path):
+    """dtype aliases work on the digits path too, and moving one entry's pipeline leaves the
+    process's shared copy (the CLI's, the benchmarks', another entry's) as it was."""
+    shared = lesa_models.load_pipeline("digits-image")
+    config = tmp_path / "models.toml"
+    config.write_text('[models.plain]\nbackend = "digits"\nsource = "digits-image"\n'
+                      '[models.half]\nbackend = "digits"\nsource = "digits-image"\ndtype = "bf16"\n')  # fmt: skip
+    served = load_models(config, device="cpu")
+    assert served["plain"].pipe is shared and served["half"].pipe is not shared
+    assert next(served["half"].pipe.transformer.parameters()).dtype == torch.bfloat16
+    assert next(shared.transformer.parameters()).dtype == torch.float32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_named_not_an_assertion(tmp_path):
+    config = tmp_path / "models.toml"
+    config.write_text('[models.here]\nbackend = "digits"\nsource = "digits-image"\n')
+    with pytest.raises(ValueError, match="device 'cuda': CUDA is not available on this machine"):
+        load_models(config, device="cuda")  # the node's device (LESA_DEVICE)
+    config.write_text('[models.here]\nbackend = "digits"\nsource = "digits-image"\ndevice = "cuda:1"\n')
+    with pytest.raises(ValueError, match="device 'cuda:1': CUDA is not available"):
+        load_models(config, ["here"], device="cpu")  # named: its failure is the operator's to see
+    assert load_models(config, device="cpu") == {}  # enabled on every node, but not runnable here: skipped

@@ -22,6 +22,7 @@ Output: `GenerationOutput.samples` is float32 in [0, 1], channels last: [B, H, W
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import threading
@@ -139,6 +140,30 @@ def resolve_device(device: str | None) -> str:
     return str(device)
 
 
+def require_device(device: str) -> None:
+    """A ValueError naming `device` when this machine cannot place weights on it (torch would
+    fail later with an AssertionError, "Torch not compiled with CUDA enabled", or deep in a load)."""
+    place = torch.device(device)
+    if place.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}); "
+                         'use "cpu" or "auto"')  # fmt: skip
+    if place.index is not None and place.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def unknown_call_arguments(pipeline_class: str, names: Collection[str]) -> list[str]:
+    """The `names` the pipeline's `__call__` does not take (a typo in `call_kwargs` or
+    `guidance_arg` would otherwise fail every request with a TypeError)."""
+    import diffusers
+
+    parameters = inspect.signature(getattr(diffusers, pipeline_class).__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return []
+    return [name for name in names if name not in parameters]
+
+
 def normalised_times(scheduler: Any) -> torch.Tensor:
     """The schedule's times, 1 = noise ... 0 = clean, num_steps + 1 values, as lesa_core wants.
 
@@ -207,7 +232,8 @@ class DiffusersBackend:
         if pipeline_class not in FAMILIES:
             raise ValueError(f"pipeline {pipeline_class!r} is not supported; supported: {', '.join(FAMILIES)}")
         device = resolve_device(device)
-        dtype = _as_dtype(dtype) or default_dtype(device)
+        require_device(device)
+        dtype = as_dtype(dtype) or default_dtype(device)
         kwargs: dict[str, Any] = {"dtype": dtype}
         if revision:
             kwargs["revision"] = revision
@@ -217,7 +243,7 @@ class DiffusersBackend:
         if scheduler_config:
             pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **scheduler_config)
         if vae_dtype is not None:
-            pipe.vae.to(dtype=_as_dtype(vae_dtype))
+            pipe.vae.to(dtype=as_dtype(vae_dtype))
         if cpu_offload and torch.device(device).type == "cuda":
             pipe.enable_model_cpu_offload(device=device)
         else:
@@ -227,7 +253,7 @@ class DiffusersBackend:
         return cls(pipe, options)
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> DiffusersBackend:
-        """Move the pipeline (the service's `_place` calls this for LESA_DEVICE / LESA_DTYPE)."""
+        """Move the pipeline (as `DigitsPipeline.to`)."""
         self.pipe.to(device, dtype) if dtype is not None else self.pipe.to(device)
         return self
 
@@ -419,19 +445,29 @@ class DiffusersBackend:
         stats: dict[str, Any] = {"chunks": [], "oom_splits": 0, "transformer_calls": 0}
         started = time.perf_counter()
 
+        previewed: set[tuple[int, int]] = set()  # (step, sample): a chunk retried after OOM does not show them again
+
         def run(indices: list[int]) -> list[np.ndarray]:
-            chunk_preview = None if preview is None else functools.partial(preview, first=indices[0])
+            progress.start_chunk()
+            unseen = frozenset(s for s in preview_steps if any((s, i) not in previewed for i in indices))
+
+            def chunk_preview(step: int, samples: np.ndarray) -> None:
+                assert preview is not None
+                preview(step, samples, first=indices[0])
+                previewed.update((step, i) for i in indices)
+
             return self._run_chunk(
                 [prompts[i] for i in indices], [int(seeds[i]) for i in indices], height, width, frames,
                 num_inference_steps, float(guidance_scale), cache, progress,
-                None if latents is None else latents[indices], stats, chunk_preview, frozenset(preview_steps),
+                None if latents is None else latents[indices], stats,
+                None if preview is None else chunk_preview, unseen,
             )  # fmt: skip
 
         def on_split(indices: list[int], error: BaseException) -> None:
             stats["oom_splits"] += 1
             ceiling = len(indices) * cost
             self._oom_ceiling = ceiling if self._oom_ceiling is None else min(self._oom_ceiling, ceiling)
-            progress.add_chunk()  # the failed chunk becomes two
+            progress.split_chunk()
 
         with self._lock:
             parts: list[np.ndarray] = []
@@ -481,7 +517,6 @@ class DiffusersBackend:
             kwargs["num_frames"] = frames
         if latents is not None:
             kwargs["latents"] = latents.to(self.device)  # the pipeline casts to the dtype it samples in
-        progress.start_chunk()
 
         counts: dict[str, dict[str, int]] = {}
         before: list[torch.Tensor | None] = [kwargs.get("latents")]  # the step's starting latents
@@ -574,26 +609,32 @@ class DiffusersBackend:
 
 
 class _Progress:
-    """Monotone (done, total) across the chunks of one call."""
+    """(done, total) across the chunks of one call: `done` never goes back and never passes `total`.
+
+    A chunk that runs out of memory becomes two chunks; the steps it had made stay done (the
+    work was spent) and are added to the total, so a split lowers the percentage, never reverses it.
+    """
 
     def __init__(self, callback: Callable[[int, int], bool | None] | None, steps: int, chunks: int) -> None:
         self.callback = callback
         self.steps = steps
         self.chunks = chunks
         self.done = 0
-
-    def add_chunk(self) -> None:
-        self.chunks += 1
+        self.spent = 0  # steps of chunks that ran out of memory
+        self.chunk_started_at = 0
 
     def start_chunk(self) -> None:
-        # A chunk retried after OOM restarts its steps: move `done` to the chunk boundary.
-        self.done = self.done - self.done % self.steps
+        self.chunk_started_at = self.done
+
+    def split_chunk(self) -> None:
+        self.chunks += 1
+        self.spent += self.done - self.chunk_started_at
 
     def step(self) -> bool | None:
         self.done += 1
         if self.callback is None:
             return None
-        return self.callback(self.done, self.steps * self.chunks)
+        return self.callback(self.done, self.steps * self.chunks + self.spent)
 
 
 def _merge_counts(
@@ -607,12 +648,14 @@ def _merge_counts(
     return merged
 
 
-def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+def as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from its name ("bfloat16", "float16", "float32") or a common alias ("bf16",
+    "fp16", "half", "fp32", "float"); ValueError for anything else."""
     if value is None or isinstance(value, torch.dtype):
         return value
     names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}
     name = names.get(str(value), str(value))
     dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):  # (torch.int8 would load, and fail later)
         raise ValueError(f"unknown dtype {value!r}; use float32, bfloat16 or float16")
     return dtype

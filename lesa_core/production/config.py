@@ -11,6 +11,7 @@ The file format is documented in `deploy/models.toml` itself and in docs/PRODUCT
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -20,7 +21,15 @@ from typing import Any
 import torch
 
 import lesa_core
-from lesa_core.production.backend import FAMILIES, BackendOptions, DiffusersBackend, resolve_device
+from lesa_core.production.backend import (
+    FAMILIES,
+    BackendOptions,
+    DiffusersBackend,
+    as_dtype,
+    require_device,
+    resolve_device,
+    unknown_call_arguments,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -193,10 +202,23 @@ def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> 
         except RuntimeError as error:
             raise ConfigError(f'{where}.device: {table["device"]!r} is not a torch device ("cuda", "cuda:1", "cpu"): '
                               f"{error}") from None  # fmt: skip
+    for key in ("dtype", "vae_dtype"):
+        if table.get(key) is not None:
+            try:
+                as_dtype(table[key])
+            except ValueError as error:
+                raise ConfigError(f"{where}.{key}: {error}") from None
+    guidance = table.get("default_guidance")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise ConfigError(f"{where}.default_guidance: must be a finite number >= 0, got {guidance}")
     try:
         sizes = [(int(w), int(h)) for w, h in table.get("sizes", [])]
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{where}.sizes: a list of [width, height] pairs ({error})") from error
+    if any(w < 1 or h < 1 for w, h in sizes):
+        raise ConfigError(f"{where}.sizes: widths and heights must be at least 1, got {table['sizes']}")
+    if "num_frames" in table and (not table["num_frames"] or any(int(f) < 1 for f in table["num_frames"])):
+        raise ConfigError(f"{where}.num_frames: one or more frame counts of at least 1, got {table['num_frames']}")
     if backend == "diffusers" and not sizes:
         raise ConfigError(f"{where}.sizes: required for a diffusers model")
     levels: dict[str, Path] = {}
@@ -269,15 +291,19 @@ def build_pipeline(
 ) -> Any:
     """The pipeline object for one model entry (no bundles); `root`: the config's weights_root."""
     device = resolve_device(config.device or device)
+    require_device(device)
     if config.backend == "digits":
         import lesa_models
 
-        pipe = lesa_models.load_pipeline(digits_source(config, root))
-        wanted = config.dtype or dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
-        if torch.device(device).type == "cpu" and wanted == "float32":
-            return pipe
-        pipe.to(device, getattr(torch, wanted))
-        return pipe
+        wanted = as_dtype(config.dtype or dtype) or (torch.bfloat16 if torch.device(device).type == "cuda" else None)
+        if torch.device(device).type == "cpu" and wanted in (None, torch.float32):
+            return lesa_models.load_pipeline(digits_source(config, root))  # as loaded: the process's shared copy
+        # Moved: a copy of its own, or every other user of the shared one would be moved too.
+        return lesa_models.load_pipeline(digits_source(config, root), shared=False).to(device, wanted)
+    unknown = unknown_call_arguments(str(config.pipeline), [*config.call_kwargs, *filter(None, [config.guidance_arg])])
+    if unknown:
+        key = "guidance_arg" if config.guidance_arg in unknown else "call_kwargs"
+        raise ConfigError(f"[models.{config.name}].{key}: {config.pipeline} takes no argument(s) {unknown}")
     options = BackendOptions(
         name=config.name,
         sizes=config.sizes,
@@ -345,6 +371,7 @@ def load_models(
         raise ValueError("weights_root is read with the config: pass it to read_config, not with a read config")
     config = path if isinstance(path, ModelsConfig) else read_config(path, weights_root)
     device = resolve_device(device)
+    require_device(device)  # the node's device (LESA_DEVICE): every model would fail on it
     if names:
         unknown = [n for n in names if n not in config.models]
         if unknown:
