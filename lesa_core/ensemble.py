@@ -27,6 +27,8 @@ from lesa_core.schedule import CacheSchedule
 
 # what every member must share: the schedule, how steps map to experts, what the sum corrects
 SHARED_SETTINGS = ("schedule", "stage_thresholds", "base", "taylor_stages", "family", "hidden_size")
+# an ensemble's own config.json: its members and what describes them all; every other setting is a member's
+ENSEMBLE_KEYS = ("members", "schedule", "family", "hidden_size", "training", "quality")
 
 
 class PredictorEnsemble(nn.Module):
@@ -146,6 +148,12 @@ class PredictorEnsemble(nn.Module):
             data = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BundleError(f"{config_path}: not a valid ensemble config ({error})") from error
+        if not isinstance(data, dict):
+            raise BundleError(f"{config_path}: not a valid ensemble config (a JSON object expected)")
+        unknown = sorted(set(data) - set(ENSEMBLE_KEYS))
+        if unknown:  # e.g. taylor_stages here would be ignored: the members' own settings apply
+            raise BundleError(f"{config_path}: unknown ensemble config keys {unknown}; an ensemble's config holds "
+                              f"{', '.join(ENSEMBLE_KEYS)}: set predictor settings in each member's config.json")  # fmt: skip
         names = data.get("members")
         if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
             raise BundleError(f"{config_path}: `members` must be a list of member bundle directories")
@@ -153,8 +161,10 @@ class PredictorEnsemble(nn.Module):
             if Path(name).name != name or name in (".", ".."):
                 raise BundleError(f"{config_path}: member {name!r} must be a subdirectory name of the bundle")
         members = [StagePredictor.from_pretrained(path / name, map_location) for name in names]
-        if data.get("schedule") is not None and data["schedule"] != members[0].config.schedule:
-            raise BundleError(f"{config_path}: its schedule differs from its members'")
+        for key in ("schedule", "family", "hidden_size"):
+            if data.get(key) is not None and data[key] != getattr(members[0].config, key):
+                raise BundleError(f"{config_path}: its {key} {data[key]!r} differs from its members' "
+                                  f"({getattr(members[0].config, key)!r})")  # fmt: skip
         try:
             ensemble = cls(members, training=data.get("training"), quality=data.get("quality"), names=names)
         except BundleError as error:

@@ -133,6 +133,15 @@ def test_ensemble_bundle_round_trip_and_clear_errors(tmp_path, capsys):
     (tmp_path / "ens" / "config.json").write_text(json.dumps({**config, "members": ["gone"]}))
     with pytest.raises(BundleError, match="gone"):
         StagePredictor.from_pretrained(tmp_path / "ens")
+    # a predictor setting on the ensemble would be ignored (its members' apply): refused, naming it
+    (tmp_path / "ens" / "config.json").write_text(json.dumps({**config, "taylor_stages": [0]}))
+    with pytest.raises(BundleError, match=r"unknown ensemble config keys \['taylor_stages'\].*each member's"):
+        StagePredictor.from_pretrained(tmp_path / "ens")
+    (tmp_path / "ens" / "config.json").write_text(json.dumps({**config, "hidden_size": 8}))
+    with pytest.raises(BundleError, match="its hidden_size 8 differs from its members' \\(4\\)"):
+        StagePredictor.from_pretrained(tmp_path / "ens")
+    (tmp_path / "ens" / "config.json").write_text(json.dumps(config))
+    assert isinstance(StagePredictor.from_pretrained(tmp_path / "ens"), PredictorEnsemble)
     # the command names a bad member argument
     assert main(["ensemble-predictors", "--out", str(tmp_path / "x"), f"{tmp_path / 'm0'}"]) == 2
     # a member named like the ensemble's own files is refused before anything is written
