@@ -271,8 +271,11 @@ async def wait_while_connected(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            job = await services.queue.wait(job.id, min(DISCONNECT_POLL_S, remaining)) or job
-            job = await fail_if_late(services, job)
+            latest = await services.queue.wait(job.id, min(DISCONNECT_POLL_S, remaining))
+            if latest is None:  # deleted meanwhile (another request cancelled, then deleted it)
+                raise ApiError(409, f"job {job.id} was cancelled and deleted", code="cancelled",
+                               extra={"job_id": job.id}, headers={"x-should-retry": "false"})  # fmt: skip
+            job = await fail_if_late(services, latest)
     except QueueUnavailable as down:
         raise unavailable(services, down) from None
     return job

@@ -21,7 +21,7 @@ from lesa_core import level_schedule
 from service.app import create_app
 from service.deps import cancel, get_job
 from service.engine import Engine, content_id
-from service.queue import JobStatus
+from service.queue import JobStatus, QueueUnavailable
 from service.schemas import ImageGenerationRequest
 
 
@@ -645,6 +645,51 @@ def test_official_openai_client_videos_lifecycle() -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_form_is_a_form_whatever_the_case_of_its_media_type(client: TestClient) -> None:
+    body = b'--XX\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na seven\r\n--XX--\r\n'
+    upper = client.post("/v1/videos", content=body, headers={"Content-Type": "Multipart/Form-Data; boundary=XX"})
+    assert upper.status_code == 200 and upper.json()["prompt"] == "a seven"  # was 400 invalid_json
+
+
+def test_a_sync_request_whose_job_is_deleted_answers_at_once(monkeypatch) -> None:
+    """Another request cancelled then deleted the job (another API replica, in Redis mode): the
+    waiting request answers 409 at once, not a 504 after the sync timeout saying the job continues."""
+    s = settings(sync_timeout_s=3.0)
+    with TestClient(create_app(s, engine=make_engine(s), run_worker=False)) as client:
+        queue = client.app.state.services.queue
+
+        async def gone(job_id: str, timeout_s: float) -> None:
+            await queue.delete(job_id)
+            return None
+
+        monkeypatch.setattr(queue, "wait", gone)
+        started = time.monotonic()
+        response = client.post("/v1/images/generations", json={"prompt": "x"})
+        error = assert_error(response, 409, None)
+        assert error["code"] == "cancelled" and "deleted" in error["message"] and time.monotonic() - started < 2.0
+        assert response.headers["x-should-retry"] == "false"
+
+
+def test_events_end_with_an_error_event_when_the_queue_goes_down(monkeypatch) -> None:
+    s = settings()
+    with TestClient(create_app(s, engine=make_engine(s), run_worker=False)) as client:
+        video = client.post("/v1/videos", json={"prompt": "a six"}).json()
+        queue = client.app.state.services.queue
+
+        get, calls = queue.get, [0]
+
+        async def down_once_streaming(job_id: str):
+            calls[0] += 1
+            if calls[0] > 2:  # the route's own look-up and the first event succeed
+                raise QueueUnavailable("connection refused")
+            return await get(job_id)
+
+        monkeypatch.setattr(queue, "get", down_once_streaming)
+        with client.stream("GET", f"/v1/videos/{video['id']}/events") as stream:
+            body = "".join(stream.iter_text())
+        assert body.startswith("event: queued") and "event: error" in body and '"queue_unavailable"' in body
 
 
 def test_progress_events_stream_until_the_job_ends() -> None:

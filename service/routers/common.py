@@ -98,15 +98,19 @@ def job_events(
         quiet_since = time.monotonic()
         while True:
             assert services.queue is not None
-            job = await read_job(services, job_id)
-            if job is None or job.spec.kind != kind:
-                yield b'event: error\ndata: {"code": "not_found"}\n\n'
+            try:
+                job = await read_job(services, job_id)
+                if job is None or job.spec.kind != kind:
+                    yield b'event: error\ndata: {"code": "not_found"}\n\n'
+                    return
+                state = (job.status.value, job.progress, job.queue_position)
+                payload = (await render(job)).model_dump_json() if state != last else ""
+            except QueueUnavailable as down:  # the response has started: end it with an event, not a 500
+                yield _sse("error", {"code": "queue_unavailable", "message": f"job queue unavailable: {down}"})
                 return
-            state = (job.status.value, job.progress, job.queue_position)
             if state != last:
                 last = state
                 quiet_since = time.monotonic()
-                payload = (await render(job)).model_dump_json()
                 yield f"event: {job.status.value}\ndata: {payload}\n\n".encode()
                 if job.status.terminal:
                     return

@@ -65,7 +65,7 @@ def _form_numbers(form: dict[str, str]) -> dict[str, Any]:
 
 
 async def _parse_body(request: Request) -> VideoCreateRequest:
-    content_type = request.headers.get("content-type", "")
+    content_type = request.headers.get("content-type", "").lower()  # media types are case-insensitive
     data: Any
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await request.form()
