@@ -37,6 +37,11 @@ def _ensemble_predictors(args: argparse.Namespace) -> int:
     from lesa_core.ensemble import PredictorEnsemble
     from lesa_core.predictor import StagePredictor
 
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (out / "config.json").exists()):
+        # a bundle there (a member, a trained predictor) would lose its config and quality card
+        what = "a bundle (config.json)" if out.is_dir() else "a file"
+        raise CliError(f"--out {out}: already holds {what}; choose a new directory or remove it first")
     names, members = [], []
     for item in args.members:
         name, sep, bundle = item.partition("=")

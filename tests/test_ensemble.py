@@ -142,6 +142,14 @@ def test_ensemble_bundle_round_trip_and_clear_errors(tmp_path, capsys):
         StagePredictor.from_pretrained(tmp_path / "ens")
     (tmp_path / "ens" / "config.json").write_text(json.dumps(config))
     assert isinstance(StagePredictor.from_pretrained(tmp_path / "ens"), PredictorEnsemble)
+    # an --out that holds a bundle (here: a member's) is refused: its config and card would be lost
+    before = (tmp_path / "m0" / "config.json").read_text()
+    assert (
+        main(["ensemble-predictors", "--out", str(tmp_path / "m0"), f"a={tmp_path / 'm0'}", f"b={tmp_path / 'm1'}"])
+        == 2
+    )
+    assert f"--out {tmp_path / 'm0'}: already holds a bundle" in capsys.readouterr().err
+    assert (tmp_path / "m0" / "config.json").read_text() == before
     # the command names a bad member argument
     assert main(["ensemble-predictors", "--out", str(tmp_path / "x"), f"{tmp_path / 'm0'}"]) == 2
     # a member named like the ensemble's own files is refused before anything is written
