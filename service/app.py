@@ -266,7 +266,9 @@ def create_app(
                 request,
                 ApiError(400, "the body is not valid JSON (not UTF-8, or nested too deeply)", code="invalid_json"),
             )
-        error = ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        # Starlette's own errors: a missing route, a method not allowed, a form it cannot parse
+        codes = {404: "not_found", 405: "method_not_allowed", 400: "invalid_body"}
+        error = ApiError(exc.status_code, str(exc.detail), code=codes.get(exc.status_code))
         return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(QueueFull)

@@ -152,6 +152,10 @@ def test_malformed_oversize_and_unknown_routes(client: TestClient) -> None:
 
     assert_error(client.post("/v1/images/generations", content=chunks()), 413, None)
     assert_error(client.get("/v1/nothing"), 404, None)
+    # Starlette's own errors carry a code like every other error
+    assert assert_error(client.put("/v1/models"), 405, None)["code"] == "method_not_allowed"
+    garbage = client.post("/v1/videos", content=b"garbage", headers={"Content-Type": "multipart/form-data"})
+    assert assert_error(garbage, 400, None)["code"] == "invalid_body"
     assert_error(client.get("/v1/videos/job_unknown"), 404, "video_id")
     assert_error(client.delete("/v1/videos/job_unknown"), 404, "video_id")
     huge = assert_error(client.get("/v1/images/jobs/" + "j" * 50_000), 404, "id")  # not echoed back whole
