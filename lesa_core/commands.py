@@ -35,10 +35,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def _ensemble_predictors(args: argparse.Namespace) -> int:
     from lesa_core.ensemble import PredictorEnsemble
-    from lesa_core.predictor import StagePredictor
+    from lesa_core.predictor import CONFIG_NAME, StagePredictor
 
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or (out / "config.json").exists()):
+    if out.exists() and (not out.is_dir() or (out / CONFIG_NAME).exists()):
         # a bundle there (a member, a trained predictor) would lose its config and quality card
         what = "a bundle (config.json)" if out.is_dir() else "a file"
         raise CliError(f"--out {out}: already holds {what}; choose a new directory or remove it first")

@@ -684,13 +684,13 @@ def test_events_end_with_an_error_event_when_the_queue_goes_down(monkeypatch) ->
 
         get, calls = queue.get, [0]
 
-        async def down_once_streaming(job_id: str):
+        async def down_after_the_first_event(job_id: str):
             calls[0] += 1
             if calls[0] > 2:  # the route's own look-up and the first event succeed
                 raise QueueUnavailable("connection refused")
             return await get(job_id)
 
-        monkeypatch.setattr(queue, "get", down_once_streaming)
+        monkeypatch.setattr(queue, "get", down_after_the_first_event)
         with client.stream("GET", f"/v1/videos/{video['id']}/events") as stream:
             body = "".join(stream.iter_text())
         assert body.startswith("event: queued") and "event: error" in body and '"queue_unavailable"' in body
