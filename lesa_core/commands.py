@@ -35,12 +35,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def _ensemble_predictors(args: argparse.Namespace) -> int:
     from lesa_core.ensemble import PredictorEnsemble
-    from lesa_core.predictor import CONFIG_NAME, StagePredictor
+    from lesa_core.predictor import StagePredictor, occupied_bundle_path
 
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or (out / CONFIG_NAME).exists()):
-        # a bundle there (a member, a trained predictor) would lose its config and quality card
-        what = "a bundle (config.json)" if out.is_dir() else "a file"
+    if what := occupied_bundle_path(out):
         raise CliError(f"--out {out}: already holds {what}; choose a new directory or remove it first")
     names, members = [], []
     for item in args.members:
@@ -264,7 +262,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def _train_predictor(args: argparse.Namespace) -> int:
     from lesa_core.levels import level_schedule
-    from lesa_core.training import TrainSettings, train_predictor
+    from lesa_core.training import TrainSettings, train_predictor, training_paths
     from lesa_core.trajectories import MANIFEST, TrajectoryError, read_manifest
 
     try:
@@ -299,6 +297,10 @@ def _train_predictor(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     if recorded != args.model:  # same names as `lesa record --model` took
         raise CliError(f"--data {args.data} holds trajectories of {recorded!r}, not --model {args.model!r}")
+    try:
+        training_paths(args.out, args.work_dir)  # before the model loads (minutes for a production one)
+    except ValueError as error:
+        raise CliError(str(error)) from None
     pipe = load_any_pipeline(args.model)
     try:
         predictor, report = train_predictor(pipe, args.data, schedule, args.out, settings, args.work_dir)

@@ -87,6 +87,16 @@ class PredictorConfig:
         return cls(**data)
 
 
+def occupied_bundle_path(path: str | Path) -> str | None:
+    """What writing a bundle to `path` would destroy ("a file", "a bundle (config.json)"), or None."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return "a file"
+    if (path / CONFIG_NAME).exists():  # a trained predictor or an ensemble: its config and quality card
+        return f"a bundle ({CONFIG_NAME})"
+    return None
+
+
 class StagePredictor(nn.Module):
     def __init__(self, config: PredictorConfig) -> None:
         super().__init__()

@@ -40,9 +40,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lesa_core.hooks import CacheConfig
-from lesa_core.predictor import SHARED_BRANCH, PredictorConfig, StagePredictor
+from lesa_core.predictor import CONFIG_NAME, SHARED_BRANCH, PredictorConfig, StagePredictor, occupied_bundle_path
 from lesa_core.schedule import CacheSchedule
 from lesa_core.trajectories import Trajectories, load_trajectories
+
+STATE_NAME = "train_state.pt"  # in the work directory: what resuming continues from
 
 
 @dataclass
@@ -201,6 +203,21 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def training_paths(out_dir: str | Path, work_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Where a run writes its bundle and its resumable state (`<out>.work` unless given).
+
+    An `out_dir` holding a file, or another bundle, is refused before any work: the run's first
+    validation would replace it with an untrained predictor. A bundle of this very run (its state
+    is in the work directory) is the one resuming continues.
+    """
+    out = Path(out_dir).resolve()  # "." has no name to put ".work" after
+    work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+    what = occupied_bundle_path(out)
+    if what and (what == "a file" or not (work / STATE_NAME).is_file()):
+        raise ValueError(f"--out {out_dir}: already holds {what}; choose a new directory or remove it first")
+    return out, work
+
+
 def train_predictor(
     pipe: Any,
     data_dir: str | Path,
@@ -221,6 +238,8 @@ def train_predictor(
             "phase 3 backpropagates through the sampler: it needs a pipeline with a differentiable "
             "`denoise` (the reference models); diffusers pipelines run under no_grad"
         )
+    out_dir, work = training_paths(out_dir, work_dir)
+    state_path = work / STATE_NAME
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     data = load_trajectories(data_dir)
@@ -255,9 +274,7 @@ def train_predictor(
         initial_training = None
     times = data.times
 
-    work = Path(work_dir) if work_dir else Path(out_dir).with_name(Path(out_dir).name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    state_path = work / "train_state.pt"
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=settings.lr_step, gamma=settings.lr_gamma)
     report = TrainReport(best_val_mse=float("inf"), best_epoch="none")
@@ -290,6 +307,11 @@ def train_predictor(
             raise ValueError(
                 f"{state_path} belongs to another training run (other settings, schedule or --data); "
                 f"remove {work} to start afresh"
+            )
+        if report.best_epoch != "none" and not (out_dir / CONFIG_NAME).is_file():
+            raise ValueError(
+                f"{out_dir}: the bundle this run saved (best epoch {report.best_epoch}) is gone, so resuming "
+                f"has nothing to keep; remove {work} to train afresh"
             )
 
     def validate(label: str) -> float:

@@ -140,6 +140,37 @@ def test_training_state_is_written_atomically(pipe, recorded, tmp_path):
     assert sorted(p.name for p in work.iterdir()) == ["train_state.pt"]  # no half-written .tmp left
 
 
+def test_out_that_holds_other_work_is_refused_before_training(pipe, recorded, tmp_path, monkeypatch, capsys):
+    out, _ = recorded
+    schedule = CacheSchedule.from_full_steps(STEPS, [0, 1, 3])
+    settings = TrainSettings(phase1_epochs=1, phase2_epochs=0, batch_size=4, kan_hidden=(8,))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt: already holds a file"):
+        train_predictor(pipe, out, schedule, a_file, settings, progress=False)
+    assert not (tmp_path / "notes.txt.work").exists()
+    # another run's bundle: its first validation replaced it with an untrained predictor
+    train_predictor(pipe, out, schedule, tmp_path / "first", settings, work_dir=tmp_path / "w1", progress=False)
+    weights = (tmp_path / "first" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"first: already holds a bundle \(config.json\)"):
+        train_predictor(pipe, out, schedule, tmp_path / "first", settings, progress=False)
+    cli = ["train-predictor", "--model", "digits-image", "--data", str(out), "--steps", str(STEPS)]
+    assert main([*cli, "--interval", "2", "--first-enhance", "1", "--out", str(tmp_path / "first")]) == 2
+    assert "first: already holds a bundle (config.json); choose a new directory" in capsys.readouterr().err
+    assert (tmp_path / "first" / "model.safetensors").read_bytes() == weights
+    # a finished run whose bundle was removed says so (it failed on a missing config.json)
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "first" / name).unlink()
+    with pytest.raises(ValueError, match=r"first: the bundle this run saved .* is gone.*remove .*w1"):
+        train_predictor(pipe, out, schedule, tmp_path / "first", settings, work_dir=tmp_path / "w1", progress=False)
+    # "." names the directory it is run in ("PosixPath('.') has an empty name")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    train_predictor(pipe, out, schedule, ".", settings, progress=False)
+    assert StagePredictor.from_pretrained(tmp_path / "here").schedule == schedule
+    assert (tmp_path / "here.work" / "train_state.pt").is_file()
+
+
 @pytest.mark.parametrize("base", ["last", "taylor1"])
 def test_two_phase_training_writes_a_usable_bundle_and_resumes(pipe, recorded, tmp_path, base):
     out, _ = recorded
