@@ -97,6 +97,8 @@ def resolve_acceleration(pipe: Any, level: str, steps: int, method: str = "lesa"
     trained for the exact schedule: `--predictor`, else `<model dir>/predictors/<level>/` (the
     weights-tree layout deploy/models.toml and the service use).
     """
+    if predictor is not None and (level == "none" or method != "lesa"):  # it would be ignored, silently
+        raise CliError(f"--predictor is used by --method lesa at an --acceleration level, not {method} at {level}")
     if level == "none":
         return None
     import lesa_core
@@ -158,6 +160,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise CliError(f"--output for {pipe.kind} must end in one of {', '.join(suffixes)}, got {suffix!r}")
     width, height = _size(pipe, args.size)
     cache = resolve_acceleration(pipe, args.acceleration, args.steps, args.method, args.predictor)
+    # a folder (no suffix) or the folder a file goes in: writable before the work, not after it
+    prepare_output(args.output, "--output", directory=not args.output.suffix)
     paths = _outputs(args.output, len(prompts), suffix)
     chunk = max(1, args.batch_size)
     bar = tqdm(total=args.steps * -(-len(prompts) // chunk), desc=f"{pipe.name}", unit="step", file=sys.stderr)
@@ -195,6 +199,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _train_model(args: argparse.Namespace) -> int:
     from lesa_models.train import train
 
+    # found unwritable only after minutes of training, the run would be lost
+    prepare_output(args.output, "--output", directory=True)
     if args.name == "evaluator":
         import torch
 
@@ -206,6 +212,7 @@ def _train_model(args: argparse.Namespace) -> int:
         steps = {} if args.steps is None else {"steps": args.steps}
         print(json.dumps(train_classifier(output=args.output, **steps)))
         return 0
+    prepare_output(args.work_dir, "--work-dir", directory=True)
     try:
         out = train(args.name, work_dir=args.work_dir, output=args.output, steps=args.steps, threads=args.threads)
     except ValueError as error:

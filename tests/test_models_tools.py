@@ -109,6 +109,19 @@ def test_cli_errors_are_one_line_naming_the_problem_never_a_traceback(tmp_path, 
     rc = main(["record", "--model", "digits-image", "--prompts", str(prompts), "--seeds", "0", "--steps", "1",
                "--out", str(fresh)])  # fmt: skip
     assert rc != 0 and "Traceback" not in capsys.readouterr().err and not fresh.exists()
+    # outputs that cannot be written are found before the work, not after it (the samples were lost)
+    for cmd in (["generate", "--prompt", "x", "--steps", "4", "--output", str(a_file / "x.png")],
+                ["generate", "--prompts", str(prompts), "--steps", "4", "--output", str(a_file / "gen")],
+                ["train-model", "digits-image", "--steps", "1", "--work-dir", str(tmp_path / "w"),
+                 "--output", str(a_file / "model")]):  # fmt: skip
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert f"--output {a_file}" in err and "is a file, not a folder" in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
+    # a bundle that would be ignored (no LESA level) is refused, not silently dropped
+    for extra in (["--acceleration", "none"], ["--acceleration", "5x", "--method", "taylorseer"]):
+        rc = main(["generate", "--prompt", "x", "--output", str(tmp_path / "p.png"), "--predictor", "b", *extra])
+        assert rc == 2 and "--predictor is used by --method lesa" in capsys.readouterr().err
     assert main(["serve", "--port", "70000"]) == 1
     assert "invalid setting: port" in capsys.readouterr().err
     # Counts and sizes below 1 are refused by the parser, naming the flag.
