@@ -333,6 +333,14 @@ class BenchConfig:
         if self.schedules is None:
             for level in self.levels:
                 level_schedule(level, self.steps)  # ValueError naming the known levels
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ValueError(f"--guidance must be a finite number >= 0, got {self.guidance}")
+        if self.predictors_dir is not None and not Path(self.predictors_dir).is_dir():
+            raise ValueError(f"--predictors {self.predictors_dir}: no such directory (it holds one bundle per level)")
+
+
+class BenchSettingsError(ValueError):
+    """The model refuses the run's settings (e.g. a step count it does not sample): the user's to fix."""
 
 
 @dataclass
@@ -478,6 +486,11 @@ def _variants(config: BenchConfig, pipe: Any, notes: list[str]) -> list[Variant]
                 continue
             cache = CacheConfig(method="lesa", schedule=schedule, predictor=predictor)
             variants.append(Variant(method, level, schedule, cache, bundle))
+        if method.startswith(LESA_VARIANT_PREFIX) and not any(v.method == method for v in variants):
+            # a variant is only ever asked for by name: a table without it would answer another question
+            where = default_bundle_dir(bundles_root, method, "<level>") if bundles_root is not None else "nowhere"
+            raise BundleError(f"{method}: no usable bundle at any of {', '.join(config.levels)} ({where}): "
+                              + "; ".join(notes[-len(config.levels):]))  # fmt: skip
     return variants
 
 
@@ -622,7 +635,10 @@ def run_quality_benchmark(config: BenchConfig, pipe: Any = None, log: Callable[[
     log(f"machine: {machine_label(header)}")
 
     started = time.perf_counter()
-    reference = _generate(pipe, prompts, seeds, None, config, size, frames, config.quality_batch)
+    try:
+        reference = _generate(pipe, prompts, seeds, None, config, size, frames, config.quality_batch)
+    except ValueError as error:  # the first call: a refusal here is of the settings asked for (steps, guidance)
+        raise BenchSettingsError(f"{config.model} refuses these settings: {error}") from None
     full_digits = digit_hits(kind, reference, prompts)
     full_dirs = direction_hits(reference, prompts) if kind == "video" else None
     samples: dict[tuple[str, str], np.ndarray] = {}

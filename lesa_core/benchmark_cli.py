@@ -74,6 +74,13 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        return [int(b) for b in _csv(text)]
+    except ValueError:
+        raise ValueError(f"--batch-sizes {text!r}: expected comma-separated integers, e.g. 1,8") from None
+
+
 def _bundles(items: list[str]) -> dict[tuple[str, str], Path]:
     bundles = {}
     for item in items:
@@ -95,7 +102,7 @@ def run_quality_command(args: argparse.Namespace) -> int:
             prompts=benchmark.read_prompts(args.prompts) if args.prompts else None,
             levels=_csv(args.levels),
             methods=_csv(args.methods),
-            batch_sizes=[int(b) for b in _csv(args.batch_sizes)],
+            batch_sizes=_batch_sizes(args.batch_sizes),
             steps=args.steps,
             guidance=args.guidance,
             repeats=args.repeats,
@@ -117,7 +124,7 @@ def run_quality_command(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from error
     try:
         result = benchmark.run_quality_benchmark(config, pipe)
-    except BundleError as error:
+    except (BundleError, benchmark.BenchSettingsError) as error:
         raise CliError(str(error)) from None
     paths = benchmark.write_outputs(result, out_dir, args.json)
     print()

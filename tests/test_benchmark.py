@@ -391,6 +391,16 @@ def test_cli_bench_quality_smoke(tmp_path: Path, capsys, monkeypatch) -> None:
                         (["--out-dir", str(out), "--json", str(out)], "is a directory")):  # fmt: skip
         assert main(["bench", "quality", "--seeds", "1000", "--levels", "2x", "--methods", "reuse", *flags]) == 2
         assert says in capsys.readouterr().err
+    # settings found wrong are named in one line, not an "unexpected ValueError", nor a run without the rows asked for
+    for flags, says in ((["--batch-sizes", "a"], "--batch-sizes 'a': expected comma-separated integers"),
+                        (["--guidance", "nan"], "--guidance must be a finite number >= 0"),
+                        (["--predictors", str(tmp_path / "none")], "none: no such directory"),
+                        (["--steps", "200"], "digits-image refuses these settings: num_inference_steps must be in"),
+                        (["--methods", "lesa-nothere", "--predictors", str(out)], "lesa-nothere: no usable bundle at any of 2x")):  # fmt: skip
+        args = ["bench", "quality", "--seeds", "1000", "--levels", "2x", "--methods", "reuse", "--out-dir", str(out)]
+        assert main([*args, "--batch-sizes", "1", "--repeats", "1", *flags]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "unexpected" not in err and "Traceback" not in err
 
 
 def benchmark_script(name: str) -> Any:
