@@ -349,7 +349,10 @@ class StagePredictor(nn.Module):
             data = json.loads(config_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BundleError(f"{config_path}: not a valid predictor config ({error})") from error
-        if isinstance(data, dict) and "members" in data:
+        if not isinstance(data, dict):
+            kind = "null" if data is None else f"a JSON {type(data).__name__}"
+            raise BundleError(f"{config_path}: not a valid predictor config (expected a JSON object, got {kind})")
+        if "members" in data:
             from lesa_core.ensemble import PredictorEnsemble
 
             return PredictorEnsemble.from_pretrained(path, map_location)

@@ -111,7 +111,11 @@ def infer_config(state: dict[str, torch.Tensor], branch: str, schedule: CacheSch
 def import_reference(
     checkpoint: str | Path, out_dir: str | Path, schedule: CacheSchedule, family: str | None = None
 ) -> StagePredictor:
-    converted, branches = convert_state_dict(load_reference_checkpoint(checkpoint))
+    reference = load_reference_checkpoint(checkpoint)
+    try:
+        converted, branches = convert_state_dict(reference)
+    except BundleError as error:
+        raise BundleError(f"{checkpoint}: {error}") from None
     if not branches:
         raise BundleError(f"{checkpoint}: holds no predictor weights (no latent.* / timestep.* keys)")
     try:

@@ -175,6 +175,12 @@ def test_corrupt_and_missing_bundles_fail_cleanly(tmp_path):
         (tmp_path / "b" / "config.json").write_text(json.dumps(broken))
         with pytest.raises(BundleError, match=r"config.json: not a valid predictor config"):
             StagePredictor.from_pretrained(tmp_path / "b")
+    for not_an_object, says in (([], "got a JSON list"), (None, "got null"), (7, "got a JSON int")):
+        (tmp_path / "b" / "config.json").write_text(json.dumps(not_an_object))
+        with pytest.raises(
+            BundleError, match=f"config.json: not a valid predictor config \\(expected a JSON object, {says}"
+        ):
+            StagePredictor.from_pretrained(tmp_path / "b")
     (tmp_path / "b" / "config.json").write_bytes(b'{"schedule": "\xff"}')
     with pytest.raises(BundleError, match=r"config.json: not a valid predictor config"):
         StagePredictor.from_pretrained(tmp_path / "b")

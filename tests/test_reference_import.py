@@ -105,6 +105,7 @@ def test_import_errors_name_the_problem(tmp_path, capsys):
         ("empty", {}),
         ("no KAN", {k: v for k, v in complete.items() if not k.startswith("timestep")}),
         ("no grid", {k: v for k, v in complete.items() if not k.endswith(".grid")}),
+        ("a stray key", {**complete, "optimizer.step": torch.zeros(1)}),
     ):
         partial = tmp_path / f"{label}.pth"
         torch.save({"model": model}, partial)
