@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -272,6 +273,10 @@ def parse_seeds(text: str) -> list[int]:
         seeds.extend(range(start, end + 1))
     if not seeds:
         raise ValueError(f"no seeds in {text!r}")
+    if len(set(seeds)) != len(seeds):  # one sample twice: in training data, it could be validated on itself
+        twice = sorted(s for s, n in Counter(seeds).items() if n > 1)
+        shown = ", ".join(map(str, twice[:5])) + (", ..." if len(twice) > 5 else "")
+        raise ValueError(f"seeds {text!r}: {shown} given more than once (overlapping ranges?)")
     return seeds
 
 

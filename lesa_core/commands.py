@@ -209,10 +209,10 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
 def _record(args: argparse.Namespace) -> int:
     from lesa_core.trajectories import RecordSettings, TrajectoryError, record
 
+    seeds = parse_seeds(args.seeds)  # before the model loads: a typo costs no minutes
+    prompts = read_prompts(args.prompts)
     pipe = load_any_pipeline(args.model)
     info = pipe.info
-    seeds = parse_seeds(args.seeds)
-    prompts = read_prompts(args.prompts)
     prompts = [prompts[i % len(prompts)] for i in range(len(seeds))]
     width, height = _parse_size(args.size) if args.size else info.sizes[0]
     frames = args.frames if args.frames else (None if info.kind == "image" else info.num_frames[0])

@@ -125,6 +125,22 @@ def _record_into(
                 f"{out} holds trajectories recorded with {existing.get('settings')}; "
                 f"use another --out or the same settings ({asdict(settings)})"
             )
+    first = out / _shard_name(0)
+    if first.exists():
+        # the same recording cut into other shards: each would read as "another recording"
+        try:
+            _check_shard(first, settings, None, None)
+            with safe_open(str(first), framework="pt") as f:
+                meta = f.metadata() or {}
+                held = json.loads(meta["seeds"]), json.loads(meta["prompts"])
+        except (TrajectoryError, SafetensorError, OSError, KeyError, ValueError):
+            held = None, None  # unreadable: the shard loop below says so, or re-records it
+        k = len(held[0]) if isinstance(held[0], list) else 0
+        if 0 < k != min(shard_size, len(seeds)) and held == ([int(s) for s in seeds[:k]], list(prompts[:k])):
+            raise TrajectoryError(
+                f"{out} was recorded with --shard-size {k}; resume with --shard-size {k} (this run asked for "
+                f"{shard_size}), or use another --out"
+            )
     batches = [
         (i, list(range(s, min(s + shard_size, len(seeds))))) for i, s in enumerate(range(0, len(seeds), shard_size))
     ]

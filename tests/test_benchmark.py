@@ -86,6 +86,8 @@ def test_seed_parsing_and_default_prompts() -> None:
     with pytest.raises(ValueError, match="more than 100000 seeds"):
         benchmark.parse_seeds("0-640000000")
     assert benchmark.parse_seeds(f"{2**31 - 1}") == [2**31 - 1]
+    with pytest.raises(ValueError, match=r"'0-3,2-5': 2, 3 given more than once"):  # a sample in train and val
+        benchmark.parse_seeds("0-3,2-5")
     assert min(benchmark.DEFAULT_SEEDS) >= benchmark.TRAINING_SEED_LIMIT
     from lesa_models.evaluator import parse_prompt_digit, parse_prompt_direction
 

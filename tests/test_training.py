@@ -105,6 +105,12 @@ def test_a_recording_is_never_overwritten_by_another_and_poisoned_shards_are_ref
     with pytest.raises(TrajectoryError, match="another recording"):
         record(pipe, ["digit 3", "a handwritten seven"], [0, 1], copy, settings, shard_size=2, progress=False)
     assert {f.name: f.read_bytes() for f in copy.iterdir()} == before
+    # The same recording resumed with another --shard-size: said so (it read as "another recording")
+    prompts = load_trajectories(out).prompts
+    for other_size in (1, 3, 16):
+        with pytest.raises(TrajectoryError, match="recorded with --shard-size 2; resume with --shard-size 2"):
+            record(pipe, prompts, [0, 1, 2, 3, 4], copy, settings, shard_size=other_size, progress=False)
+    assert {f.name: f.read_bytes() for f in copy.iterdir()} == before
     with pytest.raises(ValueError, match="shard_size must be at least 1"):
         record(pipe, ["digit 6"], [6], tmp_path / "other", settings, shard_size=0, progress=False)
     # A shard whose tensor bytes were overwritten passes the header checks but holds NaN: refused
