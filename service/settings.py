@@ -7,6 +7,7 @@ here because this class *is* the configuration reference.
 from __future__ import annotations
 
 import base64
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -160,6 +161,14 @@ class Settings(BaseSettings):
         if not all(k.isascii() and k.isprintable() for k in keys):
             raise ValueError("keys must be printable ASCII (they travel in an HTTP header)")
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, value: str) -> str:
+        # checked here, not by torch when the first model loads (a RuntimeError listing 20 device types)
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", value.strip()):
+            raise ValueError(f'{value!r} is not a device: expected "auto", "cpu", "cuda" or "cuda:N"')
+        return value.strip()
 
     @field_validator("webhook_url")
     @classmethod

@@ -800,6 +800,9 @@ def test_settings_that_would_silently_weaken_the_server_are_refused() -> None:
         settings(auto_min_psnr=float("nan"))
     with pytest.raises(ValidationError, match="finite number"):  # a lone job would wait for ever
         settings(max_wait_ms=float("inf"))
+    with pytest.raises(ValidationError, match="'bogus' is not a device"):  # was torch's RuntimeError at load
+        settings(device="bogus")
+    assert [settings(device=d).device for d in ("auto", "cpu", " cuda:1 ")] == ["auto", "cpu", "cuda:1"]
 
 
 def test_serve_without_a_worker_needs_redis(monkeypatch, capsys) -> None:
