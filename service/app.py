@@ -182,6 +182,10 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     param = ".".join(loc) or None
+    if tuple(first.get("loc", ()))[:1] == ("header",) and loc:  # "idempotency-key": named as clients send it
+        header = "-".join(word.capitalize() for word in loc[0].split("-"))
+        code = "invalid_" + loc[0].replace("-", "_")  # as the handler's own checks of it say
+        return ApiError(400, f"the {header} header: {first.get('msg', 'invalid value')}", param=header, code=code)
     kind = first.get("type", "")
     if kind == "json_invalid":
         return ApiError(400, "the body is not valid JSON", code="invalid_json")

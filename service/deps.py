@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from pydantic import BaseModel
@@ -113,6 +113,11 @@ async def require_ready(services: ServicesDep) -> Services:
 
 
 ReadyDep = Annotated[Services, Depends(require_ready)]
+# per owner and job kind (see `submit`); its length is checked with the other request fields
+IdempotencyKey = Annotated[
+    str | None,
+    Header(max_length=255, description="Retrying with the same key returns the same job instead of a new one."),
+]
 
 
 Body = TypeVar("Body", bound=BaseModel)

@@ -541,6 +541,12 @@ def test_idempotency_key_is_scoped_to_its_request_kind_and_never_empty(client: T
             "Idempotency-Key",
         )
         assert error["code"] == "invalid_idempotency_key"
+    # ... and so is one too long to keep, on either route, with the same param and code
+    for path, body in (("/v1/images/jobs", {"prompt": "x"}), ("/v1/videos", {"prompt": "x"})):
+        error = assert_error(
+            client.post(path, json=body, headers={"Idempotency-Key": "k" * 256}), 400, "Idempotency-Key"
+        )
+        assert error["code"] == "invalid_idempotency_key" and "at most 255 characters" in error["message"]
 
 
 def test_jobs_and_idempotency_keys_belong_to_their_api_key() -> None:

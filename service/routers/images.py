@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.deps import (
+    IdempotencyKey,
     OwnerDep,
     ReadyDep,
     failed_job_error,
@@ -48,10 +49,6 @@ ERRORS = {
     503: {"model": ErrorResponse, "description": "loading, queue unavailable, or not started in `queue_timeout_s`"},
     504: {"model": ErrorResponse, "description": "not finished in time; `error.job_id` can be polled"},
 }
-IdempotencyKey = Annotated[
-    str | None,
-    Header(max_length=255, description="Retrying with the same key returns the same job instead of a new one."),
-]
 
 
 def base_url(request: Request, services: ReadyDep) -> str:

@@ -6,11 +6,11 @@ import json
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from service.deps import OwnerDep, ReadyDep, get_job, resolve_for_load, submit
+from service.deps import IdempotencyKey, OwnerDep, ReadyDep, get_job, resolve_for_load, submit
 from service.errors import ApiError, body_validation_error
 from service.queue import Job
 from service.routers.common import (
@@ -97,7 +97,7 @@ async def create_video(
     request: Request,
     services: ReadyDep,
     owner: OwnerDep,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> VideoObject:
     """Queue a video; poll `GET /v1/videos/{id}` (progress per denoising step), then get `/content`."""
     body = await _parse_body(request)
