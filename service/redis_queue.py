@@ -975,6 +975,9 @@ class RedisJobQueue(JobQueue):
             rank = await (self._redis.zrevrank if desc else self._redis.zrank)(index, after)
             if rank is None:  # deleted, or expired and pruned (an expired job still indexed keeps its place)
                 raise UnknownCursor(after)
+            (cursor,) = await self._get_many([after])
+            if cursor is not None and cursor.spec.owner != owner:  # the index is shared; positions are not
+                raise UnknownCursor(after)
             start = rank + 1
         page: list[Job] = []
         gone: list[str] = []

@@ -321,6 +321,9 @@ def test_lists_show_only_their_owners_jobs_and_owners_batch_together() -> None:
         page, more = await q.list(owner="key-a", after=mine[1].id, order="asc")
         assert [j.id for j in page] == [mine[2].id] and not more
         assert [j.id for j in (await q.list(owner="key-b"))[0]] == [theirs.id]
+        for stranger, cursor in (("key-a", theirs.id), ("key-b", mine[0].id), (None, mine[0].id)):
+            with pytest.raises(UnknownCursor):  # another owner's job is no position in this owner's list
+                await q.list(owner=stranger, after=cursor)
         assert [j.id for j in (await q.list())[0]] == [anonymous.id]  # owner None: jobs made without auth
         # The owner is provenance, not what to generate: jobs of different owners share a batch.
         batch = await q.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=1)
