@@ -108,6 +108,10 @@ async def _start(services: Services, run_worker: bool) -> None:
     services.metrics.ready.set(1)
 
 
+# Probes and scrapes (about one a second from a Kubernetes pair of pods): counted, they drowned the
+# requests users make in the error-rate alert and the dashboard's request panels.
+UNCOUNTED_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})
+
 class LimitsAndMetricsMiddleware:
     """Pure ASGI (no per-request task like BaseHTTPMiddleware): body-size limit, request metrics and
     the request's trace span (`service/tracing.py`).
@@ -146,8 +150,9 @@ class LimitsAndMetricsMiddleware:
                 route = scope.get("route")
                 endpoint = getattr(route, "path", None) or "unmatched"
                 metrics = self.services.metrics
-                metrics.requests.labels(endpoint, scope["method"], str(status[0])).inc()
-                metrics.request_latency.labels(endpoint).observe(time.perf_counter() - started)
+                if endpoint not in UNCOUNTED_ENDPOINTS:
+                    metrics.requests.labels(endpoint, scope["method"], str(status[0])).inc()
+                    metrics.request_latency.labels(endpoint).observe(time.perf_counter() - started)
                 finish_server_span(span, scope["method"], endpoint, status[0])
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send, limit: int, declared: bytes | None) -> None:

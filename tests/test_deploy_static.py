@@ -109,6 +109,9 @@ def test_compose_services_files_ports_and_env() -> None:
     # Redis persists (AOF) on a volume; everyone points at it by its service name.
     assert "--appendonly" in services["redis"]["command"] and services["redis"]["volumes"][0].endswith(":/data")
     for name in ("api", "worker"):
+        # .env settings reach the containers (compose alone only substitutes the ${...} it names:
+        # LESA_API_KEYS set there left the API open)
+        assert services[name]["env_file"] == [{"path": ".env", "required": False}]
         env = services[name]["environment"]
         assert env["LESA_REDIS_URL"].startswith("redis://redis:6379")
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -141,6 +144,8 @@ def test_compose_services_files_ports_and_env() -> None:
 
     cpu = load_yaml(DEPLOY / "compose.cpu.yml")
     assert set(cpu["services"]) <= set(services) and cpu["services"]["worker"]["deploy"] is None
+    for name in ("api", "worker"):  # its own tag: a later plain `up` on a GPU host must not run it
+        assert cpu["services"][name]["image"] != services[name]["image"]
     for name, service in cpu["services"].items():
         check_lesa_env(set(service.get("environment", {})), f"compose.cpu.yml {name}")
 
@@ -218,6 +223,8 @@ def test_k8s_manifests_parse_and_reference_each_other() -> None:
     assert api["args"][0] == "serve" and api["ports"][0]["containerPort"] == API_PORT
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert any(e["name"] == "LESA_EMBEDDED_WORKER" and e["value"] == "false" for e in api["env"])
+    # KEDA owns the worker count: replicas here would reset the pool at every `kubectl apply`
+    assert "replicas" not in by_kind[("Deployment", "lesa-worker")]["spec"]
     worker_pod = by_kind[("Deployment", "lesa-worker")]["spec"]["template"]
     worker = worker_pod["spec"]["containers"][0]
     assert worker["args"] == ["worker"] and worker["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -234,6 +241,10 @@ def test_keda_scales_workers_on_the_stream_the_queue_really_uses() -> None:
 
     scaled = next(d for d in k8s_docs() if d["kind"] == "ScaledObject")
     assert scaled["spec"]["scaleTargetRef"]["name"] == "lesa-worker"
+    # scaling down to the minimum (1) waits out the HPA window; cooldownPeriod only applies at 0
+    assert scaled["spec"]["minReplicaCount"] >= 1 and "cooldownPeriod" not in scaled["spec"]
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 60
     config = next(d for d in k8s_docs() if d["kind"] == "ConfigMap")["data"]
     queue = RedisJobQueue("redis://unused:6379/0", prefix=config["LESA_REDIS_PREFIX"])
     # The worker Deployment sets no LESA_MODELS: it serves the models enabled everywhere, and each
