@@ -112,6 +112,7 @@ async def _start(services: Services, run_worker: bool) -> None:
 # requests users make in the error-rate alert and the dashboard's request panels.
 UNCOUNTED_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})
 
+
 class LimitsAndMetricsMiddleware:
     """Pure ASGI (no per-request task like BaseHTTPMiddleware): body-size limit, request metrics and
     the request's trace span (`service/tracing.py`).

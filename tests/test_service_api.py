@@ -247,6 +247,22 @@ def test_video_lifecycle_json_and_multipart(client: TestClient) -> None:
     deleted = client.delete(f"/v1/videos/{video['id']}").json()
     assert deleted["deleted"] and deleted["object"] == "video.deleted"
     assert_error(client.get(f"/v1/videos/{video['id']}"), 404, "video_id")
+    # a file where text belongs is refused by name (it was dropped: a seed file gave a random seed)
+    as_file = client.post("/v1/videos", data={"prompt": "x"}, files={"seed": ("seed.txt", b"7")})
+    assert "expected a text field, got a file" in assert_error(as_file, 400, "seed")["message"]
+    # bodies read as the image routes read theirs: JSON, no Content-Type, or a form; nothing else
+    raw = b'{"prompt": "a five", "num_frames": 4}'
+    for content_type, status in (
+        ("text/plain", 400),
+        ("application/xml", 400),
+        ("application/json; charset=utf-8", 200),
+    ):
+        sent = client.post("/v1/videos", content=raw, headers={"Content-Type": content_type})
+        assert sent.status_code == status, (content_type, sent.text)
+    empty = assert_error(
+        client.post("/v1/videos", content=b"", headers={"Content-Type": "application/json"}), 400, None
+    )
+    assert empty["code"] == "invalid_json" and "empty" in empty["message"]
 
 
 @pytest.mark.parametrize(

@@ -72,10 +72,21 @@ async def _parse_body(request: Request) -> VideoCreateRequest:
         if "input_reference" in form:
             raise ApiError(400, "input_reference (image-to-video) is not supported", param="input_reference",
                            code="unsupported")  # fmt: skip
+        for name, value in form.multi_items():
+            if not isinstance(value, str):  # dropped, the field would silently take its default
+                raise ApiError(400, f"{name}: expected a text field, got a file", param=name, code="invalid_value")
         data = _form_numbers({k: v for k, v in form.items() if isinstance(v, str)})
     else:
+        # as FastAPI reads the image routes' bodies: JSON, or no Content-Type at all
+        media_type = content_type.split(";")[0].strip()
+        if media_type and not (media_type == "application/json" or media_type.endswith("+json")):
+            raise ApiError(400, "the body must be a JSON object, sent with Content-Type: application/json "
+                           "(or a multipart / urlencoded form)", code="invalid_json")  # fmt: skip
+        body = await request.body()
+        if not body.strip():
+            raise ApiError(400, "the request body is empty: send a JSON object", code="invalid_json")
         try:
-            data = json.loads(await request.body() or b"null")
+            data = json.loads(body)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
         if not isinstance(data, dict):
