@@ -406,6 +406,7 @@ class Engine:
             num_inference_steps=steps, guidance_scale=guidance, level=level, method=method, seed=seed,
             output_format=body.output_format, user=body.user,
             partial_images=body.partial_images or 0, queue_timeout_s=self._queue_timeout(body),
+            requested_acceleration=body.acceleration or self.settings.default_level,
         )  # fmt: skip
 
     def resolve_video(self, body: VideoCreateRequest) -> JobSpec:
@@ -437,6 +438,7 @@ class Engine:
             num_frames=frames, fps=entry.fps, num_inference_steps=steps, guidance_scale=guidance, level=level,
             method=method, seed=seed, output_format="mp4", user=body.user,
             queue_timeout_s=self._queue_timeout(body),
+            requested_acceleration=body.acceleration or self.settings.default_level,
         )  # fmt: skip
 
     # -------------------------------------------------------------------------------- runner

@@ -22,7 +22,7 @@ def _ts(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def lesa_stats(job: Job, requested: str | None = None) -> LesaStats:
+def lesa_stats(job: Job) -> LesaStats:
     spec = job.spec
     data = dict(job.result.lesa) if job.result else {}
     data.setdefault("job_id", job.id)
@@ -33,8 +33,7 @@ def lesa_stats(job: Job, requested: str | None = None) -> LesaStats:
     data.setdefault("guidance_scale", spec.guidance_scale)
     data.setdefault("seed", spec.seed)
     data.setdefault("raised_from", spec.raised_from)
-    if requested is not None:
-        data["requested_acceleration"] = requested
+    data["requested_acceleration"] = spec.requested_acceleration  # kept with the job: async results say it too
     return LesaStats.model_validate({k: v for k, v in data.items() if k in LesaStats.model_fields})
 
 
@@ -42,9 +41,7 @@ def content_url(base_url: str, job: Job, index: int) -> str:
     return f"{base_url}/v1/images/{job.id}/content?index={index}"
 
 
-async def images_response(
-    job: Job, queue: JobQueue, *, response_format: str, base_url: str, requested: str | None = None
-) -> ImagesResponse:
+async def images_response(job: Job, queue: JobQueue, *, response_format: str, base_url: str) -> ImagesResponse:
     assert job.result is not None
     data: list[ImageData] = []
     for ref in sorted(job.result.outputs, key=lambda r: r.index):
@@ -60,7 +57,7 @@ async def images_response(
         data=data,
         output_format=job.spec.output_format,
         size=f"{job.spec.width}x{job.spec.height}",
-        lesa=lesa_stats(job, requested),
+        lesa=lesa_stats(job),
     )
 
 
@@ -124,7 +121,7 @@ _NO_USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "tex
              "output_tokens": 0, "total_tokens": 0}  # fmt: skip
 
 
-def image_stream_event(job: Job, content: bytes, partial_index: int | None, requested: str | None = None) -> dict:
+def image_stream_event(job: Job, content: bytes, partial_index: int | None) -> dict:
     """`image_generation.partial_image` (with `partial_index`) or `image_generation.completed`."""
     event: dict[str, Any] = {
         "b64_json": base64.b64encode(content).decode("ascii"),
@@ -138,5 +135,5 @@ def image_stream_event(job: Job, content: bytes, partial_index: int | None, requ
         event.update(type="image_generation.partial_image", partial_image_index=partial_index)
     else:
         event.update(type="image_generation.completed", usage=_NO_USAGE,
-                     lesa=lesa_stats(job, requested).model_dump(mode="json"))  # fmt: skip
+                     lesa=lesa_stats(job).model_dump(mode="json"))  # fmt: skip
     return event

@@ -69,6 +69,12 @@ def test_image_generation_b64_with_lesa_stats(client: TestClient) -> None:
     # "auto" picks the measured bundle (psnr 31.5 >= the default floor).
     body = client.post("/v1/images/generations", json={"prompt": "a two", "acceleration": "auto"}).json()
     assert body["lesa"]["level"] == "5x" and body["lesa"]["requested_acceleration"] == "auto"
+    # ... and so do the async routes' results, which held null (the request was gone by then)
+    job = client.post("/v1/images/jobs", json={"prompt": "a two", "acceleration": "auto"}).json()
+    done = wait_for(client, f"/v1/images/jobs/{job['id']}", {"completed"})
+    assert done["result"]["lesa"]["requested_acceleration"] == "auto"
+    video = client.post("/v1/videos", json={"prompt": "a two", "num_frames": 4, "acceleration": "auto"}).json()
+    assert wait_for(client, f"/v1/videos/{video['id']}", {"completed"})["lesa"]["requested_acceleration"] == "auto"
 
 
 def test_url_format_and_content_endpoint(client: TestClient) -> None:

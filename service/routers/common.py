@@ -203,7 +203,7 @@ async def _client_gone_mid_stream(services: Services, job_id: str, keep: bool) -
         pass  # the job runs on; nothing else to do for a client that is gone
 
 
-def image_stream(services: Services, job_id: str, requested: str | None, *, keep: bool) -> StreamingResponse:
+def image_stream(services: Services, job_id: str, *, keep: bool) -> StreamingResponse:
     """A streamed `POST /v1/images/generations`: each partial image as soon as the worker stored it,
     then the image; a failure, cancellation or `LESA_SYNC_TIMEOUT_S` ends it with an `error`
     event (which the openai client raises as APIError). The `X-Job-Id` header names the job.
@@ -236,7 +236,7 @@ def image_stream(services: Services, job_id: str, requested: str | None, *, keep
                     if content is None:
                         yield error(f"outputs of job {job_id} have expired", "expired")
                     else:
-                        yield _sse("image_generation.completed", image_stream_event(job, content, None, requested))
+                        yield _sse("image_generation.completed", image_stream_event(job, content, None))
                     return
             except QueueUnavailable as down:
                 yield error(f"job queue unavailable: {down}", "queue_unavailable")

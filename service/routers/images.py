@@ -80,14 +80,12 @@ async def create_images(
     assert services.queue is not None
     keep = idempotency_key is not None  # a retry with the key collects this job: never cancel it
     if body.stream:
-        requested = body.acceleration or services.settings.default_level
-        return image_stream(services, job.id, requested, keep=keep)
+        return image_stream(services, job.id, keep=keep)
     timeout = services.settings.sync_timeout_s
     job = await wait_while_connected(services, job, timeout, request.is_disconnected, keep=keep)
     if job.status == JobStatus.completed:
         return await images_response(
             job, services.queue, response_format=body.response_format, base_url=base_url(request, services),
-            requested=body.acceleration or services.settings.default_level,
         )  # fmt: skip
     if job.status == JobStatus.failed:
         raise failed_job_error(job)
