@@ -400,6 +400,9 @@ class Engine:
         width, height = self._size(entry, body.size)
         if body.stream and body.n != 1:  # OpenAI's stream events carry no image index
             raise bad_request(f"stream=true returns one image; got n={body.n}", "n", "unsupported_value")
+        if body.n > self.settings.max_batch:  # one job is one pipeline call: it would pass the operator's cap
+            raise bad_request(f"n is {body.n} but this server generates at most {self.settings.max_batch} images per "
+                              "batch (LESA_MAX_BATCH): send several requests", "n", "out_of_range")  # fmt: skip
         steps, guidance, level, method, seed = self._common(entry, body)
         return JobSpec(
             kind="image", model=entry.name, prompt=body.prompt, n=body.n, width=width, height=height,

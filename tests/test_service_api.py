@@ -77,6 +77,16 @@ def test_image_generation_b64_with_lesa_stats(client: TestClient) -> None:
     assert wait_for(client, f"/v1/videos/{video['id']}", {"completed"})["lesa"]["requested_acceleration"] == "auto"
 
 
+def test_n_above_the_servers_batch_cap_is_refused_naming_n() -> None:
+    """One job is one pipeline call: n=8 on a LESA_MAX_BATCH=2 server ran 8 samples at once."""
+    s = settings(max_batch=2)
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        for path in ("/v1/images/generations", "/v1/images/jobs"):
+            error = assert_error(client.post(path, json={"prompt": "a one", "n": 3}), 400, "n")
+            assert "at most 2 images per batch (LESA_MAX_BATCH)" in error["message"]
+        assert client.post("/v1/images/generations", json={"prompt": "a one", "n": 2}).status_code == 200
+
+
 def test_url_format_and_content_endpoint(client: TestClient) -> None:
     body = client.post(
         "/v1/images/generations", json={"prompt": "a one", "response_format": "url", "output_format": "webp"}
