@@ -213,7 +213,10 @@ class LesaModelHook(ModelHook):
         return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
+        # what every diffusers pipeline call ends with: the next call is another generation, and
+        # RepeatedInputHook must look at the weights again (they may have changed in between)
         self.session.states.reset()
+        self.session.generation = object()
         return module
 
 
@@ -290,7 +293,8 @@ class RepeatedInputHook(ModelHook):
             # for the device, which costs more than the few small kernels the memo could save
             return self.fn_ref.original_forward(*args, **kwargs)
         memo = self.memo
-        if memo.checked is not self.session.generation:
+        # without a schedule no step count marks where a generation ends: look at every call
+        if memo.checked is not self.session.generation or self.session.schedule is None:
             _check_weights(memo, module)
             memo.checked = self.session.generation
         output = memo.outputs.get(key)
@@ -320,7 +324,8 @@ def _check_weights(memo: _Memo, module: nn.Module) -> None:
 
 def _fingerprint(args: tuple, kwargs: dict) -> tuple | None:
     """A hashable copy of the inputs' values, or None where comparing them is not worth it."""
-    key: list[object] = [tuple(kwargs)]
+    # the same inputs give other outputs under autocast (bfloat16 matmuls): part of the key
+    key: list[object] = [tuple(kwargs), torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")]
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             if value.device.type != "cpu" or value.numel() > MEMO_MAX_NUMEL:
@@ -361,6 +366,10 @@ class FinalLayerHook(ModelHook):
             return args, kwargs
         branch = session.states.branch
         hidden = args[0]
+        if state.shape is not None and hidden.shape != state.shape and session.schedule is None:
+            # nothing is ever predicted without a schedule, so no step count ends a generation:
+            # other shapes are the next one
+            state.reset()
         if state.shape is None:
             state.shape = hidden.shape
         elif hidden.shape != state.shape:
@@ -500,6 +509,12 @@ def new_generation(model: nn.Module, timesteps: Sequence[float] | torch.Tensor |
         return
     # a copy: forecasts keyed on these times must not change if the caller reuses its tensor
     times = torch.as_tensor(timesteps, dtype=torch.float32).detach().cpu().reshape(-1).clone()
+    if times.numel() and not (torch.isfinite(times).all() and times.min() >= 0 and times.max() <= 1 + 1e-4):
+        # scheduler.timesteps (0..1000) passed as they are gave NaN samples, not an error
+        raise ValueError(
+            f"timesteps must be normalised to 1 = noise ... 0 = clean; got {times.min():g} .. {times.max():g} "
+            "(pass the flow-matching sigmas, or scheduler.timesteps / 1000)"
+        )
     schedule = session.schedule
     if schedule is not None:
         if times.numel() == schedule.num_steps:

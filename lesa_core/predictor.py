@@ -319,7 +319,10 @@ class StagePredictor(nn.Module):
         never outlives the weights it was computed from.
         """
         times = torch.as_tensor(timesteps, dtype=torch.float32).detach().cpu()
-        key = (self._branch(branch), times.numpy().tobytes(), tuple(p._version for p in self.parameters()))
+        # (identity, version) per parameter: `load_state_dict(assign=True)` or `p.data = ...` put
+        # new tensors in whose counters may equal the old ones'
+        weights = tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())
+        key = (self._branch(branch), times.numpy().tobytes(), weights)
         table = self._folded_cache.get(key)
         if table is None:
             if len(self._folded_cache) >= 64:

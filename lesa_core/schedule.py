@@ -29,10 +29,16 @@ class CacheSchedule:
     _full_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        for name in ("num_steps", "interval", "first_enhance"):
+            value = getattr(self, name)  # 2.5 or True would build a schedule nobody asked for, silently
+            if value is not None and (isinstance(value, bool) or not hasattr(type(value), "__index__")):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.explicit_full_steps is not None:
             steps = tuple(sorted(set(self.explicit_full_steps)))
+            if steps and steps[0] < 0:
+                raise ValueError(f"full step {steps[0]} is outside 0..{self.num_steps - 1}")
             if not steps or steps[0] != 0:
                 raise ValueError("full_steps must include step 0: the first step has no history to forecast from")
             if steps[-1] >= self.num_steps:

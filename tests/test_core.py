@@ -34,6 +34,11 @@ def test_reference_schedule_table():
     assert CacheSchedule.from_dict(schedule.to_dict()) == schedule
     with pytest.raises(ValueError, match="step 0"):
         CacheSchedule.from_full_steps(10, [1, 2])
+    with pytest.raises(ValueError, match="full step -1 is outside 0..4"):  # not "must include step 0"
+        CacheSchedule.from_full_steps(5, [0, -1, 2])
+    for bad in (2.5, True):  # 2.5 built a 2-of-10 schedule, silently
+        with pytest.raises(ValueError, match="interval must be an integer"):
+            CacheSchedule(10, interval=bad, first_enhance=1)
     with pytest.raises(ValueError, match="unknown acceleration level"):
         level_schedule("9x")
 
@@ -112,6 +117,16 @@ def test_folded_steps_are_shared_per_schedule_and_never_outlive_the_weights():
         predictor.latent["shared"][0].bias.add_(1.0)
     fresh = predictor.folded_steps(times, "cond")
     assert fresh is not table and fresh == {}
+    # weights loaded as new tensors (assign=True) whose version counters equal the old ones'
+    # (two predictors built alike): the first one's table was kept
+    first, second = _predictor(), _predictor()
+    with torch.no_grad():
+        second.latent["shared"][0].weight.mul_(2.0)  # other values, and the same counters as first's:
+        first.latent["shared"][0].weight.mul_(1.0)
+    table = first.folded_steps(times, "cond")
+    table[3] = first.step_coefficients(times, float(times[3]))
+    first.load_state_dict(second.state_dict(), assign=True)
+    assert first.folded_steps(times, "cond") == {}
 
 
 def test_predictor_preserves_dtype_and_batches():

@@ -202,6 +202,54 @@ def test_embedders_with_repeated_inputs_compute_once_per_distinct_input_and_weig
     disable_cache(model)
 
 
+def test_the_memo_and_the_state_follow_what_the_caller_changes_between_calls():
+    family = build("flux")
+    model = family.model
+    embedder = next(model.get_submodule("time_text_embed.timestep_embedder").parameters())
+    schedule = CacheSchedule.from_full_steps(4, [0, 2])
+
+    def plain(t: float) -> torch.Tensor:
+        disable_cache(model)
+        with torch.no_grad():
+            return family.call(t)
+
+    # diffusers pipelines end every call with reset_state (no new_generation): weights changed
+    # after it are seen at the next call (the memo gave the old embedding, 0.6 off on digits-image)
+    enable_cache(model, CacheConfig(method="reuse", schedule=schedule))
+    new_generation(model)
+    run_loop(family, TIMES[:4])
+    model._reset_stateful_cache()
+    embedder.data.mul_(2.0)
+    with torch.no_grad():
+        hooked = family.call(TIMES[0])
+    assert torch.equal(hooked, plain(TIMES[0]))
+    # without a schedule nothing marks a generation's end: other shapes start the next (it raised),
+    # and weights are looked at on every call
+    enable_cache(model, CacheConfig())
+    run_loop(family, TIMES[:2])
+    small = family.model(hidden_states=torch.randn(1, 16, 4), encoder_hidden_states=torch.randn(1, 5, 32),
+                         pooled_projections=torch.randn(1, 32), timestep=torch.full((1,), 0.9),
+                         img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3))  # fmt: skip
+    assert small.sample.shape[0] == 1
+    embedder.data.mul_(0.5)
+    with torch.no_grad():
+        hooked = family.call(TIMES[1])
+    assert torch.equal(hooked, plain(TIMES[1]))
+    # the same inputs under autocast are other outputs (it returned bfloat16 embeddings to a float32 call)
+    enable_cache(model, CacheConfig(method="none", schedule=CacheSchedule.every_step(2)))
+    new_generation(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        family.call(TIMES[0])
+    new_generation(model)
+    with torch.no_grad():
+        assert torch.equal(family.call(TIMES[0]), plain(TIMES[0]))
+    # times on the scheduler's 0..1000 scale are refused (they gave NaN samples)
+    enable_cache(model, CacheConfig(method="reuse", schedule=schedule))
+    with pytest.raises(ValueError, match="timesteps must be normalised to 1 = noise"):
+        new_generation(model, timesteps=[1000.0, 750.0, 500.0, 250.0, 0.0])
+    disable_cache(model)
+
+
 def test_branches_keep_separate_histories_and_generations_do_not_leak():
     family = build("flux")
     model = family.model
