@@ -419,8 +419,6 @@ def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, object]]:
 
 def enable_cache(model: nn.Module, config: CacheConfig) -> None:
     """Attach `config`'s method and schedule to a diffusers transformer (replacing any earlier one)."""
-    if is_cache_enabled(model):
-        disable_cache(model)
     blocks = _find_blocks(model)
     final_layer = getattr(model, FINAL_LAYER_NAME, None)
     missing = []
@@ -429,7 +427,12 @@ def enable_cache(model: nn.Module, config: CacheConfig) -> None:
     if not isinstance(final_layer, nn.Module):
         missing.append(f"a final layer named `{FINAL_LAYER_NAME}`")
     if missing:
-        raise UnsupportedModelError(f"{type(model).__name__} is not supported: it has no {' and no '.join(missing)}")
+        hint = ""
+        if hasattr(model, "_orig_mod"):  # torch.compile's wrapper hides the model's own structure
+            hint = "; it is torch.compile's wrapper: attach the cache to the model itself (`model._orig_mod`)"
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not supported: it has no {' and no '.join(missing)}{hint}"
+        )
     schedule = config.schedule
     if schedule is None and config.method != "none":
         raise ValueError(f"method {config.method!r} needs a schedule (CacheSchedule or a level)")
@@ -440,6 +443,8 @@ def enable_cache(model: nn.Module, config: CacheConfig) -> None:
         # would see happen to fit (an image model's bundle on a video model of the same width).
         config.predictor.check_compatible(schedule, family=type(model).__name__, hidden_size=_hidden_size(model))
     forecaster = make_forecaster(config.method, config.predictor, config.taylor_order)
+    if is_cache_enabled(model):  # only now: a config refused above leaves the earlier cache working
+        disable_cache(model)
     session = _Session(config, forecaster, schedule)
 
     def register(module: nn.Module, hook: ModelHook, name: str) -> None:

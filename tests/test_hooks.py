@@ -304,6 +304,17 @@ def test_shape_change_inside_a_generation_is_a_clear_error():
 def test_unsupported_model_names_what_is_missing():
     with pytest.raises(UnsupportedModelError, match="norm_out"):
         enable_cache(nn.Sequential(nn.Linear(2, 2)), CacheConfig())
+    model = build("flux").model
+    with pytest.raises(UnsupportedModelError, match=r"torch.compile's wrapper: .*model._orig_mod"):
+        enable_cache(torch.compile(model), CacheConfig())
+    # a config refused leaves the cache that was there working (it was removed first)
+    from lesa_core.hooks import is_cache_enabled
+
+    enable_cache(model, CacheConfig(method="reuse", schedule=CacheSchedule.from_full_steps(4, [0, 2])))
+    with pytest.raises(ValueError, match="needs a schedule"):
+        enable_cache(model, CacheConfig(method="reuse"))
+    assert is_cache_enabled(model)
+    disable_cache(model)
 
 
 def test_lesa_without_timesteps_says_how_to_fix(tmp_path):
