@@ -264,6 +264,10 @@ def test_video_lifecycle_json_and_multipart(client: TestClient) -> None:
     assert deleted["deleted"] and deleted["object"] == "video.deleted"
     assert_error(client.get(f"/v1/videos/{video['id']}"), 404, "video_id")
     # a file where text belongs is refused by name (it was dropped: a seed file gave a random seed)
+    not_utf8 = client.post(
+        "/v1/videos", content=b"prompt=%FF%FE", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert "not valid UTF-8" in assert_error(not_utf8, 400, "prompt")["message"]
     as_file = client.post("/v1/videos", data={"prompt": "x"}, files={"seed": ("seed.txt", b"7")})
     assert "expected a text field, got a file" in assert_error(as_file, 400, "seed")["message"]
     # bodies read as the image routes read theirs: JSON, no Content-Type, or a form; nothing else
