@@ -99,7 +99,9 @@ class Settings(BaseSettings):
 
     # ---- queue and worker ----
     embedded_worker: bool = Field(True, description="run a worker inside the API process (local demo default)")
-    max_batch: int = Field(8, ge=1, le=64, description="most samples per batched generation")
+    max_batch: int = Field(
+        8, ge=1, le=64, description="most samples per batched generation, so also the largest `n` a request may ask for"
+    )
     max_wait_ms: float = Field(
         50.0,
         ge=0,
