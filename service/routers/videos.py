@@ -77,7 +77,7 @@ async def _parse_body(request: Request) -> VideoCreateRequest:
                 raise ApiError(400, f"{name}: expected a text field, got a file", param=name, code="invalid_value")
             if "\ufffd" in value:  # the form parser's stand-in for bytes that are not UTF-8 (JSON refuses them)
                 raise ApiError(400, f"{name}: not valid UTF-8", param=name, code="invalid_value")
-        data = _form_numbers({k: v for k, v in form.items() if isinstance(v, str)})
+        data = _form_numbers({k: str(v) for k, v in form.items()})  # (every part is text: checked above)
     else:
         # as FastAPI reads the image routes' bodies: JSON, or no Content-Type at all
         media_type = content_type.split(";")[0].strip()
