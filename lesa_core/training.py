@@ -213,7 +213,7 @@ def training_paths(out_dir: str | Path, work_dir: str | Path | None = None) -> t
     out = Path(out_dir).resolve()  # "." has no name to put ".work" after
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
     what = occupied_bundle_path(out)
-    if what and (what == "a file" or not (work / STATE_NAME).is_file()):
+    if what and (not out.is_dir() or not (work / STATE_NAME).is_file()):
         raise ValueError(f"--out {out_dir}: already holds {what}; choose a new directory or remove it first")
     return out, work
 
