@@ -90,7 +90,7 @@ class ModelEntry:
     levels: list[str]
     bundles: dict[str, Bundle] = field(default_factory=dict)
     description: str = ""
-    created: int = field(default_factory=lambda: int(time.time()))
+    created: int = 0  # models.toml's `created`: the same on every replica and after restarts
     revision: str | None = None  # which weights (`model_revision`), echoed in every response
 
     def bundle_for(self, level: str, steps: int) -> Bundle | None:
@@ -149,6 +149,7 @@ class Engine:
             entry = entry_from_pipeline(model.pipe, name=name, fps=model.config.fps,
                                         description=model.config.description)  # fmt: skip
             entry.revision = model_revision(model.config, config.weights_root)
+            entry.created = model.config.created
             paths = model.config.bundle_paths()
             entry.bundles = {
                 level: Bundle(
@@ -211,6 +212,7 @@ class Engine:
                 fps=int(fps or DEFAULT_VIDEO_FPS), default_steps=default_steps, min_steps=min_steps,
                 max_steps=max_steps, default_guidance=guidance, levels=list(_levels()),
                 description=model.description, revision=model_revision(model, config.weights_root),
+                created=model.created,
             )  # fmt: skip
             for level, path in model.bundle_paths().items():
                 try:

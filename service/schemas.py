@@ -335,7 +335,10 @@ class AccelerationLevel(BaseModel):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
-    created: int
+    created: int = Field(
+        description="Unix seconds: when the weights were released, from the model's entry in deploy/models.toml "
+        "(0 where it names none); the same on every replica"
+    )
     owned_by: str = "lesa"
     kind: Literal["image", "video"]
     description: str = Field("", description="one line from the model's entry in deploy/models.toml")

@@ -216,10 +216,17 @@ num_frames = [81]
         ("default_guidance = -1.0", r"\[models.x\].default_guidance: must be a finite number >= 0"),
         ('dtype = "bf17"', r"\[models.x\].dtype: unknown dtype 'bf17'"),
         ('vae_dtype = "int8"', r"\[models.x\].vae_dtype: unknown dtype 'int8'"),
+        ('created = "2024-08-01"', r"\[models.x\].created: expected a date \(2024-08-01\), a date-time or Unix"),
+        ("created = -1", r"\[models.x\].created: expected a date"),
+        ("created = 10:30:00", r"\[models.x\].created: expected a date"),
     ):
         bad.write_text(flux + extra + "\n")
         with pytest.raises(ConfigError, match=message):
             read_config(bad)
+    for created, seconds in (("", 0), ("2024-08-01", 1722470400), ("2024-08-01T02:00:00+02:00", 1722470400),
+                             ("2024-08-01T00:00:00", 1722470400), ("1722470400", 1722470400)):  # fmt: skip
+        bad.write_text(flux + (f"created = {created}\n" if created else ""))
+        assert read_config(bad).models["x"].created == seconds
     for sizes in ("[[0, 16]]", "[[-16, 16]]"):  # (multiples of 16 as well)
         bad.write_text(flux.replace("[[16, 16]]", sizes))
         with pytest.raises(ConfigError, match=r"\[models.x\].sizes: widths and heights must be at least 1"):

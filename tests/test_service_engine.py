@@ -96,6 +96,8 @@ def test_the_api_catalogue_and_the_workers_name_the_same_revision_and_bundles() 
     s = Settings(_env_file=None, models="digits-image")
     api, worker = Engine.catalogue(s).models["digits-image"], Engine.load(s).models["digits-image"]
     assert api.revision == worker.revision and len(api.revision) == 12
+    # `created` is models.toml's (2026-11-26), not when the process started: replicas agree
+    assert api.created == worker.created == Engine.catalogue(s).models["digits-image"].created == 1795651200
     assert {k: b.content_id for k, b in api.bundles.items()} == {k: b.content_id for k, b in worker.bundles.items()}
 
 

@@ -10,6 +10,7 @@ The file format is documented in `deploy/models.toml` itself and in docs/PRODUCT
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -43,7 +44,7 @@ _MODEL_KEYS = {
     "backend", "source", "pipeline", "enabled", "sizes", "num_frames", "fps", "default_steps",
     "default_guidance", "min_steps", "max_steps", "max_batch_pixels", "dtype", "device", "revision",
     "variant", "cpu_offload", "vae_tiling", "vae_dtype", "negative_prompt", "guidance_arg", "call_kwargs",
-    "levels", "levels_dir", "description", "scheduler_config",
+    "levels", "levels_dir", "description", "scheduler_config", "created",
 }  # fmt: skip
 
 
@@ -82,6 +83,9 @@ class ModelConfig:
     levels: dict[str, Path] = field(default_factory=dict)  # level -> bundle directory
     levels_dir: Path | None = None  # a directory of <level>/ bundles (as `lesa train-predictor` lays them out)
     description: str = ""
+    # Unix seconds GET /v1/models reports as `created`: fixed by the file, so every replica and
+    # restart says the same (0 where the file names none).
+    created: int = 0
 
     def enabled_on(self, device: str) -> bool:
         if self.enabled == "gpu":  # a node with CUDA, whatever this entry's own `device` asks for
@@ -171,6 +175,17 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+def _created(where: str, value: Any) -> int:
+    """`created`: a TOML date (2024-08-01), a date-time (UTC unless it says otherwise) or Unix seconds."""
+    if isinstance(value, datetime.datetime):
+        return int((value if value.tzinfo else value.replace(tzinfo=datetime.UTC)).timestamp())
+    if isinstance(value, datetime.date):
+        return int(datetime.datetime.combine(value, datetime.time(), datetime.UTC).timestamp())
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ConfigError(f"{where}.created: expected a date (2024-08-01), a date-time or Unix seconds >= 0, got {value!r}")
+
+
 def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> ModelConfig:
     where = f"{path}: [models.{name}]"
     unknown = set(table) - _MODEL_KEYS
@@ -221,6 +236,7 @@ def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> 
         raise ConfigError(f"{where}.num_frames: one or more frame counts of at least 1, got {table['num_frames']}")
     if backend == "diffusers" and not sizes:
         raise ConfigError(f"{where}.sizes: required for a diffusers model")
+    created = _created(where, table.get("created", 0))
     levels: dict[str, Path] = {}
     for level, bundle in table.get("levels", {}).items():
         levels[str(level)] = _resolve(weights_root, str(bundle))
@@ -242,6 +258,7 @@ def _model(path: Path, weights_root: Path, name: str, table: dict[str, Any]) -> 
         num_frames=[int(f) for f in table.get("num_frames", [1])],
         levels=levels,
         levels_dir=_resolve(weights_root, str(table["levels_dir"])) if "levels_dir" in table else None,
+        created=created,
         **kwargs,
     )
     if backend == "diffusers":
