@@ -216,11 +216,10 @@ def new_job_id() -> str:
 
 def queue_timeout_error(job: Job, waited: float) -> JobError:
     """The error of a job that waited longer than its `queue_timeout_s` for a worker."""
-    ran = "it never ran" if job.attempts <= 1 else f"its {job.attempts - 1} earlier deliveries did not finish"
     limit = job.spec.queue_timeout_s or 0.0
     return JobError(
         code="queue_timeout",
-        message=f"no worker was free within queue_timeout_s ({limit:g} s; it waited {waited:.1f} s): {ran}",
+        message=f"no worker was free within queue_timeout_s ({limit:g} s; it waited {waited:.1f} s): it never ran",
     )
 
 

@@ -30,7 +30,7 @@ _QUEUE_TIMEOUT = Field(
     allow_inf_nan=False,
     description="Seconds the job may wait for a worker: one not started by then fails with error code "
     "`queue_timeout` and never runs (a sync image request answers 503). Default: `LESA_QUEUE_TIMEOUT_S` "
-    "(unset: no limit).",
+    "(unset: no limit). A job started in time whose worker then dies runs again, deadline or not.",
     examples=[30],
 )
 _QUEUE_POSITION = Field(

@@ -228,15 +228,16 @@ class Worker:
                 tracing.record_job(self.tracer, record, self.worker_id, job.started_at or time.time())
 
     async def _fail_late(self, jobs: Sequence[Job]) -> list[Job]:
-        """The jobs to run: one started after its `queue_timeout_s` fails instead, never run (its
-        client would rather have an error than a late result)."""
+        """The jobs to run: one first started after its `queue_timeout_s` fails instead, never run
+        (its client would rather have an error than a late result)."""
         live = []
         for job in jobs:
             limit, waited = job.spec.queue_timeout_s, (job.started_at or time.time()) - job.created_at
-            if limit is None or waited <= limit:
+            # A redelivered job was taken in time by a worker that died: the deadline was met, and
+            # failing it now would lose work the client was promised. It runs again.
+            if limit is None or waited <= limit or job.attempts > 1:
                 live.append(job)
                 continue
-            # (a redelivered job, whose first worker died, is judged on when this delivery started)
             if await self.queue.fail(job.id, queue_timeout_error(job, waited)):
                 self.metrics.jobs.labels(job.spec.model, "failed").inc()
                 self.metrics.errors.labels(type="queue_timeout").inc()

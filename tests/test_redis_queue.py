@@ -371,6 +371,34 @@ def test_a_job_a_running_worker_dropped_is_run_again_at_its_next_claim(prefix: s
     asyncio.run(scenario())
 
 
+def test_a_job_that_started_in_time_is_run_again_after_its_worker_died_whatever_its_queue_timeout(
+    prefix: str,
+) -> None:
+    """`queue_timeout_s` bounds the wait for a first worker. A job that one took in time, whose
+    worker then died, is redelivered past that deadline: it runs again (the client was promised
+    a result), never fails `queue_timeout`."""
+    from service_support import make_engine, settings
+
+    from service.metrics import Metrics
+    from service.schemas import ImageGenerationRequest
+    from service.worker import Worker
+
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix, visibility_timeout_s=0.3)
+        engine = make_engine(settings())
+        job = await q.submit(engine.resolve_image(ImageGenerationRequest(prompt="a", queue_timeout_s=0.2)))
+        (first,) = await q.claim_batch("dies", max_batch=1, max_wait_ms=0, timeout_s=1)
+        assert first.started_at - first.created_at < 0.2  # taken in time; then its worker is killed
+        await asyncio.sleep(0.5)
+        worker = Worker(q, engine, Metrics(), claim_timeout_s=1)
+        assert await worker.run_once() == 1
+        done = await q.get(job.id)
+        assert done.attempts == 2 and done.status == JobStatus.completed, done.error
+        await q.close()
+
+    asyncio.run(scenario())
+
+
 def test_large_outputs_go_to_the_shared_directory(prefix: str, tmp_path: Path) -> None:
     async def scenario() -> None:
         q = RedisJobQueue(REDIS_URL, prefix=prefix, inline_max_bytes=100, output_dir=tmp_path)
