@@ -296,6 +296,7 @@ def train_predictor(
                 scheduler.load_state_dict(state["scheduler"])
                 start_epoch = int(state["epoch"])
                 report = TrainReport(**json.loads(state["report"]))
+                started -= report.seconds  # the time of the runs it continues counts too
                 torch.set_rng_state(state["rng"])
                 if "generator" in state:  # (states saved before it was kept replay epoch 0's orders)
                     generator.set_state(state["generator"])
@@ -324,6 +325,7 @@ def train_predictor(
         return mse
 
     def save_state(epoch: int) -> None:
+        report.seconds = time.perf_counter() - started
         torch.save(
             {
                 "predictor": predictor.state_dict(),
@@ -355,6 +357,9 @@ def train_predictor(
         # The untrained predictor is a baseline too (an anchored base with a zero head *is* FORA
         # or TaylorSeer): training keeps it unless an epoch does better on held-out samples.
         validate("init")
+        # Its bundle exists now: without a state beside it, a rerun (after a Ctrl-C in epoch 1)
+        # would take the bundle for someone else's and refuse to resume.
+        save_state(0)
     bar = tqdm(range(start_epoch, total_epochs), desc=f"train {schedule.describe()}", disable=not progress)
     bar.update(0)
     for epoch in bar:

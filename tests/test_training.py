@@ -4,6 +4,7 @@ bundles are trained once, offline, and committed; CI never retrains them)."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -217,11 +218,13 @@ def test_two_phase_training_writes_a_usable_bundle_and_resumes(pipe, recorded, t
         train_predictor(pipe, out, schedule, tmp_path / "bundle", settings, progress=False)
 
 
+@pytest.mark.parametrize("stop_after", [1, 4], ids=["in-epoch-1", "in-epoch-3"])
 def test_an_interrupted_and_resumed_run_trains_the_weights_an_uninterrupted_one_does(
-    pipe, recorded, tmp_path, monkeypatch
+    pipe, recorded, tmp_path, monkeypatch, stop_after
 ):
     """The epoch orders and token subsets continue where they stopped (their generator is kept in
-    the state), so resuming is not a different training run."""
+    the state), so resuming is not a different training run; nor is its time only the last run's.
+    Stopped in its first epoch, a run has saved the untrained bundle already: it resumes too."""
     import lesa_core.training as training
 
     out, _ = recorded
@@ -236,17 +239,22 @@ def test_an_interrupted_and_resumed_run_trains_the_weights_an_uninterrupted_one_
 
     def interrupted(*args, **kwargs):
         calls[0] += 1
-        if calls[0] > 4:  # in epoch 3 (2 batches an epoch): a Ctrl-C
+        if calls[0] > stop_after:  # 2 batches an epoch: a Ctrl-C
             raise KeyboardInterrupt
+        time.sleep(0.5)  # a slow first run: its time must count in the resumed run's
         return forecast_loss(*args, **kwargs)
 
     monkeypatch.setattr(training, "forecast_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_predictor(pipe, out, schedule, tmp_path / "resumed", settings, progress=False)
     monkeypatch.setattr(training, "forecast_loss", forecast_loss)
-    train_predictor(pipe, out, schedule, tmp_path / "resumed", settings, progress=False)
+    began = time.perf_counter()
+    _, report = train_predictor(pipe, out, schedule, tmp_path / "resumed", settings, progress=False)
+    took = time.perf_counter() - began
     whole, resumed = last_weights("whole"), last_weights("resumed")
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    if stop_after > 1:  # (stopped in epoch 1, the slow batch was never saved: its epoch reruns)
+        assert report.seconds >= took + stop_after * 0.5
 
 
 def test_phase3_backpropagates_the_final_sample_error_through_the_sampler(pipe, recorded, tmp_path):
