@@ -77,7 +77,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--method", default="lesa", choices=("lesa", "taylorseer", "reuse"))
     ev.add_argument("--predictor", type=Path, default=None)
     ev.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
-    ev.add_argument("--grid", type=Path, default=None, help="write the samples as a PNG grid / GIF strip")
+    ev.add_argument(
+        "--grid", type=Path, default=None, help="samples as a grid (.png/.jpg/.webp); video: a strip (.gif/.mp4)"
+    )
     ev.set_defaults(func=_eval)
 
 
@@ -227,6 +229,10 @@ def _eval(args: argparse.Namespace) -> int:
     prepare_output(args.json, "--json")
     prepare_output(args.grid, "--grid")
     pipe = _load(args.model)
+    # a still grid for images, an animated strip for videos: the name says in which format
+    suffixes = IMAGE_SUFFIXES if pipe.kind == "image" else VIDEO_SUFFIXES
+    if args.grid is not None and args.grid.suffix.lower() not in suffixes:
+        raise CliError(f"--grid for {pipe.kind} must end in one of {', '.join(suffixes)}, got {args.grid.name!r}")
     cache = resolve_acceleration(pipe, args.acceleration, args.steps, args.method, args.predictor)
     try:
         result, samples, _ = evaluator.evaluate_pipeline(
@@ -239,9 +245,10 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.grid is not None:
+        fmt = suffixes[args.grid.suffix.lower()]
         if pipe.kind == "image":
-            args.grid.write_bytes(media.image_bytes(media.grid(samples, rows=10), "png", scale=4))
+            args.grid.write_bytes(media.image_bytes(media.grid(samples, rows=10), fmt, scale=4))
         else:
             strip = media.clip_strip(np.asarray(samples[:: args.per_class]))
-            args.grid.write_bytes(media.gif_bytes(strip, scale=4))
+            args.grid.write_bytes(media.video_bytes(strip, fmt, scale=4))
     return 0

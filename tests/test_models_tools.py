@@ -89,6 +89,24 @@ def test_cli_generate_reports_user_errors(tmp_path, capsys):
     assert rc == 2 and "num_inference_steps" in capsys.readouterr().err
 
 
+def test_cli_eval_writes_its_grid_in_the_format_its_name_says(tmp_path, capsys):
+    """A still grid for an image model (PNG, JPEG, WEBP), an animated strip for a video model
+    (GIF, MP4); a name whose format cannot hold what the model makes is refused before the work."""
+    from PIL import Image
+
+    from lesa_core.cli import main
+
+    quick = ["--per-class", "1", "--steps", "4"]
+    for model, name, fmt in (("digits-image", "g.jpg", "JPEG"), ("digits-video", "s.gif", "GIF")):
+        assert main(["eval", "--model", model, *quick, "--grid", str(tmp_path / name)]) == 0
+        assert Image.open(tmp_path / name).format == fmt
+    for model, name in (("digits-image", "g.gif"), ("digits-video", "s.png"), ("digits-image", "g.txt")):
+        capsys.readouterr()
+        assert main(["eval", "--model", model, *quick, "--grid", str(tmp_path / name)]) != 0
+        err = capsys.readouterr().err
+        assert "--grid" in err.splitlines()[-1] and "Traceback" not in err and not (tmp_path / name).exists(), err
+
+
 def test_cli_errors_are_one_line_naming_the_problem_never_a_traceback(tmp_path, capsys):
     from lesa_core.cli import main
 
