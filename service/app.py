@@ -209,6 +209,40 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     return ApiError(400, message, param=param, code="missing_field" if kind == "missing" else "invalid_value")
 
 
+_ERRORS_BY_STATUS = {
+    "400": "invalid request: `error.param` names the field",
+    "401": "missing or invalid API key (only when `LESA_API_KEYS` is set)",
+    "404": "not found: unknown or expired id",
+    "413": "request body larger than `LESA_MAX_BODY_BYTES`",
+    "503": "the models are loading or the job queue is unavailable; see Retry-After",
+}
+
+
+def _document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document says what this server sends: FastAPI documents a 422 on every route,
+    but `_validation_error` answers bad input with a 400 ErrorResponse; a secured route can answer
+    401, one with an id in its path 404, one with a body 413 (the limits middleware), and every /v1
+    route 503 until the models are loaded (`require_ready`)."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, operations in schema["paths"].items():
+        for method, op in operations.items():
+            responses = op["responses"]
+            responses.pop("422", None)
+            statuses = [
+                "400" if op.get("requestBody") or op.get("parameters") else None,
+                "401" if op.get("security") else None,
+                "404" if "{" in path else None,
+                "413" if method in ("post", "put", "patch") and op.get("requestBody") else None,
+                "503" if path.startswith("/v1/") else None,
+            ]
+            for status in filter(None, statuses):
+                documented = responses.setdefault(status, {"description": _ERRORS_BY_STATUS[status]})
+                documented.setdefault("content", error)
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(unused, None)
+    return schema
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -255,6 +289,14 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.services = services
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _document_errors(build_openapi())
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

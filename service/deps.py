@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from pydantic import BaseModel
@@ -65,7 +66,16 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def require_api_key(request: Request, services: ServicesDep) -> None:
+# Declares the scheme to OpenAPI (/docs gets its Authorize button); the check is require_api_key's,
+# so a missing key is this API's 401 body, not FastAPI's 403.
+_BEARER = HTTPBearer(auto_error=False, description="an API key of `LESA_API_KEYS` (needed only when it is set)")
+
+
+async def require_api_key(
+    request: Request,
+    services: ServicesDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)] = None,
+) -> None:
     """Bearer auth on /v1/*, only when `LESA_API_KEYS` is set (off for the local demo)."""
     keys = services.settings.api_key_set
     if not keys:

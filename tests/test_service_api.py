@@ -651,6 +651,32 @@ def test_metrics_probes_and_docs(client: TestClient) -> None:
     assert "multipart/form-data" in schema["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
 
 
+def test_openapi_documents_the_errors_the_server_sends_and_its_bearer_auth() -> None:
+    """What client generators and /docs read: bad input is a 400 ErrorResponse (never FastAPI's
+    422 shape, which this server does not send), /v1 takes a bearer key (401 without one), an
+    unknown id is a 404, a body past the limit a 413; probes and scrapes need no key."""
+    s = settings()
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        schema = client.get("/openapi.json").json()
+    schemes = schema["components"]["securitySchemes"]
+    assert [scheme for scheme in schemes.values() if (scheme["type"], scheme["scheme"]) == ("http", "bearer")]
+    assert not {"HTTPValidationError", "ValidationError"} & set(schema["components"]["schemas"])
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, operations in schema["paths"].items():
+        for method, op in operations.items():
+            responses, where = op["responses"], f"{method.upper()} {path}"
+            assert "422" not in responses, where
+            if op.get("requestBody") or op.get("parameters"):
+                assert responses["400"]["content"]["application/json"]["schema"] == error, where
+            if "{" in path:
+                assert "404" in responses, where
+            if method == "post" and op.get("requestBody"):
+                assert "413" in responses, where
+            secured = path.startswith("/v1/")
+            assert ("401" in responses) == secured and bool(op.get("security")) == secured, where
+            assert ("503" in responses) == secured, where  # loading (every /v1 route waits for the models)
+
+
 @pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the client's notice, not ours
 def test_official_openai_client_videos_lifecycle() -> None:
     """The official client's `videos` resource (multipart create, retrieve, list, download, delete)
