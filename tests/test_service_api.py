@@ -235,6 +235,38 @@ def test_api_keys_when_configured() -> None:
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
 
 
+def test_outputs_serve_byte_ranges_head_and_revalidation_as_players_and_downloaders_ask(client: TestClient) -> None:
+    """A <video> element (Safari insists) and resumable downloads ask for byte ranges; a HEAD asks
+    the size; a cache revalidates with the ETag. Files are named after their job."""
+    video = client.post("/v1/videos", json={"prompt": "a three", "num_frames": 8}).json()
+    assert wait_for(client, f"/v1/videos/{video['id']}", {"completed", "failed"})["status"] == "completed"
+    url = f"/v1/videos/{video['id']}/content"
+    whole = client.get(url)
+    body, size = whole.content, len(whole.content)
+    assert whole.headers["accept-ranges"] == "bytes" and whole.headers["etag"]
+    assert video["id"] in whole.headers["content-disposition"] and ".mp4" in whole.headers["content-disposition"]
+    for asked, first, last in (("bytes=0-9", 0, 9), ("bytes=10-", 10, size - 1), ("bytes=-5", size - 5, size - 1),
+                               (f"bytes=4-{size + 100}", 4, size - 1)):  # fmt: skip
+        got = client.get(url, headers={"Range": asked})
+        assert got.status_code == 206 and got.content == body[first : last + 1], asked
+        assert got.headers["content-range"] == f"bytes {first}-{last}/{size}", asked
+    past = client.get(url, headers={"Range": f"bytes={size}-"})
+    assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{size}"
+    for ignored in ("bytes=0-1,4-5", "items=0-1", "bytes=x-y"):  # several ranges, or none readable: it all
+        assert client.get(url, headers={"Range": ignored}).content == body, ignored
+    # If-Range with another validator: the file changed, so the whole of it
+    stale = client.get(url, headers={"Range": "bytes=0-9", "If-Range": '"other"'})
+    assert stale.status_code == 200 and stale.content == body
+    head = client.head(url)
+    assert head.status_code == 200 and head.headers["content-length"] == str(size) and head.content == b""
+    assert client.get(url, headers={"If-None-Match": whole.headers["etag"]}).status_code == 304
+    image = client.post("/v1/images/generations", json={"prompt": "a one", "response_format": "url"}).json()
+    image_url = image["data"][0]["url"]
+    png = client.get(image_url, headers={"Range": "bytes=0-7"})
+    assert png.status_code == 206 and png.content == b"\x89PNG\r\n\x1a\n"
+    assert client.head(image_url).status_code == 200
+
+
 def test_video_lifecycle_json_and_multipart(client: TestClient) -> None:
     created = client.post("/v1/videos", json={"prompt": "a three", "num_frames": 8, "seed": 3})
     assert created.status_code == 200, created.text

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, Query, Response
+from fastapi import Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -24,8 +24,9 @@ from service.views import image_stream_event
 log = logging.getLogger("lesa.api")
 
 
-async def artifact_response(services: Services, job: Job, *, index: int, variant: str) -> Response:
-    """The bytes of one output; 404 naming what is missing (not ready, wrong index, expired)."""
+async def artifact_response(services: Services, job: Job, request: Request, *, index: int, variant: str) -> Response:
+    """The bytes of one output (or the byte range `request` asks); 404 naming what is missing
+    (not ready, wrong index, expired)."""
     if job.status in (JobStatus.failed, JobStatus.cancelled):
         raise ApiError(409, f"job {job.id} is {job.status.value}: it has no content and never will",
                        code=f"job_{job.status.value}")  # fmt: skip
@@ -38,12 +39,55 @@ async def artifact_response(services: Services, job: Job, *, index: int, variant
     content = await services.queue.get_artifact(job.id, ref.name)
     if content is None:
         raise ApiError(404, f"outputs of job {job.id} have expired", code="expired")
-    return Response(
-        content,
-        media_type=ref.content_type,
+    headers = {
         # Generated content never changes for a job id: let clients and proxies cache it.
-        headers={"Cache-Control": "private, max-age=3600", "Content-Disposition": f'inline; filename="{ref.name}"'},
-    )
+        "Cache-Control": "private, max-age=3600",
+        "ETag": f'"{job.id}-{ref.name}"',
+        "Content-Disposition": f'inline; filename="{job.id}-{ref.name}"',  # not every download "0.png"
+    }
+    return ranged_response(content, ref.content_type, headers, request)
+
+
+def ranged_response(content: bytes, media_type: str, headers: dict[str, str], request: Request) -> Response:
+    """`content`, or the one byte range the request asks (RFC 9110 §14): what a <video> element
+    (Safari plays nothing without it) and a resumed download send. 304 to a revalidation with
+    `headers["ETag"]`; only the headers to a HEAD."""
+    etag, size = headers["ETag"], len(content)
+    headers = {**headers, "Accept-Ranges": "bytes"}
+    if etag in (tag.strip() for tag in request.headers.get("if-none-match", "").split(",")):
+        return Response(status_code=304, headers=headers)
+    status, start, end = 200, 0, size
+    asked, if_range = request.headers.get("range"), request.headers.get("if-range")
+    if asked is not None and if_range in (None, etag):  # another If-Range: the file changed, send it all
+        span = _byte_range(asked, size)
+        if span == "unsatisfiable":
+            return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+        if span is not None:
+            (start, end), status = span, 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    body = content[start:end]
+    if request.method == "HEAD":
+        headers["Content-Length"], body = str(len(body)), b""
+    return Response(body, status_code=status, media_type=media_type, headers=headers)
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
+    """[start, end) of a single `bytes=a-b`, `bytes=a-` or `bytes=-n`; None for what a server may
+    ignore (several ranges, another unit, garbage): the whole content is the answer then."""
+    unit, _, spec = header.partition("=")
+    first, dash, last = spec.strip().partition("-")
+    if unit.strip().lower() != "bytes" or not dash or "," in spec:
+        return None
+    first, last = first.strip(), last.strip()
+    if not (first.isdigit() or first == "") or not (last.isdigit() or last == "") or first == last == "":
+        return None
+    if first == "":  # the last n bytes
+        return (max(0, size - int(last)), size) if int(last) > 0 and size else "unsatisfiable"
+    if last and int(last) < int(first):
+        return None
+    if int(first) >= size:
+        return "unsatisfiable"
+    return int(first), min(size, int(last) + 1) if last else size
 
 
 async def partial_response(services: Services, job: Job, index: int) -> Response:

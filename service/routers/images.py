@@ -192,6 +192,7 @@ async def delete_image_job(job_id: str, services: ReadyDep, owner: OwnerDep) -> 
     return await cancel_or_delete(services, job_id, "image", owner, "image.job.deleted")
 
 
+@router.head("/{job_id}/content", include_in_schema=False)  # the size, before a download
 @router.get(
     "/{job_id}/content",
     response_class=Response,
@@ -200,9 +201,10 @@ async def delete_image_job(job_id: str, services: ReadyDep, owner: OwnerDep) -> 
 )
 async def image_content(
     job_id: str,
+    request: Request,
     services: ReadyDep,
     owner: OwnerDep,
     index: Annotated[int, Query(ge=0, le=7, description="which image of the job (0-based)")] = 0,
 ) -> Response:
     job = await get_job(services, job_id, "image", owner)
-    return await artifact_response(services, job, index=index, variant="primary")
+    return await artifact_response(services, job, request, index=index, variant="primary")

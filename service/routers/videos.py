@@ -132,6 +132,7 @@ async def get_video(video_id: str, services: ReadyDep, owner: OwnerDep) -> Video
     return video_object(await get_job(services, video_id, "video", owner, "video_id"))
 
 
+@router.head("/{video_id}/content", include_in_schema=False)  # the size, before a download
 @router.get(
     "/{video_id}/content",
     response_class=Response,
@@ -140,12 +141,14 @@ async def get_video(video_id: str, services: ReadyDep, owner: OwnerDep) -> Video
 )
 async def video_content(
     video_id: str,
+    request: Request,
     services: ReadyDep,
     owner: OwnerDep,
     variant: Annotated[Literal["video", "thumbnail"], Query()] = "video",
 ) -> Response:
     job = await get_job(services, video_id, "video", owner, "video_id")
-    return await artifact_response(services, job, index=0, variant="primary" if variant == "video" else "thumbnail")
+    variant_name = "primary" if variant == "video" else "thumbnail"
+    return await artifact_response(services, job, request, index=0, variant=variant_name)
 
 
 @router.get(
