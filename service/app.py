@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from opentelemetry.trace import Tracer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -282,7 +283,9 @@ def create_app(
                     task.cancel()
             await services.queue.close()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs and /redoc serve Swagger UI and ReDoc from the package,
+    # not a CDN (blank pages on an air-gapped node otherwise)
+    app = FastAPIOffline(
         title="LESA serving",
         version="0.1.0",
         description=DESCRIPTION,

@@ -709,6 +709,23 @@ def test_openapi_documents_the_errors_the_server_sends_and_its_bearer_auth() -> 
             assert ("503" in responses) == secured, where  # loading (every /v1 route waits for the models)
 
 
+def test_api_docs_pages_load_their_scripts_from_this_server_not_a_cdn() -> None:
+    """/docs and /redoc work air-gapped (FastAPI's own load Swagger UI and ReDoc from a CDN, and
+    stay blank without internet)."""
+    import re
+
+    s = settings()
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        for page in ("/docs", "/redoc"):
+            html = client.get(page).text
+            assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', html)
+            assert assets and not [a for a in assets if "://" in a], (page, assets)
+            for asset in assets:
+                got = client.get(asset)
+                assert got.status_code == 200 and len(got.content) > 10_000, asset
+            assert "/openapi.json" in html
+
+
 @pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the client's notice, not ours
 def test_official_openai_client_videos_lifecycle() -> None:
     """The official client's `videos` resource (multipart create, retrieve, list, download, delete)
