@@ -44,6 +44,10 @@ def test_page_and_assets_are_served_from_the_package(client: TestClient) -> None
         assert f"/static/{asset}" in page.text
         response = client.get(f"/static/{asset}")
         assert response.status_code == 200 and kind in response.headers["content-type"]
+        # Revalidated on every load (a cheap 304): after an upgrade the page never runs the old script.
+        assert response.headers["cache-control"] == "no-cache", asset
+        again = client.get(f"/static/{asset}", headers={"If-None-Match": response.headers["etag"]})
+        assert again.status_code == 304, asset
     assert client.get("/static/nope.js").status_code == 404
     # Air-gapped: nothing the page loads may come from another host.
     for path in STATIC.iterdir():

@@ -10,10 +10,12 @@ side-by-side measurement against full compute, which `POST /v1/playground/compar
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
 
 from service.compare import CompareRequest, CompareResponse, compare
 from service.deps import OwnerDep, ReadyDep
@@ -29,8 +31,18 @@ router = APIRouter(prefix="/v1/playground", tags=["playground"])
 page = APIRouter(include_in_schema=False)
 
 
+class RevalidatedStaticFiles(StaticFiles):
+    """The page's scripts and styles, revalidated on every load (a 304 while unchanged): cached
+    heuristically, an upgraded server's page would run with the old playground.js."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def static_files() -> StaticFiles:
-    return StaticFiles(directory=STATIC_DIR)
+    return RevalidatedStaticFiles(directory=STATIC_DIR)
 
 
 @page.get("/")
