@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from opentelemetry.trace import Tracer
@@ -215,6 +216,7 @@ _ERRORS_BY_STATUS = {
     "401": "missing or invalid API key (only when `LESA_API_KEYS` is set)",
     "404": "not found: unknown or expired id",
     "413": "request body larger than `LESA_MAX_BODY_BYTES`",
+    "422": "the Idempotency-Key came before with another body (`idempotency_key_reused`)",
     "503": "the models are loading or the job queue is unavailable; see Retry-After",
 }
 
@@ -222,19 +224,21 @@ _ERRORS_BY_STATUS = {
 def _document_errors(schema: dict[str, Any]) -> dict[str, Any]:
     """The OpenAPI document says what this server sends: FastAPI documents a 422 on every route,
     but `_validation_error` answers bad input with a 400 ErrorResponse; a secured route can answer
-    401, one with an id in its path 404, one with a body 413 (the limits middleware), and every /v1
-    route 503 until the models are loaded (`require_ready`)."""
+    401, one with an id in its path 404, one with a body 413 (the limits middleware), one taking an
+    Idempotency-Key 422 (`submit`), and every /v1 route 503 until the models are loaded."""
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
     for path, operations in schema["paths"].items():
         for method, op in operations.items():
             responses = op["responses"]
-            responses.pop("422", None)
+            responses.pop("422", None)  # FastAPI's validation shape, never sent
+            headers = {p["name"].lower() for p in op.get("parameters", []) if p["in"] == "header"}
             statuses = [
                 "400" if op.get("requestBody") or op.get("parameters") else None,
                 "401" if op.get("security") else None,
                 "404" if "{" in path else None,
                 "413" if method in ("post", "put", "patch") and op.get("requestBody") else None,
                 "503" if path.startswith("/v1/") else None,
+                "422" if "idempotency-key" in headers else None,
             ]
             for status in filter(None, statuses):
                 documented = responses.setdefault(status, {"description": _ERRORS_BY_STATUS[status]})
@@ -359,4 +363,14 @@ def create_app(
     app.include_router(playground.page)  # GET /: the browser playground
     app.mount(playground.STATIC_URL, playground.static_files(), name="static")
     app.add_middleware(LimitsAndMetricsMiddleware, services=services)
+    if settings.cors_origin_list:  # outermost: its headers go on every answer, a 413 or 401 too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "HEAD", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range", "traceparent", "tracestate"],
+            # what a web app reads: when to retry, the job behind a stream, a download's name and range
+            expose_headers=["Retry-After", "X-Job-Id", "Content-Disposition", "Content-Range", "ETag"],
+            max_age=600,
+        )
     return app

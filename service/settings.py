@@ -150,8 +150,22 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     api_keys: str = Field("", description="comma-separated Bearer keys required on /v1/*; empty = no authentication")
+    cors_origins: str = Field(
+        "",
+        description="comma-separated origins whose web apps may call the API from a browser (CORS), e.g. "
+        "`https://app.example.com`; `*` = any; empty = none (the playground is same-origin and needs none)",
+    )
     max_prompt_chars: int = Field(2000, ge=1)
     log_level: str = Field("info")
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for origin in _split(value):
+            # a browser's Origin is scheme://host[:port]: anything else would never match
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com (or *)")
+        return value
 
     @field_validator("api_keys")
     @classmethod
@@ -204,6 +218,10 @@ class Settings(BaseSettings):
     @cached_property
     def api_key_set(self) -> frozenset[str]:
         return frozenset(_split(self.api_keys))
+
+    @cached_property
+    def cors_origin_list(self) -> list[str]:
+        return _split(self.cors_origins)
 
     @cached_property
     def model_list(self) -> list[str]:

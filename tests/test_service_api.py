@@ -267,6 +267,38 @@ def test_outputs_serve_byte_ranges_head_and_revalidation_as_players_and_download
     assert client.head(image_url).status_code == 200
 
 
+def test_browser_apps_of_the_listed_origins_may_call_the_api_and_no_others() -> None:
+    """CORS is off unless `LESA_CORS_ORIGINS` names origins: then a web app served from one of them
+    can call /v1 (preflight answered before auth) and read the headers it needs."""
+    app_origin = "https://app.example"
+    preflight = {
+        "Origin": app_origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, idempotency-key",
+    }
+    s = settings(cors_origins=f"{app_origin}, https://other.example", api_keys="k1")
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        answer = client.options("/v1/images/generations", headers=preflight)
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == app_origin
+        allowed = answer.headers["access-control-allow-headers"].lower()
+        assert all(h in allowed for h in ("authorization", "content-type", "idempotency-key"))
+        key = {"Authorization": "Bearer k1", "Origin": app_origin}
+        created = client.post("/v1/images/jobs", json={"prompt": "a one"}, headers=key)
+        assert created.headers["access-control-allow-origin"] == app_origin
+        assert "retry-after" in created.headers["access-control-expose-headers"].lower()
+        refused = client.options("/v1/images/generations", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in refused.headers
+        denied = client.get("/v1/models", headers={"Origin": app_origin})  # a 401 the app can read
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == app_origin
+    s = settings()
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        answer = client.options("/v1/images/generations", headers=preflight)
+        assert "access-control-allow-origin" not in answer.headers
+        assert "access-control-allow-origin" not in client.get("/v1/models", headers={"Origin": app_origin}).headers
+    with pytest.raises(ValueError, match="cors_origins"):
+        settings(cors_origins="app.example")  # no scheme: a browser never sends that origin
+
+
 def test_video_lifecycle_json_and_multipart(client: TestClient) -> None:
     created = client.post("/v1/videos", json={"prompt": "a three", "num_frames": 8, "seed": 3})
     assert created.status_code == 200, created.text
@@ -697,11 +729,14 @@ def test_openapi_documents_the_errors_the_server_sends_and_its_bearer_auth() -> 
     for path, operations in schema["paths"].items():
         for method, op in operations.items():
             responses, where = op["responses"], f"{method.upper()} {path}"
-            assert "422" not in responses, where
+            if "422" in responses:  # only the reused Idempotency-Key, never FastAPI's validation shape
+                assert responses["422"]["content"]["application/json"]["schema"] == error, where
             if op.get("requestBody") or op.get("parameters"):
                 assert responses["400"]["content"]["application/json"]["schema"] == error, where
             if "{" in path:
                 assert "404" in responses, where
+            if any(p["name"].lower() == "idempotency-key" for p in op.get("parameters", [])):
+                assert "422" in responses, where
             if method == "post" and op.get("requestBody"):
                 assert "413" in responses, where
             secured = path.startswith("/v1/")
