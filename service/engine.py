@@ -270,8 +270,12 @@ class Engine:
                 f"model {name!r} not found; served models: {', '.join(self.models)}", "model", "model_not_found"
             )
         if entry.kind != kind:
+            a = {"image": "an image", "video": "a video"}
+            fitting = ", ".join(n for n, e in self.models.items() if e.kind == kind) or "none here"
             raise bad_request(
-                f"model {name!r} is a {entry.kind} model, not a {kind} model", "model", "wrong_model_kind"
+                f"model {name!r} is {a[entry.kind]} model, not {a[kind]} model; {kind} models: {fitting}",
+                "model",
+                "wrong_model_kind",
             )
         return entry
 

@@ -299,6 +299,15 @@ def test_browser_apps_of_the_listed_origins_may_call_the_api_and_no_others() -> 
         settings(cors_origins="app.example")  # no scheme: a browser never sends that origin
 
 
+def test_a_model_of_the_other_kind_is_named_with_the_models_that_would_do(client: TestClient) -> None:
+    error = assert_error(client.post("/v1/videos", json={"prompt": "x", "model": "fake-image"}), 400, "model")
+    assert error["message"] == "model 'fake-image' is an image model, not a video model; video models: fake-video"
+    error = assert_error(
+        client.post("/v1/images/generations", json={"prompt": "x", "model": "fake-video"}), 400, "model"
+    )
+    assert error["message"] == "model 'fake-video' is a video model, not an image model; image models: fake-image"
+
+
 def test_video_lifecycle_json_and_multipart(client: TestClient) -> None:
     created = client.post("/v1/videos", json={"prompt": "a three", "num_frames": 8, "seed": 3})
     assert created.status_code == 200, created.text
