@@ -301,6 +301,7 @@ class Worker:
             # Ends on the `finished` flag, not by cancellation: on Python 3.11 `wait_for` can
             # swallow a cancel that races with its inner wait completing, which would hang here.
             published, published_at = -1, 0.0
+            down_since: float | None = None  # the queue's current outage: logged at its start and end
             while not finished:
                 try:
                     await asyncio.wait_for(progress_signal.wait(), CANCEL_POLL_S)
@@ -320,10 +321,17 @@ class Worker:
                             if job.id not in cancelled:
                                 await self.queue.set_progress(job.id, percent)
                         published, published_at = percent, time.monotonic()
+                    if down_since is not None:
+                        log.warning("batch %s: progress recorded again after %.1f s",
+                                    [j.id for j in jobs], time.monotonic() - down_since)  # fmt: skip
+                        down_since = None
                 except QueueUnavailable as error:
                     # A blip must not end the watch: cancels, progress and the delivery's heartbeat
                     # (sent with progress) carry on at the next poll.
-                    log.warning("batch %s: progress not recorded (%s); retrying", [j.id for j in jobs], error)
+                    if down_since is None:
+                        down_since = time.monotonic()
+                        log.warning("batch %s: progress not recorded (%s); retrying at every step",
+                                    [j.id for j in jobs], error)  # fmt: skip
 
         monitor_task = asyncio.create_task(monitor())
         started = time.time()

@@ -445,6 +445,45 @@ def test_a_queue_blip_while_a_batch_runs_does_not_end_its_progress_and_cancel_wa
     run(scenario())
 
 
+def test_a_queue_outage_during_a_batch_is_logged_once_and_its_end_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Redis down for many denoising steps: one warning when progress stops being recorded and
+    one when it is again, not a warning per step (~7/s per batch drowned the log)."""
+    import logging
+
+    from service_support import make_engine, settings
+
+    from service.metrics import Metrics
+    from service.queue import QueueUnavailable
+    from service.schemas import ImageGenerationRequest
+    from service.worker import Worker
+
+    engine = make_engine(settings(), step_delay=0.03)
+    pipe = engine.models["fake-image"].pipe
+
+    class DownForAWhile(InProcessJobQueue):
+        failures = 0
+
+        async def is_cancelled(self, job_id: str) -> bool:
+            if 2 <= pipe.last_step < 30:
+                self.failures += 1
+                raise QueueUnavailable("job queue unreachable (test)")
+            return await super().is_cancelled(job_id)
+
+    async def scenario() -> None:
+        queue = DownForAWhile()
+        worker = Worker(queue, engine, Metrics(), claim_timeout_s=0.1)
+        job = await queue.submit(engine.resolve_image(ImageGenerationRequest(prompt="a", num_inference_steps=60)))
+        await worker.run_once()
+        assert (await queue.get(job.id)).status == JobStatus.completed
+        assert queue.failures >= 5  # the outage spanned many polls
+
+    with caplog.at_level(logging.INFO, logger="lesa"):
+        run(scenario())
+    said = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
+    assert len([m for m in said if "not recorded" in m]) == 1, said
+    assert len([m for m in said if "recorded again" in m]) == 1, said
+
+
 def test_shadow_check_quality_keeps_the_latest_window_per_level_newest_first() -> None:
     """What "auto" judges LESA levels by (recorded by workers, read by every API process)."""
 
