@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from service import tracing
 from service.engine import theoretical_speedup
 from service.errors import ApiError, shown
+from service.links import signed_owner, signing_key
 from service.metrics import Metrics
 from service.queue import (
     Job,
@@ -80,6 +81,10 @@ async def require_api_key(
     keys = services.settings.api_key_set
     if not keys:
         return
+    owner = signed_owner(signing_key(keys), request)  # a link the API handed out (service/links.py)
+    if owner is not None:
+        request.state.signed_owner = owner
+        return
     token = _bearer_token(request)
     # compare_digest: no timing side channel on how much of a key matched
     # compared as bytes: compare_digest refuses non-ASCII str, which made such a token a 500
@@ -105,6 +110,8 @@ async def get_owner(request: Request, services: ServicesDep) -> str | None:
     prompts, results or video list (the key itself is never stored)."""
     if not services.settings.api_key_set:
         return None
+    if getattr(request.state, "signed_owner", None) is not None:  # a signed link: its owner's job
+        return request.state.signed_owner
     return "key-" + hashlib.sha256(_bearer_token(request).encode()).hexdigest()[:16]
 
 

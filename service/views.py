@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from service.errors import ApiError
+from service.links import ContentLinks
 from service.queue import Job, JobQueue, JobStatus
 from service.schemas import (
     ImageData,
@@ -37,16 +38,12 @@ def lesa_stats(job: Job) -> LesaStats:
     return LesaStats.model_validate({k: v for k, v in data.items() if k in LesaStats.model_fields})
 
 
-def content_url(base_url: str, job: Job, index: int) -> str:
-    return f"{base_url}/v1/images/{job.id}/content?index={index}"
-
-
-async def images_response(job: Job, queue: JobQueue, *, response_format: str, base_url: str) -> ImagesResponse:
+async def images_response(job: Job, queue: JobQueue, *, response_format: str, links: ContentLinks) -> ImagesResponse:
     assert job.result is not None
     data: list[ImageData] = []
     for ref in sorted(job.result.outputs, key=lambda r: r.index):
         if response_format == "url":
-            data.append(ImageData(url=content_url(base_url, job, ref.index), revised_prompt=job.spec.prompt))
+            data.append(ImageData(url=links.image(job, ref.index), revised_prompt=job.spec.prompt))
             continue
         content = await queue.get_artifact(job.id, ref.name)
         if content is None:  # expired between completion and now: tell the client, don't 500
@@ -92,11 +89,11 @@ def video_object(job: Job) -> VideoObject:
     )
 
 
-async def image_job_object(job: Job, queue: JobQueue, base_url: str) -> ImageJobObject:
+async def image_job_object(job: Job, queue: JobQueue, links: ContentLinks) -> ImageJobObject:
     spec = job.spec
     result = None
     if job.status == JobStatus.completed:
-        result = await images_response(job, queue, response_format="url", base_url=base_url)
+        result = await images_response(job, queue, response_format="url", links=links)
     return ImageJobObject(
         id=job.id,
         model=spec.model,

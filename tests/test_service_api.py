@@ -682,6 +682,54 @@ def test_jobs_and_idempotency_keys_belong_to_their_api_key() -> None:
         assert client.get(f"/v1/images/{mine['id']}/content", headers=one).status_code == 200
 
 
+def test_image_urls_are_signed_links_that_work_without_the_key_until_the_outputs_expire() -> None:
+    """OpenAI's `url` is fetched as it is (an <img src>, a plain GET): with API keys on, the links
+    the API hands out carry a signature instead. Bound to their job, output and owner; nothing else
+    opens with one, and a changed link opens nothing."""
+    import urllib.parse
+
+    from service.links import ContentLinks, signing_key
+
+    s = settings(api_keys="k1, k2")
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        one = {"Authorization": "Bearer k1"}
+        made = client.post("/v1/images/generations", json={"prompt": "a one", "n": 2, "response_format": "url"},
+                           headers=one)  # fmt: skip
+        assert made.status_code == 200, made.text
+        url = made.json()["data"][1]["url"]
+        got = client.get(url)  # no Authorization header
+        assert got.status_code == 200 and got.content[:4] == b"\x89PNG", got.text
+        assert client.head(url).status_code == 200
+        job_id = url.split("/v1/images/")[1].split("/")[0]
+        assert client.get(f"/v1/images/jobs/{job_id}", headers=one).json()["result"]["data"][1]["url"] == url
+        parts = urllib.parse.urlsplit(url)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        assert int(query["expires"]) == client.get(f"/v1/images/jobs/{job_id}", headers=one).json()["expires_at"]
+
+        def changed(**fields: str) -> str:
+            return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode({**query, **fields})))
+
+        for forged in (changed(index="0"), changed(expires=str(int(query["expires"]) + 60)),
+                       changed(owner="key-0000000000000000"), changed(sig="0" * 64)):  # fmt: skip
+            assert_error(client.get(forged), 401, None)
+        # a signature opens only the content it was made for: not the job, nor another route
+        signed_query = "?" + parts.query
+        assert_error(client.get(f"/v1/images/jobs/{job_id}{signed_query}"), 401, None)
+        assert_error(client.delete(f"/v1/images/jobs/{job_id}{signed_query}"), 401, None)
+        # k2 with a link k1 handed it: the link decides (sharing a link is what links are for)
+        assert client.get(url, headers={"Authorization": "Bearer k2"}).status_code == 200
+        # made for outputs that have expired since: said so, not "invalid API key"
+        job = client.portal.call(client.app.state.services.queue.get, job_id).model_copy(
+            update={"expires_at": time.time() - 1}
+        )
+        stale = ContentLinks("http://testserver", signing_key(["k2", "k1"])).image(job, 1)
+        assert assert_error(client.get(stale), 401, None)["code"] == "link_expired"
+    s = settings()
+    with TestClient(create_app(s, engine=make_engine(s))) as client:  # no keys: plain links
+        url = client.post("/v1/images/generations", json={"prompt": "a one", "response_format": "url"}).json()
+        assert "sig=" not in url["data"][0]["url"]
+
+
 def test_metrics_probes_and_docs(client: TestClient) -> None:
     before = client.get("/metrics").text
     lesa = client.post("/v1/images/generations", json={"prompt": "x", "acceleration": "2x"}).json()["lesa"]

@@ -18,6 +18,7 @@ from service.deps import (
     wait_while_connected,
 )
 from service.errors import ApiError
+from service.links import ContentLinks, signing_key
 from service.queue import Job, JobStatus
 from service.routers.common import (
     LIST_ERRORS,
@@ -51,8 +52,11 @@ ERRORS = {
 }
 
 
-def base_url(request: Request, services: ReadyDep) -> str:
-    return (services.settings.public_base_url or str(request.base_url)).rstrip("/")
+def content_links(request: Request, services: ReadyDep) -> ContentLinks:
+    """How this request's answers link to images: at the address the client reached (or the
+    configured public one), signed when API keys are on (`service/links.py`)."""
+    base_url = (services.settings.public_base_url or str(request.base_url)).rstrip("/")
+    return ContentLinks(base_url, signing_key(services.settings.api_key_set))
 
 
 @router.post(
@@ -85,7 +89,7 @@ async def create_images(
     job = await wait_while_connected(services, job, timeout, request.is_disconnected, keep=keep)
     if job.status == JobStatus.completed:
         return await images_response(
-            job, services.queue, response_format=body.response_format, base_url=base_url(request, services),
+            job, services.queue, response_format=body.response_format, links=content_links(request, services),
         )  # fmt: skip
     if job.status == JobStatus.failed:
         raise failed_job_error(job)
@@ -122,17 +126,17 @@ async def create_image_job(
     spec = await resolve_for_load(services, body, services.engine.resolve_image)
     job = await submit(services, spec, owner, idempotency_key, body)
     assert services.queue is not None
-    return await image_job_object(job, services.queue, base_url(request, services))
+    return await image_job_object(job, services.queue, content_links(request, services))
 
 
 @router.get("/jobs", response_model=ListResponse, responses=LIST_ERRORS, summary="List image jobs")
 async def list_image_jobs(request: Request, services: ReadyDep, owner: OwnerDep, query: ListQueryDep) -> ListResponse:
     """The caller's image jobs (sync requests' too), newest first: find a job whose answer was lost."""
     assert services.queue is not None
-    queue, url = services.queue, base_url(request, services)
+    queue, links = services.queue, content_links(request, services)
 
     async def view(job: Job) -> ImageJobObject:
-        return await image_job_object(job, queue, url)
+        return await image_job_object(job, queue, links)
 
     return await list_page(services, "image", owner, query, view)
 
@@ -141,7 +145,7 @@ async def list_image_jobs(request: Request, services: ReadyDep, owner: OwnerDep,
 async def get_image_job(job_id: str, request: Request, services: ReadyDep, owner: OwnerDep) -> ImageJobObject:
     job = await get_job(services, job_id, "image", owner)
     assert services.queue is not None
-    return await image_job_object(job, services.queue, base_url(request, services))
+    return await image_job_object(job, services.queue, content_links(request, services))
 
 
 @router.get(
@@ -154,11 +158,11 @@ async def image_job_events(job_id: str, request: Request, services: ReadyDep, ow
     """`event: <status>` + `data: <image job>` on every status or progress change; ends when the
     job does (the last event carries the image URLs)."""
     await get_job(services, job_id, "image", owner)
-    url = base_url(request, services)
+    links = content_links(request, services)
 
     async def render(job: Job) -> ImageJobObject:
         assert services.queue is not None
-        return await image_job_object(job, services.queue, url)
+        return await image_job_object(job, services.queue, links)
 
     return job_events(services, job_id, "image", render)
 
@@ -184,7 +188,7 @@ async def cancel_image_job(job_id: str, request: Request, services: ReadyDep, ow
     its images kept. DELETE is the same on a live job but forgets a finished one."""
     job = await cancel_only(services, job_id, "image", owner)
     assert services.queue is not None
-    return await image_job_object(job, services.queue, base_url(request, services))
+    return await image_job_object(job, services.queue, content_links(request, services))
 
 
 @router.delete("/jobs/{job_id}", response_model=DeletedObject, summary="Cancel (or delete) an image job")
