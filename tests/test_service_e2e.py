@@ -96,11 +96,14 @@ def test_http_image_generation_reports_what_ran(server: Server) -> None:
         ran = generate(client, acceleration="5x", num_inference_steps=50, method="lesa")["lesa"]
         level = next(c for c in card["acceleration"] if c["level"] == "5x")
         assert re.fullmatch("[0-9a-f]{12}", level["predictor"]) and ran["predictor"] == level["predictor"]
-        # url outputs are served by the same server
+        # url outputs are served by the same server ...
         body = generate(client, response_format="url", output_format="jpeg")
         image = client.get(body["data"][0]["url"])
         assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
-        assert client.get(body["data"][0]["url"], headers={"Authorization": ""}).status_code == 401
+        # ... as signed links: no key needed (an <img src>), but one without its signature is refused
+        url = body["data"][0]["url"]
+        assert client.get(url, headers={"Authorization": ""}).status_code == 200
+        assert client.get(url.split("&sig=")[0], headers={"Authorization": ""}).status_code == 401
         # errors over the wire: named field, no traceback
         for payload, status, param in (
             ({"model": "nope"}, 404, "model"),
