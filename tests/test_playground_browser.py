@@ -330,6 +330,27 @@ def test_level_cards_show_the_measured_quality(fake_server, browser) -> None:
     assert "TaylorSeer: no card" in other
 
 
+def prompt_after_choosing(driver, model: str) -> str:
+    Select(driver.find_element(By.ID, "model")).select_by_value(model)
+    return driver.find_element(By.ID, "prompt").get_attribute("value")
+
+
+def test_switching_model_keeps_a_prompt_the_user_typed(fake_server, browser) -> None:
+    """The new model's example replaces only an empty prompt or the previous model's untouched
+    example; a typed prompt survives the switch (it used to be replaced by the example)."""
+    url, _ = fake_server
+    open_page(browser, url)
+    image_example = browser.find_element(By.ID, "prompt").get_attribute("value")
+    video_example = prompt_after_choosing(browser, "fake-video")
+    assert video_example != image_example  # an untouched example follows the model
+    assert video_example in [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#examples button")]
+    fill(browser, "prompt", "a cat made of clouds")
+    assert prompt_after_choosing(browser, "fake-image") == "a cat made of clouds"
+    assert prompt_after_choosing(browser, "fake-video") == "a cat made of clouds"
+    fill(browser, "prompt", "")
+    assert prompt_after_choosing(browser, "fake-image") == image_example
+
+
 def test_video_shows_progress_then_plays_inline(fake_server, browser) -> None:
     url, _ = fake_server
     open_page(browser, url)

@@ -250,8 +250,21 @@ function preferredLevel(model) {
   return model.default_acceleration;
 }
 
+function examplesFor(model) {
+  return model ? EXAMPLES[model.id] || EXAMPLES[model.kind] || [] : [];
+}
+
+// The new model's example goes in only where it replaces nothing the user wrote: an empty
+// prompt, or the previous model's example left as it was. A typed prompt survives the switch.
+function updatePrompt(previous, examples) {
+  const prompt = $("prompt").value;
+  if (!examples.length || examples.includes(prompt)) return;
+  if (prompt.trim() === "" || examplesFor(previous).includes(prompt)) $("prompt").value = examples[0];
+}
+
 function selectModel(id) {
   const model = state.models.find((m) => m.id === id);
+  const previous = state.model;
   state.model = model;
   $("model").value = id;
   $("model-info").textContent = `${model.kind} model · sizes ${model.sizes.join(", ")} · steps ` +
@@ -264,7 +277,7 @@ function selectModel(id) {
   $("steps").value = model.default_steps;
   $("steps").placeholder = `${model.step_range[0]}–${model.step_range[1]}`;
   $("guidance").value = model.default_guidance_scale;
-  const examples = EXAMPLES[model.id] || EXAMPLES[model.kind];
+  const examples = examplesFor(model);
   $("examples").replaceChildren(...examples.map((text) => {
     const button = document.createElement("button");
     button.type = "button";
@@ -272,7 +285,7 @@ function selectModel(id) {
     button.addEventListener("click", () => { $("prompt").value = text; });
     return button;
   }));
-  if (!examples.includes($("prompt").value)) $("prompt").value = examples[0];
+  updatePrompt(previous, examples);
   const levels = $("levels");
   levels.replaceChildren(...model.acceleration.map((l) => levelCard(model, l)), autoCard());
   const wanted = preferredLevel(model);
