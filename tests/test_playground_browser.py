@@ -351,6 +351,26 @@ def test_switching_model_keeps_a_prompt_the_user_typed(fake_server, browser) -> 
     assert prompt_after_choosing(browser, "fake-image") == image_example
 
 
+def test_a_refused_request_shows_its_error_without_an_empty_progress_bar(fake_server, browser) -> None:
+    """A 400 leaves the error alone on show (it used to sit beside an empty result and a 0%
+    progress bar); the next generation shows its progress again."""
+    url, _ = fake_server
+    open_page(browser, url)
+    progress = browser.find_element(By.ID, "progress")
+    fill(browser, "steps", "500")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: field_error(d, "num_inference_steps"), 10, "no error next to the steps")
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error"
+    assert not progress.is_displayed()
+    assert not browser.find_elements(By.CSS_SELECTOR, "#output > *")
+
+    fill(browser, "steps", "30")  # ~1 s at 30 ms a step
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: progress.is_displayed() and int(progress.get_attribute("value")) > 0, 10,
+         "the next generation showed no progress")  # fmt: skip
+    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", 10)
+
+
 def test_video_shows_progress_then_plays_inline(fake_server, browser) -> None:
     url, _ = fake_server
     open_page(browser, url)

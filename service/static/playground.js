@@ -434,6 +434,8 @@ async function generate() {
     finish(outcome);
   } catch (error) {
     $("output").replaceChildren();
+    // A refused or failed request has no progress to show: a 0% bar would read as still running.
+    $("progress").hidden = true;
     showError(error);
     finish("error");
   }
