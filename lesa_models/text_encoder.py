@@ -49,11 +49,19 @@ class TextEncoder:
 
     def __init__(self, max_length: int = DEFAULT_MAX_LENGTH, cache_size: int = 512) -> None:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         path = model_dir()
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+        # No "Loading weights" bar: it printed before every CLI command's own output and errors.
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
         self.model.requires_grad_(False)
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size

@@ -236,3 +236,12 @@ def test_committed_predictor_bundles_fit_their_model_and_forecast_close_to_full_
         assert out.stats["cache"]["cond"] == {"full": schedule.num_full, "predicted": 50 - schedule.num_full}
         psnr = -10 * np.log10(((out.samples - full) ** 2).mean())
         assert psnr > 24, f"{name} {level}: {psnr:.1f} dB vs full compute"
+
+
+def test_loading_the_text_encoder_prints_nothing(capfd) -> None:
+    """Every CLI command loads it: transformers' "Loading weights" bar put a stray line before each
+    command's own output and error messages (the weights are the package's, loaded in well under a second)."""
+    from lesa_models.text_encoder import TextEncoder
+
+    TextEncoder()
+    assert capfd.readouterr().err == ""
