@@ -75,15 +75,25 @@ class CliError(Exception):
     """A user-facing error: printed as one line, no traceback."""
 
 
-def prepare_output(path: Path | None, flag: str, directory: bool = False) -> None:
+def prepare_output(path: Path | None, flag: str, directory: bool = False, create: bool = True) -> None:
     """Make `path` (a file, or with `directory` a folder) writable before the work that fills it
-    runs: a path that cannot be written found only at the end would throw the work away."""
+    runs: a path that cannot be written found only at the end would throw the work away.
+
+    With `create` False nothing is made, the same paths are refused: for a command that makes the
+    folder itself and removes it again when refused (`lesa record`)."""
     if path is None:
         return
     folder = path if directory else path.parent
     try:
         if not directory and path.is_dir():
             raise CliError(f"{flag} {path}: is a directory, expected a file to write")
+        if not create:
+            existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+            if existing is not None and not existing.is_dir():
+                raise CliError(f"{flag} {path}: {existing} is a file, not a folder")
+            if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+                raise CliError(f"{flag} {path}: cannot write in {existing} (permission denied)")
+            return
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise CliError(f"{flag} {path}: {folder} is a file, not a folder") from None

@@ -6,7 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
-from lesa_core.cli import CliError, non_negative_int, positive_float, positive_int, seed_int
+from lesa_core.cli import CliError, non_negative_int, positive_float, positive_int, prepare_output, seed_int
 from lesa_core.predictor import BundleError
 from lesa_core.schedule import CacheSchedule
 from lesa_core.training import TrainSettings as TrainDefaults
@@ -211,6 +211,9 @@ def _record(args: argparse.Namespace) -> int:
 
     seeds = parse_seeds(args.seeds)  # before the model loads: a typo costs no minutes
     prompts = read_prompts(args.prompts)
+    # a file as --out, found by record() only after the model loaded; record() makes the folder
+    # itself and removes it when refused, so nothing is created here
+    prepare_output(Path(args.out), "--out", directory=True, create=False)
     pipe = load_any_pipeline(args.model)
     info = pipe.info
     prompts = [prompts[i % len(prompts)] for i in range(len(seeds))]

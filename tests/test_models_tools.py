@@ -122,7 +122,8 @@ def test_cli_errors_are_one_line_naming_the_problem_never_a_traceback(tmp_path, 
     rc = main(["record", "--model", "digits-image", "--prompts", str(prompts), "--seeds", "0", "--steps", "4",
                "--out", str(a_file)])  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 1 and str(a_file) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and f"--out {a_file}: {a_file} is a file, not a folder" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     fresh = tmp_path / "fresh" / "rec"  # refused before its first shard: no empty folder left behind
     rc = main(["record", "--model", "digits-image", "--prompts", str(prompts), "--seeds", "0", "--steps", "1",
                "--out", str(fresh)])  # fmt: skip

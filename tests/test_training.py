@@ -380,3 +380,25 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
         == 2
     )
     assert "no such file" in capsys.readouterr().err
+
+
+def test_record_refuses_a_file_as_out_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import lesa_core.commands
+
+    def load(name):
+        raise AssertionError("the model loaded before --out was checked")
+
+    monkeypatch.setattr(lesa_core.commands, "load_any_pipeline", load)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("digit 3\n")
+    args = ["record", "--model", "digits-image", "--prompts", str(prompts), "--seeds", "0", "--steps", "4"]
+    for out in (a_file, a_file / "rec"):  # the file itself, or a folder inside it
+        assert main([*args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [f"lesa record: error: --out {out}: {a_file} is a file, not a folder"]
+    assert a_file.read_text() == ""
+    # the check creates nothing: record() makes the folder itself, and removes it when refused
+    assert main([*args, "--out", str(tmp_path / "new" / "rec")]) == 1
+    assert "the model loaded before" in capsys.readouterr().err and not (tmp_path / "new").exists()
