@@ -40,6 +40,8 @@ class OpaqueObject:
 def load_reference_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a reference checkpoint without unpickling arbitrary objects."""
     path = Path(path)
+    if path.is_dir():  # "no such file" would puzzle whoever sees the folder there
+        raise BundleError(f"checkpoint {path}: is a directory, expected the torch file saved by the reference code")
     if not path.is_file():
         raise BundleError(f"{path}: no such file")
     try:

@@ -111,3 +111,14 @@ def test_import_errors_name_the_problem(tmp_path, capsys):
         torch.save({"model": model}, partial)
         with pytest.raises(BundleError, match=f"{partial}: "):
             import_reference(partial, tmp_path / "out", CacheSchedule(10, 3, 2))
+
+
+def test_import_names_a_directory_given_as_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "run"  # e.g. the reference code's output folder instead of the .pth in it
+    folder.mkdir()
+    args = [str(folder), str(tmp_path / "b"), "--num-steps", "10", "--interval", "3", "--first-enhance", "2"]
+    assert main(["import-reference", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"lesa import-reference: error: checkpoint {folder}: is a directory, "
+                                        "expected the torch file saved by the reference code"]  # fmt: skip
+    assert not (tmp_path / "b").exists()
