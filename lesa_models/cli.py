@@ -161,6 +161,14 @@ def _generate(args: argparse.Namespace) -> int:
     if suffix not in suffixes:
         raise CliError(f"--output for {pipe.kind} must end in one of {', '.join(suffixes)}, got {suffix!r}")
     width, height = _size(pipe, args.size)
+    # what the pipeline would refuse (steps, guidance, size, frames), refused before any output is
+    # made and before the progress bar opens: an error printed after it lands on the bar's line
+    guidance = pipe.default_guidance if args.guidance is None else args.guidance
+    seeds = [args.seed + i for i in range(len(prompts))]
+    try:
+        pipe._validate(prompts, seeds, height, width, args.frames, args.steps, guidance)
+    except ValueError as error:
+        raise CliError(str(error)) from error
     cache = resolve_acceleration(pipe, args.acceleration, args.steps, args.method, args.predictor)
     # a folder (no suffix) or the folder a file goes in: writable before the work, not after it
     prepare_output(args.output, "--output", directory=not args.output.suffix)

@@ -89,6 +89,24 @@ def test_cli_generate_reports_user_errors(tmp_path, capsys):
     assert rc == 2 and "num_inference_steps" in capsys.readouterr().err
 
 
+def test_cli_generate_refuses_what_the_pipeline_refuses_before_its_progress_bar(tmp_path, capsys):
+    from lesa_core.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("digit 3\n")
+    out = tmp_path / "gen"
+    for extra, says in ((["--guidance", "-1"], "guidance_scale must be a finite number >= 0, got -1.0"),
+                        (["--steps", "101"], "num_inference_steps must be in 4..100, got 101"),
+                        (["--size", "8x8"], "size 8x8 (width x height) not supported by digits-image"),
+                        (["--frames", "3"], "num_frames must be None for the image model digits-image")):  # fmt: skip
+        rc = main(["generate", "--prompts", str(prompts), "--steps", "4", "--output", str(out), *extra])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # transformers may print a "Loading weights" bar before
+        assert rc == 2 and last.startswith(f"lesa generate: error: {says}"), err
+        assert "%|" not in last and "it/s" not in last and "step/s" not in err and "Traceback" not in err
+        assert not out.exists()  # nor an output folder made for samples never generated
+
+
 def test_cli_eval_writes_its_grid_in_the_format_its_name_says(tmp_path, capsys):
     """A still grid for an image model (PNG, JPEG, WEBP), an animated strip for a video model
     (GIF, MP4); a name whose format cannot hold what the model makes is refused before the work."""
