@@ -1,6 +1,6 @@
 """Quality and speed of every forecasting method at every level: `lesa bench quality` as a script.
 
-    python benchmarks/bench_quality.py --model digits-image                  # 16 held-out seeds, 50 steps
+    python benchmarks/bench_quality.py --model digits-image                  # 256 held-out seeds (1000-1255), 50 steps
     python benchmarks/bench_quality.py --model digits-video --update-cards
     python benchmarks/bench_quality.py --seeds 1000-1001 --steps 8 --methods none,reuse --levels 2x  # smoke
 
