@@ -35,11 +35,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def _ensemble_predictors(args: argparse.Namespace) -> int:
     from lesa_core.ensemble import PredictorEnsemble
-    from lesa_core.predictor import StagePredictor, occupied_bundle_path
+    from lesa_core.predictor import StagePredictor
 
-    out = Path(args.out)
-    if what := occupied_bundle_path(out):
-        raise CliError(f"--out {out}: already holds {what}; choose a new directory or remove it first")
+    refuse_occupied(Path(args.out), "--out")
     names, members = [], []
     for item in args.members:
         name, sep, bundle = item.partition("=")
@@ -73,9 +71,18 @@ def _ensemble_predictors(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_occupied(out: Path, name: str) -> None:
+    """A bundle's destination must not hold a file or another bundle: writing would destroy it."""
+    from lesa_core.predictor import occupied_bundle_path
+
+    if what := occupied_bundle_path(out):
+        raise CliError(f"{name} {out}: already holds {what}; choose a new directory or remove it first")
+
+
 def _import_reference(args: argparse.Namespace) -> int:
     from lesa_core.reference_import import import_reference
 
+    refuse_occupied(Path(args.out_dir), "out_dir")
     try:
         schedule = CacheSchedule(args.num_steps, args.interval, args.first_enhance)
         predictor = import_reference(args.checkpoint, args.out_dir, schedule, args.family)

@@ -122,3 +122,20 @@ def test_import_names_a_directory_given_as_checkpoint(tmp_path, capsys):
     assert err.strip().splitlines() == [f"lesa import-reference: error: checkpoint {folder}: is a directory, "
                                         "expected the torch file saved by the reference code"]  # fmt: skip
     assert not (tmp_path / "b").exists()
+
+
+def test_import_never_overwrites_a_bundle_or_a_file(tmp_path, capsys):
+    """A second import to the same folder would silently replace a bundle (and its quality card)."""
+    path, _, _ = _reference_file(tmp_path, ("shared",))
+    flags = ["--num-steps", "10", "--interval", "3", "--first-enhance", "2"]
+    assert main(["import-reference", str(path), str(tmp_path / "bundle"), *flags]) == 0
+    written = (tmp_path / "bundle" / "config.json").read_bytes()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    for out, what in ((tmp_path / "bundle", "a bundle (config.json)"), (a_file, "a file")):
+        capsys.readouterr()
+        assert main(["import-reference", str(path), str(out), *flags]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"lesa import-reference: error: out_dir {out}: already holds {what}; choose a new directory or remove it first"
+        ]
+    assert (tmp_path / "bundle" / "config.json").read_bytes() == written and a_file.read_text() == "keep me"
