@@ -137,4 +137,8 @@ def non_negative_int(text: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m lesa_core.cli`: this module is __main__, and the commands raise lesa_core.cli's
+    # CliError, which __main__'s `main` would not know as its own
+    from lesa_core.cli import main as package_main
+
+    sys.exit(package_main())

@@ -402,3 +402,18 @@ def test_record_refuses_a_file_as_out_before_the_model_loads(tmp_path, capsys, m
     # the check creates nothing: record() makes the folder itself, and removes it when refused
     assert main([*args, "--out", str(tmp_path / "new" / "rec")]) == 1
     assert "the model loaded before" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_python_dash_m_reports_errors_as_the_lesa_command_does(tmp_path):
+    """`python -m lesa_core.cli` runs the module as __main__: the commands' CliError is then
+    lesa_core.cli's, another class, and every user error printed as an unexpected one (exit 1)."""
+    import subprocess
+    import sys
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    done = subprocess.run([sys.executable, "-m", "lesa_core.cli", "ensemble-predictors", "a=b", "--out", str(a_file)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"lesa ensemble-predictors: error: --out {a_file}: already holds a file; choose a " \
+        "new directory or remove it first"  # fmt: skip
