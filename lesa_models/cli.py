@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         pipe._validate(prompts, seeds, height, width, args.frames, args.steps, guidance)
     except ValueError as error:
-        raise CliError(str(error)) from error
+        raise _in_flags(error) from error
     cache = resolve_acceleration(pipe, args.acceleration, args.steps, args.method, args.predictor)
     # a folder (no suffix) or the folder a file goes in: writable before the work, not after it
     prepare_output(args.output, "--output", directory=not args.output.suffix)
@@ -176,34 +177,46 @@ def _generate(args: argparse.Namespace) -> int:
     chunk = max(1, args.batch_size)
     bar = tqdm(total=args.steps * -(-len(prompts) // chunk), desc=f"{pipe.name}", unit="step", file=sys.stderr)
     written = 0
-    for start in range(0, len(prompts), chunk):
-        part = prompts[start : start + chunk]
-        try:
-            out = pipe(
-                part,
-                seeds=[args.seed + start + i for i in range(len(part))],
-                height=height,
-                width=width,
-                num_frames=args.frames,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                cache=cache,
-                callback=lambda done, total: bar.update(1) and None,
-            )
-        except ValueError as error:
-            raise CliError(str(error)) from error
-        for sample in out.samples:
-            path = paths[written]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if pipe.kind == "image":
-                path.write_bytes(media.image_bytes(sample, suffixes[suffix], scale=args.scale or 8))
-            else:
-                path.write_bytes(media.video_bytes(sample, suffixes[suffix], scale=args.scale or 16))
-            written += 1
-    bar.close()
+    with bar:  # closed on any error too: its message then starts on a line of its own
+        for start in range(0, len(prompts), chunk):
+            part = prompts[start : start + chunk]
+            try:
+                out = pipe(
+                    part,
+                    seeds=[args.seed + start + i for i in range(len(part))],
+                    height=height,
+                    width=width,
+                    num_frames=args.frames,
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance,
+                    cache=cache,
+                    callback=lambda done, total: bar.update(1) and None,
+                )
+            except ValueError as error:
+                raise _in_flags(error) from error
+            for sample in out.samples:
+                path = paths[written]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if pipe.kind == "image":
+                    path.write_bytes(media.image_bytes(sample, suffixes[suffix], scale=args.scale or 8))
+                else:
+                    path.write_bytes(media.video_bytes(sample, suffixes[suffix], scale=args.scale or 16))
+                written += 1
     for path in paths:
         print(path)
     return 0
+
+
+# the pipeline's argument names, as the flags that set them
+_FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_frames": "--frames"}
+
+
+def _in_flags(error: ValueError) -> CliError:
+    """The pipeline's refusal, naming the flags typed, not the pipeline's arguments."""
+    message = str(error)
+    for name, flag in _FLAGS.items():
+        message = re.sub(rf"\b{name}\b", flag, message)
+    return CliError(message)
 
 
 def _train_model(args: argparse.Namespace) -> int:

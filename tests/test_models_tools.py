@@ -86,7 +86,7 @@ def test_cli_generate_reports_user_errors(tmp_path, capsys):
     rc = main(["generate", "--model", "digits-audio", "--prompt", "x", "--output", str(tmp_path / "x.png")])
     assert rc == 2 and "known models" in capsys.readouterr().err
     rc = main(["generate", "--prompt", "a one", "--steps", "2", "--output", str(tmp_path / "x.png")])
-    assert rc == 2 and "num_inference_steps" in capsys.readouterr().err
+    assert rc == 2 and "--steps must be in" in capsys.readouterr().err
 
 
 def test_cli_generate_refuses_what_the_pipeline_refuses_before_its_progress_bar(tmp_path, capsys):
@@ -95,10 +95,11 @@ def test_cli_generate_refuses_what_the_pipeline_refuses_before_its_progress_bar(
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("digit 3\n")
     out = tmp_path / "gen"
-    for extra, says in ((["--guidance", "-1"], "guidance_scale must be a finite number >= 0, got -1.0"),
-                        (["--steps", "101"], "num_inference_steps must be in 4..100, got 101"),
+    # (named by the flags typed, not the pipeline's argument names)
+    for extra, says in ((["--guidance", "-1"], "--guidance must be a finite number >= 0, got -1.0"),
+                        (["--steps", "101"], "--steps must be in 4..100, got 101"),
                         (["--size", "8x8"], "size 8x8 (width x height) not supported by digits-image"),
-                        (["--frames", "3"], "num_frames must be None for the image model digits-image")):  # fmt: skip
+                        (["--frames", "3"], "--frames must be None for the image model digits-image")):  # fmt: skip
         rc = main(["generate", "--prompts", str(prompts), "--steps", "4", "--output", str(out), *extra])
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]  # transformers may print a "Loading weights" bar before
