@@ -40,6 +40,12 @@ def _hidden_size(model: nn.Module) -> int:
     return int(model.config.num_attention_heads) * int(model.config.attention_head_dim)
 
 
+# Weight dtypes that are also the dtype the model computes in. Under diffusers' layerwise casting
+# (float8 storage) or a quantized model they are not, and the fast path declines (the generic
+# forward runs); it cannot tell the compute dtype without running the embedder.
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _wrap(output: torch.Tensor, return_dict: bool) -> Any:
     return Transformer2DModelOutput(sample=output) if return_dict else (output,)
 
@@ -61,7 +67,9 @@ def flux_predicted_forward(
 ) -> Any:
     if joint_attention_kwargs or controlnet_block_samples is not None or controlnet_single_block_samples is not None:
         return None
-    dtype = model.x_embedder.weight.dtype  # the dtype the embedded hidden states would have
+    dtype = model.x_embedder.weight.dtype  # the dtype the embedded hidden states would have ...
+    if dtype not in COMPUTE_DTYPES:  # ... unless stored in another (layerwise casting, quantized)
+        return None
     timestep = timestep.to(dtype) * 1000
     if guidance is None:
         temb = model.time_text_embed(timestep, pooled_projections)
@@ -89,6 +97,8 @@ def wan_predicted_forward(
     temb, _, _, _ = model.condition_embedder(timestep, encoder_hidden_states, encoder_hidden_states_image)
     shift, scale = (model.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
     dtype = model.patch_embedding.weight.dtype
+    if dtype not in COMPUTE_DTYPES:  # stored in another dtype than it computes in (see FLUX's)
+        return None
     placeholder = hidden_states.new_empty((batch, frames * height * width, _hidden_size(model)), dtype=dtype)
     shift, scale = shift.to(placeholder.device), scale.to(placeholder.device)
     hidden = (model.norm_out(placeholder.float()) * (1 + scale) + shift).type_as(placeholder)

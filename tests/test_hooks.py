@@ -108,6 +108,22 @@ def test_predicted_steps_run_no_block_and_apply_final_layer_to_forecast(name):
 
 
 @pytest.mark.parametrize("name", ["flux", "wan"])
+def test_predicted_forward_under_layerwise_casting_gives_the_generic_output(name):
+    """diffusers' layerwise casting stores weights in float8 and computes in float32: the weight's
+    dtype is not the compute dtype, and the fast path (which read it) failed on FLUX."""
+    schedule = CacheSchedule.from_full_steps(len(TIMES), [0, 1, 4])
+    outputs = {}
+    for shortcut in (False, True):
+        family = build(name)
+        family.model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        enable_cache(family.model, CacheConfig(method="reuse", schedule=schedule, predicted_forward=shortcut))
+        new_generation(family.model)
+        outputs[shortcut] = run_loop(family)
+    for generic, short in zip(outputs[False], outputs[True], strict=True):
+        assert torch.equal(generic, short)
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
 @pytest.mark.parametrize("method", ["reuse", "taylorseer"])
 def test_predicted_forward_skips_the_model_forward_with_the_same_output(name, method):
     family = build(name)
