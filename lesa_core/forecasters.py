@@ -12,6 +12,7 @@ state for a predicted step from what was observed in this generation and CFG bra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -66,13 +67,10 @@ class ReuseForecaster(Forecaster):
 
 
 class TaylorSeerForecaster(Forecaster):
-    """Extrapolate from divided differences over the last `order + 1` full steps.
-
-    Differences are scaled by the step distance between full steps, as in TaylorSeer. The
-    extrapolation uses Newton's form of the same differences, so order k is exact on a
-    trajectory that is a polynomial of degree k in the step index (TaylorSeer's x^k / k!
-    form is exact only for order 1: its second difference is taken half a step late).
-    """
+    """TaylorSeer (Liu et al., 2025) as published: a Taylor series at the last full step whose
+    derivatives are finite differences between full steps, each order's from the previous
+    order's at the two latest full steps, divided by their distance (`taylorseer_extrapolate`).
+    Order 1 is the line through the last two full steps."""
 
     name = "taylorseer"
 
@@ -82,11 +80,37 @@ class TaylorSeerForecaster(Forecaster):
         self.order = order
 
     def forecast(self, memory: BranchHistory, step: int, context: ForecastContext) -> torch.Tensor:
-        return extrapolate_full_points(memory.full_points, step, self.order)
+        return taylorseer_extrapolate(memory.full_points, step, self.order)
+
+
+def taylorseer_extrapolate(points: Sequence[tuple[int, torch.Tensor]], step: int, order: int) -> torch.Tensor:
+    """TaylorSeer's forecast at `step` from the full steps `points` (step, hidden), oldest first.
+
+    Its reference code keeps, per full step, factors F_0 = h and F_{i+1} = (F_i - F_i at the
+    previous full step) / (distance between the two), and forecasts sum_i F_i x^i / i!, x the
+    steps since the last full step. With fewer than `order + 1` full steps, the orders it has.
+    (Not Newton's interpolating polynomial, which `extrapolate_full_points` is: for order 2 the
+    two differ, and the benchmark's baseline is TaylorSeer's own.)
+    """
+    anchors = points[-(order + 1) :]
+    previous_step, factors = anchors[0][0], [anchors[0][1]]
+    for full_step, hidden in anchors[1:]:
+        distance = full_step - previous_step
+        updated = [hidden]
+        for i in range(min(len(factors), order)):
+            updated.append((updated[i] - factors[i]) / distance)
+        previous_step, factors = full_step, updated
+    x = step - previous_step
+    out = factors[0]
+    for i in range(1, len(factors)):
+        out = out + factors[i] * (x**i / math.factorial(i))
+    return out
 
 
 def extrapolate_full_points(points: Sequence[tuple[int, torch.Tensor]], step: int, order: int) -> torch.Tensor:
-    """Order 0 is the last full step's hidden state (FORA), 1 and 2 TaylorSeer's extrapolations."""
+    """The polynomial of degree `order` through the last `order + 1` full steps, at `step` (Newton's
+    form): order 0 is the last full step's hidden state (FORA), 1 TaylorSeer's order 1. The LESA
+    predictor's `taylor*` bases are these; the TaylorSeer baseline is `taylorseer_extrapolate`."""
     anchors = points[-(order + 1) :]
     return newton_extrapolate([s for s, _ in anchors], [h for _, h in anchors], step)
 

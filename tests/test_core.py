@@ -19,7 +19,13 @@ from lesa_core import (
     TaylorSeerForecaster,
     level_schedule,
 )
-from lesa_core.forecasters import BranchHistory, ForecastContext, LesaForecaster, ReuseForecaster
+from lesa_core.forecasters import (
+    BranchHistory,
+    ForecastContext,
+    LesaForecaster,
+    ReuseForecaster,
+    extrapolate_full_points,
+)
 
 
 def test_reference_schedule_table():
@@ -221,13 +227,31 @@ def test_reuse_and_taylorseer_exactness():
     reuse = _feed(ReuseForecaster(), linear, full, 12)
     assert torch.equal(reuse[5], linear[3]) and torch.equal(reuse[11], linear[10])
     first = _feed(TaylorSeerForecaster(1), linear, full, 12)
-    second = _feed(TaylorSeerForecaster(2), quadratic, full, 12)
     for step in range(12):
         torch.testing.assert_close(first[step], linear[step])
-        if step > 3:  # order 2 needs three full steps (0, 1, 3) before it can be exact
-            torch.testing.assert_close(second[step], quadratic[step], rtol=1e-5, atol=1e-4)
     # order 1 is not exact on the quadratic: the test above can fail
     assert not torch.allclose(_feed(TaylorSeerForecaster(1), quadratic, full, 12)[5], quadratic[5])
+
+
+def test_taylorseer_order_2_is_the_papers_formula_not_newtons_polynomial():
+    """TaylorSeer's reference code: factors F0 = h, F_{i+1} = (F_i - F_i of the previous full step)
+    / their distance, forecast sum F_i x^i / i!. The benchmark's baseline must be that, not the
+    interpolating polynomial (which the LESA predictor's taylor2 base is, and which differs)."""
+    q = [torch.randn(3, 4) for _ in range(12)]
+    full = {0, 1, 3, 6, 10}
+    second = _feed(TaylorSeerForecaster(2), q, full, 12)
+    f1_at_1 = (q[1] - q[0]) / 1
+    f1_at_3 = (q[3] - q[1]) / 2
+    f2_at_3 = (f1_at_3 - f1_at_1) / 2
+    for step in (4, 5):  # after full steps 0, 1, 3
+        x = step - 3
+        torch.testing.assert_close(second[step], q[3] + f1_at_3 * x + f2_at_3 * x * x / 2)
+    f1_at_6 = (q[6] - q[3]) / 3
+    f2_at_6 = (f1_at_6 - f1_at_3) / 3
+    torch.testing.assert_close(second[8], q[6] + f1_at_6 * 2 + f2_at_6 * 4 / 2)
+    torch.testing.assert_close(second[2], q[1] + f1_at_1 * 1)  # two full steps so far: order 1
+    newton = extrapolate_full_points([(0, q[0]), (1, q[1]), (3, q[3])], 5, 2)
+    assert not torch.allclose(second[5], newton)
 
 
 def test_lesa_forecaster_feeds_back_predictions():
@@ -313,7 +337,8 @@ def test_channel_history_weights_variant(tmp_path):
 
 
 def test_taylor_base_variant_corrects_taylorseer():
-    # With its history head at zero, the improved variant is exactly TaylorSeer ...
+    # With its history head at zero, the improved variant is exactly its base, the quadratic
+    # through the last three full steps ...
     torch.manual_seed(0)
     schedule = CacheSchedule.from_full_steps(10, [0, 1, 2, 5])
     config = PredictorConfig(schedule=schedule.to_dict(), kan_hidden=(8,), base="taylor2")
@@ -321,7 +346,10 @@ def test_taylor_base_variant_corrects_taylorseer():
     trajectory = [torch.randn(2, 3) for _ in range(10)]
     full = set(schedule.full_steps)
     lesa = _feed(LesaForecaster(predictor), trajectory, full, 10)
-    taylor = _feed(TaylorSeerForecaster(2), trajectory, full, 10)
+    taylor = {}  # the quadratic through the last three full steps (Newton's form)
+    for step in range(10):
+        points = [(s, trajectory[s]) for s in sorted(full) if s < step]
+        taylor[step] = trajectory[step] if step in full else extrapolate_full_points(points, step, 2)
     for step in range(10):
         torch.testing.assert_close(lesa[step], taylor[step])
     # ... and once trained, its batched training path matches the inference path.
