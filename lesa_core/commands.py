@@ -22,6 +22,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--interval", type=positive_int, required=True)
     parser.add_argument("--first-enhance", type=non_negative_int, required=True)
     parser.add_argument("--family", default=None, help="transformer class, e.g. FluxTransformer2DModel")
+    parser.add_argument(
+        "--stage-thresholds",
+        type=stage_thresholds,
+        default=None,
+        metavar="HIGH,LOW",
+        help="where the experts split (default: the paper's for --family: 0.9,0.4 for HunyuanVideo, else 0.9,0.5)",
+    )
     parser.set_defaults(func=_import_reference)
     parser = subparsers.add_parser(
         "ensemble-predictors",
@@ -71,6 +78,17 @@ def _ensemble_predictors(args: argparse.Namespace) -> int:
     return 0
 
 
+def stage_thresholds(text: str) -> tuple[float, float]:
+    """argparse type: HIGH,LOW with 1 >= HIGH >= LOW >= 0."""
+    try:
+        high, low = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HIGH,LOW (e.g. 0.9,0.5), got {text!r}") from None
+    if not 1 >= high >= low >= 0:
+        raise argparse.ArgumentTypeError(f"expected 1 >= HIGH >= LOW >= 0, got {text!r}")
+    return high, low
+
+
 def refuse_occupied(out: Path, name: str) -> None:
     """A bundle's destination must not hold a file or another bundle: writing would destroy it."""
     from lesa_core.predictor import occupied_bundle_path
@@ -85,11 +103,12 @@ def _import_reference(args: argparse.Namespace) -> int:
     refuse_occupied(Path(args.out_dir), "out_dir")
     try:
         schedule = CacheSchedule(args.num_steps, args.interval, args.first_enhance)
-        predictor = import_reference(args.checkpoint, args.out_dir, schedule, args.family)
+        predictor = import_reference(args.checkpoint, args.out_dir, schedule, args.family, args.stage_thresholds)
     except (BundleError, ValueError) as error:
         raise CliError(str(error)) from error
     branches = ", ".join(predictor.config.branches)
-    print(f"wrote {args.out_dir}: {schedule.describe()}, branches: {branches}")
+    high, low = predictor.config.stage_thresholds
+    print(f"wrote {args.out_dir}: {schedule.describe()}, branches: {branches}, stages split at t={high:g} and {low:g}")
     return 0
 
 

@@ -43,6 +43,16 @@ class BundleError(ValueError):
     """A predictor bundle that cannot be used: missing, corrupt, or made for something else."""
 
 
+# Where the three experts split, by the time t in [0, 1] (LESA_METHOD.md): at 0.9 and 0.5, except
+# the HunyuanVideo variant, which moves the second split to 0.4.
+FAMILY_STAGE_THRESHOLDS = {"HunyuanVideoTransformer3DModel": (0.9, 0.4)}
+
+
+def stage_thresholds_for(family: str | None) -> tuple[float, float]:
+    """The paper's stage thresholds for a transformer class (None or unknown: FLUX's 0.9 / 0.5)."""
+    return FAMILY_STAGE_THRESHOLDS.get(family or "", (0.9, 0.5))
+
+
 @dataclass
 class PredictorConfig:
     schedule: dict  # CacheSchedule.to_dict(): the one (steps, full steps) plan this predictor was trained for

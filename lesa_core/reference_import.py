@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lesa_core.predictor import SHARED_BRANCH, BundleError, PredictorConfig, StagePredictor
+from lesa_core.predictor import SHARED_BRANCH, BundleError, PredictorConfig, StagePredictor, stage_thresholds_for
 from lesa_core.schedule import CacheSchedule
 
 
@@ -111,8 +111,14 @@ def infer_config(state: dict[str, torch.Tensor], branch: str, schedule: CacheSch
 
 
 def import_reference(
-    checkpoint: str | Path, out_dir: str | Path, schedule: CacheSchedule, family: str | None = None
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    schedule: CacheSchedule,
+    family: str | None = None,
+    stage_thresholds: tuple[float, float] | None = None,
 ) -> StagePredictor:
+    """Convert a reference checkpoint into a bundle at `out_dir`. The checkpoint does not hold its
+    stage thresholds: `stage_thresholds`, else the paper's for `family` (`stage_thresholds_for`)."""
     reference = load_reference_checkpoint(checkpoint)
     try:
         converted, branches = convert_state_dict(reference)
@@ -130,6 +136,7 @@ def import_reference(
         ) from None
     config.branches = branches
     config.family = family
+    config.stage_thresholds = stage_thresholds or stage_thresholds_for(family)
     config.training = {"imported_from": Path(checkpoint).name, "source": "LESA reference implementation"}
     predictor = StagePredictor(config)
     try:

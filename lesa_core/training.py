@@ -40,7 +40,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lesa_core.hooks import CacheConfig
-from lesa_core.predictor import CONFIG_NAME, SHARED_BRANCH, PredictorConfig, StagePredictor, occupied_bundle_path
+from lesa_core.predictor import (
+    CONFIG_NAME,
+    SHARED_BRANCH,
+    PredictorConfig,
+    StagePredictor,
+    occupied_bundle_path,
+    stage_thresholds_for,
+)
 from lesa_core.schedule import CacheSchedule
 from lesa_core.trajectories import Trajectories, load_trajectories
 
@@ -260,6 +267,7 @@ def train_predictor(
         history_weights=settings.history_weights,
         taylor_stages=tuple(settings.taylor_stages),
         family=getattr(info, "transformer_class", None),
+        stage_thresholds=stage_thresholds_for(getattr(info, "transformer_class", None)),
         hidden_size=int(sample_hidden.shape[-1]),
     )
     predictor = StagePredictor(config)

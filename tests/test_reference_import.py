@@ -139,3 +139,21 @@ def test_import_never_overwrites_a_bundle_or_a_file(tmp_path, capsys):
             f"lesa import-reference: error: out_dir {out}: already holds {what}; choose a new directory or remove it first"
         ]
     assert (tmp_path / "bundle" / "config.json").read_bytes() == written and a_file.read_text() == "keep me"
+
+
+def test_import_takes_the_papers_stage_thresholds_for_the_family_or_the_ones_given(tmp_path, capsys):
+    """A reference checkpoint holds no thresholds: HunyuanVideo's variant splits its experts at
+    t = 0.9 and 0.4, the others at 0.9 and 0.5; steps in (0.4, 0.5] took the wrong expert."""
+    path, _, _ = _reference_file(tmp_path, ("shared",))
+    flags = ["--num-steps", "10", "--interval", "3", "--first-enhance", "2"]
+    for name, extra, expected in (("flux", ["--family", "FluxTransformer2DModel"], (0.9, 0.5)),
+                                  ("hunyuan", ["--family", "HunyuanVideoTransformer3DModel"], (0.9, 0.4)),
+                                  ("given", ["--stage-thresholds", "0.8,0.3"], (0.8, 0.3))):  # fmt: skip
+        assert main(["import-reference", str(path), str(tmp_path / name), *flags, *extra]) == 0
+        predictor = StagePredictor.from_pretrained(tmp_path / name)
+        assert tuple(predictor.config.stage_thresholds) == expected, name
+        assert predictor.stage(0.45) == (1 if expected[1] < 0.45 else 2), name
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["import-reference", str(path), str(tmp_path / "bad"), *flags, "--stage-thresholds", "0.3,0.8"])
+    assert "HIGH >= LOW" in capsys.readouterr().err

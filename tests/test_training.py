@@ -257,6 +257,23 @@ def test_an_interrupted_and_resumed_run_trains_the_weights_an_uninterrupted_one_
         assert report.seconds >= took + stop_after * 0.5
 
 
+def test_training_splits_the_experts_where_the_paper_does_for_the_models_family(pipe, recorded, tmp_path, monkeypatch):
+    """HunyuanVideo's variant of the method moves the second stage threshold to 0.4: training
+    takes the thresholds of the model's transformer class."""
+    import lesa_core.training as training
+    from lesa_core.predictor import stage_thresholds_for
+
+    assert stage_thresholds_for("HunyuanVideoTransformer3DModel") == (0.9, 0.4)
+    assert stage_thresholds_for("FluxTransformer2DModel") == stage_thresholds_for(None) == (0.9, 0.5)
+    asked = []
+    monkeypatch.setattr(training, "stage_thresholds_for", lambda family: asked.append(family) or (0.8, 0.3))
+    out, _ = recorded
+    schedule = CacheSchedule.from_full_steps(STEPS, [0, 1, 3])
+    settings = TrainSettings(phase1_epochs=1, phase2_epochs=0, batch_size=4, kan_hidden=(8,), train_tokens=4)
+    predictor, _ = train_predictor(pipe, out, schedule, tmp_path / "b", settings, progress=False)
+    assert asked == [pipe.info.transformer_class] and tuple(predictor.config.stage_thresholds) == (0.8, 0.3)
+
+
 def test_phase3_backpropagates_the_final_sample_error_through_the_sampler(pipe, recorded, tmp_path):
     out, _ = recorded
     schedule = CacheSchedule.from_full_steps(STEPS, [0, 1, 3])
