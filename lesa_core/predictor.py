@@ -107,6 +107,10 @@ def occupied_bundle_path(path: str | Path) -> str | None:
     return None
 
 
+# A forecast's base (`PredictorConfig.base`) -> how many of the last full steps it extrapolates from
+BASE_ANCHORS = {"last": 0, "reuse": 1, "taylor1": 2, "taylor2": 3}
+
+
 class StagePredictor(nn.Module):
     def __init__(self, config: PredictorConfig) -> None:
         super().__init__()
@@ -120,13 +124,24 @@ class StagePredictor(nn.Module):
             raise BundleError("history_weights='channel' needs hidden_size")
         # Checked here, not at the first forecast of a request (where a bad value fails a generation).
         thresholds = config.stage_thresholds
-        if len(thresholds) != 2 or not 1.0 >= float(thresholds[0]) >= float(thresholds[1]) >= 0.0:
+        numbers = all(isinstance(t, int | float) and not isinstance(t, bool) for t in thresholds)
+        if len(thresholds) != 2 or not numbers or not 1.0 >= thresholds[0] >= thresholds[1] >= 0.0:
             raise BundleError(
                 f"stage_thresholds must be (high, low) with 1 >= high >= low >= 0, got {list(thresholds)}"
             )
         if len(config.history_depths) != 3 or not all(isinstance(d, int) and d >= 1 for d in config.history_depths):
             raise BundleError(
                 f"history_depths must be 3 whole numbers >= 1 (one per stage), got {list(config.history_depths)}"
+            )
+        if config.base not in BASE_ANCHORS:
+            raise BundleError(f"base must be one of {', '.join(BASE_ANCHORS)}, got {config.base!r}")
+        if (
+            not isinstance(config.grid_size, int)
+            or config.grid_size < 1
+            or not all(isinstance(w, int) and w >= 1 for w in config.kan_hidden)
+        ):
+            raise BundleError(
+                f"grid_size and kan_hidden must be whole numbers >= 1, got {config.grid_size!r}, {list(config.kan_hidden)}"
             )
         if not set(config.taylor_stages) <= {0, 1, 2}:
             raise BundleError(f"taylor_stages must name stages 0, 1, 2, got {list(config.taylor_stages)}")
@@ -156,7 +171,7 @@ class StagePredictor(nn.Module):
     @property
     def base_anchors(self) -> int:
         """0 for the paper's base h_-1, else how many full steps the base extrapolates from."""
-        return {"last": 0, "reuse": 1, "taylor1": 2, "taylor2": 3}[self.config.base]
+        return BASE_ANCHORS[self.config.base]
 
     @property
     def max_depth(self) -> int:

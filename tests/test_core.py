@@ -192,6 +192,8 @@ def test_corrupt_and_missing_bundles_fail_cleanly(tmp_path):
         # loaded fine before, and failed the first request's forecast instead
         {**good, "stage_thresholds": [0.9]}, {**good, "stage_thresholds": [0.3, 0.7]},
         {**good, "history_depths": [4, 8]}, {**good, "taylor_stages": [3]},
+        {**good, "grid_size": 0}, {**good, "stage_thresholds": ["0.9", "0.5"]}, {**good, "base": "taylor3"},
+        {**good, "kan_hidden": [0]},
     ):  # fmt: skip
         (tmp_path / "b" / "config.json").write_text(json.dumps(broken))
         with pytest.raises(BundleError, match=r"config.json: not a valid predictor config"):
