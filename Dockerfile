@@ -66,7 +66,7 @@ COPY lesa_core ./lesa_core
 COPY lesa_models ./lesa_models
 COPY service ./service
 # Non-editable install: the package (with its weights) lands in site-packages; /src is not shipped.
-RUN pip install -c /opt/torch-constraint.txt . \
+RUN pip install -c /opt/torch-constraint.txt ".[production]" \
     && python -c "import torch, lesa_core, lesa_models, service; print('torch', torch.__version__)" \
     && mkdir -p /opt/models \
     && cp -r "$(python -c 'import lesa_models.registry as r; print(r.WEIGHTS_DIR)')"/. /opt/models/

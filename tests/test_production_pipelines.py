@@ -236,3 +236,18 @@ def test_each_stage_of_the_call_is_timed_where_it_runs(tiny, monkeypatch):
     assert stages["denoise"] >= 2 * STEPS * tiny.calls_per_step * step_s
     assert stages["decode"] >= 2 * vae_s
     assert sum(stages.values()) <= wall
+
+
+def test_cpu_offload_without_accelerate_is_a_clear_error_before_any_download(monkeypatch):
+    """diffusers' offload needs `accelerate` (the `production` extra): without it, an ImportError
+    from deep inside diffusers, after loading, crash-looped the worker."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name, *a)
+    )
+    options = BackendOptions(name="flux", sizes=[(1024, 1024)], num_frames=[1], default_steps=28)
+    with pytest.raises(ValueError, match=r"cpu_offload needs the accelerate package.*lesa\[production\]"):
+        DiffusersBackend.from_pretrained("black-forest-labs/FLUX.1-dev", "FluxPipeline", options, device="cuda",
+                                         cpu_offload=True)  # fmt: skip

@@ -22,6 +22,7 @@ Output: `GenerationOutput.samples` is float32 in [0, 1], channels last: [B, H, W
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import logging
 import math
@@ -232,6 +233,9 @@ class DiffusersBackend:
         if pipeline_class not in FAMILIES:
             raise ValueError(f"pipeline {pipeline_class!r} is not supported; supported: {', '.join(FAMILIES)}")
         device = resolve_device(device)
+        offload = cpu_offload and torch.device(device).type == "cuda"
+        if offload and importlib.util.find_spec("accelerate") is None:  # said before minutes of loading
+            raise ValueError("cpu_offload needs the accelerate package: pip install 'lesa[production]' (or accelerate)")
         require_device(device)
         dtype = as_dtype(dtype) or default_dtype(device)
         kwargs: dict[str, Any] = {"dtype": dtype}
@@ -244,7 +248,7 @@ class DiffusersBackend:
             pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **scheduler_config)
         if vae_dtype is not None:
             pipe.vae.to(dtype=as_dtype(vae_dtype))
-        if cpu_offload and torch.device(device).type == "cuda":
+        if offload:
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe.to(device)
