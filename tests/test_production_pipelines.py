@@ -248,6 +248,6 @@ def test_cpu_offload_without_accelerate_is_a_clear_error_before_any_download(mon
         importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name, *a)
     )
     options = BackendOptions(name="flux", sizes=[(1024, 1024)], num_frames=[1], default_steps=28)
-    with pytest.raises(ValueError, match=r"cpu_offload needs the accelerate package.*lesa\[production\]"):
+    with pytest.raises(ValueError, match=r"cpu_offload needs the accelerate package.*lesa-serving\[production\]"):
         DiffusersBackend.from_pretrained("black-forest-labs/FLUX.1-dev", "FluxPipeline", options, device="cuda",
                                          cpu_offload=True)  # fmt: skip

@@ -235,7 +235,9 @@ class DiffusersBackend:
         device = resolve_device(device)
         offload = cpu_offload and torch.device(device).type == "cuda"
         if offload and importlib.util.find_spec("accelerate") is None:  # said before minutes of loading
-            raise ValueError("cpu_offload needs the accelerate package: pip install 'lesa[production]' (or accelerate)")
+            raise ValueError(
+                "cpu_offload needs the accelerate package: pip install 'lesa-serving[production]' (or accelerate)"
+            )
         require_device(device)
         dtype = as_dtype(dtype) or default_dtype(device)
         kwargs: dict[str, Any] = {"dtype": dtype}
