@@ -292,6 +292,9 @@ class RepeatedInputHook(ModelHook):
             # accelerator or large inputs: reading them back to compare would make the host wait
             # for the device, which costs more than the few small kernels the memo could save
             return self.fn_ref.original_forward(*args, **kwargs)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+            # training the embedder: each call needs its own graph (a kept output holds an old one)
+            return self.fn_ref.original_forward(*args, **kwargs)
         memo = self.memo
         # without a schedule no step count marks where a generation ends: look at every call
         if memo.checked is not self.session.generation or self.session.schedule is None:

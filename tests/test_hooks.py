@@ -218,6 +218,20 @@ def test_embedders_with_repeated_inputs_compute_once_per_distinct_input_and_weig
     disable_cache(model)
 
 
+def test_the_memo_steps_aside_while_its_embedders_train():
+    """Fine-tuning through the hooks (a LoRA on the embedders, say): a memoised output would carry
+    the first generation's autograd graph into the second, whose backward then failed."""
+    family = build("flux", batch=1)
+    enable_cache(family.model, CacheConfig(method="taylorseer", schedule=CacheSchedule(6, interval=2, first_enhance=1)))
+    times = torch.linspace(1, 0, 7)
+    for _ in range(2):
+        new_generation(family.model, timesteps=times)
+        with torch.enable_grad():
+            loss = sum(family.call(float(t)).square().mean() for t in times[:-1])
+            loss.backward()  # the second generation's raised "backward through the graph a second time"
+    assert any(p.grad is not None for p in family.model.time_text_embed.parameters())
+
+
 def test_the_memo_and_the_state_follow_what_the_caller_changes_between_calls():
     family = build("flux")
     model = family.model
