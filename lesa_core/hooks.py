@@ -29,6 +29,7 @@ but those embedders' outputs survives from one request to the next.
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -168,6 +169,9 @@ class _Session:
         self.predicting = False  # True while a predicted step's forward runs
         self.current: _BranchState | None = None
         self.generation = object()  # a new token per generation: RepeatedInputHook checks weights once per token
+        # The thread whose generation runs: one model's histories hold one generation, so another
+        # thread's forwards in the middle of it would mix two (see LesaModelHook.pre_forward).
+        self.owner: int | None = None
         # every (registry, hook name) enable_cache added, so disable_cache need not walk the model
         self.registered: list[tuple[HookRegistry, str]] = []
 
@@ -185,6 +189,14 @@ class LesaModelHook(ModelHook):
         session = self.session
         state = session.states.get_state()
         schedule = session.schedule
+        if schedule is not None and session.owner not in (None, threading.get_ident()):
+            # (also when the other thread's generation has ended: this thread's own, begun before
+            # it, would go on from the other's last step)
+            raise RuntimeError(
+                "this model's LESA cache holds a generation started on another thread: run one "
+                "generation at a time per model (a lock around the pipeline call, as the project's "
+                "pipelines hold), each begun with lesa_core.new_generation() on its own thread"
+            )
         if schedule is not None and state.step >= schedule.num_steps:
             # A new generation began without new_generation(): start this branch afresh.
             state.reset()
@@ -512,6 +524,7 @@ def new_generation(model: nn.Module, timesteps: Sequence[float] | torch.Tensor |
     session = _session(model)
     session.states.reset()
     session.generation = object()
+    session.owner = threading.get_ident()
     if timesteps is None:
         session.timesteps = None
         return

@@ -218,6 +218,39 @@ def test_embedders_with_repeated_inputs_compute_once_per_distinct_input_and_weig
     disable_cache(model)
 
 
+def test_a_generation_another_thread_breaks_into_fails_loudly_instead_of_mixing_two():
+    """Two threads on one model (two pipelines sharing a transformer, no lock): the histories hold
+    one generation, so the interrupted one must raise, not finish on the other's state."""
+    import threading
+
+    family = build("flux", batch=1)
+    schedule = CacheSchedule(6, interval=2, first_enhance=1)
+    enable_cache(family.model, CacheConfig(method="taylorseer", schedule=schedule))
+    times = torch.linspace(1, 0, 7)
+    new_generation(family.model, timesteps=times)
+    with torch.no_grad():
+        for t in times[:3]:
+            family.call(float(t))
+
+        def other_generation(steps: int) -> None:
+            new_generation(family.model, timesteps=times)
+            for t in times[:steps]:
+                family.call(float(t))
+
+        for steps in (2, 6):  # the other generation under way, or ended: this one cannot go on
+            other = threading.Thread(target=other_generation, args=(steps,))
+            other.start()
+            other.join()
+            with pytest.raises(RuntimeError, match="started on another thread"):
+                family.call(float(times[3]))
+        # a generation of its own, started afresh, runs (so does one after a finished one)
+        new_generation(family.model, timesteps=times)
+        for t in times[:-1]:
+            family.call(float(t))
+        for t in times[:-1]:  # no new_generation: the finished one's steps start a new one
+            family.call(float(t))
+
+
 def test_the_memo_steps_aside_while_its_embedders_train():
     """Fine-tuning through the hooks (a LoRA on the embedders, say): a memoised output would carry
     the first generation's autograd graph into the second, whose backward then failed."""
