@@ -313,11 +313,19 @@ class RepeatedInputHook(ModelHook):
             _check_weights(memo, module)
             memo.checked = self.session.generation
         output = memo.outputs.get(key)
+        if output is not None and _holds_inference_tensors(output) and not torch.is_inference_mode_enabled():
+            output = None  # kept from a run under torch.inference_mode: unusable by autograd here
         if output is None:
             output = memo.outputs[key] = self.fn_ref.original_forward(*args, **kwargs)
             while len(memo.outputs) > MEMO_SIZE:
                 memo.outputs.popitem(last=False)
         return output
+
+
+def _holds_inference_tensors(output: object) -> bool:
+    """Whether a kept output holds inference tensors (made under torch.inference_mode)."""
+    parts = output if isinstance(output, tuple | list) else (output,)
+    return any(isinstance(part, torch.Tensor) and part.is_inference() for part in parts)
 
 
 def _check_weights(memo: _Memo, module: nn.Module) -> None:

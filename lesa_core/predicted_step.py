@@ -127,7 +127,10 @@ def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _unit_affine(size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ones(size, dtype=dtype, device=device), torch.zeros(size, dtype=dtype, device=device)
+    # Normal tensors even when an inference-mode run fills the cache: an inference tensor cannot
+    # take part in a later generation under autograd (training through the hooks).
+    with torch.inference_mode(False):
+        return torch.ones(size, dtype=dtype, device=device), torch.zeros(size, dtype=dtype, device=device)
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
