@@ -87,16 +87,15 @@ def prepare_output(path: Path | None, flag: str, directory: bool = False, create
     try:
         if not directory and path.is_dir():
             raise CliError(f"{flag} {path}: is a directory, expected a file to write")
+        # the nearest part of the folder that exists: a file there (even `FILE/sub/x.png`) is named
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise CliError(f"{flag} {path}: {existing} is a file, not a folder")
         if not create:
-            existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-            if existing is not None and not existing.is_dir():
-                raise CliError(f"{flag} {path}: {existing} is a file, not a folder")
             if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
                 raise CliError(f"{flag} {path}: cannot write in {existing} (permission denied)")
             return
         folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise CliError(f"{flag} {path}: {folder} is a file, not a folder") from None
     except OSError as error:
         raise CliError(f"{flag} {path}: cannot create {folder} ({error.strerror})") from None
 

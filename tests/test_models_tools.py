@@ -108,6 +108,19 @@ def test_cli_generate_refuses_what_the_pipeline_refuses_before_its_progress_bar(
         assert not out.exists()  # nor an output folder made for samples never generated
 
 
+def test_an_output_under_a_file_names_that_file(tmp_path, capsys):
+    from lesa_core.cli import main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for output in (a_file / "x.png", a_file / "sub" / "x.png"):
+        assert main(["generate", "--prompt", "a one", "--steps", "4", "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.strip().splitlines()[-1] == f"lesa generate: error: --output {output}: {a_file} is a file, not a folder"
+        )
+
+
 def test_cli_eval_writes_its_grid_in_the_format_its_name_says(tmp_path, capsys):
     """A still grid for an image model (PNG, JPEG, WEBP), an animated strip for a video model
     (GIF, MP4); a name whose format cannot hold what the model makes is refused before the work."""
