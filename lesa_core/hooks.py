@@ -313,7 +313,7 @@ class RepeatedInputHook(ModelHook):
             _check_weights(memo, module)
             memo.checked = self.session.generation
         output = memo.outputs.get(key)
-        if output is not None and _holds_inference_tensors(output) and not torch.is_inference_mode_enabled():
+        if output is not None and not torch.is_inference_mode_enabled() and _holds_inference_tensors(output):
             output = None  # kept from a run under torch.inference_mode: unusable by autograd here
         if output is None:
             output = memo.outputs[key] = self.fn_ref.original_forward(*args, **kwargs)
