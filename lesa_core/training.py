@@ -258,7 +258,7 @@ def train_predictor(
     train, val = data.subset(train_idx), data.subset(val_idx) if val_idx else data.subset(train_idx)
     branches = tuple(data.hidden) if settings.per_branch else (SHARED_BRANCH,)
     sample_hidden = next(iter(data.hidden.values()))
-    info = getattr(pipe, "info", None)
+    family = getattr(getattr(pipe, "info", None), "transformer_class", None)
     config = PredictorConfig(
         schedule=schedule.to_dict(),
         kan_hidden=tuple(settings.kan_hidden),
@@ -266,8 +266,8 @@ def train_predictor(
         base=settings.base,
         history_weights=settings.history_weights,
         taylor_stages=tuple(settings.taylor_stages),
-        family=getattr(info, "transformer_class", None),
-        stage_thresholds=stage_thresholds_for(getattr(info, "transformer_class", None)),
+        family=family,
+        stage_thresholds=stage_thresholds_for(family),
         hidden_size=int(sample_hidden.shape[-1]),
     )
     predictor = StagePredictor(config)

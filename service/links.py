@@ -9,6 +9,7 @@ client, who holds one key, cannot forge a link to another key's job.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import time
@@ -24,6 +25,11 @@ from service.queue import Job
 
 def signing_key(api_keys: Iterable[str]) -> bytes | None:
     """The HMAC key of the links; None without API keys (links are plain then)."""
+    return _signing_key(frozenset(api_keys))
+
+
+@functools.lru_cache(maxsize=8)  # asked on every /v1 request with keys on: derived once per key set
+def _signing_key(api_keys: frozenset[str]) -> bytes | None:
     keys = sorted(api_keys)
     return hashlib.sha256(b"lesa content links\0" + "\0".join(keys).encode()).digest() if keys else None
 
