@@ -352,8 +352,8 @@ def test_switching_model_keeps_a_prompt_the_user_typed(fake_server, browser) -> 
 
 
 def test_a_refused_request_shows_its_error_without_an_empty_progress_bar(fake_server, browser) -> None:
-    """A 400 leaves the error alone on show (it used to sit beside an empty result and a 0%
-    progress bar); the next generation shows its progress again."""
+    """A 400 leaves the error alone on show (it used to sit beside an empty "Result" panel and a
+    0% progress bar); the next generation shows its panel and progress again."""
     url, _ = fake_server
     open_page(browser, url)
     progress = browser.find_element(By.ID, "progress")
@@ -362,7 +362,7 @@ def test_a_refused_request_shows_its_error_without_an_empty_progress_bar(fake_se
     wait(browser, lambda d: field_error(d, "num_inference_steps"), 10, "no error next to the steps")
     assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error"
     assert not progress.is_displayed()
-    assert not browser.find_elements(By.CSS_SELECTOR, "#output > *")
+    assert not browser.find_element(By.ID, "result").is_displayed()
 
     fill(browser, "steps", "30")  # ~1 s at 30 ms a step
     browser.find_element(By.ID, "generate").click()

@@ -434,8 +434,9 @@ async function generate() {
     finish(outcome);
   } catch (error) {
     $("output").replaceChildren();
-    // A refused or failed request has no progress to show: a 0% bar would read as still running.
-    $("progress").hidden = true;
+    // A refused or failed request has no result to show: an empty panel with a 0% bar would read
+    // as still running. The error says what happened.
+    $("result").hidden = true;
     showError(error);
     finish("error");
   }
