@@ -36,6 +36,11 @@ _QUEUE_TIMEOUT = Field(
 _QUEUE_POSITION = Field(
     None, description="while queued: jobs of the same model that workers take before this one (0: next)"
 )
+_ATTEMPTS = Field(
+    0,
+    description="runs of this job a worker has started: 0 while it first waits, 1 once running; 2 or more when a "
+    "worker stopped mid-run (crashed, killed, lost its node) and another started it over, `progress` from 0 again",
+)
 _MAX_ACCELERATION = Field(
     None,
     max_length=32,
@@ -257,6 +262,7 @@ class VideoObject(BaseModel):
     status: Literal["queued", "in_progress", "completed", "failed", "cancelled"]
     progress: int = Field(ge=0, le=100, description="percent of denoising steps done, updated per step")
     queue_position: int | None = _QUEUE_POSITION
+    attempts: int = _ATTEMPTS
     created_at: int
     completed_at: int | None = None
     expires_at: int | None = None
@@ -278,6 +284,7 @@ class ImageJobObject(BaseModel):
     status: Literal["queued", "in_progress", "completed", "failed", "cancelled"]
     progress: int
     queue_position: int | None = _QUEUE_POSITION
+    attempts: int = _ATTEMPTS
     created_at: int
     completed_at: int | None = None
     expires_at: int | None = None

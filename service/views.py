@@ -76,6 +76,7 @@ def video_object(job: Job) -> VideoObject:
         status=job.status.value,  # type: ignore[arg-type]
         progress=job.progress,
         queue_position=job.queue_position,
+        attempts=job.attempts,
         created_at=int(job.created_at),
         completed_at=_ts(job.completed_at),
         expires_at=_ts(job.expires_at),
@@ -100,6 +101,7 @@ async def image_job_object(job: Job, queue: JobQueue, links: ContentLinks) -> Im
         status=job.status.value,  # type: ignore[arg-type]
         progress=job.progress,
         queue_position=job.queue_position,
+        attempts=job.attempts,
         created_at=int(job.created_at),
         completed_at=_ts(job.completed_at),
         expires_at=_ts(job.expires_at),

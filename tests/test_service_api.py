@@ -217,7 +217,7 @@ def test_queue_full_429_and_sync_timeout_504() -> None:
         # SDKs must not retry it: that would start a second generation of the same request.
         assert response.headers["x-should-retry"] == "false"
         job = client.get(f"/v1/images/jobs/{error['job_id']}").json()
-        assert job["status"] == "queued" and job["object"] == "image.job"
+        assert job["status"] == "queued" and job["object"] == "image.job" and job["attempts"] == 0
         response = client.post("/v1/images/jobs", json={"prompt": "y"})
         assert_error(response, 429, None)
         assert int(response.headers["retry-after"]) >= 1
@@ -316,6 +316,7 @@ def test_video_lifecycle_json_and_multipart(client: TestClient) -> None:
     assert video["num_frames"] == 8 and video["seconds"] == "1" and video["size"] == "16x16"
     done = wait_for(client, f"/v1/videos/{video['id']}", {"completed", "failed"})
     assert done["status"] == "completed" and done["progress"] == 100 and done["lesa"]["seed"] == 3
+    assert done["attempts"] == 1  # one run; a worker that died mid-run makes it 2 (tests/test_redis_e2e.py)
     assert done["completed_at"] >= done["created_at"] and done["expires_at"] > done["completed_at"]
     mp4 = client.get(f"/v1/videos/{video['id']}/content")
     assert mp4.headers["content-type"] == "video/mp4" and mp4.content[4:8] == b"ftyp"
