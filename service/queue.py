@@ -31,8 +31,13 @@ exercise them on `InProcessJobQueue`, and can be pointed at another implementati
   `TooManyJobs` (a `QueueFull`) instead: one key cannot fill the queue for everyone.
 * Unavailability: a backend that cannot be reached raises `QueueUnavailable`; the API turns it
   into 503, `/readyz` reports it via `ping`.
+* Priority: a job's `spec.priority` is "high", "normal" or "low". A worker takes the oldest job
+  of the highest priority that has one queued: a higher class always goes first (strictly: a
+  steady stream of "high" jobs holds the others back; their `queue_timeout_s` bounds the wait).
+  `queue_position` counts the jobs a worker takes before this one, higher classes included.
 * Batching: `claim_batch` returns jobs that share one `batch_key` (same model, kind, size,
-  frames, steps, level, method, guidance), never more than `max_batch` samples in total unless a
+  frames, steps, level, method, guidance, priority: a high-priority job never waits for a
+  batch filled with lower ones), never more than `max_batch` samples in total unless a
   single job alone is larger (a job is never split), waiting at most `max_wait_ms` after the first
   job for compatible ones to arrive. (The in-process queue opens that window only when there is
   concurrency to exploit, so a lone client does not pay it; other backends may do the same.)
@@ -63,6 +68,8 @@ from pydantic import BaseModel, Field
 QUALITY_WINDOW = 32
 
 JobKind = Literal["image", "video"]
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")  # the order workers take them in
 
 
 class JobStatus(StrEnum):
@@ -104,6 +111,7 @@ class JobSpec(BaseModel):
     # Previews of the image while it denoises (a streamed request's `partial_images`, 0-3); any
     # value batches with any other: each job gets its own.
     partial_images: int = Field(0, ge=0, le=3)
+    priority: Priority = "normal"
     # Provenance, not what to generate (so never part of batch_key):
     owner: str | None = None  # a hash of the caller's API key (None without auth): only the owner sees the job
     request_hash: str | None = None  # fingerprint of the request body an Idempotency-Key came with
@@ -124,6 +132,7 @@ class JobSpec(BaseModel):
             self.level,
             self.method,
             self.guidance_scale,
+            self.priority,
         )
 
 
@@ -208,6 +217,11 @@ class JobEvent:
     def id(self) -> str:
         """The event's id: one per job end, the same on every delivery (receivers de-duplicate by it)."""
         return f"evt_{self.job_id}"
+
+
+def _line_order(job: Job) -> tuple[int, float]:
+    """Where a queued job stands in its line: priority class first, then age."""
+    return PRIORITIES.index(job.spec.priority), job.created_at
 
 
 def new_job_id() -> str:
@@ -478,6 +492,15 @@ class InProcessJobQueue(JobQueue):
         if event is not None:
             event.set()
 
+    def _enqueue(self, job: Job) -> None:
+        """Put a job in line: after every job of its priority or a higher one created before it, so
+        the head of `_pending` is always the job to take next."""
+        order = _line_order(job)
+        at = len(self._pending)
+        while at > 0 and _line_order(self._jobs[self._pending[at - 1]]) > order:
+            at -= 1
+        self._pending.insert(at, job.id)
+
     def _live(self, job_id: str) -> Job | None:
         job = self._jobs.get(job_id)
         return None if job is None or job.status.terminal else job
@@ -501,7 +524,7 @@ class InProcessJobQueue(JobQueue):
         self._done_events[job.id] = asyncio.Event()
         if idempotency_key is not None:
             self._by_key[idempotency_key] = job.id
-        self._pending.append(job.id)
+        self._enqueue(job)
         self._last_arrivals.append(time.monotonic())
         self._arrival.set()
         return self._positioned(job)
@@ -663,8 +686,10 @@ class InProcessJobQueue(JobQueue):
                 await self._wait_arrival(remaining)
                 take_compatible()
         except asyncio.CancelledError:
-            # Shutting down mid-claim: put the jobs back at the head, in their order.
-            self._pending.extendleft(reversed([j.id for j in batch if j.status == JobStatus.queued]))
+            # Shutting down mid-claim: put the jobs back in line, where they were.
+            for job in batch:
+                if job.status == JobStatus.queued:
+                    self._enqueue(job)
             raise
 
         batch = [j for j in batch if j.status == JobStatus.queued]  # drop jobs cancelled meanwhile

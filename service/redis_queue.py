@@ -4,7 +4,9 @@ Layout (every key starts with `prefix`, default `lesa`, so several deployments o
 share one Redis):
 
 * `<p>:jobs:<model>` — one stream per model. One entry per job (`id=<job id>`), consumed by the
-  group `<p>-workers` (`XREADGROUP`). A worker reads only the streams of the models it has loaded,
+  group `<p>-workers` (`XREADGROUP`). Jobs of priority "high" / "low" go to the model's
+  `<p>:jobs-high:<model>` / `<p>:jobs-low:<model>` instead: a worker takes the head of the highest
+  class that has one (see "Priority" below), so every stream stays plain FIFO. A worker reads only the streams of the models it has loaded,
   so pools that serve different models (one model per GPU) share one Redis without taking each
   other's jobs, and each model's lag is its own autoscaling signal. An entry stays in the group's
   pending list (PEL) from delivery until the job's result is stored; results and `XACK` are
@@ -21,6 +23,8 @@ share one Redis):
   hash holding the path.
 * `<p>:queued:<model>` — sorted set of a model's job ids not yet started: `depth()` and the
   backlog limit, per model (a model no worker serves fills its own backlog, not the others').
+  Scored in the order workers take them (creation time, offset by priority class), so a job's
+  rank is its `queue_position`.
 * `<p>:index`, `<p>:index:<kind>` — sorted sets by creation time for `list()`.
 * `<p>:idem:<sha256>` — Idempotency-Key -> job id, kept as long as the job.
 * `<p>:live:<owner>` — sorted set of an owner's (API key's) live jobs by creation time: the
@@ -55,6 +59,10 @@ carry-over is released for other workers at once. The `max_wait_ms` window for c
 arrivals opens only under concurrency (previous batch held several jobs, or others were waiting),
 so a lone client never pays it.
 
+Priority: a worker reads its models' streams of every class. Whatever it holds or peeks at is
+ordered by (class, entry age), so it starts the oldest entry of the highest class waiting, and
+tops its batch up from that entry's stream only (a batch holds one class: `JobSpec.batch_key`).
+
 Not supported: Redis Cluster (the scripts touch a few keys they derive instead of declare).
 """
 
@@ -88,6 +96,7 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.queue import (
+    PRIORITIES,
     QUALITY_WINDOW,
     Job,
     JobError,
@@ -97,6 +106,7 @@ from service.queue import (
     JobResult,
     JobSpec,
     JobStatus,
+    Priority,
     QueueFull,
     QueueUnavailable,
     TooManyJobs,
@@ -169,7 +179,9 @@ _SUBMIT = """
 -- KEYS: job, stream (the model's), queued (the model's), index, kind index, idempotency key, models set,
 --       owner's live set
 -- ARGV: id, spec, created_at, idempotency key ('' = none), max_backlog, job_ttl_s, job key prefix, model,
---       max jobs per owner ('0' = no limit), owner ('1' = the job has one)
+--       max jobs per owner ('0' = no limit), owner ('1' = the job has one), backlog score (the
+--       creation time offset by the priority class: the order workers take the model's jobs in),
+--       stats field (job_s:<the model's normal stream>: seconds per job of the model, any class)
 if ARGV[4] ~= '' then
   local existing = redis.call('GET', KEYS[6])
   if existing and redis.call('EXISTS', ARGV[7] .. existing) == 1 then
@@ -194,16 +206,16 @@ end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'status', 'queued', 'progress', '0', 'created_at', ARGV[3],
   'attempts', '0', 'stream', KEYS[2], 'queued', KEYS[3], 'entry', entry, 'idem', ARGV[4],
-  'live', owned and KEYS[8] or '')
+  'live', owned and KEYS[8] or '', 'score', ARGV[11], 'stats', ARGV[12])
 redis.call('SADD', KEYS[7], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[11], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[6], ARGV[1], 'EX', ARGV[6])
 end
-return {'new', entry, tostring(depth)}
+return {'new', entry, tostring(redis.call('ZRANK', KEYS[3], ARGV[1]))}
 """
 
 _START = """
@@ -271,7 +283,7 @@ end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', tostring(math.max(0, attempts - 1)))
 redis.call('HDEL', KEYS[1], 'started_at', 'worker_id', 'consumer')
-redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
+redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'score') or redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
 return 1
 """
 
@@ -378,12 +390,12 @@ local idem = redis.call('HGET', KEYS[1], 'idem')
 if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
 local queued = redis.call('HGET', KEYS[1], 'queued')
 if queued then redis.call('ZREM', queued, ARGV[1]) end
--- Smoothed seconds per job (start to finish) of the job's model (field job_s:<its stream>), for
--- the Retry-After estimate: a video model's minutes must not stretch an image model's wait.
+-- Smoothed seconds per job (start to finish) of the job's model (field job_s:<its normal stream>),
+-- for the Retry-After estimate: a video model's minutes must not stretch an image model's wait.
 local started = tonumber(redis.call('HGET', KEYS[1], 'started_at') or '')
 if started then
   local d = now - started
-  local field = 'job_s:' .. (redis.call('HGET', KEYS[1], 'stream') or '')
+  local field = redis.call('HGET', KEYS[1], 'stats') or ('job_s:' .. (redis.call('HGET', KEYS[1], 'stream') or ''))
   local old = tonumber(redis.call('HGET', KEYS[4], field) or tostring(d))
   redis.call('HSET', KEYS[4], field, tostring(0.8 * old + 0.2 * d))
 end
@@ -492,13 +504,21 @@ class _Active:
     heartbeat: float
 
 
+# the stream name's kind per priority class ("jobs" for "normal": the streams of before priorities)
+_STREAM_KINDS: dict[str, str] = {"high": "jobs-high", "normal": "jobs", "low": "jobs-low"}
+# A queued job's score in its model's backlog set: creation time, offset by its class (Unix times
+# stay far below the offset; float64 keeps microseconds at this size).
+_SCORE_OFFSET: dict[str, float] = {"high": -1e10, "normal": 0.0, "low": 1e10}
+
+
 def _id_age(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
 
-def _entry_age(entry: _Entry) -> tuple[int, int]:
-    return _id_age(entry.entry_id)
+def _entry_order(entry: _Entry) -> tuple[int, int, int]:
+    """The order a worker takes what it holds in: priority class, then age (entry ids are times)."""
+    return (PRIORITIES.index(entry.spec.priority), *_id_age(entry.entry_id))
 
 
 def _by_stream(entries: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -655,9 +675,14 @@ class RedisJobQueue(JobQueue):
 
     # ---- keys -------------------------------------------------------------------------------
 
-    def stream_for(self, model: str) -> str:
-        """The stream that holds `model`'s jobs (KEDA's `stream` for that model's worker pool)."""
-        return f"{self.prefix}:jobs:{model}"
+    def stream_for(self, model: str, priority: Priority = "normal") -> str:
+        """The stream that holds `model`'s jobs of one priority class (KEDA's `stream`s for that
+        model's worker pool: `streams_of`)."""
+        return f"{self.prefix}:{_STREAM_KINDS[priority]}:{model}"
+
+    def streams_of(self, model: str) -> list[str]:
+        """All of `model`'s streams, highest priority first."""
+        return [self.stream_for(model, p) for p in PRIORITIES]
 
     def _k_queued(self, model: str) -> str:
         return f"{self.prefix}:queued:{model}"
@@ -666,7 +691,12 @@ class RedisJobQueue(JobQueue):
         return f"{self.prefix}:workers:{model}"  # live workers serving `model` -> last heartbeat
 
     def _model_of(self, stream: str) -> str:
-        return stream.removeprefix(f"{self.prefix}:jobs:")
+        return stream.removeprefix(f"{self.prefix}:").split(":", 1)[1]
+
+    def _stream_rank(self, stream: str) -> int:
+        """Rank of a stream's priority class (0 is taken first), read off its name."""
+        kind = stream.removeprefix(f"{self.prefix}:").split(":", 1)[0]
+        return next(rank for rank, p in enumerate(PRIORITIES) if _STREAM_KINDS[p] == kind)
 
     def _k_job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -810,7 +840,7 @@ class RedisJobQueue(JobQueue):
         idle for `idle_s` (default an hour; a live worker reads every second) are deleted: deleting
         one with pending entries would drop them from re-delivery. Runs with the API's housekeeping."""
         stale_ms = (max(3600.0, 10 * self.visibility_timeout_s) if idle_s is None else idle_s) * 1000
-        for stream in [*(self.stream_for(m) for m in await self._models()), self.k_outbox]:
+        for stream in [*(s for m in await self._models() for s in self.streams_of(m)), self.k_outbox]:
             try:
                 consumers = await self._redis.xinfo_consumers(stream, self.group)
             except ResponseError:  # no group yet
@@ -823,7 +853,7 @@ class RedisJobQueue(JobQueue):
 
     @_translate_errors
     async def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> Job:
-        stream = self.stream_for(spec.model)
+        stream = self.stream_for(spec.model, spec.priority)
         await self._ensure_groups([stream])
         job_id = new_job_id()
         created_at = time.time()
@@ -850,6 +880,8 @@ class RedisJobQueue(JobQueue):
                 spec.model,
                 self.max_jobs_per_owner,
                 "1" if spec.owner is not None else "0",
+                repr(created_at + _SCORE_OFFSET[spec.priority]),
+                f"job_s:{self.stream_for(spec.model)}",
             ],
         )
         kind = kind.decode()
@@ -871,7 +903,7 @@ class RedisJobQueue(JobQueue):
             await self._housekeeping()
         except Exception as error:  # noqa: BLE001 - the job is queued: its client must hear so
             log.warning("housekeeping after a submit failed (retried in a minute): %s: %s", type(error).__name__, error)
-        ahead = int(rest[0])  # its model's backlog before it
+        ahead = int(rest[0])  # its model's queued jobs that workers take before it
         return Job(id=job_id, spec=spec, created_at=created_at, idempotency_key=idempotency_key, queue_position=ahead)
 
     async def _retry_after(self, depth: int, model: str) -> int:
@@ -1076,22 +1108,23 @@ class RedisJobQueue(JobQueue):
         last read), the model's backlog stands in for it: the alerts on it must not go blind."""
         stats: dict[str, dict[str, int | None]] = {}
         for model in sorted(models) if models is not None else await self._models():
-            stream = self.stream_for(model)
-            stats[model] = {"pending": 0, "lag": None}
-            try:
-                groups = await self._redis.xinfo_groups(stream)
-            except ResponseError as error:
-                if "no such key" not in str(error).lower():
-                    raise
-                self._groups_ready.discard(stream)  # Redis lost the stream (restart without persistence)
-                stats[model]["lag"] = 0
-                continue
-            for group in groups:
-                if _s(group["name"]) == self.group:
-                    lag = group.get("lag")
-                    if lag is None:
-                        lag = int(await self._redis.zcard(self._k_queued(model)))
-                    stats[model] = {"pending": int(group["pending"]), "lag": lag}
+            pending, lag = 0, 0
+            for stream in self.streams_of(model):  # its priority classes, added up
+                try:
+                    groups = await self._redis.xinfo_groups(stream)
+                except ResponseError as error:
+                    if "no such key" not in str(error).lower():
+                        raise
+                    self._groups_ready.discard(stream)  # Redis lost the stream (restart without persistence)
+                    continue
+                group = next((g for g in groups if _s(g["name"]) == self.group), None)
+                if group is None:
+                    continue  # not this deployment's group
+                pending += int(group["pending"])
+                lag = None if lag is None or group.get("lag") is None else lag + int(group["lag"])
+            if lag is None:
+                lag = int(await self._redis.zcard(self._k_queued(model)))
+            stats[model] = {"pending": pending, "lag": lag}
         return stats
 
     async def live_workers(self, within_s: float = 30.0) -> int:
@@ -1184,8 +1217,9 @@ class RedisJobQueue(JobQueue):
         self._last_seen[consumer] = now
 
     async def _read_oldest(self, consumer: str, streams: list[str], carry: list[_Entry]) -> bool:
-        """Read one entry from the stream whose oldest undelivered entry is the oldest of all, if
-        it is older than everything in the carry-over; say whether any entry was waiting. Peeks
+        """Read one entry from the stream whose oldest undelivered entry comes first of all (highest
+        priority class, then oldest), if it comes before everything in the carry-over; say whether
+        any entry was waiting. Peeks
         (XINFO GROUPS' last-delivered-id, then XRANGE after it) deliver nothing, so the other
         streams' entries stay free for any worker."""
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -1205,11 +1239,15 @@ class RedisJobQueue(JobQueue):
             for stream, after in last.items():
                 pipe.xrange(stream, min=f"({after}", max="+", count=1)
             firsts = await pipe.execute()
-        waiting = {stream: _id_age(_s(rows[0][0])) for stream, rows in zip(last, firsts, strict=True) if rows}
+        waiting = {
+            stream: (self._stream_rank(stream), *_id_age(_s(rows[0][0])))
+            for stream, rows in zip(last, firsts, strict=True)
+            if rows
+        }
         if not waiting:
             return False
         stream = min(waiting, key=waiting.__getitem__)
-        if not carry or waiting[stream] < min(_entry_age(e) for e in carry):
+        if not carry or waiting[stream] < min(_entry_order(e) for e in carry):
             await self._read_new(consumer, [stream], carry, count=1, block_s=None)
         return True
 
@@ -1243,7 +1281,7 @@ class RedisJobQueue(JobQueue):
 
     async def _streams(self, models: Collection[str] | None) -> list[str]:
         """The streams a worker for `models` reads (None: every model's, for single-pool setups)."""
-        return [self.stream_for(m) for m in (sorted(models) if models is not None else await self._models())]
+        return [s for m in (sorted(models) if models is not None else await self._models()) for s in self.streams_of(m)]
 
     @_translate_errors
     async def claim_batch(
@@ -1271,13 +1309,14 @@ class RedisJobQueue(JobQueue):
                 if models is None:  # jobs for a model never seen before may have arrived
                     streams = await self._streams(None)
                     self._read_streams[worker_id].update(streams)
-                await self._heartbeat_worker(worker_id, [self._model_of(s) for s in streams], now)
+                await self._heartbeat_worker(worker_id, sorted({self._model_of(s) for s in streams}), now)
             await self._reclaim(worker_id, streams, carry, limit=max_batch)
-            if len(streams) > 1 and (carry or time.monotonic() < deadline):
-                # A worker serving several models takes the oldest waiting entry of any of them (FIFO
-                # across models, none starves behind another's backlog), and reads only that one:
-                # an entry it took and does not run now would wait for its batch while an idle peer
-                # could run it. The head's stream tops the batch up below.
+            if streams and (carry or time.monotonic() < deadline):
+                # A worker reads several streams (each model's priority classes, maybe several
+                # models): it takes the first waiting entry of any of them (highest class, then
+                # oldest: FIFO across models, none starves behind another's backlog), and reads only
+                # that one: an entry it took and does not run now would wait for its batch while an
+                # idle peer could run it. The head's stream tops the batch up below.
                 if await self._read_oldest(worker_id, streams, carry) and not carry:
                     continue  # it was cancelled, or a peer took it first: look again, not block on all
 
@@ -1285,14 +1324,15 @@ class RedisJobQueue(JobQueue):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
-                # Block in slices of <= 1 s so reclaim and the worker heartbeat keep running (with
-                # several streams, COUNT 1 each: entries landing in two at once are the only hoard).
-                count = max_batch if len(streams) == 1 else 1
-                await self._read_new(worker_id, streams, carry, count=count, block_s=min(remaining, 1.0))
+                # Block in slices of <= 1 s so reclaim and the worker heartbeat keep running (COUNT 1
+                # per stream: entries landing in two at once are the only hoard; the head's stream
+                # tops the batch up below).
+                await self._read_new(worker_id, streams, carry, count=1, block_s=min(remaining, 1.0))
                 await self._housekeeping()
                 continue
-            # Oldest first (entry ids are millisecond timestamps; reclaimed entries are older still).
-            carry.sort(key=_entry_age)
+            # Highest priority first, then oldest (entry ids are millisecond timestamps; reclaimed
+            # entries are older still).
+            carry.sort(key=_entry_order)
 
             head = carry[0]
             key = head.spec.batch_key()
@@ -1303,7 +1343,7 @@ class RedisJobQueue(JobQueue):
             # Entries already in the stream join for free (one non-blocking read), within room and
             # without hoarding: besides the batch the carry-over keeps at most max_batch entries plus
             # one per other stream; others may run the rest. Only the head's stream: compatible jobs
-            # share its model.
+            # share its model and priority class.
             if samples < max_batch and len(carry) - len(chosen) < max_batch + len(streams) - 1:
                 await self._read_new(worker_id, [head.stream], carry, count=max_batch - samples, block_s=None)
                 samples = _take_compatible(carry, chosen, key, samples, max_batch)
@@ -1607,14 +1647,24 @@ class RedisJobQueue(JobQueue):
             for stream in sorted(streams):
                 # What Redis says this consumer holds, not only the carry-over: a claim cancelled
                 # between a read and its carry-over holds entries no list here knows of.
-                held = await self._redis.xpending_range(stream, self.group, "-", "+", 10_000, consumername=worker_id)
+                try:
+                    held = await self._redis.xpending_range(
+                        stream, self.group, "-", "+", 10_000, consumername=worker_id
+                    )
+                except ResponseError as error:
+                    if "NOGROUP" not in str(error):
+                        raise
+                    continue  # a priority class nobody has submitted to: no stream, nothing held
                 entry_ids = [_s(h["message_id"]) for h in held]
                 if entry_ids:
                     await self._release(
                         keys=[stream], args=[self.group, worker_id, self._handed_on_idle_ms, *entry_ids]
                     )
             async with self._redis.pipeline(transaction=False) as pipe:
-                for key in (self.k_workers, *(self._k_workers(self._model_of(s)) for s in streams)):
+                for key in (
+                    self.k_workers,
+                    *(self._k_workers(m) for m in sorted({self._model_of(s) for s in streams})),
+                ):
                     pipe.zrem(key, worker_id)
                 await pipe.execute()
         except (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError):

@@ -247,6 +247,35 @@ def test_a_queued_job_knows_how_many_jobs_of_its_model_are_ahead_of_it() -> None
     run(scenario())
 
 
+def test_higher_priority_jobs_are_taken_first_and_batch_only_with_their_own_class() -> None:
+    async def scenario() -> None:
+        q = make_queue()
+        low = await q.submit(spec(seed=1, priority="low"))
+        normal = await q.submit(spec(seed=2))
+        high = await q.submit(spec(seed=3, priority="high"))
+        high2 = await q.submit(spec(seed=4, priority="high"))
+        other = await q.submit(spec(model="n", seed=9, priority="low"))  # another model's line
+        assert [j.queue_position for j in (low, normal, high, high2, other)] == [0, 0, 0, 1, 0]  # as submitted
+        # the place in line counts what workers take first, higher classes included
+        now = [(await q.get(j.id)).queue_position for j in (low, normal, high, high2, other)]
+        assert now == [3, 2, 0, 1, 0]
+        # compatible in every field but priority: the two high jobs run together, without the others
+        batch = await q.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=1, models=["m"])
+        assert [j.id for j in batch] == [high.id, high2.id]
+        assert [(await q.get(j.id)).queue_position for j in (low, normal)] == [1, 0]
+        # a high job that arrives now goes before the older normal and low ones
+        high3 = await q.submit(spec(seed=5, priority="high"))
+        assert high3.queue_position == 0
+        order = []
+        for _ in range(3):
+            (job,) = await q.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=1, models=["m"])
+            order.append(job.id)
+        assert order == [high3.id, normal.id, low.id]
+        assert (await q.get(low.id)).spec.priority == "low"
+
+    run(scenario())
+
+
 def test_an_owner_with_max_live_jobs_gets_too_many_jobs_until_one_ends() -> None:
     async def scenario() -> None:
         q = make_queue(max_jobs_per_owner=2)
