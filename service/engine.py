@@ -415,6 +415,7 @@ class Engine:
             num_inference_steps=steps, guidance_scale=guidance, level=level, method=method, seed=seed,
             output_format=body.output_format, user=body.user,
             partial_images=body.partial_images or 0, queue_timeout_s=self._queue_timeout(body),
+            priority=body.priority or "normal",
             requested_acceleration=body.acceleration or self.settings.default_level,
         )  # fmt: skip
 
@@ -446,7 +447,7 @@ class Engine:
             kind="video", model=entry.name, prompt=body.prompt, n=1, width=width, height=height,
             num_frames=frames, fps=entry.fps, num_inference_steps=steps, guidance_scale=guidance, level=level,
             method=method, seed=seed, output_format="mp4", user=body.user,
-            queue_timeout_s=self._queue_timeout(body),
+            queue_timeout_s=self._queue_timeout(body), priority=body.priority or "normal",
             requested_acceleration=body.acceleration or self.settings.default_level,
         )  # fmt: skip
 

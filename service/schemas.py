@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
+from service.queue import Priority
+
 MAX_SEED = 2**31 - 1 - 8  # sample i of a job uses seed + i, which must stay a valid 31-bit seed
 MethodName = Literal["lesa", "taylorseer", "reuse", "none"]
 
@@ -32,6 +34,13 @@ _QUEUE_TIMEOUT = Field(
     "`queue_timeout` and never runs (a sync image request answers 503). Default: `LESA_QUEUE_TIMEOUT_S` "
     "(unset: no limit). A job started in time whose worker then dies runs again, deadline or not.",
     examples=[30],
+)
+_PRIORITY = Field(
+    None,
+    description='Where the job stands in line: workers take every queued "high" job (oldest first) before any '
+    '"normal" one, and those before "low" ones; a batch holds jobs of one priority. Strict: steady "high" '
+    'traffic holds the others back (queue_timeout_s bounds their wait). Default: "normal".',
+    examples=["high"],
 )
 _QUEUE_POSITION = Field(
     None, description="while queued: jobs of the same model that workers take before this one (0: next)"
@@ -145,6 +154,7 @@ class ImageGenerationRequest(StrictBody):
     max_acceleration: str | None = _MAX_ACCELERATION
     method: MethodName | None = _METHOD
     queue_timeout_s: StrictFloat | None = _QUEUE_TIMEOUT
+    priority: Priority | None = _PRIORITY
 
 
 class VideoCreateRequest(StrictBody):
@@ -180,6 +190,7 @@ class VideoCreateRequest(StrictBody):
     max_acceleration: str | None = _MAX_ACCELERATION
     method: MethodName | None = _METHOD
     queue_timeout_s: StrictFloat | None = _QUEUE_TIMEOUT
+    priority: Priority | None = _PRIORITY
 
     @field_validator("seconds", mode="before")
     @classmethod
@@ -263,6 +274,7 @@ class VideoObject(BaseModel):
     progress: int = Field(ge=0, le=100, description="percent of denoising steps done, updated per step")
     queue_position: int | None = _QUEUE_POSITION
     attempts: int = _ATTEMPTS
+    priority: Priority = "normal"
     created_at: int
     completed_at: int | None = None
     expires_at: int | None = None
@@ -285,6 +297,7 @@ class ImageJobObject(BaseModel):
     progress: int
     queue_position: int | None = _QUEUE_POSITION
     attempts: int = _ATTEMPTS
+    priority: Priority = "normal"
     created_at: int
     completed_at: int | None = None
     expires_at: int | None = None

@@ -207,6 +207,28 @@ def test_null_means_the_default_and_probes_answer_head(client: TestClient) -> No
     assert client.head("/healthz").status_code == 200 and client.head("/readyz").status_code == 200
 
 
+def test_priority_orders_the_line_and_is_echoed_on_jobs() -> None:
+    """No worker: jobs stay queued, so their places in line show the order workers would take."""
+    s = settings()
+    with TestClient(create_app(s, engine=make_engine(s), run_worker=False)) as client:
+        low = client.post("/v1/images/jobs", json={"prompt": "a one", "priority": "low"}).json()
+        normal = client.post("/v1/images/jobs", json={"prompt": "a two"}).json()
+        high = client.post("/v1/images/jobs", json={"prompt": "a three", "priority": "high"}).json()
+        assert [j["priority"] for j in (low, normal, high)] == ["low", "normal", "high"]
+        line = [client.get(f"/v1/images/jobs/{j['id']}").json()["queue_position"] for j in (low, normal, high)]
+        assert line == [2, 1, 0]
+        video = client.post(
+            "/v1/videos", data={"prompt": "a four", "priority": "high"}
+        ).json()  # a form, as openai sends
+        assert video["priority"] == "high" and video["queue_position"] == 0
+        assert (
+            "high"
+            in assert_error(
+                client.post("/v1/images/jobs", json={"prompt": "x", "priority": "urgent"}), 400, "priority"
+            )["message"]
+        )
+
+
 def test_queue_full_429_and_sync_timeout_504() -> None:
     s = settings(max_backlog=1, sync_timeout_s=0.2)
     # No worker: jobs stay queued, so the backlog fills and sync requests time out.
