@@ -252,7 +252,10 @@ def test_keda_scales_workers_on_the_stream_the_queue_really_uses() -> None:
     assert "LESA_MODELS" not in config
     served = [name for name, m in read_config(REPO / "deploy" / "models.toml").models.items() if m.enabled is True]
     triggers = scaled["spec"]["triggers"]
-    assert sorted(t["metadata"]["stream"] for t in triggers) == sorted(queue.stream_for(m) for m in served)
+    # every priority class has its own stream: a backlog of "high" jobs must scale the pool too
+    assert sorted(t["metadata"]["stream"] for t in triggers) == sorted(s for m in served for s in queue.streams_of(m))
+    formula = scaled["spec"]["advanced"]["scalingModifiers"]["formula"]
+    assert sorted(formula.split(" + ")) == sorted(t["name"] for t in triggers)
     for trigger in triggers:
         assert trigger["type"] == "redis-streams"
         assert trigger["metadata"]["consumerGroup"] == queue.group
