@@ -98,14 +98,22 @@ def record(
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     out = Path(out_dir)
-    created = not out.exists()
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first: the folders this run creates
     out.mkdir(parents=True, exist_ok=True)
     try:
         return _record_into(pipe, prompts, seeds, out, settings, shard_size, progress)
     except BaseException:
-        if created and not any(out.iterdir()):  # a run refused before its first shard leaves nothing behind
-            out.rmdir()
+        _remove_empty(made)  # a run refused before its first shard leaves the filesystem as it found it
         raise
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty; never one that holds anything."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # refused for a folder that is not empty
+        except OSError:
+            return
 
 
 def _record_into(

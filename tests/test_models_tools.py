@@ -156,10 +156,10 @@ def test_cli_errors_are_one_line_naming_the_problem_never_a_traceback(tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and f"--out {a_file}: {a_file} is a file, not a folder" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
-    fresh = tmp_path / "fresh" / "rec"  # refused before its first shard: no empty folder left behind
+    fresh = tmp_path / "fresh" / "rec"  # refused before its first shard: no empty folders left behind
     rc = main(["record", "--model", "digits-image", "--prompts", str(prompts), "--seeds", "0", "--steps", "1",
                "--out", str(fresh)])  # fmt: skip
-    assert rc != 0 and "Traceback" not in capsys.readouterr().err and not fresh.exists()
+    assert rc != 0 and "Traceback" not in capsys.readouterr().err and not fresh.parent.exists()
     # outputs that cannot be written are found before the work, not after it (the samples were lost)
     for cmd in (["generate", "--prompt", "x", "--steps", "4", "--output", str(a_file / "x.png")],
                 ["generate", "--prompts", str(prompts), "--steps", "4", "--output", str(a_file / "gen")],

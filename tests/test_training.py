@@ -60,6 +60,23 @@ def test_record_stores_what_reruns_the_sample(pipe, recorded):
     torch.testing.assert_close(torch.as_tensor(again.samples), data.final[:1], rtol=0, atol=1e-4)
 
 
+def test_a_refused_recording_removes_only_the_folders_it_made(tmp_path):
+    """Refused before its first shard, `record` leaves the filesystem as it found it: every folder
+    of `out_dir` it made is removed again (not only the last one), never one that was there."""
+
+    class Refusing:
+        def initial_noise(self, *args):
+            raise ValueError("refused")
+
+    settings = RecordSettings("digits-image", STEPS, 4.0, 16, 16)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for out in (kept / "a" / "b" / "rec", kept):
+        with pytest.raises(ValueError, match="refused"):
+            record(Refusing(), ["digit 3"], [0], out, settings, progress=False)
+        assert list(tmp_path.iterdir()) == [kept] and not any(kept.iterdir())
+
+
 def copy_of(recording, to):
     """A scratch copy of the module's recording, for tests that damage it."""
     to.mkdir()
