@@ -167,7 +167,7 @@ def _generate(args: argparse.Namespace) -> int:
     guidance = pipe.default_guidance if args.guidance is None else args.guidance
     seeds = [args.seed + i for i in range(len(prompts))]
     try:
-        pipe._validate(prompts, seeds, height, width, args.frames, args.steps, guidance)
+        pipe.validate(prompts, seeds, height, width, args.frames, args.steps, guidance)
     except ValueError as error:
         raise _in_flags(error) from error
     cache = resolve_acceleration(pipe, args.acceleration, args.steps, args.method, args.predictor)

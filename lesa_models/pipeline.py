@@ -310,7 +310,7 @@ class DigitsPipeline:
 
     # ------------------------------------------------------------------------------- validation
 
-    def _validate(
+    def validate(
         self,
         prompts: Sequence[str],
         seeds: Sequence[int],
@@ -320,6 +320,9 @@ class DigitsPipeline:
         num_inference_steps: int,
         guidance_scale: float,
     ) -> int | None:
+        """What `__call__` checks before it generates: a ValueError naming the field, else the clip
+        length (None for an image model). Callers such as `lesa generate` refuse bad input with it
+        before any output is made."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
             raise ValueError("prompts must be a non-empty list of strings")
         for i, prompt in enumerate(prompts):
@@ -420,7 +423,7 @@ class DigitsPipeline:
         """
         if guidance_scale is None:
             guidance_scale = self.default_guidance
-        frames = self._validate(prompts, seeds, height, width, num_frames, num_inference_steps, guidance_scale)
+        frames = self.validate(prompts, seeds, height, width, num_frames, num_inference_steps, guidance_scale)
         expected = (len(prompts), *self.noise_shape(height, width, frames))
         if latents is None:
             x = self.initial_noise(seeds, height, width, frames)

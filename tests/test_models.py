@@ -141,6 +141,17 @@ def test_bad_inputs_raise_value_errors_naming_the_field(image_pipe, kwargs, fiel
         image_pipe(prompts, **kwargs)
 
 
+def test_validate_checks_a_call_without_generating(image_pipe, video_pipe):
+    """`validate` is public: `lesa generate` refuses bad input with it before any output is made."""
+    width, height = image_pipe.info.sizes[0]
+    assert image_pipe.validate(["a one"], [0], height, width, None, 8, 4.0) is None
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        image_pipe.validate(["a one"], [0], height, width, None, 3, 4.0)
+    width, height = video_pipe.info.sizes[0]
+    frames = video_pipe.validate(["a one"], [0], height, width, None, 8, 4.0)
+    assert frames == video_pipe.info.num_frames[0]
+
+
 def test_unknown_model_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="digits-image, digits-video"):
         load_pipeline("digits-audio")

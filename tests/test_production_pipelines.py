@@ -169,6 +169,10 @@ def test_validation_names_the_field():
         backend(["a cat"], seeds=[0], height=16, width=16, num_frames=9, num_inference_steps=STEPS)
     with pytest.raises(ValueError, match="num_inference_steps"):
         backend(["a cat"], seeds=[0], height=16, width=16, num_inference_steps=2)
+    # the same checks without generating (`lesa generate` refuses bad input with them first)
+    assert backend.validate(["a cat"], [0], 16, 16, None, STEPS, 1.0) is None
+    with pytest.raises(ValueError, match="size 32x32"):
+        backend.validate(["a cat"], [0], 32, 32, None, STEPS, 1.0)
 
 
 def test_image_pipelines_preview_the_clean_estimate_decoded_as_the_output_is(tiny):

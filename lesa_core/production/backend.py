@@ -295,7 +295,7 @@ class DiffusersBackend:
 
     # ------------------------------------------------------------------------------ validation
 
-    def _validate(
+    def validate(
         self,
         prompts: Sequence[str],
         seeds: Sequence[int],
@@ -304,8 +304,11 @@ class DiffusersBackend:
         num_frames: int | None,
         num_inference_steps: int,
         guidance_scale: float,
-        latents: torch.Tensor | None,
+        latents: torch.Tensor | None = None,
     ) -> int | None:
+        """What `__call__` checks before it generates (the `DigitsPipeline.validate` contract): a
+        ValueError naming the field, else the clip length (None for an image model). Callers such
+        as `lesa generate` refuse bad input with it before any output is made."""
         name = self.options.name
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
             raise ValueError("prompts must be a non-empty list of strings")
@@ -440,7 +443,7 @@ class DiffusersBackend:
         """
         if guidance_scale is None:
             guidance_scale = self.default_guidance
-        frames = self._validate(prompts, seeds, height, width, num_frames, num_inference_steps, guidance_scale, latents)
+        frames = self.validate(prompts, seeds, height, width, num_frames, num_inference_steps, guidance_scale, latents)
         self._last_size = (int(height), int(width), frames)
         cost = sample_cost(height, width, frames)
         cap = self.options.max_batch_pixels
