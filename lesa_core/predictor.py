@@ -53,6 +53,14 @@ def stage_thresholds_for(family: str | None) -> tuple[float, float]:
     return FAMILY_STAGE_THRESHOLDS.get(family or "", (0.9, 0.5))
 
 
+def check_stage_thresholds(thresholds: Sequence[float]) -> None:
+    """Stage thresholds must be (high, low) with 1 >= high >= low >= 0 (BundleError otherwise): the one
+    check of a bundle's config and of `lesa import-reference --stage-thresholds`."""
+    numbers = all(isinstance(t, int | float) and not isinstance(t, bool) for t in thresholds)
+    if len(thresholds) != 2 or not numbers or not 1.0 >= thresholds[0] >= thresholds[1] >= 0.0:
+        raise BundleError(f"stage_thresholds must be (high, low) with 1 >= high >= low >= 0, got {list(thresholds)}")
+
+
 @dataclass
 class PredictorConfig:
     schedule: dict  # CacheSchedule.to_dict(): the one (steps, full steps) plan this predictor was trained for
@@ -123,12 +131,7 @@ class StagePredictor(nn.Module):
         if config.history_weights == "channel" and not config.hidden_size:
             raise BundleError("history_weights='channel' needs hidden_size")
         # Checked here, not at the first forecast of a request (where a bad value fails a generation).
-        thresholds = config.stage_thresholds
-        numbers = all(isinstance(t, int | float) and not isinstance(t, bool) for t in thresholds)
-        if len(thresholds) != 2 or not numbers or not 1.0 >= thresholds[0] >= thresholds[1] >= 0.0:
-            raise BundleError(
-                f"stage_thresholds must be (high, low) with 1 >= high >= low >= 0, got {list(thresholds)}"
-            )
+        check_stage_thresholds(config.stage_thresholds)
         if len(config.history_depths) != 3 or not all(isinstance(d, int) and d >= 1 for d in config.history_depths):
             raise BundleError(
                 f"history_depths must be 3 whole numbers >= 1 (one per stage), got {list(config.history_depths)}"

@@ -154,6 +154,15 @@ def test_import_takes_the_papers_stage_thresholds_for_the_family_or_the_ones_giv
         assert tuple(predictor.config.stage_thresholds) == expected, name
         assert predictor.stage(0.45) == (1 if expected[1] < 0.45 else 2), name
     capsys.readouterr()
-    with pytest.raises(SystemExit):
-        main(["import-reference", str(path), str(tmp_path / "bad"), *flags, "--stage-thresholds", "0.3,0.8"])
-    assert "HIGH >= LOW" in capsys.readouterr().err
+    # the range is the library's check (StagePredictor's), reported naming the flag, before anything is written
+    for bad in ("0.3,0.8", "1.5,0.5", "0.9,-0.1", "nan,0.5"):
+        assert main(["import-reference", str(path), str(tmp_path / "bad"), *flags, "--stage-thresholds", bad]) == 2
+        high, low = (float(part) for part in bad.split(","))
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "lesa import-reference: error: --stage-thresholds: stage_thresholds must be (high, low) with "
+            f"1 >= high >= low >= 0, got {[high, low]}"
+        ]
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):  # not two numbers: argparse's own message
+        main(["import-reference", str(path), str(tmp_path / "bad"), *flags, "--stage-thresholds", "0.9"])
+    assert "argument --stage-thresholds: expected HIGH,LOW" in capsys.readouterr().err
