@@ -88,11 +88,13 @@ def stage_thresholds(text: str) -> tuple[float, float]:
 
 
 def refuse_occupied(out: Path, name: str) -> None:
-    """A bundle's destination must not hold a file or another bundle: writing would destroy it."""
-    from lesa_core.predictor import occupied_bundle_path
+    """A bundle's destination must not hold a file or another bundle (the library's check and wording)."""
+    from lesa_core.predictor import refuse_occupied as refuse
 
-    if what := occupied_bundle_path(out):
-        raise CliError(f"{name} {out}: already holds {what}; choose a new directory or remove it first")
+    try:
+        refuse(out, name)
+    except ValueError as error:
+        raise CliError(str(error)) from None
 
 
 def _import_reference(args: argparse.Namespace) -> int:

@@ -115,6 +115,13 @@ def occupied_bundle_path(path: str | Path) -> str | None:
     return None
 
 
+def refuse_occupied(path: str | Path, name: str) -> None:
+    """A bundle's destination must not hold a file or another bundle: writing would destroy it.
+    ValueError naming `name` (the flag or argument that gave `path`); the CLI reports it as is."""
+    if what := occupied_bundle_path(path):
+        raise ValueError(f"{name} {path}: already holds {what}; choose a new directory or remove it first")
+
+
 # A forecast's base (`PredictorConfig.base`) -> how many of the last full steps it extrapolates from
 BASE_ANCHORS = {"last": 0, "reuse": 1, "taylor1": 2, "taylor2": 3}
 

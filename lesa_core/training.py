@@ -45,7 +45,7 @@ from lesa_core.predictor import (
     SHARED_BRANCH,
     PredictorConfig,
     StagePredictor,
-    occupied_bundle_path,
+    refuse_occupied,
     stage_thresholds_for,
 )
 from lesa_core.schedule import CacheSchedule
@@ -219,9 +219,8 @@ def training_paths(out_dir: str | Path, work_dir: str | Path | None = None) -> t
     """
     out = Path(out_dir).resolve()  # "." has no name to put ".work" after
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
-    what = occupied_bundle_path(out)
-    if what and (not out.is_dir() or not (work / STATE_NAME).is_file()):
-        raise ValueError(f"--out {out_dir}: already holds {what}; choose a new directory or remove it first")
+    if not (out.is_dir() and (work / STATE_NAME).is_file()):  # else: this run's own bundle, resumed
+        refuse_occupied(out_dir, "--out")
     return out, work
 
 
