@@ -106,7 +106,7 @@ def _queued_span(tracer: Tracer, job: Job) -> Any:
     """`job`'s wait in the queue, started (the caller ends it), in the trace its request began."""
     parent = propagate.extract(job.spec.trace_context or {})
     queued = tracer.start_span("lesa.job.queued", context=parent, start_time=_ns(job.created_at))
-    queued.set_attributes({"lesa.job_id": job.id, "lesa.model": job.spec.model})
+    queued.set_attributes({"lesa.job_id": job.id, "lesa.model": job.spec.model, "lesa.priority": job.spec.priority})
     return queued
 
 
@@ -131,6 +131,7 @@ def record_job(tracer: Tracer, job: Job, worker_id: str, started_at: float) -> N
         "lesa.job_id": job.id, "lesa.kind": spec.kind, "lesa.model": spec.model, "lesa.level": spec.level,
         "lesa.method": spec.method, "lesa.steps": spec.num_inference_steps, "lesa.samples": spec.n,
         "lesa.worker": worker_id, "lesa.status": job.status.value, "lesa.attempt": job.attempts,
+        "lesa.priority": spec.priority,
     }  # fmt: skip
     stats = job.result.lesa if job.result is not None else {}
     for key in (

@@ -34,7 +34,7 @@ def traced() -> tuple[TestClient, InMemorySpanExporter]:
 def test_a_request_is_one_trace_from_the_caller_through_the_queue_to_the_worker(traced) -> None:
     client, exporter = traced
     headers = {"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
-    body = {"prompt": "a seven", "n": 2, "acceleration": "5x", "num_inference_steps": 8}
+    body = {"prompt": "a seven", "n": 2, "acceleration": "5x", "num_inference_steps": 8, "priority": "high"}
     response = client.post("/v1/images/generations", json=body, headers=headers)
     assert response.status_code == 200, response.text
     job_id = response.json()["lesa"]["job_id"]
@@ -53,6 +53,7 @@ def test_a_request_is_one_trace_from_the_caller_through_the_queue_to_the_worker(
     assert run.attributes["lesa.job_id"] == job_id and run.attributes["lesa.level"] == "5x"
     assert run.attributes["lesa.full_steps"] == 4 and run.attributes["lesa.predicted_steps"] == 4
     assert run.attributes["lesa.samples"] == 2 and run.attributes["lesa.status"] == "completed"
+    assert run.attributes["lesa.priority"] == queued.attributes["lesa.priority"] == "high"
     assert run.status.status_code == StatusCode.UNSET
     # the stages: children of the run, end to end inside it, as long as the job says they took
     pipeline, encode = spans[stages[0]], spans[stages[1]]
