@@ -35,7 +35,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_wait = Histogram(
-            "lesa_job_queue_wait_seconds", "job creation to claim by a worker", ["model", "level"],
+            "lesa_job_queue_wait_seconds", "job creation to claim by a worker, by the job's priority class",
+            ["model", "level", "priority"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.generation_time = Histogram(

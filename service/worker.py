@@ -186,7 +186,7 @@ class Worker:
         first = jobs[0].spec
         for job in jobs:
             if job.started_at is not None:
-                self.metrics.queue_wait.labels(first.model, first.level).observe(
+                self.metrics.queue_wait.labels(first.model, first.level, first.priority).observe(
                     max(0.0, job.started_at - job.created_at)
                 )
         live = await self._fail_late(jobs)

@@ -783,6 +783,7 @@ def test_metrics_probes_and_docs(client: TestClient) -> None:
     ):  # fmt: skip
         assert name in text, name
     assert 'lesa_requests_total{endpoint="/v1/images/generations",method="POST",status="200"}' in text
+    assert 'lesa_job_queue_wait_seconds_count{level="2x",model="fake-image",priority="normal"}' in text
     # probes and scrapes are not requests: counted, they diluted the error-rate alert
     client.get("/healthz"), client.get("/readyz"), client.get("/metrics")
     text = client.get("/metrics").text

@@ -143,8 +143,9 @@ def build() -> dict[str, Any]:
                    "none", "Backlog (waiting to be claimed) vs being generated."), 12, 8,
     )  # fmt: skip
     layout.add(
-        timeseries("Queue wait (created -> claimed by a worker)", quantiles("lesa_job_queue_wait_seconds"), "s",
-                   "Grows when workers are too few: compare with the worker count."), 12, 8,
+        timeseries("Queue wait (created -> claimed by a worker)", quantiles("lesa_job_queue_wait_seconds", "priority"),
+                   "s", "Grows when workers are too few: compare with the worker count. Per priority class: "
+                   "high jobs are taken first, so low ones wait longest under load."), 12, 8,
     )  # fmt: skip
     layout.add(
         timeseries("Generation time per batch", quantiles("lesa_generation_seconds", "level"), "s",
