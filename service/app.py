@@ -214,6 +214,7 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 _ERRORS_BY_STATUS = {
     "400": "invalid request: `error.param` names the field",
     "401": "missing or invalid API key (only when `LESA_API_KEYS` is set)",
+    "403": 'priority "high" asked with an API key not in `LESA_HIGH_PRIORITY_KEYS` (`priority_not_allowed`)',
     "404": "not found: unknown or expired id",
     "413": "request body larger than `LESA_MAX_BODY_BYTES`",
     "422": "the Idempotency-Key came before with another body (`idempotency_key_reused`)",
@@ -239,6 +240,7 @@ def _document_errors(schema: dict[str, Any]) -> dict[str, Any]:
                 "413" if method in ("post", "put", "patch") and op.get("requestBody") else None,
                 "503" if path.startswith("/v1/") else None,
                 "422" if "idempotency-key" in headers else None,
+                "403" if "idempotency-key" in headers else None,  # the routes that submit jobs
             ]
             for status in filter(None, statuses):
                 documented = responses.setdefault(status, {"description": _ERRORS_BY_STATUS[status]})

@@ -112,7 +112,12 @@ async def get_owner(request: Request, services: ServicesDep) -> str | None:
         return None
     if getattr(request.state, "signed_owner", None) is not None:  # a signed link: its owner's job
         return request.state.signed_owner
-    return "key-" + hashlib.sha256(_bearer_token(request).encode()).hexdigest()[:16]
+    return key_owner(_bearer_token(request))
+
+
+def key_owner(key: str) -> str:
+    """The owner id of an API key's jobs (what they record instead of the key)."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 OwnerDep = Annotated[str | None, Depends(get_owner)]
@@ -199,6 +204,10 @@ async def submit(
     not the first job's result (IETF draft-ietf-httpapi-idempotency-key-header).
     """
     assert services.queue is not None
+    high_keys = services.settings.high_priority_key_set
+    if spec.priority == "high" and high_keys and owner not in {key_owner(k) for k in high_keys}:
+        raise ApiError(403, 'priority "high" is reserved to some API keys (LESA_HIGH_PRIORITY_KEYS); this key may '
+                       'ask for "normal" or "low"', param="priority", code="priority_not_allowed")  # fmt: skip
     spec = spec.model_copy(update={"owner": owner, "trace_context": current_context()})
     scoped_key = None
     if idempotency_key is not None:

@@ -150,6 +150,11 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     api_keys: str = Field("", description="comma-separated Bearer keys required on /v1/*; empty = no authentication")
+    high_priority_keys: str = Field(
+        "",
+        description='comma-separated keys of LESA_API_KEYS whose requests may ask for `priority: "high"` (others '
+        "get 403 naming `priority`); empty = every caller may",
+    )
     cors_origins: str = Field(
         "",
         description="comma-separated origins whose web apps may call the API from a browser (CORS), e.g. "
@@ -177,6 +182,17 @@ class Settings(BaseSettings):
         if not all(k.isascii() and k.isprintable() for k in keys):
             raise ValueError("keys must be printable ASCII (they travel in an HTTP header)")
         return value
+
+    @model_validator(mode="after")
+    def _high_priority_keys_are_api_keys(self) -> Settings:
+        # checked at start: a typo here would quietly refuse "high" to the key it meant
+        strangers = [k for k in _split(self.high_priority_keys) if k not in self.api_key_set]
+        if strangers:
+            raise ValueError(
+                f"LESA_HIGH_PRIORITY_KEYS holds {len(strangers)} key(s) that are not in LESA_API_KEYS "
+                "(without API keys no caller can be told apart: leave it empty)"
+            )
+        return self
 
     @field_validator("device")
     @classmethod
@@ -218,6 +234,10 @@ class Settings(BaseSettings):
     @cached_property
     def api_key_set(self) -> frozenset[str]:
         return frozenset(_split(self.api_keys))
+
+    @cached_property
+    def high_priority_key_set(self) -> frozenset[str]:
+        return frozenset(_split(self.high_priority_keys))
 
     @cached_property
     def cors_origin_list(self) -> list[str]:

@@ -229,6 +229,18 @@ def test_priority_orders_the_line_and_is_echoed_on_jobs() -> None:
         )
 
 
+def test_high_priority_is_kept_to_the_keys_named_for_it() -> None:
+    s = settings(api_keys="ops, app", high_priority_keys="ops")
+    with TestClient(create_app(s, engine=make_engine(s), run_worker=False)) as client:
+        ops, app = ({"Authorization": f"Bearer {k}"} for k in ("ops", "app"))
+        body = {"prompt": "a one", "priority": "high"}
+        assert client.post("/v1/images/jobs", json=body, headers=ops).json()["priority"] == "high"
+        refused = client.post("/v1/videos", json=body, headers=app)
+        assert assert_error(refused, 403, "priority")["code"] == "priority_not_allowed"
+        assert_error(client.post("/v1/images/generations", json=body, headers=app), 403, "priority")
+        assert client.post("/v1/images/jobs", json={**body, "priority": "low"}, headers=app).status_code == 202
+
+
 def test_queue_full_429_and_sync_timeout_504() -> None:
     s = settings(max_backlog=1, sync_timeout_s=0.2)
     # No worker: jobs stay queued, so the backlog fills and sync requests time out.
@@ -817,7 +829,7 @@ def test_openapi_documents_the_errors_the_server_sends_and_its_bearer_auth() -> 
             if "{" in path:
                 assert "404" in responses, where
             if any(p["name"].lower() == "idempotency-key" for p in op.get("parameters", [])):
-                assert "422" in responses, where
+                assert "422" in responses and "403" in responses, where  # ... and "high" refused to a key
             if method == "post" and op.get("requestBody"):
                 assert "413" in responses, where
             secured = path.startswith("/v1/")
@@ -1037,6 +1049,10 @@ def test_settings_that_would_silently_weaken_the_server_are_refused() -> None:
         settings(auto_min_psnr=float("nan"))
     with pytest.raises(ValidationError, match="finite number"):  # a lone job would wait for ever
         settings(max_wait_ms=float("inf"))
+    with pytest.raises(ValidationError, match="1 key.s. that are not in LESA_API_KEYS"):  # "high" refused to all
+        settings(api_keys="k1", high_priority_keys="k1, typo")
+    with pytest.raises(ValidationError, match="not in LESA_API_KEYS"):
+        settings(high_priority_keys="k1")
     with pytest.raises(ValidationError, match="'bogus' is not a device"):  # was torch's RuntimeError at load
         settings(device="bogus")
     assert [settings(device=d).device for d in ("auto", "cpu", " cuda:1 ")] == ["auto", "cpu", "cuda:1"]
