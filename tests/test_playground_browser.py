@@ -433,6 +433,28 @@ def test_a_queued_job_shows_its_place_in_line(fake_server, browser) -> None:
         wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#output video, #output img"), 30, "no video")
 
 
+def test_a_job_started_over_says_so_beside_its_progress(fake_server, browser) -> None:
+    """A job whose worker died runs again from step 0 (`attempts` 2): the page says why its bar
+    went back. The fake server's worker does not die: the page's polls are shown a second run."""
+    url, _ = fake_server
+    open_page(browser, url)
+    browser.execute_script("""
+        const original = window.fetch;
+        window.fetch = async (resource, init) => {
+          const response = await original(resource, init);
+          if (init && init.method !== "GET" || !String(resource).includes("/v1/images/jobs/")) return response;
+          const body = await response.clone().json();
+          if (body.status !== "in_progress") return response;
+          return new Response(JSON.stringify({ ...body, attempts: 2 }), { headers: response.headers });
+        };""")
+    fill(browser, "steps", "60")  # ~2 s at 30 ms a step
+    browser.find_element(By.ID, "generate").click()
+    busy = browser.find_element(By.ID, "busy")
+    wait(browser, lambda d: "(run 2: a worker stopped, started over)" in busy.text, 10, f"not said: {busy.text!r}")
+    assert busy.text.startswith("in progress ")
+    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", 20)
+
+
 def test_busy_server_429_is_shown_plainly(fake_server, browser) -> None:
     url, _ = fake_server
     open_page(browser, url)

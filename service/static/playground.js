@@ -371,9 +371,11 @@ async function pollJob(job, path, onDone, onProgress) {
     progress.value = current.progress || 0;
     // While queued the server says how many jobs of the model are ahead: more use than "0%".
     const ahead = current.queue_position;
+    // A worker that died mid-run leaves the job to another, which starts over: say why the bar went back.
+    const rerun = current.attempts > 1 ? ` (run ${current.attempts}: a worker stopped, started over)` : "";
     $("busy").textContent = current.status === "queued" && ahead != null
-      ? `queued, ${ahead === 0 ? "next" : `${ahead} ahead`}`
-      : `${current.status.replace("_", " ")} ${current.progress || 0}%`;
+      ? `queued, ${ahead === 0 ? "next" : `${ahead} ahead`}${rerun}`
+      : `${current.status.replace("_", " ")} ${current.progress || 0}%${rerun}`;
     if (onProgress) await onProgress(current);
     if (current.status === "completed") return onDone(current);
     // The server's own failure, shown as such (a plain Error would read "Cannot reach the server").
