@@ -6,11 +6,12 @@ share one Redis):
 * `<p>:jobs:<model>` — one stream per model. One entry per job (`id=<job id>`), consumed by the
   group `<p>-workers` (`XREADGROUP`). Jobs of priority "high" / "low" go to the model's
   `<p>:jobs-high:<model>` / `<p>:jobs-low:<model>` instead: a worker takes the head of the highest
-  class that has one (see "Priority" below), so every stream stays plain FIFO. A worker reads only the streams of the models it has loaded,
-  so pools that serve different models (one model per GPU) share one Redis without taking each
-  other's jobs, and each model's lag is its own autoscaling signal. An entry stays in the group's
-  pending list (PEL) from delivery until the job's result is stored; results and `XACK` are
-  written by one Lua script, so a job is acknowledged exactly when its result exists.
+  class that has one (see "Priority" below), so every stream stays plain FIFO. A worker reads
+  only the streams of the models it has loaded, so pools that serve different models (one model
+  per GPU) share one Redis without taking each other's jobs, and each model's lag is its own
+  autoscaling signal. An entry stays in the group's pending list (PEL) from delivery until the
+  job's result is stored; results and `XACK` are written by one Lua script, so a job is
+  acknowledged exactly when its result exists.
 * `<p>:models` — set of the models that have a stream (what a worker without a model list, the
   metrics and the housekeeping walk).
 * `<p>:job:<id>` — hash with the job record (spec JSON, status, progress, timestamps, attempts,
@@ -1219,9 +1220,8 @@ class RedisJobQueue(JobQueue):
     async def _read_oldest(self, consumer: str, streams: list[str], carry: list[_Entry]) -> bool:
         """Read one entry from the stream whose oldest undelivered entry comes first of all (highest
         priority class, then oldest), if it comes before everything in the carry-over; say whether
-        any entry was waiting. Peeks
-        (XINFO GROUPS' last-delivered-id, then XRANGE after it) deliver nothing, so the other
-        streams' entries stay free for any worker."""
+        any entry was waiting. Peeks (XINFO GROUPS' last-delivered-id, then XRANGE after it)
+        deliver nothing, so the other streams' entries stay free for any worker."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xinfo_groups(stream)
