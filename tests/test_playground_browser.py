@@ -262,17 +262,27 @@ def image_jobs(services, limit: int = 5) -> list:
     raise AssertionError("could not read the job list")
 
 
+def wrap_fetch(browser, after: str) -> None:
+    """Route the page's fetch calls through `after` (JS run with `resource`, `init` and the real
+    `response`; it returns the response the page sees): to delay or alter the server's answers."""
+    browser.execute_script(f"""
+        const original = window.fetch;
+        window.fetch = async (resource, init) => {{
+          const response = await original(resource, init);
+          {after}
+        }};""")
+
+
 def test_cancel_clicked_while_submitting_cancels_the_job_once_created(fake_server, browser) -> None:
     url, _ = fake_server
     open_page(browser, url)
     # Hold the job-creation answer back for a second, so Cancel comes before the job id does.
-    browser.execute_script("""
-        const original = window.fetch;
-        window.fetch = async (resource, init) => {
-          const response = await original(resource, init);
+    wrap_fetch(
+        browser,
+        """
           if (init && init.method === "POST") await new Promise((r) => setTimeout(r, 1000));
-          return response;
-        };""")
+          return response;""",
+    )
     fill(browser, "steps", "100")
     browser.find_element(By.ID, "generate").click()
     browser.find_element(By.ID, "cancel").click()
@@ -438,15 +448,14 @@ def test_a_job_started_over_says_so_beside_its_progress(fake_server, browser) ->
     went back. The fake server's worker does not die: the page's polls are shown a second run."""
     url, _ = fake_server
     open_page(browser, url)
-    browser.execute_script("""
-        const original = window.fetch;
-        window.fetch = async (resource, init) => {
-          const response = await original(resource, init);
+    wrap_fetch(
+        browser,
+        """
           if (init && init.method !== "GET" || !String(resource).includes("/v1/images/jobs/")) return response;
           const body = await response.clone().json();
           if (body.status !== "in_progress") return response;
-          return new Response(JSON.stringify({ ...body, attempts: 2 }), { headers: response.headers });
-        };""")
+          return new Response(JSON.stringify({ ...body, attempts: 2 }), { headers: response.headers });""",
+    )
     fill(browser, "steps", "60")  # ~2 s at 30 ms a step
     browser.find_element(By.ID, "generate").click()
     busy = browser.find_element(By.ID, "busy")
