@@ -6,6 +6,7 @@ import module-level singletons, so several apps (tests, benchmarks) can live in 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import math
@@ -120,6 +121,11 @@ def key_owner(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=8)  # asked on every "high" request: derived once per key set
+def _owners_of(keys: frozenset[str]) -> frozenset[str]:
+    return frozenset(key_owner(k) for k in keys)
+
+
 OwnerDep = Annotated[str | None, Depends(get_owner)]
 
 
@@ -205,7 +211,7 @@ async def submit(
     """
     assert services.queue is not None
     high_keys = services.settings.high_priority_key_set
-    if spec.priority == "high" and high_keys and owner not in {key_owner(k) for k in high_keys}:
+    if spec.priority == "high" and high_keys and owner not in _owners_of(high_keys):
         raise ApiError(403, 'priority "high" is reserved to some API keys (LESA_HIGH_PRIORITY_KEYS); this key may '
                        'ask for "normal" or "low"', param="priority", code="priority_not_allowed")  # fmt: skip
     spec = spec.model_copy(update={"owner": owner, "trace_context": current_context()})
