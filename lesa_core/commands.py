@@ -103,9 +103,9 @@ def _import_reference(args: argparse.Namespace) -> int:
 
     if args.stage_thresholds is not None:
         try:
-            check_stage_thresholds(args.stage_thresholds)
+            check_stage_thresholds(args.stage_thresholds, name="--stage-thresholds")
         except ValueError as error:
-            raise CliError(f"--stage-thresholds: {error}") from None
+            raise CliError(str(error)) from None
     refuse_occupied(Path(args.out_dir), "out_dir")
     try:
         schedule = CacheSchedule(args.num_steps, args.interval, args.first_enhance)

@@ -53,12 +53,12 @@ def stage_thresholds_for(family: str | None) -> tuple[float, float]:
     return FAMILY_STAGE_THRESHOLDS.get(family or "", (0.9, 0.5))
 
 
-def check_stage_thresholds(thresholds: Sequence[float]) -> None:
-    """Stage thresholds must be (high, low) with 1 >= high >= low >= 0 (BundleError otherwise): the one
-    check of a bundle's config and of `lesa import-reference --stage-thresholds`."""
+def check_stage_thresholds(thresholds: Sequence[float], name: str = "stage_thresholds") -> None:
+    """Stage thresholds must be (high, low) with 1 >= high >= low >= 0 (BundleError otherwise, naming
+    them `name`): the one check of a bundle's config and of `lesa import-reference --stage-thresholds`."""
     numbers = all(isinstance(t, int | float) and not isinstance(t, bool) for t in thresholds)
     if len(thresholds) != 2 or not numbers or not 1.0 >= thresholds[0] >= thresholds[1] >= 0.0:
-        raise BundleError(f"stage_thresholds must be (high, low) with 1 >= high >= low >= 0, got {list(thresholds)}")
+        raise BundleError(f"{name} must be (high, low) with 1 >= high >= low >= 0, got {list(thresholds)}")
 
 
 @dataclass

@@ -159,7 +159,7 @@ def test_import_takes_the_papers_stage_thresholds_for_the_family_or_the_ones_giv
         assert main(["import-reference", str(path), str(tmp_path / "bad"), *flags, "--stage-thresholds", bad]) == 2
         high, low = (float(part) for part in bad.split(","))
         assert capsys.readouterr().err.strip().splitlines() == [
-            "lesa import-reference: error: --stage-thresholds: stage_thresholds must be (high, low) with "
+            "lesa import-reference: error: --stage-thresholds must be (high, low) with "
             f"1 >= high >= low >= 0, got {[high, low]}"
         ]
     assert not (tmp_path / "bad").exists()
