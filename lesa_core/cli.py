@@ -11,6 +11,7 @@ import importlib
 import os
 import pickle
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from lesa_core.allocator import retain_freed_memory
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "allocator_from_settings", False):  # `serve` and `worker`: LESA_RETAIN_FREED_MEMORY
         retain_freed_memory()  # generation and training, step after step: lesa_core/allocator.py
     try:
-        return int(args.func(args) or 0)
+        return _run_command(args)
     except CliError as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         return 2
@@ -53,6 +54,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{name}: error: {describe(error)} (LESA_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    try:
+        return int(args.func(args) or 0)
+    except BaseException:
+        remove_empty(_made)  # a failed command leaves no empty output folder behind; what it wrote stays
+        raise
+    finally:
+        _made.clear()
 
 
 def describe(error: BaseException) -> str:
@@ -95,9 +106,24 @@ def prepare_output(path: Path | None, flag: str, directory: bool = False, create
             if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
                 raise CliError(f"{flag} {path}: cannot write in {existing} (permission denied)")
             return
+        _made.extend(p for p in (folder, *folder.parents) if not p.exists())
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CliError(f"{flag} {path}: cannot create {folder} ({error.strerror})") from None
+
+
+# The folders `prepare_output` created for the command running now: removed again, if still
+# empty, when it fails (`main`), so a refused or interrupted run leaves the filesystem as it was.
+_made: list[Path] = []
+
+
+def remove_empty(folders: Iterable[Path]) -> None:
+    """Remove each of `folders` that is empty, deepest first; never one that holds anything."""
+    for folder in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()  # refused for a folder that is not empty (or already gone)
+        except OSError:
+            pass
 
 
 def positive_int(text: str) -> int:

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from lesa_core.cli import remove_empty
 from lesa_core.hooks import CacheConfig
 
 MANIFEST = "dataset.json"
@@ -103,17 +104,8 @@ def record(
     try:
         return _record_into(pipe, prompts, seeds, out, settings, shard_size, progress)
     except BaseException:
-        _remove_empty(made)  # a run refused before its first shard leaves the filesystem as it found it
+        remove_empty(made)  # a run refused before its first shard leaves the filesystem as it found it
         raise
-
-
-def _remove_empty(folders: Sequence[Path]) -> None:
-    """Remove `folders` (deepest first) while they are empty; never one that holds anything."""
-    for folder in folders:
-        try:
-            folder.rmdir()  # refused for a folder that is not empty
-        except OSError:
-            return
 
 
 def _record_into(

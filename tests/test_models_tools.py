@@ -108,6 +108,34 @@ def test_cli_generate_refuses_what_the_pipeline_refuses_before_its_progress_bar(
         assert not out.exists()  # nor an output folder made for samples never generated
 
 
+def test_a_failed_generate_removes_the_empty_folders_it_made_and_keeps_what_it_wrote(tmp_path, capsys, monkeypatch):
+    from lesa_core.cli import main
+    from lesa_models import media
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("digit 3\ndigit 4\n")
+    encode, calls = media.image_bytes, []
+
+    def interrupted_at(n):
+        def image_bytes(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt  # Ctrl-C while the samples are written
+            return encode(*args, **kwargs)
+
+        return image_bytes
+
+    out = tmp_path / "new" / "gen"
+    monkeypatch.setattr(media, "image_bytes", interrupted_at(1))
+    assert main(["generate", "--prompts", str(prompts), "--steps", "4", "--output", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # nothing written: both folders it made are gone
+    calls.clear()
+    monkeypatch.setattr(media, "image_bytes", interrupted_at(2))
+    assert main(["generate", "--prompts", str(prompts), "--steps", "4", "--output", str(out)]) == 130
+    assert [p.name for p in out.iterdir()] == ["000.png"]  # the sample written before stays, and its folder
+
+
 def test_an_output_under_a_file_names_that_file(tmp_path, capsys):
     from lesa_core.cli import main
 
