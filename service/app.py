@@ -62,6 +62,7 @@ def make_queue(settings: Settings) -> JobQueue:
             result_ttl_s=settings.result_ttl_s,
             max_jobs_kept=settings.max_jobs_kept,
             max_jobs_per_owner=settings.max_jobs_per_key,
+            priority_aging_s=settings.priority_aging_s,
         )
     # The API ends jobs too (one whose queue_timeout_s passed while it waited): announced like the
     # workers' ends when webhooks are on.

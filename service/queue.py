@@ -31,10 +31,12 @@ exercise them on `InProcessJobQueue`, and can be pointed at another implementati
   `TooManyJobs` (a `QueueFull`) instead: one key cannot fill the queue for everyone.
 * Unavailability: a backend that cannot be reached raises `QueueUnavailable`; the API turns it
   into 503, `/readyz` reports it via `ping`.
-* Priority: a job's `spec.priority` is "high", "normal" or "low". A worker takes the oldest job
-  of the highest priority that has one queued: a higher class always goes first (strictly: a
-  steady stream of "high" jobs holds the others back; their `queue_timeout_s` bounds the wait).
-  `queue_position` counts the jobs a worker takes before this one, higher classes included.
+* Priority: a job's `spec.priority` is "high", "normal" or "low". By default a worker takes the
+  oldest job of the highest priority that has one queued: a higher class always goes first
+  (strictly: a steady stream of "high" jobs holds the others back; their `queue_timeout_s` bounds
+  the wait). With `priority_aging_s` a job goes before any job one class higher submitted more
+  than that many seconds after it (`line_time`), so no class starves. `queue_position` counts the
+  jobs a worker takes before this one, higher classes included.
 * Batching: `claim_batch` returns jobs that share one `batch_key` (same model, kind, size,
   frames, steps, level, method, guidance, priority: a high-priority job never waits for a
   batch filled with lower ones), never more than `max_batch` samples in total unless a
@@ -219,9 +221,20 @@ class JobEvent:
         return f"evt_{self.job_id}"
 
 
-def _line_order(job: Job) -> tuple[int, float]:
-    """Where a queued job stands in its line: priority class first, then age."""
-    return PRIORITIES.index(job.spec.priority), job.created_at
+# How far apart the classes are when priority is strict (`priority_aging_s` None): longer than any
+# job waits, so every higher-class job goes first. Unix times stay far below it, and float64 still
+# resolves a few microseconds at this size.
+STRICT_PRIORITY_S = 1e10
+
+
+def line_time(priority: Priority, created_at: float, aging_s: float | None) -> float:
+    """When a queued job counts as submitted, for the order workers take jobs in (earliest first).
+
+    Its creation time, moved `aging_s` earlier per class above "normal" and later per class below:
+    a job goes before any job one class higher submitted more than `aging_s` after it, so no class
+    waits for ever behind steady traffic of a higher one. None: strict priority."""
+    step = STRICT_PRIORITY_S if aging_s is None else aging_s
+    return created_at + (PRIORITIES.index(priority) - 1) * step
 
 
 def new_job_id() -> str:
@@ -423,9 +436,11 @@ class InProcessJobQueue(JobQueue):
         result_ttl_s: float = 3600.0,
         max_jobs_kept: int = 1000,
         max_jobs_per_owner: int = 0,
+        priority_aging_s: float | None = None,
     ):
         self.max_backlog = max_backlog
         self.max_jobs_per_owner = max_jobs_per_owner
+        self.priority_aging_s = priority_aging_s
         self._live_by_owner: dict[str, set[str]] = {}
         self.result_ttl_s = result_ttl_s
         self.max_jobs_kept = max_jobs_kept
@@ -492,12 +507,15 @@ class InProcessJobQueue(JobQueue):
         if event is not None:
             event.set()
 
+    def _line_time(self, job: Job) -> float:
+        return line_time(job.spec.priority, job.created_at, self.priority_aging_s)
+
     def _enqueue(self, job: Job) -> None:
-        """Put a job in line: after every job of its priority or a higher one created before it, so
-        the head of `_pending` is always the job to take next."""
-        order = _line_order(job)
+        """Put a job in line by its `line_time` (after every job that counts as submitted no later),
+        so the head of `_pending` is always the job to take next."""
+        order = self._line_time(job)
         at = len(self._pending)
-        while at > 0 and _line_order(self._jobs[self._pending[at - 1]]) > order:
+        while at > 0 and self._line_time(self._jobs[self._pending[at - 1]]) > order:
             at -= 1
         self._pending.insert(at, job.id)
 

@@ -61,8 +61,9 @@ arrivals opens only under concurrency (previous batch held several jobs, or othe
 so a lone client never pays it.
 
 Priority: a worker reads its models' streams of every class. Whatever it holds or peeks at is
-ordered by (class, entry age), so it starts the oldest entry of the highest class waiting, and
-tops its batch up from that entry's stream only (a batch holds one class: `JobSpec.batch_key`).
+ordered by `line_time` (class, then entry age; with `priority_aging_s`, age in seconds against
+class), so it starts the entry that comes first of all, and tops its batch up from that entry's
+stream only (a batch holds one class: `JobSpec.batch_key`).
 
 Not supported: Redis Cluster (the scripts touch a few keys they derive instead of declare).
 """
@@ -112,6 +113,7 @@ from service.queue import (
     QueueUnavailable,
     TooManyJobs,
     UnknownCursor,
+    line_time,
     new_job_id,
 )
 
@@ -146,6 +148,9 @@ class RedisQueueSettings(BaseSettings):
         3.0, gt=0, description="a Redis call not answered in this long is a 503 (must exceed the workers' 1 s reads)"
     )
     max_backlog: int = Field(256, ge=1, description="queued jobs of one model beyond which its requests get 429")
+    priority_aging_s: float | None = Field(
+        None, gt=0, description="seconds a job's class is worth in the take order (`Settings.priority_aging_s`)"
+    )
     result_ttl_s: float = Field(3600.0, gt=0)
     # (LESA_MAX_BATCH / LESA_MAX_WAIT_MS: `Settings` holds them, for the embedded and standalone workers alike.)
     # `lesa worker` only:
@@ -181,7 +186,7 @@ _SUBMIT = """
 --       owner's live set
 -- ARGV: id, spec, created_at, idempotency key ('' = none), max_backlog, job_ttl_s, job key prefix, model,
 --       max jobs per owner ('0' = no limit), owner ('1' = the job has one), backlog score (the
---       creation time offset by the priority class: the order workers take the model's jobs in),
+--       job's `line_time`: the order workers take the model's jobs in),
 --       stats field (job_s:<the model's normal stream>: seconds per job of the model, any class)
 if ARGV[4] ~= '' then
   local existing = redis.call('GET', KEYS[6])
@@ -507,9 +512,6 @@ class _Active:
 
 # the stream name's kind per priority class ("jobs" for "normal": the streams of before priorities)
 _STREAM_KINDS: dict[str, str] = {"high": "jobs-high", "normal": "jobs", "low": "jobs-low"}
-# A queued job's score in its model's backlog set: creation time, offset by its class (Unix times
-# stay far below the offset; float64 keeps microseconds at this size).
-_SCORE_OFFSET: dict[str, float] = {"high": -1e10, "normal": 0.0, "low": 1e10}
 
 
 def _id_age(entry_id: str) -> tuple[int, int]:
@@ -517,9 +519,11 @@ def _id_age(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _entry_order(entry: _Entry) -> tuple[int, int, int]:
-    """The order a worker takes what it holds in: priority class, then age (entry ids are times)."""
-    return (PRIORITIES.index(entry.spec.priority), *_id_age(entry.entry_id))
+def _take_order(priority: Priority, entry_id: str, aging_s: float | None) -> tuple[float, int]:
+    """The order workers take entries in: `line_time` of the entry's creation (entry ids are
+    millisecond times), then its sequence number within that millisecond."""
+    ms, seq = _id_age(entry_id)
+    return line_time(priority, ms / 1000.0, aging_s), seq
 
 
 def _by_stream(entries: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -573,6 +577,7 @@ class RedisJobQueue(JobQueue):
         visibility_timeout_s: float = 300.0,
         max_deliveries: int = 3,
         max_jobs_per_owner: int = 0,
+        priority_aging_s: float | None = None,
         inline_max_bytes: int = 1_000_000,
         output_dir: str | Path = "outputs/redis",
         socket_timeout_s: float = 3.0,
@@ -585,6 +590,7 @@ class RedisJobQueue(JobQueue):
         self.visibility_timeout_s = visibility_timeout_s
         self.max_deliveries = max_deliveries
         self.max_jobs_per_owner = max_jobs_per_owner
+        self.priority_aging_s = priority_aging_s
         self.inline_max_bytes = inline_max_bytes
         self.output_dir = Path(output_dir)
         parts = urlsplit(url)
@@ -667,6 +673,7 @@ class RedisJobQueue(JobQueue):
             visibility_timeout_s=pick("redis_visibility_timeout_s"),
             max_deliveries=pick("redis_max_deliveries"),
             max_jobs_per_owner=getattr(settings, "max_jobs_per_key", 0) or 0,  # the API's setting
+            priority_aging_s=pick("priority_aging_s"),
             inline_max_bytes=pick("redis_inline_max_bytes"),
             output_dir=pick("redis_output_dir"),
             socket_timeout_s=pick("redis_socket_timeout_s"),
@@ -694,10 +701,13 @@ class RedisJobQueue(JobQueue):
     def _model_of(self, stream: str) -> str:
         return stream.removeprefix(f"{self.prefix}:").split(":", 1)[1]
 
-    def _stream_rank(self, stream: str) -> int:
-        """Rank of a stream's priority class (0 is taken first), read off its name."""
+    def _stream_priority(self, stream: str) -> Priority:
+        """The priority class of a stream's entries, read off its name."""
         kind = stream.removeprefix(f"{self.prefix}:").split(":", 1)[0]
-        return next(rank for rank, p in enumerate(PRIORITIES) if _STREAM_KINDS[p] == kind)
+        return next(p for p in PRIORITIES if _STREAM_KINDS[p] == kind)
+
+    def _entry_order(self, entry: _Entry) -> tuple[float, int]:
+        return _take_order(entry.spec.priority, entry.entry_id, self.priority_aging_s)
 
     def _k_job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -881,7 +891,7 @@ class RedisJobQueue(JobQueue):
                 spec.model,
                 self.max_jobs_per_owner,
                 "1" if spec.owner is not None else "0",
-                repr(created_at + _SCORE_OFFSET[spec.priority]),
+                repr(line_time(spec.priority, created_at, self.priority_aging_s)),
                 f"job_s:{self.stream_for(spec.model)}",
             ],
         )
@@ -1218,8 +1228,8 @@ class RedisJobQueue(JobQueue):
         self._last_seen[consumer] = now
 
     async def _read_oldest(self, consumer: str, streams: list[str], carry: list[_Entry]) -> bool:
-        """Read one entry from the stream whose oldest undelivered entry comes first of all (highest
-        priority class, then oldest), if it comes before everything in the carry-over; say whether
+        """Read one entry from the stream whose oldest undelivered entry comes first of all (its
+        `_take_order`: highest class, then oldest), if it comes before everything in the carry-over; say whether
         any entry was waiting. Peeks (XINFO GROUPS' last-delivered-id, then XRANGE after it)
         deliver nothing, so the other streams' entries stay free for any worker."""
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -1240,14 +1250,14 @@ class RedisJobQueue(JobQueue):
                 pipe.xrange(stream, min=f"({after}", max="+", count=1)
             firsts = await pipe.execute()
         waiting = {
-            stream: (self._stream_rank(stream), *_id_age(_s(rows[0][0])))
+            stream: _take_order(self._stream_priority(stream), _s(rows[0][0]), self.priority_aging_s)
             for stream, rows in zip(last, firsts, strict=True)
             if rows
         }
         if not waiting:
             return False
         stream = min(waiting, key=waiting.__getitem__)
-        if not carry or waiting[stream] < min(_entry_order(e) for e in carry):
+        if not carry or waiting[stream] < min(self._entry_order(e) for e in carry):
             await self._read_new(consumer, [stream], carry, count=1, block_s=None)
         return True
 
@@ -1313,8 +1323,8 @@ class RedisJobQueue(JobQueue):
             await self._reclaim(worker_id, streams, carry, limit=max_batch)
             if streams and (carry or time.monotonic() < deadline):
                 # A worker reads several streams (each model's priority classes, maybe several
-                # models): it takes the first waiting entry of any of them (highest class, then
-                # oldest: FIFO across models, none starves behind another's backlog), and reads only
+                # models): it takes the first waiting entry of any of them (`_take_order`: highest
+                # class, then oldest: FIFO across models, none starves behind another's backlog), and reads only
                 # that one: an entry it took and does not run now would wait for its batch while an
                 # idle peer could run it. The head's stream tops the batch up below.
                 if await self._read_oldest(worker_id, streams, carry) and not carry:
@@ -1330,9 +1340,9 @@ class RedisJobQueue(JobQueue):
                 await self._read_new(worker_id, streams, carry, count=1, block_s=min(remaining, 1.0))
                 await self._housekeeping()
                 continue
-            # Highest priority first, then oldest (entry ids are millisecond timestamps; reclaimed
-            # entries are older still).
-            carry.sort(key=_entry_order)
+            # Highest priority first, then oldest (`_take_order`: entry ids are millisecond times;
+            # reclaimed entries are older still).
+            carry.sort(key=self._entry_order)
 
             head = carry[0]
             key = head.spec.batch_key()

@@ -150,6 +150,13 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     api_keys: str = Field("", description="comma-separated Bearer keys required on /v1/*; empty = no authentication")
+    priority_aging_s: float | None = Field(
+        None,
+        gt=0,
+        description="a queued job goes before any job of the next higher `priority` submitted more than this many "
+        "seconds after it (two classes up: twice that), so steady high traffic cannot hold the others back for "
+        "ever; unset = strict (every higher-class job goes first). With Redis, give the API and the workers the same",
+    )
     high_priority_keys: str = Field(
         "",
         description='comma-separated keys of LESA_API_KEYS whose requests may ask for `priority: "high"` (others '

@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from test_redis_support import REDIS_URL, cleanup_prefix, free_port, needs_redis, new_prefix, start_redis_server
 
 from service.queue import JobError, JobResult, JobSpec, JobStatus, OutputRef, QueueFull, QueueUnavailable, UnknownCursor
-from service.redis_queue import RedisJobQueue
+from service.redis_queue import RedisJobQueue, RedisQueueSettings
 from service.settings import Settings
 
 pytestmark = needs_redis
@@ -625,9 +625,15 @@ def test_consumers_of_gone_workers_are_pruned_but_never_one_with_pending_jobs(pr
 def test_from_settings_takes_the_api_limits_and_the_redis_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LESA_REDIS_MAX_DELIVERIES", "5")
     monkeypatch.setenv("LESA_REDIS_PREFIX", "p")
-    s = Settings(_env_file=None, redis_url=REDIS_URL, max_backlog=7, max_jobs_per_key=3)
+    s = Settings(_env_file=None, redis_url=REDIS_URL, max_backlog=7, max_jobs_per_key=3, priority_aging_s=30)
     q = RedisJobQueue.from_settings(s)
     assert (q.max_backlog, q.max_jobs_per_owner, q.max_deliveries, q.prefix) == (7, 3, 5, "p")
+    assert q.priority_aging_s == 30
+    asyncio.run(q.close())
+    # `lesa worker` builds its queue from RedisQueueSettings: the same LESA_PRIORITY_AGING_S orders its takes
+    monkeypatch.setenv("LESA_PRIORITY_AGING_S", "45")
+    q = RedisJobQueue.from_settings(RedisQueueSettings(_env_file=None, redis_url=REDIS_URL))
+    assert q.priority_aging_s == 45
     asyncio.run(q.close())
 
 

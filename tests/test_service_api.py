@@ -229,6 +229,16 @@ def test_priority_orders_the_line_and_is_echoed_on_jobs() -> None:
         )
 
 
+def test_lesa_priority_aging_s_lets_a_long_waiting_job_keep_its_place_before_newer_high_ones() -> None:
+    for aging, expected in ((None, [1, 0]), (0.2, [0, 1])):
+        s = settings(priority_aging_s=aging)
+        with TestClient(create_app(s, engine=make_engine(s), run_worker=False)) as client:
+            low = client.post("/v1/images/jobs", json={"prompt": "a one", "priority": "low"}).json()["id"]
+            time.sleep(0.5)  # more than two classes' worth of aging
+            high = client.post("/v1/images/jobs", json={"prompt": "a two", "priority": "high"}).json()["id"]
+            assert [client.get(f"/v1/images/jobs/{j}").json()["queue_position"] for j in (low, high)] == expected
+
+
 def test_high_priority_is_kept_to_the_keys_named_for_it() -> None:
     s = settings(api_keys="ops, app", high_priority_keys="ops")
     with TestClient(create_app(s, engine=make_engine(s), run_worker=False)) as client:

@@ -276,6 +276,26 @@ def test_higher_priority_jobs_are_taken_first_and_batch_only_with_their_own_clas
     run(scenario())
 
 
+def test_with_priority_aging_a_job_that_waited_long_enough_goes_before_newer_higher_ones() -> None:
+    async def scenario() -> None:
+        q = make_queue(priority_aging_s=0.2)  # a class is worth 0.2 s of waiting
+        old_low = await q.submit(spec(seed=1, priority="low"))
+        await asyncio.sleep(0.6)  # more than two classes' worth
+        high = await q.submit(spec(seed=2, priority="high"))
+        normal = await q.submit(spec(seed=3))
+        new_low = await q.submit(spec(seed=4, priority="low"))
+        new_high = await q.submit(spec(seed=5, priority="high"))  # newer than the others: no waiting to count
+        expected = [old_low, high, new_high, normal, new_low]
+        assert [(await q.get(j.id)).queue_position for j in expected] == [0, 1, 2, 3, 4]
+        order = []
+        for _ in expected:
+            (job,) = await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1, models=["m"])
+            order.append(job.id)
+        assert order == [j.id for j in expected]
+
+    run(scenario())
+
+
 def test_an_owner_with_max_live_jobs_gets_too_many_jobs_until_one_ends() -> None:
     async def scenario() -> None:
         q = make_queue(max_jobs_per_owner=2)
