@@ -353,6 +353,28 @@ if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return 1
 """
 
+_PEEK = """
+-- KEYS: streams; ARGV: group. Per stream, the id of its first entry not yet delivered to the group
+-- ('' if none, or no stream). Delivers nothing: the entries stay free for any worker. A stream
+-- without the group (Redis restarted without its data, and a submit made the stream again) waits
+-- from its start, as the read that recreates the group from id 0 will see it.
+local out = {}
+for i, stream in ipairs(KEYS) do
+  out[i] = ''
+  if redis.call('EXISTS', stream) == 1 then
+    local last = '0-0'
+    for _, group in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+      local fields = {}
+      for j = 1, #group, 2 do fields[group[j]] = group[j + 1] end
+      if fields['name'] == ARGV[1] then last = fields['last-delivered-id'] end
+    end
+    local first = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)
+    if #first > 0 then out[i] = first[1][1] end
+  end
+end
+return out
+"""
+
 _FINISH = """
 -- Store a result (or error), mark terminal and acknowledge, atomically. A job that is already
 -- terminal (cancelled, or finished by another delivery) is only acknowledged: first writer wins.
@@ -630,6 +652,7 @@ class RedisJobQueue(JobQueue):
         self._cancel = self._redis.register_script(_JOB_END + _CANCEL)
         self._fail_queued = self._redis.register_script(_JOB_END + _FAIL_QUEUED)
         self._partial = self._redis.register_script(_PARTIAL)
+        self._peek = self._redis.register_script(_PEEK)
 
         # Consumer names get a per-instance suffix: two processes that pass the same worker id
         # (e.g. "embedded" in two API replicas) must never share one pending-entries list, or the
@@ -1229,30 +1252,16 @@ class RedisJobQueue(JobQueue):
 
     async def _read_oldest(self, consumer: str, streams: list[str], carry: list[_Entry]) -> bool:
         """Read one entry from the stream whose oldest undelivered entry comes first of all (its
-        `_take_order`: highest class, then oldest), if it comes before everything in the carry-over; say whether
-        any entry was waiting. Peeks (XINFO GROUPS' last-delivered-id, then XRANGE after it)
-        deliver nothing, so the other streams' entries stay free for any worker."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for stream in streams:
-                pipe.xinfo_groups(stream)
-            infos = await pipe.execute(raise_on_error=False)
-        last: dict[str, str] = {}
-        for stream, groups in zip(streams, infos, strict=True):
-            if isinstance(groups, Exception):
-                continue  # no stream yet: nothing waits there (the blocking read creates its group)
-            # A stream without the group (Redis restarted without its data, and a submit made the
-            # stream again) waits from its start: the read recreates the group from id 0.
-            last[stream] = next((_s(g["last-delivered-id"]) for g in groups if _s(g["name"]) == self.group), "0-0")
-        if not last:
+        `_take_order`: highest class, then oldest), if it comes before everything in the carry-over;
+        say whether any entry was waiting. The peek (`_PEEK`, one round trip for every stream)
+        delivers nothing, so the other streams' entries stay free for any worker."""
+        if not streams:
             return False
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for stream, after in last.items():
-                pipe.xrange(stream, min=f"({after}", max="+", count=1)
-            firsts = await pipe.execute()
+        firsts = await self._peek(keys=streams, args=[self.group])
         waiting = {
-            stream: _take_order(self._stream_priority(stream), _s(rows[0][0]), self.priority_aging_s)
-            for stream, rows in zip(last, firsts, strict=True)
-            if rows
+            stream: _take_order(self._stream_priority(stream), _s(first), self.priority_aging_s)
+            for stream, first in zip(streams, firsts, strict=True)
+            if first
         }
         if not waiting:
             return False

@@ -718,6 +718,31 @@ def test_jobs_that_end_while_queued_keep_the_streams_lag_known(prefix: str) -> N
     asyncio.run(scenario())
 
 
+def test_a_stream_that_lost_its_group_is_peeked_and_read_from_its_start(prefix: str) -> None:
+    """After Redis lost its data, a submit makes the stream again without the workers' group: a
+    worker finds every entry there waiting, in take order with the other streams, and reads none
+    it does not take."""
+
+    async def scenario() -> None:
+        q = RedisJobQueue(REDIS_URL, prefix=prefix)
+        normal = await q.submit(spec(seed=1))
+        low = await q.submit(spec(seed=2, priority="low"))
+        for stream in (q.stream_for("m"), q.stream_for("m", "low")):
+            await q._redis.xgroup_destroy(stream, q.group)
+        high = await q.submit(spec(seed=3, priority="high"))  # its stream never had the group
+        taken = []
+        for _ in range(3):
+            (job,) = await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=2, models=["m"])
+            taken.append(job.id)
+            if len(taken) == 2:  # the peek found the low job without reading it: free for any worker
+                groups = await q._redis.xinfo_groups(q.stream_for("m", "low"))
+                assert sum(g["pending"] for g in groups) == 0
+        assert taken == [high.id, normal.id, low.id]
+        await q.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_submit_whose_housekeeping_fails_still_answers_with_its_job(prefix: str) -> None:
     """The job is queued by then: an error in the minute's housekeeping (an output directory
     deleted under it) must not turn into a 500 that invites a duplicate."""
