@@ -415,6 +415,20 @@ def benchmark_script(name: str) -> Any:
     return module
 
 
+def test_bench_flops_counts_predicted_steps_as_cheap_but_not_free(tmp_path: Path) -> None:
+    """benchmarks/bench_flops.py: a 5x generation computes a fifth of full compute's FLOPs, plus
+    what its predicted steps still run (so a little under the step ratio on the video model)."""
+    bench_flops = benchmark_script("bench_flops")
+    out = tmp_path / "flops.json"
+    argv = ["--models", "digits-video", "--methods", "reuse,lesa", "--levels", "5x", "--batch", "1"]
+    assert bench_flops.main([*argv, "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [(r["method"], r["level"], r["full_steps"]) for r in records] == [("reuse", "5x", 10), ("lesa", "5x", 10)]
+    for r in records:
+        assert r["speedup_steps"] == 5.0 and 4.5 < r["speedup_flops"] < 5.0
+        assert r["gflops_per_generation"] < r["gflops_full_compute"] / 4.5
+
+
 def test_bench_gpu_times_levels_and_checks_their_quality_against_full_compute(tmp_path: Path) -> None:
     """benchmarks/bench_gpu.py, run on the CPU: each level gets a wall speed-up and a PSNR vs full compute."""
     bench_gpu = benchmark_script("bench_gpu")
