@@ -66,14 +66,12 @@ def _error(job: Job) -> JobErrorBody | None:
     return None
 
 
-def video_object(job: Job) -> VideoObject:
-    spec = job.spec
-    frames = spec.num_frames or 1
-    fps = spec.fps or 1
-    return VideoObject(
+def _job_fields(job: Job) -> dict[str, Any]:
+    """What every job object says, video or image: its state, place in line, tries and prompt."""
+    return dict(
         id=job.id,
-        model=spec.model,
-        status=job.status.value,  # type: ignore[arg-type]
+        model=job.spec.model,
+        status=job.status.value,
         progress=job.progress,
         queue_position=job.queue_position,
         attempts=job.attempts,
@@ -82,7 +80,16 @@ def video_object(job: Job) -> VideoObject:
         completed_at=_ts(job.completed_at),
         expires_at=_ts(job.expires_at),
         error=_error(job),
-        prompt=spec.prompt,
+        prompt=job.spec.prompt,
+    )
+
+
+def video_object(job: Job) -> VideoObject:
+    spec = job.spec
+    frames = spec.num_frames or 1
+    fps = spec.fps or 1
+    return VideoObject(
+        **_job_fields(job),
         seconds=f"{frames / fps:g}",
         size=f"{spec.width}x{spec.height}",
         num_frames=frames,
@@ -97,18 +104,7 @@ async def image_job_object(job: Job, queue: JobQueue, links: ContentLinks) -> Im
     if job.status == JobStatus.completed:
         result = await images_response(job, queue, response_format="url", links=links)
     return ImageJobObject(
-        id=job.id,
-        model=spec.model,
-        status=job.status.value,  # type: ignore[arg-type]
-        progress=job.progress,
-        queue_position=job.queue_position,
-        attempts=job.attempts,
-        priority=job.spec.priority,
-        created_at=int(job.created_at),
-        completed_at=_ts(job.completed_at),
-        expires_at=_ts(job.expires_at),
-        error=_error(job),
-        prompt=spec.prompt,
+        **_job_fields(job),
         size=f"{spec.width}x{spec.height}",
         n=spec.n,
         partial_images=job.partials,
