@@ -205,6 +205,14 @@ class VideoCreateRequest(StrictBody):
         return value
 
 
+class VideoRemixRequest(StrictBody):
+    """`POST /v1/videos/{video_id}/remix`: a completed video again with a new prompt."""
+
+    prompt: str = Field(
+        ..., min_length=1, max_length=4000, description=f"The new prompt. {_PROMPT_LIMIT}", examples=["a four"]
+    )
+
+
 class LesaStats(BaseModel):
     """What actually ran, per job: the acceleration, its cost and effect, and how to reproduce it."""
 
@@ -280,6 +288,7 @@ class VideoObject(BaseModel):
     expires_at: int | None = None
     error: JobErrorBody | None = None
     prompt: str
+    remixed_from_video_id: str | None = Field(None, description="the video this one remixes (POST .../remix)")
     seconds: str = Field(description="duration as OpenAI reports it (a string)")
     size: str
     num_frames: int

@@ -90,6 +90,7 @@ def video_object(job: Job) -> VideoObject:
     fps = spec.fps or 1
     return VideoObject(
         **_job_fields(job),
+        remixed_from_video_id=spec.remixed_from,
         seconds=f"{frames / fps:g}",
         size=f"{spec.width}x{spec.height}",
         num_frames=frames,

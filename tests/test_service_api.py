@@ -403,6 +403,50 @@ def test_video_lifecycle_json_and_multipart(client: TestClient) -> None:
     assert empty["code"] == "invalid_json" and "empty" in empty["message"]
 
 
+def test_a_completed_video_is_remixed_with_its_settings_and_seed_and_the_new_prompt() -> None:
+    s = settings(api_keys="k1,k2")
+    one, two = ({"Authorization": f"Bearer {k}"} for k in ("k1", "k2"))
+    engine = make_engine(s)
+    with TestClient(create_app(s, engine=engine)) as client:
+        body = {"prompt": "a three", "num_frames": 8, "size": "32x16", "seed": 3, "num_inference_steps": 6,
+                "acceleration": "2x", "priority": "low"}  # fmt: skip
+        video = wait_for(client, f"/v1/videos/{client.post('/v1/videos', json=body, headers=one).json()['id']}",
+                         {"completed"}, headers=one)  # fmt: skip
+        assert video["remixed_from_video_id"] is None
+        remix = client.post(f"/v1/videos/{video['id']}/remix", json={"prompt": "a four"}, headers=one)
+        assert remix.status_code == 200, remix.text
+        remix = wait_for(client, f"/v1/videos/{remix.json()['id']}", {"completed", "failed"}, headers=one)
+        assert remix["status"] == "completed" and remix["remixed_from_video_id"] == video["id"]
+        assert remix["prompt"] == "a four" and engine.models["fake-video"].pipe.calls[-1]["prompts"] == ["a four"]
+        kept = ("size", "num_frames", "seconds", "priority")
+        assert {k: remix[k] for k in kept} == {k: video[k] for k in kept}
+        kept = ("seed", "level", "method", "num_inference_steps", "guidance_scale")
+        assert {k: remix["lesa"][k] for k in kept} == {k: video["lesa"][k] for k in kept}
+        again = [
+            client.post(
+                f"/v1/videos/{video['id']}/remix", json={"prompt": "a four"}, headers={**one, "Idempotency-Key": "r"}
+            )
+            for _ in range(2)
+        ]
+        assert again[0].json()["id"] == again[1].json()["id"] != remix["id"]  # a retried remix is one job
+        content = [client.get(f"/v1/videos/{v['id']}/content", headers=one).content for v in (video, remix)]
+        assert content[0] == content[1]  # the fake model draws from the seed alone
+        # what cannot be remixed says why, naming the field
+        assert_error(client.post(f"/v1/videos/{video['id']}/remix", json={"prompt": ""}, headers=one), 400, "prompt")
+        extra = client.post(f"/v1/videos/{video['id']}/remix", json={"prompt": "x", "seed": 4}, headers=one)
+        assert_error(extra, 400, "seed")
+        for other in ("video_missing", video["id"]):  # another key's video is unknown to this one
+            headers = two if other == video["id"] else one
+            assert_error(
+                client.post(f"/v1/videos/{other}/remix", json={"prompt": "x"}, headers=headers), 404, "video_id"
+            )
+    with TestClient(create_app(s, engine=make_engine(s), run_worker=False)) as client:
+        queued = client.post("/v1/videos", json={"prompt": "a three"}, headers=one).json()
+        refused = assert_error(client.post(f"/v1/videos/{queued['id']}/remix", json={"prompt": "x"}, headers=one),
+                               409, "video_id")  # fmt: skip
+        assert refused["code"] == "video_not_completed" and "queued" in refused["message"]
+
+
 @pytest.mark.parametrize(
     ("json", "form", "param"),
     [

@@ -151,6 +151,19 @@ def test_official_openai_client(server: Server) -> None:
         assert content.content[4:8] == b"ftyp"
         thumb = client.videos.download_content(video.id, variant="thumbnail")
         assert thumb.content.startswith(b"\x89PNG")
+        # a remix reruns the video's settings and seed with the new prompt: as that request would
+        remix = client.videos.remix(video.id, prompt="a seven")
+        assert remix.id != video.id and remix.prompt == "a seven" and remix.remixed_from_video_id == video.id
+        fresh = client.videos.create(
+            model="digits-video", prompt="a seven", extra_body={"num_inference_steps": 4, "seed": 5}
+        )
+        for job in (remix, fresh):
+            while job.status in ("queued", "in_progress"):
+                time.sleep(0.2)
+                job = client.videos.retrieve(job.id)
+            assert job.status == "completed", job
+        remixed = client.videos.download_content(remix.id).content
+        assert remixed == client.videos.download_content(fresh.id).content != content.content
 
 
 def test_official_openai_client_streams_partial_images(server: Server) -> None:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from service.deps import IdempotencyKey, OwnerDep, ReadyDep, get_job, resolve_for_load, submit
 from service.errors import ApiError, body_validation_error
-from service.queue import Job
+from service.queue import Job, JobSpec, JobStatus
 from service.routers.common import (
     LIST_ERRORS,
     ListQueryDep,
@@ -22,7 +22,14 @@ from service.routers.common import (
     job_events,
     list_page,
 )
-from service.schemas import DeletedObject, ErrorResponse, ListResponse, VideoCreateRequest, VideoObject
+from service.schemas import (
+    DeletedObject,
+    ErrorResponse,
+    ListResponse,
+    VideoCreateRequest,
+    VideoObject,
+    VideoRemixRequest,
+)
 from service.views import video_object
 
 router = APIRouter(prefix="/v1/videos", tags=["videos"])
@@ -116,6 +123,49 @@ async def create_video(
     body = await _parse_body(request)
     spec = await resolve_for_load(services, body, services.engine.resolve_video)
     job = await submit(services, spec, owner, idempotency_key, body)
+    return video_object(job)
+
+
+def _remix_request(original: JobSpec, prompt: str) -> VideoCreateRequest:
+    """The create request that reruns `original` with `prompt`: its model, size, length, steps,
+    guidance, level (before any raise under load), method, priority, queue timeout and seed."""
+    return VideoCreateRequest(
+        prompt=prompt, model=original.model, size=f"{original.width}x{original.height}",
+        num_frames=original.num_frames, seed=original.seed, num_inference_steps=original.num_inference_steps,
+        guidance_scale=original.guidance_scale, acceleration=original.raised_from or original.level,
+        method=original.method, priority=original.priority, queue_timeout_s=original.queue_timeout_s,
+        user=original.user,
+    )  # fmt: skip
+
+
+@router.post(
+    "/{video_id}/remix",
+    response_model=VideoObject,
+    responses={
+        400: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
+        409: {"model": ErrorResponse, "description": "the video is not completed (`video_not_completed`)"},
+        429: {"model": ErrorResponse},
+    },
+    summary="Remix a completed video with a new prompt (async job)",
+)
+async def remix_video(
+    video_id: str,
+    body: VideoRemixRequest,
+    services: ReadyDep,
+    owner: OwnerDep,
+    idempotency_key: IdempotencyKey = None,
+) -> VideoObject:
+    """A new video job with the completed video's settings and seed, so the same starting noise,
+    and the new prompt: what carries over is what that noise shapes (layout, motion), not the
+    pixels. `remixed_from_video_id` names the original."""
+    original = await get_job(services, video_id, "video", owner, "video_id")
+    if original.status != JobStatus.completed:
+        raise ApiError(409, f"video {video_id} is {original.status.value}: only a completed video can be remixed",
+                       param="video_id", code="video_not_completed")  # fmt: skip
+    request = _remix_request(original.spec, body.prompt)
+    spec = await resolve_for_load(services, request, services.engine.resolve_video)
+    job = await submit(services, spec.model_copy(update={"remixed_from": original.id}), owner, idempotency_key, request)
     return video_object(job)
 
 
