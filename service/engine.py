@@ -692,9 +692,11 @@ class Engine:
                     artifacts["video.mp4"] = media.encode_video(sample, spec.fps or DEFAULT_VIDEO_FPS)
                     outputs.append(OutputRef(name="video.mp4", content_type="video/mp4", index=i))
                     artifacts["thumbnail.png"] = media.encode_thumbnail(sample)
-                    outputs.append(
-                        OutputRef(name="thumbnail.png", content_type="image/png", index=i, variant="thumbnail")
-                    )
+                    artifacts["spritesheet.png"] = media.encode_spritesheet(sample)
+                    outputs += [
+                        OutputRef(name=f"{variant}.png", content_type="image/png", index=i, variant=variant)
+                        for variant in ("thumbnail", "spritesheet")
+                    ]
             results.append(
                 BatchOutput(outputs=outputs, artifacts=artifacts, lesa={}, samples=samples[offset : offset + spec.n])
             )

@@ -84,6 +84,37 @@ def encode_video(frames: np.ndarray, fps: int) -> bytes:
             return f.read()
 
 
+# A clip's spritesheet (OpenAI's `variant=spritesheet`): at most this many frames, evenly spaced,
+# each scaled to this long side (tiny clips up, nearest; large ones down, bilinear), in rows of 4.
+SPRITESHEET_FRAMES = 16
+SPRITESHEET_SIDE = 128
+SPRITESHEET_COLUMNS = 4
+
+
+def encode_spritesheet(frames: np.ndarray) -> bytes:
+    """PNG of up to 16 evenly spaced frames of a clip ([F, H, W] or [F, H, W, 3]), left to right
+    then top to bottom, for scrubbing previews."""
+    frames = np.asarray(frames)
+    rgb = _is_rgb(frames, 3)
+    count = len(frames)
+    shown = min(count, SPRITESHEET_FRAMES)
+    picks = [round(i * (count - 1) / max(1, shown - 1)) for i in range(shown)]  # first and last included
+    height, width = frames.shape[1:3]
+    scale = SPRITESHEET_SIDE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BILINEAR
+    columns = min(len(picks), SPRITESHEET_COLUMNS)
+    rows = -(-len(picks) // columns)
+    sheet = Image.new("RGB" if rgb else "L", (columns * size[0], rows * size[1]))
+    for at, index in enumerate(picks):
+        frame = Image.fromarray(to_uint8(frames[index]), mode="RGB" if rgb else "L").resize(size, resample)
+        row, column = divmod(at, columns)
+        sheet.paste(frame, (column * size[0], row * size[1]))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def encode_thumbnail(frames: np.ndarray) -> bytes:
     """PNG of the middle frame of a clip."""
     shared = None if _is_rgb(frames, 3) else _shared("thumbnail")

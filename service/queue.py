@@ -150,7 +150,7 @@ class OutputRef(BaseModel):
     name: str  # e.g. "0.png", "video.mp4", "thumbnail.png"
     content_type: str
     index: int = 0  # which sample of the job it belongs to
-    variant: str = "primary"  # "primary" | "thumbnail"
+    variant: str = "primary"  # "primary" | "thumbnail" | "spritesheet" (videos)
 
 
 class JobResult(BaseModel):

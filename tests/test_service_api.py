@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -366,6 +367,9 @@ def test_video_lifecycle_json_and_multipart(client: TestClient) -> None:
     assert mp4.headers["content-type"] == "video/mp4" and mp4.content[4:8] == b"ftyp"
     thumb = client.get(f"/v1/videos/{video['id']}/content", params={"variant": "thumbnail"})
     assert thumb.headers["content-type"] == "image/png"
+    sheet = client.get(f"/v1/videos/{video['id']}/content", params={"variant": "spritesheet"})
+    assert sheet.headers["content-type"] == "image/png" and Image.open(io.BytesIO(sheet.content)).size == (512, 256)
+    assert_error(client.get(f"/v1/videos/{video['id']}/content", params={"variant": "gif"}), 400, "variant")
     # The form encoding the official openai client uses; `seconds` arrives as a string.
     form = client.post("/v1/videos", data={"prompt": "a four", "seconds": "0.5", "size": "32x16"})
     assert form.status_code == 200, form.text
@@ -909,6 +913,22 @@ def test_api_docs_pages_load_their_scripts_from_this_server_not_a_cdn() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the client's notice, not ours
+def test_a_spritesheet_tiles_evenly_spaced_frames_first_to_last() -> None:
+    from service.media import encode_spritesheet
+
+    grey = np.stack([np.full((16, 16), i / 7, np.float32) for i in range(8)])  # frame i is grey level i
+    sheet = np.asarray(Image.open(io.BytesIO(encode_spritesheet(grey))))
+    assert sheet.shape == (256, 512)  # 4 x 2 frames, each scaled up to 128 px
+    assert [sheet[r * 128 + 64, c * 128 + 64] for r in range(2) for c in range(4)] == [
+        round(i / 7 * 255) for i in range(8)
+    ]
+    rgb = np.stack([np.full((48, 96, 3), i / 32, np.float32) for i in range(33)])  # production-sized: 33 frames
+    sheet = np.asarray(Image.open(io.BytesIO(encode_spritesheet(rgb))))
+    assert sheet.shape == (4 * 64, 4 * 128, 3)  # 16 frames, scaled down to 128 px wide
+    firsts = [sheet[r * 64 + 32, c * 128 + 64, 0] for r in range(4) for c in range(4)]
+    assert firsts[0] == 0 and firsts[-1] == 255 and firsts == sorted(firsts)  # first and last frame, in order
+
+
 def test_official_openai_client_videos_lifecycle() -> None:
     """The official client's `videos` resource (multipart create, retrieve, list, download, delete)
     against real uvicorn; the fake video model keeps it fast (the real one is in the e2e tests)."""
@@ -943,6 +963,7 @@ def test_official_openai_client_videos_lifecycle() -> None:
         assert video.model_extra["lesa"]["level"] == "2x" and video.model_extra["lesa"]["seed"] == 5
         assert client.videos.download_content(video.id).content[4:8] == b"ftyp"
         assert client.videos.download_content(video.id, variant="thumbnail").content.startswith(b"\x89PNG")
+        assert client.videos.download_content(video.id, variant="spritesheet").content.startswith(b"\x89PNG")
         assert [v.id for v in client.videos.list(limit=10).data] == [video.id]
         with pytest.raises(openai.BadRequestError):
             client.videos.create(model="fake-video", prompt="x", size="720x1280")  # type: ignore[arg-type]

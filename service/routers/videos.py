@@ -187,17 +187,17 @@ async def get_video(video_id: str, services: ReadyDep, owner: OwnerDep) -> Video
     "/{video_id}/content",
     response_class=Response,
     responses={200: {"content": {"video/mp4": {}, "image/png": {}}}},
-    summary="Download the MP4 (or ?variant=thumbnail PNG)",
+    summary="Download the MP4 (or ?variant=thumbnail / spritesheet PNG)",
 )
 async def video_content(
     video_id: str,
     request: Request,
     services: ReadyDep,
     owner: OwnerDep,
-    variant: Annotated[Literal["video", "thumbnail"], Query()] = "video",
+    variant: Annotated[Literal["video", "thumbnail", "spritesheet"], Query()] = "video",
 ) -> Response:
     job = await get_job(services, video_id, "video", owner, "video_id")
-    variant_name = "primary" if variant == "video" else "thumbnail"
+    variant_name = "primary" if variant == "video" else variant
     return await artifact_response(services, job, request, index=0, variant=variant_name)
 
 
