@@ -29,17 +29,19 @@ def _enlarge(frame: np.ndarray, scale: int) -> Image.Image:
     return img
 
 
-def image_bytes(sample: np.ndarray, fmt: str = "png", scale: int = 1) -> bytes:
-    """Encode one still [H, W] as PNG, JPEG or WEBP (lossless WEBP: the images are tiny)."""
+def image_bytes(sample: np.ndarray, fmt: str = "png", scale: int = 1, quality: int | None = None) -> bytes:
+    """Encode one still [H, W] as PNG, JPEG or WEBP. `quality` (0-100) sets JPEG's and WEBP's
+    quality; by default JPEG 95 and WEBP lossless (the images are tiny), as WEBP at 100."""
     fmt = fmt.lower().replace("jpg", "jpeg")
     if fmt not in IMAGE_FORMATS:
         raise ValueError(f"image format must be one of {IMAGE_FORMATS}, got {fmt!r}")
     buf = io.BytesIO()
     img = _enlarge(sample, scale)
     if fmt == "jpeg":
-        img.save(buf, format="JPEG", quality=95)
+        img.save(buf, format="JPEG", quality=95 if quality is None else quality)
     elif fmt == "webp":
-        img.save(buf, format="WEBP", lossless=True)
+        lossless = quality is None or quality >= 100
+        img.save(buf, format="WEBP", **({"lossless": True} if lossless else {"quality": quality}))
     else:
         img.save(buf, format="PNG")
     return buf.getvalue()

@@ -413,7 +413,7 @@ class Engine:
         return JobSpec(
             kind="image", model=entry.name, prompt=body.prompt, n=body.n, width=width, height=height,
             num_inference_steps=steps, guidance_scale=guidance, level=level, method=method, seed=seed,
-            output_format=body.output_format, user=body.user,
+            output_format=body.output_format, output_compression=body.output_compression, user=body.user,
             partial_images=body.partial_images or 0, queue_timeout_s=self._queue_timeout(body),
             priority=body.priority or "normal",
             requested_acceleration=body.acceleration or self.settings.default_level,
@@ -650,7 +650,10 @@ class Engine:
             # samples of batch items first, first + 1, ... (a production backend previews per chunk)
             for j, k, item in wanted.get(step, []):
                 if first <= item < first + len(samples):
-                    on_partial(j, k, media.encode_image(samples[item - first], specs[j].output_format))
+                    spec = specs[j]
+                    on_partial(
+                        j, k, media.encode_image(samples[item - first], spec.output_format, spec.output_compression)
+                    )
 
         return {"preview": preview, "preview_steps": frozenset(wanted)}
 
@@ -686,7 +689,7 @@ class Engine:
                 sample = samples[offset + i]
                 if spec.kind == "image":
                     name = f"{i}.{media.extension(spec.output_format)}"
-                    artifacts[name] = media.encode_image(sample, spec.output_format)
+                    artifacts[name] = media.encode_image(sample, spec.output_format, spec.output_compression)
                     outputs.append(OutputRef(name=name, content_type=media.content_type(spec.output_format), index=i))
                 else:
                     artifacts["video.mp4"] = media.encode_video(sample, spec.fps or DEFAULT_VIDEO_FPS)

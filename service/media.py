@@ -46,14 +46,19 @@ def _is_rgb(array: np.ndarray, still_ndim: int) -> bool:
     return array.ndim == still_ndim + 1 and array.shape[-1] == 3
 
 
-def encode_image(sample: np.ndarray, fmt: str = "png") -> bytes:
-    """[H, W] or [H, W, 3] float in [0, 1] -> PNG / JPEG / WEBP bytes (WEBP lossless)."""
+def encode_image(sample: np.ndarray, fmt: str = "png", quality: int | None = None) -> bytes:
+    """[H, W] or [H, W, 3] float in [0, 1] -> PNG / JPEG / WEBP bytes. `quality` (0-100, a request's
+    `output_compression`) sets JPEG's and WEBP's quality; by default JPEG 95, WEBP lossless (as at 100)."""
     rgb = _is_rgb(sample, 2)
     shared = None if rgb else _shared("image_bytes")
     if shared is not None:
-        return shared(sample, fmt)
+        return shared(sample, fmt, quality=quality)
     buffer = io.BytesIO()
-    options: dict[str, Any] = {"lossless": True} if fmt == "webp" else {"quality": 95} if fmt == "jpeg" else {}
+    options: dict[str, Any] = {}
+    if fmt == "jpeg":
+        options = {"quality": 95 if quality is None else quality}
+    elif fmt == "webp":
+        options = {"lossless": True} if quality is None or quality >= 100 else {"quality": quality}
     Image.fromarray(to_uint8(sample), mode="RGB" if rgb else "L").save(buffer, format=_PIL_FORMATS[fmt], **options)
     return buffer.getvalue()
 

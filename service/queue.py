@@ -109,6 +109,7 @@ class JobSpec(BaseModel):
     method: str  # resolved method ("none", "reuse", "taylorseer", "lesa")
     seed: int  # sample i uses seed + i
     output_format: str = "png"  # images: png | jpeg | webp; videos: mp4
+    output_compression: int | None = None  # JPEG / WEBP quality 0-100 (None: JPEG 95, WEBP lossless)
     user: str | None = None
     # Previews of the image while it denoises (a streamed request's `partial_images`, 0-3); any
     # value batches with any other: each job gets its own.

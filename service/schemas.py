@@ -122,6 +122,13 @@ class ImageGenerationRequest(StrictBody):
         "(valid until the job expires).",
     )
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the images.")
+    output_compression: StrictInt | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Quality of jpeg and webp outputs, 0-100 (OpenAI's field); 100 makes webp lossless. Default: "
+        "jpeg at 95, webp lossless. png ignores it.",
+    )
     user: str | None = Field(None, max_length=256, description="End-user id, echoed in logs only.")
     # OpenAI parameters that have no meaning for these models: accepted so that unmodified clients
     # work, and ignored.
@@ -129,7 +136,6 @@ class ImageGenerationRequest(StrictBody):
     style: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     background: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     moderation: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
-    output_compression: StrictInt | None = Field(None, ge=0, le=100, description="Accepted; ignored.")
     # strict: "stream": "yes" or 1 is a client bug to report, not a guess to make (the answer's
     # whole shape depends on it: server-sent events or one JSON object)
     stream: StrictBool = Field(

@@ -913,6 +913,31 @@ def test_api_docs_pages_load_their_scripts_from_this_server_not_a_cdn() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the client's notice, not ours
+def test_output_compression_sets_the_quality_of_jpeg_and_webp_and_leaves_png_alone(client: TestClient) -> None:
+    def pixels(**fields) -> np.ndarray:
+        body = {"prompt": "a one", "seed": 11, **fields}
+        response = client.post("/v1/images/generations", json=body)
+        assert response.status_code == 200, response.text
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+        return np.asarray(image.convert("L"), dtype=np.float32)
+
+    exact = pixels(output_format="png")
+    assert np.array_equal(pixels(output_format="png", output_compression=5), exact)
+    # webp is lossless by default and at 100 (the images are tiny), lossy below
+    assert np.array_equal(pixels(output_format="webp"), exact)
+    assert np.array_equal(pixels(output_format="webp", output_compression=100), exact)
+    assert not np.array_equal(pixels(output_format="webp", output_compression=30), exact)
+    error = {q: np.abs(pixels(output_format="jpeg", output_compression=q) - exact).mean() for q in (5, 100)}
+    assert error[100] < error[5] / 4
+    from service.media import encode_image  # RGB samples (the production models) take the same setting
+
+    rgb = np.random.default_rng(0).random((32, 32, 3), dtype=np.float32)
+    assert len(encode_image(rgb, "jpeg", 5)) < len(encode_image(rgb, "jpeg", 100)) / 2
+    assert encode_image(rgb, "webp", 100) == encode_image(rgb, "webp") != encode_image(rgb, "webp", 30)
+    too_much = client.post("/v1/images/generations", json={"prompt": "a one", "output_compression": 101})
+    assert_error(too_much, 400, "output_compression")
+
+
 def test_a_spritesheet_tiles_evenly_spaced_frames_first_to_last() -> None:
     from service.media import encode_spritesheet
 
