@@ -38,8 +38,9 @@ _QUEUE_TIMEOUT = Field(
 _PRIORITY = Field(
     None,
     description='Where the job stands in line: workers take every queued "high" job (oldest first) before any '
-    '"normal" one, and those before "low" ones; a batch holds jobs of one priority. Strict: steady "high" '
-    'traffic holds the others back (queue_timeout_s bounds their wait). Default: "normal".',
+    '"normal" one, and those before "low" ones; a batch holds jobs of one priority. Strict unless the server '
+    "sets LESA_PRIORITY_AGING_S (then a job goes before any job one class higher submitted that many seconds "
+    'after it); queue_timeout_s bounds a wait either way. Default: "normal".',
     examples=["high"],
 )
 _QUEUE_POSITION = Field(
