@@ -398,6 +398,23 @@ class Engine:
                 "max_below_level",
             )
 
+    def _quality_level(self, entry: ModelEntry, body: ImageGenerationRequest, steps: int) -> str | None:
+        """OpenAI's image `quality` as the level to run when the request names none (None: the
+        server's default): the way an unmodified client picks speed or fidelity."""
+        if body.quality in ("high", "hd"):
+            if body.method not in (None, "none"):
+                raise bad_request(
+                    f"quality {body.quality!r} computes every step, which leaves method {body.method!r} nothing to "
+                    "forecast: leave method out, or ask for another quality or an acceleration level",
+                    "quality",
+                    "method_conflicts_quality",
+                )
+            return "none"
+        if body.quality == "low":
+            # fastest at this step count; among levels that tie there (few steps), the nominally fastest
+            return max(entry.levels, key=lambda level: (theoretical_speedup(level, steps), entry.levels.index(level)))
+        return None
+
     def _queue_timeout(self, body: ImageGenerationRequest | VideoCreateRequest) -> float | None:
         return body.queue_timeout_s or self.settings.queue_timeout_s
 
@@ -409,6 +426,9 @@ class Engine:
         if body.n > self.settings.max_batch:  # one job is one pipeline call: it would pass the operator's cap
             raise bad_request(f"n is {body.n} but this server generates at most {self.settings.max_batch} images per "
                               "batch (LESA_MAX_BATCH): send several requests", "n", "out_of_range")  # fmt: skip
+        if body.acceleration is None and body.quality is not None:
+            level = self._quality_level(entry, body, body.num_inference_steps or entry.default_steps)
+            body = body.model_copy(update={"acceleration": level})
         steps, guidance, level, method, seed = self._common(entry, body)
         return JobSpec(
             kind="image", model=entry.name, prompt=body.prompt, n=body.n, width=width, height=height,

@@ -130,10 +130,15 @@ class ImageGenerationRequest(StrictBody):
         description="Quality of jpeg and webp outputs, 0-100 (OpenAI's field); 100 makes webp lossless. Default: "
         "jpeg at 95, webp lossless. png ignores it.",
     )
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = Field(
+        None,
+        description='OpenAI\'s quality, as an acceleration level when `acceleration` is not given: "high" (or '
+        '"hd") computes every step, "low" takes the model\'s fastest level, "medium", "standard" and "auto" the '
+        "server's default (LESA_DEFAULT_LEVEL). `acceleration` wins over it.",
+    )
     user: str | None = Field(None, max_length=256, description="End-user id, echoed in logs only.")
     # OpenAI parameters that have no meaning for these models: accepted so that unmodified clients
     # work, and ignored.
-    quality: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     style: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     background: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     moderation: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")

@@ -913,6 +913,30 @@ def test_api_docs_pages_load_their_scripts_from_this_server_not_a_cdn() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the client's notice, not ours
+def test_openai_quality_picks_the_level_when_acceleration_is_not_given() -> None:
+    s = settings(default_level="2x")
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        levels = [lv["level"] for lv in client.get("/v1/models/fake-image").json()["acceleration"]]
+        fastest = levels[-1]
+        assert fastest != "2x"
+
+        def level(**fields) -> str:
+            response = client.post("/v1/images/generations", json={"prompt": "a one", **fields})
+            assert response.status_code == 200, response.text
+            return response.json()["lesa"]["level"]
+
+        assert [level(quality=q) for q in ("high", "hd", "low", "medium", "standard", "auto")] == [
+            "none", "none", fastest, "2x", "2x", "2x"
+        ]  # fmt: skip
+        assert level(quality="high", acceleration="3.3x") == "3.3x"  # the explicit level wins
+        assert level(quality="low", method="reuse") == fastest
+        conflict = client.post("/v1/images/generations", json={"prompt": "a one", "quality": "high", "method": "reuse"})
+        assert assert_error(conflict, 400, "quality")["code"] == "method_conflicts_quality"
+        assert_error(
+            client.post("/v1/images/generations", json={"prompt": "a one", "quality": "ultra"}), 400, "quality"
+        )
+
+
 def test_output_compression_sets_the_quality_of_jpeg_and_webp_and_leaves_png_alone(client: TestClient) -> None:
     def pixels(**fields) -> np.ndarray:
         body = {"prompt": "a one", "seed": 11, **fields}
