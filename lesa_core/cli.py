@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_command(args: argparse.Namespace) -> int:
+    _made.clear()  # only this command's folders: never ones a caller of `prepare_output` made before
     try:
         return int(args.func(args) or 0)
     except BaseException:
