@@ -7,6 +7,7 @@ any model alike. They live in lesa_core because the library must not depend on l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,3 +48,45 @@ class GenerationOutput:
 
     samples: np.ndarray
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Given pixels the sampler keeps (an image to edit, a video's first frame), per sample.
+
+    After every step the sampler puts the reference, noised to that step's level with the sample's
+    own starting noise, into the sample: everywhere up to step `follow_until[i]` (an edit's
+    strength: the steps after it start from the reference as noisy as they are, as SDEdit and
+    diffusers' img2img pipelines start), and where `keep[i]` is true at every step (kept pixels end equal to the reference; the others are
+    generated to fit them). A sample whose keep is all false and follow_until 0 is generated as if
+    it had no reference, so samples with and without one share a batch.
+
+    `samples`: float32 on the output scale [0, 1], shaped like the pipeline's output ([B, H, W] or
+    [B, F, H, W]); `keep`: bool of the same shape.
+    """
+
+    samples: np.ndarray
+    keep: np.ndarray
+    follow_until: Sequence[int]
+
+    def check(self, shape: tuple[int, ...], num_inference_steps: int) -> None:
+        """ValueError unless this reference fits a batch of samples shaped `shape`."""
+        if tuple(self.samples.shape) != tuple(shape) or tuple(self.keep.shape) != tuple(shape):
+            raise ValueError(
+                f"reference samples and keep must have the batch's shape {list(shape)}, got "
+                f"{list(self.samples.shape)} and {list(self.keep.shape)}"
+            )
+        if len(self.follow_until) != shape[0]:
+            raise ValueError(
+                f"reference follow_until needs one step per sample ({shape[0]}), got {len(self.follow_until)}"
+            )
+        if any(not 0 <= int(s) <= num_inference_steps for s in self.follow_until):
+            raise ValueError(
+                f"reference follow_until must be in 0..{num_inference_steps}, got {list(self.follow_until)}"
+            )
+
+
+def reference_steps(strength: float, num_inference_steps: int) -> int:
+    """The step up to which an edit of `strength` (0 = keep the image, 1 = a new one) follows its
+    reference: the first (1 - strength) of the steps, those diffusers' img2img pipelines skip."""
+    return int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))

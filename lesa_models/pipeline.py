@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, WanTransformer3DModel
 
-from lesa_core.pipeline_types import GenerationCancelled, GenerationOutput, PipelineInfo
+from lesa_core.pipeline_types import GenerationCancelled, GenerationOutput, PipelineInfo, Reference
 from lesa_models.text_encoder import DEFAULT_MAX_LENGTH, PACKAGE_NAME, TextEncoder, TextEncoding, get_text_encoder
 
 if TYPE_CHECKING:  # lesa_core is only needed when acceleration is asked for
@@ -93,6 +93,7 @@ class DigitsPipeline:
     """A pixel-space flow-matching pipeline around a diffusers transformer and the MiniLM text encoder."""
 
     supports_preview = True  # `preview=` (partial images of streamed requests): see `denoise`
+    supports_reference = True  # `reference=` (image edits, a video's first frame): see `denoise`
 
     def __init__(
         self,
@@ -280,6 +281,25 @@ class DigitsPipeline:
             return_dict=False,
         )[0].to(x.dtype)
 
+    @staticmethod
+    def _reference_step(
+        reference: Reference, noise: torch.Tensor, num_inference_steps: int
+    ) -> Callable[[torch.Tensor, int, float], torch.Tensor]:
+        """`x -> x` with the reference put back at step `step` (sigma `sigma`): on the flow's line
+        from the sample's own noise to the reference, x_t = (1 - sigma) reference + sigma noise."""
+        reference.check((noise.shape[0], *noise.shape[2:]), num_inference_steps)
+        target = (torch.from_numpy(np.asarray(reference.samples, np.float32)) * 2.0 - 1.0).unsqueeze(1)
+        target = target.to(noise.device)
+        keep = torch.from_numpy(np.asarray(reference.keep, bool)).unsqueeze(1).to(noise.device)
+        until = torch.as_tensor([int(s) for s in reference.follow_until], device=noise.device)
+        until = until.view(-1, *([1] * (noise.ndim - 1)))
+        noise = noise.clone()
+
+        def put_back(x: torch.Tensor, step: int, sigma: float) -> torch.Tensor:
+            return torch.where(keep | (step <= until), (1.0 - sigma) * target + sigma * noise, x)
+
+        return put_back
+
     def _velocity(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return unpack_latents(output, *x.shape[-2:]) if self.kind == "image" else output
 
@@ -366,6 +386,7 @@ class DigitsPipeline:
         latents: torch.Tensor | None = None,
         preview: Callable[[int, np.ndarray], None] | None = None,
         preview_steps: Collection[int] = (),
+        reference: Reference | None = None,
     ) -> GenerationOutput:
         """Generate one sample per prompt (the contract: see `denoise`); samples as float32 numpy in [0, 1]."""
         x, stats = self.denoise(
@@ -381,6 +402,7 @@ class DigitsPipeline:
             latents=latents,
             preview=preview,
             preview_steps=preview_steps,
+            reference=reference,
         )
         decoding = time.perf_counter()
         samples = x.clamp(0.0, 1.0).cpu().numpy().astype(np.float32)  # pixel space: decoding is a copy
@@ -402,6 +424,7 @@ class DigitsPipeline:
         latents: torch.Tensor | None = None,
         preview: Callable[[int, np.ndarray], None] | None = None,
         preview_steps: Collection[int] = (),
+        reference: Reference | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Generate one sample per prompt: the samples as a float32 tensor on the [0, 1] scale
         (unclamped; [B, H, W] or [B, F, H, W]) and the call's stats.
@@ -432,6 +455,7 @@ class DigitsPipeline:
                 raise ValueError(f"latents must have shape {list(expected)}, got {list(latents.shape)}")
             x = latents.detach().to(torch.float32).clone()
         x = x.to(self.device)
+        keep_reference = self._reference_step(reference, x, num_inference_steps) if reference is not None else None
 
         do_cfg = guidance_scale > 1.0
         encoding = time.perf_counter()
@@ -472,6 +496,8 @@ class DigitsPipeline:
                         clean = (x - float(sched.sigmas[i]) * velocity)[:, 0]
                         preview(i + 1, ((clean + 1.0) / 2.0).clamp(0.0, 1.0).detach().cpu().numpy())
                     x = x + steps_dt[i] * velocity
+                    if keep_reference is not None:
+                        x = keep_reference(x, i + 1, float(sched.sigmas[i + 1]))
                     if callback is not None and callback(i + 1, total) is False:
                         raise GenerationCancelled(f"cancelled after step {i + 1} of {total}")
                 stats: dict[str, Any] = {}

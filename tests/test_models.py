@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from lesa_core.pipeline_types import Reference, reference_steps
 from lesa_models import MODEL_NAMES, GenerationCancelled, load_pipeline
 from lesa_models.evaluator import classify_digits, classify_frames, motion_direction, parse_prompt_direction
 
@@ -172,6 +173,69 @@ def test_video_clip_shape_digit_and_motion(video_pipe):
     agree = sum(d == parse_prompt_direction(p) for d, p in zip(directions, prompts, strict=True))
     digits = np.mean([(classify_frames(out.samples[0]) == 3).mean(), (classify_frames(out.samples[1]) == 7).mean()])
     assert agree >= 1 and digits >= 0.5, (directions, digits)
+
+
+def _no_reference(samples: np.ndarray) -> Reference:
+    return Reference(samples, np.zeros(samples.shape, bool), [0] * len(samples))
+
+
+def test_a_reference_keeps_its_pixels_under_every_method_and_leaves_the_rest_generated(image_pipe):
+    from lesa_models.cli import resolve_acceleration
+
+    kw = dict(num_inference_steps=50, **_size(image_pipe))
+    three = image_pipe(["a three"], seeds=[5], **kw).samples
+    # a reference that keeps nothing and follows no step changes nothing (such samples share batches)
+    assert np.array_equal(image_pipe(["a three"], seeds=[5], reference=_no_reference(three), **kw).samples, three)
+    keep = np.zeros(three.shape, bool)
+    keep[:, :, :8] = True  # the left half
+    plain = image_pipe(["a seven"], seeds=[9], **kw).samples
+    for method in ("none", "lesa"):
+        cache = None if method == "none" else resolve_acceleration(image_pipe, "5x", 50, method="lesa")
+        edited = image_pipe(["a seven"], seeds=[9], reference=Reference(three, keep, [0]), cache=cache, **kw).samples
+        assert np.array_equal(edited[keep], three[keep]), method
+        # the right half is generated to fit: neither the reference nor the unconditioned sample
+        assert np.abs(edited[~keep] - three[~keep]).mean() > 0.05, method
+        assert np.abs(edited[~keep] - plain[~keep]).mean() > 0.01, method
+
+
+def test_an_edit_strength_sets_how_far_the_sample_moves_from_its_reference(image_pipe):
+    kw = dict(num_inference_steps=50, **_size(image_pipe))
+    three = image_pipe(["a three"], seeds=[5], **kw).samples
+    nothing = np.zeros(three.shape, bool)
+    distance = []
+    for strength in (0.0, 0.3, 0.6, 1.0):
+        until = reference_steps(strength, 50)
+        out = image_pipe(["a seven"], seeds=[9], reference=Reference(three, nothing, [until]), **kw).samples
+        distance.append(float(np.abs(out - three).mean()))
+    assert distance[0] == 0.0  # strength 0: the image itself
+    assert distance == sorted(distance) and distance[1] < distance[3] / 2, distance
+    # strength 1 follows no step: the sample is the plain generation from the same seed
+    assert np.array_equal(
+        image_pipe(["a seven"], seeds=[9], reference=Reference(three, nothing, [0]), **kw).samples,
+        image_pipe(["a seven"], seeds=[9], **kw).samples,
+    )
+    assert (reference_steps(0.6, 50), reference_steps(0.0, 50), reference_steps(1.0, 50)) == (20, 50, 0)
+
+
+def test_a_video_from_a_first_frame_keeps_it_and_moves_the_digit_as_asked(video_pipe):
+    kw = dict(num_inference_steps=50, **_size(video_pipe))
+    prompts = ["digit 5 moving to the right", "digit 5 moving up", "a two moving to the left", "a two moving down"]
+    # first frames where such a clip can start (a digit at the edge it moves away from)
+    starts = video_pipe(prompts, seeds=[100, 101, 102, 103], **kw).samples
+    first = np.repeat(starts[:, :1], starts.shape[1], axis=1)
+    keep = np.zeros(first.shape, bool)
+    keep[:, 0] = True
+    clips = video_pipe(prompts, seeds=[200, 201, 202, 203], reference=Reference(first, keep, [0] * 4), **kw).samples
+    assert np.array_equal(clips[:, 0], starts[:, 0])
+    directions = [motion_direction(c) for c in clips]
+    assert directions == [parse_prompt_direction(p) for p in prompts], directions
+    assert np.mean([(classify_frames(c) == d).mean() for c, d in zip(clips, (5, 5, 2, 2), strict=True)]) >= 0.9
+
+
+def test_a_reference_of_another_shape_is_refused_naming_it(image_pipe):
+    ref = np.zeros((1, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="reference samples and keep must have the batch's shape"):
+        image_pipe(["a one"], seeds=[0], num_inference_steps=4, reference=_no_reference(ref), **_size(image_pipe))
 
 
 def test_acceleration_hooks_attach_and_detach(image_pipe):
