@@ -40,10 +40,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lesa_core.pipeline_types import Reference, reference_steps
 from service import media
 from service.errors import ApiError, bad_request, not_found
 from service.queue import JobSpec, OutputRef
-from service.schemas import MAX_SEED, ImageGenerationRequest, VideoCreateRequest
+from service.schemas import MAX_SEED, ImageEditRequest, ImageGenerationRequest, VideoCreateRequest
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ log = logging.getLogger("lesa.engine")
 ACCELERATED_METHODS = ("lesa", "taylorseer", "reuse")
 DEFAULT_VIDEO_FPS = 8
 PSNR_KEYS = ("psnr", "psnr_db", "psnr_vs_full", "psnr_mean")
+EDIT_STRENGTH = 0.6  # an edit without mask or strength: as diffusers' img2img pipelines default
 
 
 @dataclass
@@ -92,6 +94,8 @@ class ModelEntry:
     description: str = ""
     created: int = 0  # models.toml's `created`: the same on every replica and after restarts
     revision: str | None = None  # which weights (`model_revision`), echoed in every response
+    # takes given pixels (an edit's image, a video's first frame): the pipeline's `supports_reference`
+    supports_reference: bool = False
 
     def bundle_for(self, level: str, steps: int) -> Bundle | None:
         bundle = self.bundles.get(level)
@@ -212,7 +216,7 @@ class Engine:
                 fps=int(fps or DEFAULT_VIDEO_FPS), default_steps=default_steps, min_steps=min_steps,
                 max_steps=max_steps, default_guidance=guidance, levels=list(_levels()),
                 description=model.description, revision=model_revision(model, config.weights_root),
-                created=model.created,
+                created=model.created, supports_reference=model.backend == "digits",  # as DigitsPipeline says
             )  # fmt: skip
             for level, path in model.bundle_paths().items():
                 try:
@@ -439,7 +443,43 @@ class Engine:
             requested_acceleration=body.acceleration or self.settings.default_level,
         )  # fmt: skip
 
-    def resolve_video(self, body: VideoCreateRequest) -> JobSpec:
+    def resolve_image_edit(self, body: ImageEditRequest, image: bytes, mask: bytes | None = None) -> JobSpec:
+        """`resolve_image` plus the image to edit: kept where the mask is opaque (OpenAI's mask:
+        fully transparent pixels are edited; no mask: the whole image is), and everywhere followed
+        for the first (1 - strength) of the steps (SDEdit)."""
+        spec = self.resolve_image(body)
+        entry = self.models[spec.model]
+        self._check_reference(entry, "image")
+        picture = self._upload(media.read_upload, image, "image")
+        keep = None
+        if mask is not None:
+            opaque = self._upload(media.read_upload, mask, "mask")
+            keep = self._upload(media.keep_mask, opaque, picture.size, spec.width, spec.height, param="mask")
+        strength = body.strength if body.strength is not None else (1.0 if mask is not None else EDIT_STRENGTH)
+        return spec.model_copy(
+            update={
+                "reference_image": media.sample_png(media.reference_sample(picture, spec.width, spec.height)),
+                "reference_keep": None if keep is None else media.sample_png(keep.astype(np.float32)),
+                "reference_follow_until": reference_steps(strength, spec.num_inference_steps),
+            }
+        )
+
+    def _check_reference(self, entry: ModelEntry, param: str) -> None:
+        if not entry.supports_reference:
+            raise bad_request(f"{entry.name} does not take a given image ({param}) yet", param, "unsupported")
+
+    @staticmethod
+    def _upload(read: Callable[..., Any], *args: Any, param: str | None = None) -> Any:
+        """`read(*args)`, its ValueError (a message that names the field) as a 400 naming `param`
+        (by default the upload's field, the last argument)."""
+        try:
+            return read(*args)
+        except ValueError as error:
+            raise bad_request(str(error), param or args[-1], "invalid_image") from None
+
+    def resolve_video(self, body: VideoCreateRequest, reference: bytes | None = None) -> JobSpec:
+        """A video job; with `reference` (an `input_reference` image), the clip starts from it: the
+        image is frame 0 at every step, and the model generates the rest to follow it."""
         entry = self._model(body.model, "video")
         width, height = self._size(entry, body.size)
         if body.num_frames is not None:
@@ -463,13 +503,18 @@ class Engine:
                 "unsupported_length",
             )
         steps, guidance, level, method, seed = self._common(entry, body)
-        return JobSpec(
+        spec = JobSpec(
             kind="video", model=entry.name, prompt=body.prompt, n=1, width=width, height=height,
             num_frames=frames, fps=entry.fps, num_inference_steps=steps, guidance_scale=guidance, level=level,
             method=method, seed=seed, output_format="mp4", user=body.user,
             queue_timeout_s=self._queue_timeout(body), priority=body.priority or "normal",
             requested_acceleration=body.acceleration or self.settings.default_level,
         )  # fmt: skip
+        if reference is not None:
+            self._check_reference(entry, "input_reference")
+            picture = self._upload(media.read_upload, reference, "input_reference")
+            spec.reference_image = media.sample_png(media.reference_sample(picture, width, height))
+        return spec
 
     # -------------------------------------------------------------------------------- runner
 
@@ -686,6 +731,8 @@ class Engine:
     ) -> GenerationOutput:
         """One pipeline call for compatible jobs: sample j of job i uses seed + j."""
         first = specs[0]
+        if any(s.reference_image is not None for s in specs):
+            previews["reference"] = _reference(specs)
         return self.models[first.model].pipe(
             [s.prompt for s in specs for _ in range(s.n)],
             seeds=[s.seed + i for s in specs for i in range(s.n)],
@@ -728,6 +775,30 @@ class Engine:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def _reference(specs: Sequence[JobSpec]) -> Reference:
+    """The given pixels of a batch's samples (`JobSpec.reference_*`), zeros and nothing kept for
+    jobs without any: such a sample is generated as it would be alone."""
+    first = specs[0]
+    shape = (first.height, first.width) if first.kind == "image" else (first.num_frames or 1, first.height, first.width)
+    samples, keeps, until = [], [], []
+    for spec in specs:
+        sample, keep = np.zeros(shape, np.float32), np.zeros(shape, bool)
+        if spec.reference_image is not None:
+            image = media.png_sample(spec.reference_image)
+            if spec.kind == "image":
+                sample[:] = image
+                if spec.reference_keep is not None:
+                    keep[:] = media.png_sample(spec.reference_keep) >= 0.5
+            else:  # a video's first frame; the other frames start from it too (while they follow it)
+                sample[:] = image
+                keep[0] = True
+        for _ in range(spec.n):
+            samples.append(sample)
+            keeps.append(keep)
+            until.append(spec.reference_follow_until if spec.reference_image is not None else 0)
+    return Reference(samples=np.stack(samples), keep=np.stack(keeps), follow_until=until)
 
 
 def partial_steps(count: int, steps: int) -> list[int]:
@@ -829,4 +900,5 @@ def entry_from_pipeline(
         default_guidance=float(info.default_guidance),
         levels=list(lesa_core.LEVELS),
         description=description,
+        supports_reference=bool(getattr(pipe, "supports_reference", False)),
     )

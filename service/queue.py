@@ -115,6 +115,13 @@ class JobSpec(BaseModel):
     # value batches with any other: each job gets its own.
     partial_images: int = Field(0, ge=0, le=3)
     priority: Priority = "normal"
+    # Given pixels (`lesa_core.pipeline_types.Reference`), per job, so such jobs batch with any other:
+    # an edit's image or a video's first frame (base64 grey PNG at the job's size), where it is
+    # kept at every step (a mask as a PNG, white = keep; None: an image keeps nothing, a video its
+    # first frame), and the step up to which the whole image follows it (an edit's strength).
+    reference_image: str | None = None
+    reference_keep: str | None = None
+    reference_follow_until: int = Field(0, ge=0)
     # Provenance, not what to generate (so never part of batch_key):
     owner: str | None = None  # a hash of the caller's API key (None without auth): only the owner sees the job
     request_hash: str | None = None  # fingerprint of the request body an Idempotency-Key came with

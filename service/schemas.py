@@ -169,6 +169,23 @@ class ImageGenerationRequest(StrictBody):
     priority: Priority | None = _PRIORITY
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """POST /v1/images/edits: the text fields of its multipart form (the official `openai` client's
+    `images.edit`); the image and the mask are the form's files."""
+
+    strength: StrictFloat | None = Field(
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="How far the image may change where it is edited, 0-1 (LESA's field, as diffusers' img2img "
+        "`strength`): the first (1 - strength) of the steps follow the image, noised as the step is. Default: 1 "
+        "with a mask (the transparent part is drawn anew), 0.6 without (the whole image is reworked).",
+        examples=[0.6],
+    )
+    input_fidelity: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+
+
 class VideoCreateRequest(StrictBody):
     """Accepted as JSON or as multipart/form-data (the form the official `openai` client sends).
 
@@ -391,6 +408,11 @@ class ModelCard(BaseModel):
     default_guidance_scale: float
     default_acceleration: str
     revision: str | None = Field(None, description="the weights served (as `lesa.model_revision`)")
+    image_input: bool = Field(
+        False,
+        description="whether it takes a given image: POST /v1/images/edits (image models), `input_reference` "
+        "(video models: the first frame)",
+    )
     acceleration: list[AccelerationLevel]
 
 

@@ -36,10 +36,14 @@ class FakePipeline:
         )  # fmt: skip
 
     supports_preview = True
+    supports_reference = True
 
     def __call__(self, prompts, *, seeds, height, width, num_frames=None, num_inference_steps=50,
-                 guidance_scale=None, cache=None, callback=None, preview=None, preview_steps=()):  # fmt: skip
-        self.calls.append(dict(prompts=list(prompts), seeds=list(seeds), cache=cache, size=(width, height)))
+                 guidance_scale=None, cache=None, callback=None, preview=None, preview_steps=(),
+                 reference=None):  # fmt: skip
+        self.calls.append(
+            dict(prompts=list(prompts), seeds=list(seeds), cache=cache, size=(width, height), reference=reference)
+        )
         if any(p == "explode" for p in prompts):
             raise RuntimeError("the fake model exploded")
         shape = (height, width) if self.kind == "image" else (num_frames, height, width)
@@ -51,6 +55,11 @@ class FakePipeline:
             if callback is not None and callback(step, num_inference_steps) is False:
                 raise GenerationCancelled(f"cancelled after step {step}")
         samples = np.stack([np.random.default_rng(s).random(shape, dtype=np.float32) for s in seeds])
+        if reference is not None:  # as the real sampler ends: kept pixels (or a sample followed to the end) given
+            reference.check(samples.shape, num_inference_steps)
+            for i, until in enumerate(reference.follow_until):
+                keep = reference.keep[i] | (until >= num_inference_steps)
+                samples[i][keep] = reference.samples[i][keep]
         return GenerationOutput(samples=samples, stats={})
 
 

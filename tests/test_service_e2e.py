@@ -166,6 +166,71 @@ def test_official_openai_client(server: Server) -> None:
         assert remixed == client.videos.download_content(fresh.id).content != content.content
 
 
+def test_official_openai_client_edits_images_and_animates_a_first_frame(server: Server) -> None:
+    """The real models with given pixels, through the unmodified client: `images.edit` with a mask
+    keeps the opaque half and redraws the rest as the prompt's digit; `videos.create` with an
+    `input_reference` keeps it as frame 0 and moves the digit as asked; both at 5x (LESA)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from lesa_models.evaluator import classify_digits, classify_frames, motion_direction
+
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    steps = {"num_inference_steps": 50, "acceleration": "5x"}
+
+    def pixels(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)))
+
+    one = base64.b64decode(
+        client.images.generate(model=MODEL, prompt="a one", extra_body={"seed": 1, **steps}).data[0].b64_json
+    )
+    mask = np.zeros((16, 16, 4), np.uint8)
+    mask[:, :4, 3] = 255  # keep a strip on the left; redraw the rest as a seven
+    buffer = io.BytesIO()
+    Image.fromarray(mask, mode="RGBA").save(buffer, format="PNG")
+    sevens = client.images.edit(
+        model=MODEL, image=("one.png", one, "image/png"), mask=("mask.png", buffer.getvalue(), "image/png"),
+        prompt="a seven", n=4, extra_body={"seed": 40, **steps},
+    )  # fmt: skip
+    edited = np.stack([pixels(base64.b64decode(d.b64_json)) for d in sevens.data])
+    assert (edited[:, :, :4] == pixels(one)[None, :, :4]).all()
+    assert sevens.model_extra["lesa"]["method"] == "lesa"
+    assert (classify_digits(edited.astype(np.float32) / 255.0) == 7).sum() >= 3
+    if "digits-video" not in {m.id for m in client.models.list().data} or not hasattr(client, "videos"):
+        return
+    start = client.videos.create(
+        model="digits-video", prompt="digit 4 moving to the right", extra_body={"seed": 7, **steps}
+    )
+    start = _finished(client, start)
+    first = client.videos.download_content(start.id, variant="spritesheet").content  # frame 0: top left
+    sheet = pixels(first)
+    frame0 = Image.fromarray(sheet[: sheet.shape[0] // 2, : sheet.shape[1] // 4]).resize((16, 16), Image.Resampling.BOX)
+    buffer = io.BytesIO()
+    frame0.save(buffer, format="PNG")
+    video = client.videos.create(
+        model="digits-video", prompt="digit 4 moving to the right", input_reference=("f.png", buffer.getvalue(), "image/png"),
+        extra_body={"seed": 8, **steps},
+    )  # fmt: skip
+    video = _finished(client, video)
+    assert video.model_extra["lesa"]["method"] == "lesa"
+    sheet = pixels(client.videos.download_content(video.id, variant="spritesheet").content).astype(np.float32) / 255.0
+    frames = np.stack([np.asarray(Image.fromarray(sheet[r * 128 : (r + 1) * 128, c * 128 : (c + 1) * 128]).resize(
+        (16, 16), Image.Resampling.BOX)) for r in range(2) for c in range(4)])  # fmt: skip
+    assert np.abs(frames[0] - np.asarray(frame0, np.float32) / 255.0).max() < 0.02
+    assert motion_direction(frames) == "right" and (classify_frames(frames) == 4).mean() >= 0.75
+
+
+def _finished(client, video):
+    while video.status in ("queued", "in_progress"):
+        time.sleep(0.2)
+        video = client.videos.retrieve(video.id)
+    assert video.status == "completed", video
+    return video
+
+
 def test_official_openai_client_streams_partial_images(server: Server) -> None:
     """`client.images.generate(stream=True, partial_images=2)` unmodified: two previews of the
     real model's denoising (the later one nearer the result), then the image a plain request gives."""

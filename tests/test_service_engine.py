@@ -99,6 +99,7 @@ def test_the_api_catalogue_and_the_workers_name_the_same_revision_and_bundles() 
     # `created` is models.toml's (2026-11-26), not when the process started: replicas agree
     assert api.created == worker.created == Engine.catalogue(s).models["digits-image"].created == 1795651200
     assert {k: b.content_id for k, b in api.bundles.items()} == {k: b.content_id for k, b in worker.bundles.items()}
+    assert api.supports_reference and worker.supports_reference  # the API accepts edits the workers can run
 
 
 def test_a_batch_reports_where_its_time_went(engine: Engine) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -22,6 +24,70 @@ from service.schemas import DeletedObject, ErrorResponse, ListResponse
 from service.views import image_stream_event
 
 log = logging.getLogger("lesa.api")
+
+
+@functools.cache
+def _field_types(model: type[BaseModel]) -> dict[str, set[str]]:
+    """Each field of a request model with its JSON types ("integer", "number", "boolean", ...)."""
+    return {
+        name: {prop.get("type"), *(p.get("type") for p in prop.get("anyOf", []))} - {None}
+        for name, prop in model.model_json_schema()["properties"].items()
+    }
+
+
+def _form_value(types: set[str], value: str) -> Any:
+    """A form field's string as the JSON value it spells for a field of JSON types `types` (a form
+    sends every field as a string); a string that spells none is kept, and the strict field refuses
+    it, naming the field, as it refuses `true` or "8" in JSON."""
+    try:
+        if "integer" in types:
+            return int(value)
+        if "number" in types:
+            return float(value)
+    except ValueError:
+        return value
+    if "boolean" in types and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+async def read_form(
+    request: Request, model: type[BaseModel], files: Collection[str] = ()
+) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
+    """A multipart (or urlencoded) form, as the official `openai` client sends `images.edit` and
+    `videos.create`: its text fields as the values of `model`'s fields, ready for `model_validate`,
+    and the bytes of each file field named in `files` (an array of files comes as `name[]`).
+    A file where text is expected, or text where a file is, is a 400 naming the field."""
+    types = _field_types(model)
+    form = await request.form()
+    data: dict[str, Any] = {}
+    uploads: dict[str, list[bytes]] = {}
+    for name, value in form.multi_items():
+        field_name = name[:-2] if name.endswith("[]") and name[:-2] in files else name
+        if field_name in files:
+            if isinstance(value, str):
+                raise ApiError(400, f"{field_name}: expected a file, got a text field", param=field_name,
+                               code="invalid_value")  # fmt: skip
+            uploads.setdefault(field_name, []).append(await value.read())
+            continue
+        if not isinstance(value, str):  # dropped, the field would silently take its default
+            raise ApiError(400, f"{name}: expected a text field, got a file", param=name, code="invalid_value")
+        if "\ufffd" in value:  # the form parser's stand-in for bytes that are not UTF-8 (JSON refuses them)
+            raise ApiError(400, f"{name}: not valid UTF-8", param=name, code="invalid_value")
+        data[name] = _form_value(types[name], value) if name in types else value
+    return data, uploads
+
+
+class _RequestWithFiles(BaseModel):
+    request: dict[str, Any]
+    files: dict[str, str]
+
+
+def uploaded(body: BaseModel, **files: bytes | None) -> BaseModel:
+    """What an Idempotency-Key remembers of a request that came with files: its fields and each
+    file's SHA-256, so a retry with other pixels is told apart (a request without files: itself)."""
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items() if data is not None}
+    return _RequestWithFiles(request=body.model_dump(mode="json"), files=digests) if digests else body
 
 
 async def artifact_response(services: Services, job: Job, request: Request, *, index: int, variant: str) -> Response:

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
 from service.deps import (
     IdempotencyKey,
     OwnerDep,
     ReadyDep,
+    Services,
     failed_job_error,
     get_job,
     resolve_for_load,
     submit,
     wait_while_connected,
 )
-from service.errors import ApiError
+from service.errors import ApiError, body_validation_error
 from service.links import ContentLinks, signing_key
 from service.queue import Job, JobStatus
 from service.routers.common import (
@@ -30,10 +33,13 @@ from service.routers.common import (
     job_events,
     list_page,
     partial_response,
+    read_form,
+    uploaded,
 )
 from service.schemas import (
     DeletedObject,
     ErrorResponse,
+    ImageEditRequest,
     ImageGenerationRequest,
     ImageJobObject,
     ImagesResponse,
@@ -81,8 +87,75 @@ async def create_images(
     """
     spec = await resolve_for_load(services, body, services.engine.resolve_image)
     job = await submit(services, spec, owner, idempotency_key, body)
+    return await _images_answer(services, job, body, request, keep=idempotency_key is not None)
+
+
+# The official `openai` client sends `images.edit` as multipart/form-data: the text fields of
+# ImageEditRequest plus the files `image` and `mask`.
+_EDIT_SCHEMA = ImageEditRequest.model_json_schema()
+_EDIT_FORM = {
+    **_EDIT_SCHEMA,
+    "required": [*_EDIT_SCHEMA.get("required", []), "image"],
+    "properties": {
+        **_EDIT_SCHEMA["properties"],
+        "image": {
+            "type": "string",
+            "format": "binary",
+            "description": "The image to edit (PNG, JPEG or WEBP; resized to the output size).",
+        },  # fmt: skip
+        "mask": {
+            "type": "string",
+            "format": "binary",
+            "description": "Optional RGBA PNG of the image's size: its "
+            "fully transparent pixels are edited, the rest of the image kept at every step.",
+        },  # fmt: skip
+    },
+}
+
+
+@router.post(
+    "/edits",
+    response_model=ImagesResponse,
+    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _EDIT_FORM}}}},
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "images, or events (stream)"}},
+    summary="Edit an image (sync)",
+)
+async def edit_images(
+    request: Request,
+    services: ReadyDep,
+    owner: OwnerDep,
+    idempotency_key: IdempotencyKey = None,
+) -> ImagesResponse | StreamingResponse:
+    """OpenAI `images.edit`: the image, redrawn to the prompt where the mask is transparent (no
+    mask: everywhere, as far as `strength` lets it), answered as `/v1/images/generations` answers.
+    Every acceleration level applies: forecasts never read the image."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise ApiError(400, "send a multipart/form-data body with the file `image` (and optionally `mask`), as the "
+                       "openai client's images.edit does", param="image", code="invalid_value")  # fmt: skip
+    data, files = await read_form(request, ImageEditRequest, files=("image", "mask"))
+    try:
+        body = ImageEditRequest.model_validate(data)
+    except ValidationError as error:
+        raise body_validation_error(error) from None
+    for name, required in (("image", True), ("mask", False)):
+        count = len(files.get(name, []))
+        if count > 1 or (required and count == 0):
+            raise ApiError(400, f"{name}: send one image file, got {count}", param=name,
+                           code="missing_required_parameter" if count == 0 else "invalid_value")  # fmt: skip
+    image, mask = files["image"][0], files.get("mask", [None])[0]
+    resolve = functools.partial(services.engine.resolve_image_edit, image=image, mask=mask)
+    spec = await resolve_for_load(services, body, resolve)
+    job = await submit(services, spec, owner, idempotency_key, uploaded(body, image=image, mask=mask))
+    return await _images_answer(services, job, body, request, keep=idempotency_key is not None)
+
+
+async def _images_answer(
+    services: Services, job: Job, body: ImageGenerationRequest, request: Request, *, keep: bool
+) -> ImagesResponse | StreamingResponse:
+    """A sync image request's answer: its events (stream), or its images once done (up to
+    `LESA_SYNC_TIMEOUT_S`). `keep`: it came with an Idempotency-Key, so a retry collects the job,
+    which is never cancelled when the client goes away."""
     assert services.queue is not None
-    keep = idempotency_key is not None  # a retry with the key collects this job: never cancel it
     if body.stream:
         return image_stream(services, job.id, keep=keep)
     timeout = services.settings.sync_timeout_s

@@ -26,6 +26,7 @@ def model_card(engine: Engine, entry: ModelEntry, default_level: str) -> ModelCa
         default_guidance_scale=entry.default_guidance,
         default_acceleration=default_level,
         revision=entry.revision,
+        image_input=entry.supports_reference,
         acceleration=engine.acceleration_levels(entry),  # type: ignore[arg-type]
     )
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
@@ -21,6 +21,8 @@ from service.routers.common import (
     cancel_or_delete,
     job_events,
     list_page,
+    read_form,
+    uploaded,
 )
 from service.schemas import (
     DeletedObject,
@@ -38,53 +40,38 @@ router = APIRouter(prefix="/v1/videos", tags=["videos"])
 # input_reference file); curl users send JSON. Both are parsed into the same model by hand, so
 # the schema is declared here for /docs.
 _BODY_SCHEMA = VideoCreateRequest.model_json_schema()
+_FORM_SCHEMA = {
+    **_BODY_SCHEMA,
+    "properties": {
+        **_BODY_SCHEMA["properties"],
+        "input_reference": {
+            "type": "string",
+            "format": "binary",
+            "description": "The first frame (PNG, JPEG or WEBP; resized to the video's size): kept as frame 0 at "
+            "every step, and the clip generated from it. Models without `supports_reference` refuse it.",
+        },
+    },
+}
 _OPENAPI_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": _BODY_SCHEMA}, "multipart/form-data": {"schema": _BODY_SCHEMA}},
+        "content": {"application/json": {"schema": _BODY_SCHEMA}, "multipart/form-data": {"schema": _FORM_SCHEMA}},
     }
 }
 
 
-def _schema_types(prop: dict) -> set[str]:
-    return {prop.get("type"), *(p.get("type") for p in prop.get("anyOf", []))} - {None}
-
-
-_FORM_PARSERS: dict[str, Callable[[str], Any]] = {
-    name: int if "integer" in _schema_types(prop) else float
-    for name, prop in _BODY_SCHEMA["properties"].items()
-    if _schema_types(prop) & {"integer", "number"}
-}
-
-
-def _form_numbers(form: dict[str, str]) -> dict[str, Any]:
-    """A form's strings as the numbers they spell, for the request's number fields (a form sends
-    every field as a string); a string that spells none is kept, and the strict field refuses it,
-    naming the field, as it refuses `true` or "8" in JSON."""
-    data: dict[str, Any] = dict(form)
-    for name, parse in _FORM_PARSERS.items():
-        if name in form:
-            try:
-                data[name] = parse(form[name])
-            except ValueError:
-                pass
-    return data
-
-
-async def _parse_body(request: Request) -> VideoCreateRequest:
+async def _parse_body(request: Request) -> tuple[VideoCreateRequest, bytes | None]:
+    """The request, and the bytes of its `input_reference` file (a form's only)."""
     content_type = request.headers.get("content-type", "").lower()  # media types are case-insensitive
     data: Any
+    reference = None
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form()
-        if "input_reference" in form:
-            raise ApiError(400, "input_reference (image-to-video) is not supported", param="input_reference",
-                           code="unsupported")  # fmt: skip
-        for name, value in form.multi_items():
-            if not isinstance(value, str):  # dropped, the field would silently take its default
-                raise ApiError(400, f"{name}: expected a text field, got a file", param=name, code="invalid_value")
-            if "\ufffd" in value:  # the form parser's stand-in for bytes that are not UTF-8 (JSON refuses them)
-                raise ApiError(400, f"{name}: not valid UTF-8", param=name, code="invalid_value")
-        data = _form_numbers({k: str(v) for k, v in form.items()})  # (every part is text: checked above)
+        data, files = await read_form(request, VideoCreateRequest, files=("input_reference",))
+        references = files.get("input_reference", [])
+        if len(references) > 1:
+            raise ApiError(400, f"input_reference: one image (the first frame), got {len(references)}",
+                           param="input_reference", code="invalid_value")  # fmt: skip
+        reference = references[0] if references else None
     else:
         # as FastAPI reads the image routes' bodies: JSON, or no Content-Type at all
         media_type = content_type.split(";")[0].strip()
@@ -100,8 +87,11 @@ async def _parse_body(request: Request) -> VideoCreateRequest:
             raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        if "input_reference" in data:
+            raise ApiError(400, "input_reference: send the first frame as an image file in a multipart form (as the "
+                           "openai client does)", param="input_reference", code="invalid_value")  # fmt: skip
     try:
-        return VideoCreateRequest.model_validate(data)
+        return VideoCreateRequest.model_validate(data), reference
     except ValidationError as error:
         raise body_validation_error(error) from None
 
@@ -120,9 +110,9 @@ async def create_video(
     idempotency_key: IdempotencyKey = None,
 ) -> VideoObject:
     """Queue a video; poll `GET /v1/videos/{id}` (progress per denoising step), then get `/content`."""
-    body = await _parse_body(request)
-    spec = await resolve_for_load(services, body, services.engine.resolve_video)
-    job = await submit(services, spec, owner, idempotency_key, body)
+    body, reference = await _parse_body(request)
+    spec = await resolve_for_load(services, body, functools.partial(services.engine.resolve_video, reference=reference))
+    job = await submit(services, spec, owner, idempotency_key, uploaded(body, input_reference=reference))
     return video_object(job)
 
 
@@ -165,7 +155,12 @@ async def remix_video(
                        param="video_id", code="video_not_completed")  # fmt: skip
     request = _remix_request(original.spec, body.prompt)
     spec = await resolve_for_load(services, request, services.engine.resolve_video)
-    job = await submit(services, spec.model_copy(update={"remixed_from": original.id}), owner, idempotency_key, request)
+    # the original's first frame, if it had one, as resolved then (the uploaded file is not kept)
+    given = {
+        name: getattr(original.spec, name) for name in ("reference_image", "reference_keep", "reference_follow_until")
+    }
+    job = await submit(services, spec.model_copy(update={"remixed_from": original.id, **given}), owner, idempotency_key,
+                       request)  # fmt: skip
     return video_object(job)
 
 
