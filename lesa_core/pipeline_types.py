@@ -7,11 +7,12 @@ any model alike. They live in lesa_core because the library must not depend on l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 
 class GenerationCancelled(Exception):
@@ -57,12 +58,13 @@ class Reference:
     After every step the sampler puts the reference, noised to that step's level with the sample's
     own starting noise, into the sample: everywhere up to step `follow_until[i]` (an edit's
     strength: the steps after it start from the reference as noisy as they are, as SDEdit and
-    diffusers' img2img pipelines start), and where `keep[i]` is true at every step (kept pixels end equal to the reference; the others are
-    generated to fit them). A sample whose keep is all false and follow_until 0 is generated as if
+    diffusers' img2img pipelines start), and where `keep[i]` is true at every step (kept pixels end
+    equal to the reference; the others are generated to fit them). A sample whose keep is all false and follow_until 0 is generated as if
     it had no reference, so samples with and without one share a batch.
 
     `samples`: float32 on the output scale [0, 1], shaped like the pipeline's output ([B, H, W] or
-    [B, F, H, W]); `keep`: bool of the same shape.
+    [B, F, H, W] grey, [B, H, W, 3] RGB: the pipeline's `reference_mode`); `keep`: bool of the same
+    shape. A pipeline that samples in a latent space encodes both into it (`put_back` works there).
     """
 
     samples: np.ndarray
@@ -84,6 +86,22 @@ class Reference:
             raise ValueError(
                 f"reference follow_until must be in 0..{num_inference_steps}, got {list(self.follow_until)}"
             )
+
+    def put_back(
+        self, target: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor
+    ) -> Callable[[torch.Tensor, int, float], torch.Tensor]:
+        """`(x, step, sigma) -> x` with the reference put back after step `step`, whose sample is at
+        noise level `sigma`: on the flow's line from the sample's own starting `noise` to `target`,
+        x = (1 - sigma) target + sigma noise. `target` and `keep` are the reference and where it is
+        kept in the sampler's own space and layout (pixels, or latents), shaped like `noise`."""
+        until = torch.as_tensor([int(s) for s in self.follow_until], device=noise.device)
+        until = until.view(-1, *([1] * (noise.ndim - 1)))
+        target, keep, noise = target.to(noise.device, noise.dtype), keep.to(noise.device), noise.clone()
+
+        def put_back(x: torch.Tensor, step: int, sigma: float) -> torch.Tensor:
+            return torch.where(keep | (step <= until), (1.0 - sigma) * target + sigma * noise, x)
+
+        return put_back
 
 
 def reference_steps(strength: float, num_inference_steps: int) -> int:

@@ -93,7 +93,7 @@ class DigitsPipeline:
     """A pixel-space flow-matching pipeline around a diffusers transformer and the MiniLM text encoder."""
 
     supports_preview = True  # `preview=` (partial images of streamed requests): see `denoise`
-    supports_reference = True  # `reference=` (image edits, a video's first frame): see `denoise`
+    reference_mode = "L"  # `reference=` (image edits, a video's first frame) takes grey samples: see `denoise`
 
     def __init__(
         self,
@@ -285,20 +285,11 @@ class DigitsPipeline:
     def _reference_step(
         reference: Reference, noise: torch.Tensor, num_inference_steps: int
     ) -> Callable[[torch.Tensor, int, float], torch.Tensor]:
-        """`x -> x` with the reference put back at step `step` (sigma `sigma`): on the flow's line
-        from the sample's own noise to the reference, x_t = (1 - sigma) reference + sigma noise."""
+        """`Reference.put_back` in this sampler's space: pixels scaled to [-1, 1], [B, 1, ...]."""
         reference.check((noise.shape[0], *noise.shape[2:]), num_inference_steps)
         target = (torch.from_numpy(np.asarray(reference.samples, np.float32)) * 2.0 - 1.0).unsqueeze(1)
-        target = target.to(noise.device)
-        keep = torch.from_numpy(np.asarray(reference.keep, bool)).unsqueeze(1).to(noise.device)
-        until = torch.as_tensor([int(s) for s in reference.follow_until], device=noise.device)
-        until = until.view(-1, *([1] * (noise.ndim - 1)))
-        noise = noise.clone()
-
-        def put_back(x: torch.Tensor, step: int, sigma: float) -> torch.Tensor:
-            return torch.where(keep | (step <= until), (1.0 - sigma) * target + sigma * noise, x)
-
-        return put_back
+        keep = torch.from_numpy(np.asarray(reference.keep, bool)).unsqueeze(1)
+        return reference.put_back(target, keep, noise)
 
     def _velocity(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return unpack_latents(output, *x.shape[-2:]) if self.kind == "image" else output

@@ -94,8 +94,9 @@ class ModelEntry:
     description: str = ""
     created: int = 0  # models.toml's `created`: the same on every replica and after restarts
     revision: str | None = None  # which weights (`model_revision`), echoed in every response
-    # takes given pixels (an edit's image, a video's first frame): the pipeline's `supports_reference`
-    supports_reference: bool = False
+    # the pipeline's `reference_mode`: the Pillow mode ("L", "RGB") of the given pixels it takes (an
+    # edit's image, a video's first frame); None: it takes none
+    reference_mode: str | None = None
 
     def bundle_for(self, level: str, steps: int) -> Bundle | None:
         bundle = self.bundles.get(level)
@@ -216,7 +217,7 @@ class Engine:
                 fps=int(fps or DEFAULT_VIDEO_FPS), default_steps=default_steps, min_steps=min_steps,
                 max_steps=max_steps, default_guidance=guidance, levels=list(_levels()),
                 description=model.description, revision=model_revision(model, config.weights_root),
-                created=model.created, supports_reference=model.backend == "digits",  # as DigitsPipeline says
+                created=model.created, reference_mode=reference_mode(model),
             )  # fmt: skip
             for level, path in model.bundle_paths().items():
                 try:
@@ -458,14 +459,16 @@ class Engine:
         strength = body.strength if body.strength is not None else (1.0 if mask is not None else EDIT_STRENGTH)
         return spec.model_copy(
             update={
-                "reference_image": media.sample_png(media.reference_sample(picture, spec.width, spec.height)),
+                "reference_image": media.sample_png(
+                    media.reference_sample(picture, spec.width, spec.height, entry.reference_mode)
+                ),
                 "reference_keep": None if keep is None else media.sample_png(keep.astype(np.float32)),
                 "reference_follow_until": reference_steps(strength, spec.num_inference_steps),
             }
         )
 
     def _check_reference(self, entry: ModelEntry, param: str) -> None:
-        if not entry.supports_reference:
+        if entry.reference_mode is None:
             raise bad_request(f"{entry.name} does not take a given image ({param}) yet", param, "unsupported")
 
     @staticmethod
@@ -513,7 +516,9 @@ class Engine:
         if reference is not None:
             self._check_reference(entry, "input_reference")
             picture = self._upload(media.read_upload, reference, "input_reference")
-            spec.reference_image = media.sample_png(media.reference_sample(picture, width, height))
+            spec.reference_image = media.sample_png(
+                media.reference_sample(picture, width, height, entry.reference_mode)
+            )
         return spec
 
     # -------------------------------------------------------------------------------- runner
@@ -780,25 +785,38 @@ class Engine:
 def _reference(specs: Sequence[JobSpec]) -> Reference:
     """The given pixels of a batch's samples (`JobSpec.reference_*`), zeros and nothing kept for
     jobs without any: such a sample is generated as it would be alone."""
+    images = {id(s): media.png_sample(s.reference_image) for s in specs if s.reference_image is not None}
+    pixel = next(iter(images.values())).shape  # (H, W), or (H, W, 3) for an RGB model
     first = specs[0]
-    shape = (first.height, first.width) if first.kind == "image" else (first.num_frames or 1, first.height, first.width)
+    shape = pixel if first.kind == "image" else (first.num_frames or 1, *pixel)
     samples, keeps, until = [], [], []
     for spec in specs:
         sample, keep = np.zeros(shape, np.float32), np.zeros(shape, bool)
-        if spec.reference_image is not None:
-            image = media.png_sample(spec.reference_image)
-            if spec.kind == "image":
-                sample[:] = image
-                if spec.reference_keep is not None:
-                    keep[:] = media.png_sample(spec.reference_keep) >= 0.5
-            else:  # a video's first frame; the other frames start from it too (while they follow it)
-                sample[:] = image
+        image = images.get(id(spec))
+        if image is not None:
+            sample[:] = image  # a video's other frames too, though only its first frame is kept
+            if spec.kind == "video":
                 keep[0] = True
+            elif spec.reference_keep is not None:
+                mask = media.png_sample(spec.reference_keep) >= 0.5
+                keep[:] = mask if mask.ndim == len(pixel) else mask[..., None]
         for _ in range(spec.n):
             samples.append(sample)
             keeps.append(keep)
-            until.append(spec.reference_follow_until if spec.reference_image is not None else 0)
+            until.append(spec.reference_follow_until if image is not None else 0)
     return Reference(samples=np.stack(samples), keep=np.stack(keeps), follow_until=until)
+
+
+def reference_mode(model: Any) -> str | None:
+    """The `reference_mode` a configured model's pipeline will have, read without loading it (the
+    API catalogue): the digits models take grey pixels; production image families whose latents the
+    backend can encode, RGB."""
+    if model.backend == "digits":
+        return "L"
+    from lesa_core.production import FAMILIES
+    from lesa_core.production.backend import IMAGE_LATENT_FAMILIES
+
+    return "RGB" if FAMILIES[model.pipeline or ""].pipeline_class in IMAGE_LATENT_FAMILIES else None
 
 
 def partial_steps(count: int, steps: int) -> list[int]:
@@ -900,5 +918,5 @@ def entry_from_pipeline(
         default_guidance=float(info.default_guidance),
         levels=list(lesa_core.LEVELS),
         description=description,
-        supports_reference=bool(getattr(pipe, "supports_reference", False)),
+        reference_mode=getattr(pipe, "reference_mode", None),
     )

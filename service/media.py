@@ -148,13 +148,15 @@ def read_upload(data: bytes, param: str) -> Image.Image:
     return image
 
 
-def reference_sample(image: Image.Image, width: int, height: int) -> np.ndarray:
-    """An uploaded image as a grey sample [height, width] in [0, 1], resized to the job's size (the
-    reference models are grey; transparency is dropped, the pixels underneath kept)."""
-    grey = image.convert("L")
-    if grey.size != (width, height):
-        grey = grey.resize((width, height), Image.Resampling.BOX if grey.width >= width else Image.Resampling.BICUBIC)
-    return np.asarray(grey, dtype=np.float32) / 255.0
+def reference_sample(image: Image.Image, width: int, height: int, mode: str = "L") -> np.ndarray:
+    """An uploaded image as a sample in [0, 1] of the job's size, in a model's `reference_mode`:
+    "L" [height, width] (the reference models are grey), "RGB" [height, width, 3]. Transparency
+    is dropped, the pixels underneath kept."""
+    converted = image.convert(mode)
+    if converted.size != (width, height):
+        resample = Image.Resampling.BOX if converted.width >= width else Image.Resampling.BICUBIC
+        converted = converted.resize((width, height), resample)
+    return np.asarray(converted, dtype=np.float32) / 255.0
 
 
 def keep_mask(mask: Image.Image, image_size: tuple[int, int], width: int, height: int) -> np.ndarray:
@@ -174,13 +176,14 @@ def keep_mask(mask: Image.Image, image_size: tuple[int, int], width: int, height
 
 
 def sample_png(sample: np.ndarray) -> str:
-    """A grey sample in [0, 1] (a reference, or a keep mask as 0 / 1) as base64 PNG: how a job carries it."""
+    """A sample in [0, 1] (grey [H, W] or RGB [H, W, 3]: a reference; a keep mask as 0 / 1) as
+    base64 PNG: how a job carries it."""
     buffer = io.BytesIO()
-    Image.fromarray(to_uint8(sample), mode="L").save(buffer, format="PNG")
+    Image.fromarray(to_uint8(sample), mode="RGB" if _is_rgb(sample, 2) else "L").save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def png_sample(data: str) -> np.ndarray:
-    """`sample_png`'s inverse: float32 [H, W] in [0, 1]."""
+    """`sample_png`'s inverse: float32 [H, W] or [H, W, 3] in [0, 1]."""
     with Image.open(io.BytesIO(base64.b64decode(data))) as image:
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        return np.asarray(image, dtype=np.float32) / 255.0

@@ -36,7 +36,7 @@ class FakePipeline:
         )  # fmt: skip
 
     supports_preview = True
-    supports_reference = True
+    reference_mode = "L"
 
     def __call__(self, prompts, *, seeds, height, width, num_frames=None, num_inference_steps=50,
                  guidance_scale=None, cache=None, callback=None, preview=None, preview_steps=(),

@@ -3,7 +3,7 @@
 For FluxPipeline, QwenImagePipeline, WanPipeline and HunyuanVideoPipeline: every step full through
 the backend equals the un-hooked pipeline bit for bit; LESA skips every transformer block on the
 predicted steps of every CFG branch and gets the sampler's own sigmas; output shapes; cancellation; the
-time of each stage of a call (text encoder, steps, VAE).
+time of each stage of a call (text encoder, steps, VAE); previews and given pixels (image families).
 """
 
 from __future__ import annotations
@@ -255,3 +255,41 @@ def test_cpu_offload_without_accelerate_is_a_clear_error_before_any_download(mon
     with pytest.raises(ValueError, match=r"cpu_offload needs the accelerate package.*lesa-serving\[production\]"):
         DiffusersBackend.from_pretrained("black-forest-labs/FLUX.1-dev", "FluxPipeline", options, device="cuda",
                                          cpu_offload=True)  # fmt: skip
+
+
+def test_image_pipelines_keep_given_pixels_in_latent_space(tiny):
+    """`reference=`: the VAE-encoded pixels are put back into the latents after every step, so kept
+    latents end as the reference's (the output is the reference through the VAE), the rest is
+    generated, and a reference that keeps nothing changes nothing: also under LESA and in chunks."""
+    from lesa_core.pipeline_types import Reference
+    from lesa_core.production.backend import decode_latents, encode_images
+
+    backend = backend_for(tiny)
+    rng = np.random.default_rng(0)
+    pixels = rng.random((len(PROMPTS), tiny.height, tiny.width, 3), dtype=np.float32)
+    if tiny.name not in ("flux", "qwenimage"):
+        assert backend.reference_mode is None
+        with pytest.raises(ValueError, match="takes no reference"):
+            call(backend, tiny, reference=Reference(pixels, np.ones(pixels.shape, bool), [0, 0]))
+        return
+    assert backend.reference_mode == "RGB"
+    none = np.zeros(pixels.shape, bool)
+    plain = call(backend, tiny).samples
+    assert np.array_equal(call(backend, tiny, reference=Reference(pixels, none, [0, 0])).samples, plain)
+    with torch.no_grad():
+        through_vae = decode_latents(
+            tiny.pipe, backend.family, encode_images(tiny.pipe, backend.family, torch.from_numpy(pixels)),
+            tiny.height, tiny.width,
+        )  # fmt: skip
+    assert np.abs(plain - through_vae).mean() > 1e-3
+    capped = backend_for(tiny, max_batch_pixels=tiny.width * tiny.height)  # one sample per chunk
+    cache = CacheConfig(method="lesa", schedule=SCHEDULE, predictor=random_predictor(capped))
+    for run, kwargs in ((backend, {}), (capped, {"cache": cache})):
+        kept = call(run, tiny, reference=Reference(pixels, np.ones(pixels.shape, bool), [0, 0]), **kwargs).samples
+        np.testing.assert_allclose(kept, through_vae, atol=1e-5)
+        followed = call(run, tiny, reference=Reference(pixels, none, [STEPS, STEPS]), **kwargs).samples
+        np.testing.assert_allclose(followed, through_vae, atol=1e-5)  # strength 0: the image itself
+    half = none.copy()
+    half[:, :, : tiny.width // 2] = True
+    edited = call(backend, tiny, reference=Reference(pixels, half, [0, 0])).samples
+    assert np.abs(edited - plain).mean() > 1e-3 and np.abs(edited - through_vae).mean() > 1e-3

@@ -99,7 +99,7 @@ def test_the_api_catalogue_and_the_workers_name_the_same_revision_and_bundles() 
     # `created` is models.toml's (2026-11-26), not when the process started: replicas agree
     assert api.created == worker.created == Engine.catalogue(s).models["digits-image"].created == 1795651200
     assert {k: b.content_id for k, b in api.bundles.items()} == {k: b.content_id for k, b in worker.bundles.items()}
-    assert api.supports_reference and worker.supports_reference  # the API accepts edits the workers can run
+    assert api.reference_mode == worker.reference_mode == "L"  # the API accepts the edits the workers can run
 
 
 def test_a_batch_reports_where_its_time_went(engine: Engine) -> None:
@@ -112,3 +112,15 @@ def test_a_batch_reports_where_its_time_went(engine: Engine) -> None:
     assert sum(stages.values()) <= lesa["generation_ms"] + 0.05  # each rounded to 0.01 ms
     # what the time outside the stages is: the pipeline's own setup, a few ms at most here
     assert lesa["generation_ms"] - sum(stages.values()) < 50
+
+
+def test_the_catalogue_knows_which_models_take_given_pixels_without_loading_them() -> None:
+    """The API tier reads it from models.toml as the loaded pipelines will say it (`reference_mode`):
+    grey for the digits models, RGB for the image families whose latents the backend encodes."""
+    from lesa_core.production import read_config
+    from service.engine import reference_mode
+
+    config = read_config(Path(__file__).parents[1] / "deploy" / "models.toml", None)
+    modes = {name: reference_mode(model) for name, model in config.models.items()}
+    assert modes == {"digits-image": "L", "digits-video": "L", "flux.1-dev": "RGB", "qwen-image": "RGB",
+                     "wan2.1-t2v-14b": None, "hunyuanvideo": None}  # fmt: skip

@@ -107,7 +107,7 @@ def test_an_edit_is_refused_by_name_when_its_files_or_fields_are_wrong(client: T
     assert "multipart" in assert_error(json_body, 400, "image")["message"]
     assert_error(edit(client, {"image": image}, model="fake-video"), 400, "model")
     assert client.get("/v1/models/fake-image").json()["image_input"] is True
-    engine.models["fake-image"].supports_reference = False  # e.g. a production model: not yet
+    engine.models["fake-image"].reference_mode = None  # e.g. a production model: not yet
     assert client.get("/v1/models/fake-image").json()["image_input"] is False
     assert assert_error(edit(client, {"image": image}), 400, "image")["code"] == "unsupported"
     calls = engine.models["fake-image"].pipe.calls
@@ -156,7 +156,7 @@ def test_a_video_from_an_input_reference_keeps_it_as_its_first_frame(client: Tes
     bad = client.post("/v1/videos", data={"prompt": "x"}, files={"input_reference": ("a.png", b"GIF89a?")})
     assert_error(bad, 400, "input_reference")
     assert_error(client.post("/v1/videos", json={"prompt": "x", "input_reference": "a.png"}), 400, "input_reference")
-    engine.models["fake-video"].supports_reference = False
+    engine.models["fake-video"].reference_mode = None
     refused = client.post("/v1/videos", data={"prompt": "x"}, files={"input_reference": ("a.png", frame)})
     assert assert_error(refused, 400, "input_reference")["code"] == "unsupported"
 
@@ -208,3 +208,17 @@ def test_official_openai_client_edits_an_image() -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_an_rgb_model_gets_rgb_pixels_and_a_mask_on_every_channel(engine: Engine) -> None:
+    """A production image model (`reference_mode` "RGB": FLUX, Qwen-Image) is handed the colours."""
+    from service.engine import _reference
+
+    engine.models["fake-image"].reference_mode = "RGB"
+    colour = np.zeros((32, 32, 3))
+    colour[..., 0] = 255  # red
+    spec = engine.resolve_image_edit(_request(seed=1), png(colour, "RGB"), png(MASK, "RGBA"))
+    reference = _reference([spec])
+    assert reference.samples.shape == reference.keep.shape == (1, 16, 16, 3)
+    assert (reference.samples[0, ..., 0] == 1.0).all() and (reference.samples[0, ..., 1:] == 0.0).all()
+    assert reference.keep[0, :, :8].all() and not reference.keep[0, :, 8:].any()

@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import lesa_core
-from lesa_core.pipeline_types import GenerationCancelled, GenerationOutput, PipelineInfo
+from lesa_core.pipeline_types import GenerationCancelled, GenerationOutput, PipelineInfo, Reference
 from lesa_core.production.batching import plan_chunks, run_with_oom_split, sample_cost
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
-PREVIEW_FAMILIES = ("FluxPipeline", "QwenImagePipeline")  # image pipelines whose latents `decode_latents` knows
+# image pipelines whose latents `decode_latents` and `encode_images` know: they preview, and take given pixels
+IMAGE_LATENT_FAMILIES = ("FluxPipeline", "QwenImagePipeline")
 
 
 def decode_latents(pipe: Any, family: PipelineFamily, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
@@ -133,6 +135,34 @@ def decode_latents(pipe: Any, family: PipelineFamily, latents: torch.Tensor, hei
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return np.asarray(pipe.image_processor.postprocess(image, output_type="np"), dtype=np.float32)
+
+
+def encode_images(pipe: Any, family: PipelineFamily, images: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] in [0, 1] -> packed image latents, as the family's img2img pipeline encodes an
+    image (`decode_latents` inverted; the latent distribution's mode, so no generator)."""
+    vae = pipe.vae
+    pixels = (images.permute(0, 3, 1, 2) * 2.0 - 1.0).to(vae.device, vae.dtype)
+    if family.pipeline_class == "QwenImagePipeline":
+        latents = vae.encode(pixels[:, :, None]).latent_dist.mode()  # a one-frame video: [B, z, 1, h, w]
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        latents = (latents - mean) / std
+    else:
+        latents = vae.encode(pixels).latent_dist.mode()
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    batch, channels, height, width = latents.shape[0], latents.shape[1], latents.shape[-2], latents.shape[-1]
+    return pipe._pack_latents(latents, batch, channels, height, width)
+
+
+def keep_latents(pipe: Any, keep: torch.Tensor, channels: int) -> torch.Tensor:
+    """[B, H, W] bool (kept pixels) -> the packed latents' layout: a latent is kept where all the
+    pixels it encodes are (the edited part's edge is redrawn rather than kept half-way)."""
+    factor = pipe.vae_scale_factor
+    pooled = -F.max_pool2d(-keep[:, None].float(), factor)  # min over each latent's pixels
+    batch, _, height, width = pooled.shape
+    mask = pooled.expand(batch, channels, height, width).contiguous()
+    return pipe._pack_latents(mask, batch, channels, height, width) > 0.5
 
 
 def resolve_device(device: str | None) -> str:
@@ -426,6 +456,7 @@ class DiffusersBackend:
         latents: torch.Tensor | None = None,
         preview: Callable[..., None] | None = None,
         preview_steps: Collection[int] = (),
+        reference: Reference | None = None,
     ) -> GenerationOutput:
         """Generate one sample per prompt (the `DigitsPipeline.__call__` contract).
 
@@ -440,10 +471,16 @@ class DiffusersBackend:
           in `preview_steps`, the flow's estimate of the clean images of batch items first, first + 1,
           ... (one call per chunk), decoded as the output is. Not after step 1 (the sampler's
           starting latents are not shown to callbacks).
+        - `reference` (`reference_mode`: RGB samples [B, H, W, 3]): given pixels, encoded by the VAE
+          and put back into the latents after every step (`Reference.put_back`).
         """
         if guidance_scale is None:
             guidance_scale = self.default_guidance
         frames = self.validate(prompts, seeds, height, width, num_frames, num_inference_steps, guidance_scale, latents)
+        if reference is not None:
+            if self.reference_mode is None:
+                raise ValueError(f"{self.family.pipeline_class} takes no reference (given pixels) here")
+            reference.check((len(prompts), int(height), int(width), 3), num_inference_steps)
         self._last_size = (int(height), int(width), frames)
         cost = sample_cost(height, width, frames)
         cap = self.options.max_batch_pixels
@@ -470,6 +507,9 @@ class DiffusersBackend:
                 num_inference_steps, float(guidance_scale), cache, progress,
                 None if latents is None else latents[indices], stats,
                 None if preview is None else chunk_preview, unseen,
+                None if reference is None else Reference(
+                    reference.samples[indices], reference.keep[indices], [reference.follow_until[i] for i in indices]
+                ),
             )  # fmt: skip
 
         def on_split(indices: list[int], error: BaseException) -> None:
@@ -517,6 +557,7 @@ class DiffusersBackend:
         stats: dict[str, Any],
         preview: Callable[[int, np.ndarray], None] | None = None,
         preview_steps: frozenset[int] = frozenset(),
+        reference: Reference | None = None,
     ) -> list[np.ndarray]:
         pipe, transformer, scheduler = self.pipe, self.transformer, self.scheduler
         # CPU generators: the same seed gives the same noise on any device and in any batch.
@@ -524,6 +565,15 @@ class DiffusersBackend:
         kwargs = self._call_kwargs(len(prompts), guidance_scale)
         if frames is not None:
             kwargs["num_frames"] = frames
+        put_back = None
+        if reference is not None:
+            # the starting noise the pipeline would draw, made here so the reference is noised with it
+            if latents is None:
+                latents = self.initial_noise(seeds, height, width, frames)
+            with torch.no_grad():
+                target = encode_images(pipe, self.family, torch.from_numpy(np.asarray(reference.samples, np.float32)))
+            keep = keep_latents(pipe, torch.from_numpy(np.asarray(reference.keep, bool)).all(-1), target.shape[-1] // 4)
+            put_back = reference.put_back(target, keep, latents.to(self.device))
         if latents is not None:
             kwargs["latents"] = latents.to(self.device)  # the pipeline casts to the dtype it samples in
 
@@ -535,12 +585,15 @@ class DiffusersBackend:
 
         def on_step_end(_pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             marks["stepped"] = time.perf_counter()
-            if preview is not None:
-                after = callback_kwargs["latents"]
-                if i + 1 in preview_steps and before[0] is not None:
-                    with torch.no_grad():
-                        preview(i + 1, self._clean_estimate(before[0], after, i, height, width))
-                before[0] = after
+            after = callback_kwargs["latents"]
+            if preview is not None and i + 1 in preview_steps and before[0] is not None:
+                with torch.no_grad():  # from the step the model made, before the reference goes back
+                    preview(i + 1, self._clean_estimate(before[0], after, i, height, width))
+            if put_back is not None:
+                after = callback_kwargs["latents"] = put_back(after, i + 1, float(scheduler.sigmas[i + 1])).to(
+                    after.dtype
+                )
+            before[0] = after
             if cache is not None:
                 # Read now: the pipeline's closing `maybe_free_model_hooks` resets stateful hooks.
                 counts.clear()
@@ -604,7 +657,12 @@ class DiffusersBackend:
 
     @property
     def supports_preview(self) -> bool:
-        return self.family.pipeline_class in PREVIEW_FAMILIES
+        return self.family.pipeline_class in IMAGE_LATENT_FAMILIES
+
+    @property
+    def reference_mode(self) -> str | None:
+        """RGB samples for `reference=` where the family's image latents are known, else None."""
+        return "RGB" if self.family.pipeline_class in IMAGE_LATENT_FAMILIES else None
 
     def _clean_estimate(self, before: torch.Tensor, after: torch.Tensor, i: int, height: int, width: int) -> np.ndarray:
         """The clean images step i points at: x_t = (1 - s) x0 + s noise moves along v = noise - x0,

@@ -26,7 +26,7 @@ def model_card(engine: Engine, entry: ModelEntry, default_level: str) -> ModelCa
         default_guidance_scale=entry.default_guidance,
         default_acceleration=default_level,
         revision=entry.revision,
-        image_input=entry.supports_reference,
+        image_input=entry.reference_mode is not None,
         acceleration=engine.acceleration_levels(entry),  # type: ignore[arg-type]
     )
 

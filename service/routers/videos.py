@@ -48,7 +48,7 @@ _FORM_SCHEMA = {
             "type": "string",
             "format": "binary",
             "description": "The first frame (PNG, JPEG or WEBP; resized to the video's size): kept as frame 0 at "
-            "every step, and the clip generated from it. Models without `supports_reference` refuse it.",
+            "every step, and the clip generated from it. Models whose card says `image_input: false` refuse it.",
         },
     },
 }
