@@ -441,7 +441,7 @@ class Engine:
             output_format=body.output_format, output_compression=body.output_compression, user=body.user,
             partial_images=body.partial_images or 0, queue_timeout_s=self._queue_timeout(body),
             priority=body.priority or "normal",
-            requested_acceleration=body.acceleration or self.settings.default_level,
+            requested_acceleration=body.acceleration or self.settings.default_level, quality=body.quality,
         )  # fmt: skip
 
     def resolve_image_edit(self, body: ImageEditRequest, image: bytes, mask: bytes | None = None) -> JobSpec:

@@ -128,6 +128,7 @@ class JobSpec(BaseModel):
     raised_from: str | None = None  # the level asked for, when the API raised it under load (max_acceleration)
     remixed_from: str | None = None  # the video job whose settings and seed this one reran with a new prompt
     requested_acceleration: str | None = None  # what the request asked for ("auto", "5x"; the default if none)
+    quality: str | None = None  # an image request's OpenAI `quality` as asked (echoed; it may have chosen the level)
     queue_timeout_s: float | None = None  # not started this long after created_at: fails, never runs
     trace_context: dict[str, str] | None = None  # W3C trace headers of the request (service/tracing.py)
 

@@ -294,6 +294,7 @@ class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
     output_format: str | None = None
+    quality: str | None = Field(None, description='the request\'s `quality` ("auto" where it gave none)')
     size: str | None = None
     lesa: LesaStats
 

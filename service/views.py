@@ -53,6 +53,7 @@ async def images_response(job: Job, queue: JobQueue, *, response_format: str, li
         created=int(job.completed_at or time.time()),
         data=data,
         output_format=job.spec.output_format,
+        quality=job.spec.quality or "auto",
         size=f"{job.spec.width}x{job.spec.height}",
         lesa=lesa_stats(job),
     )
@@ -126,7 +127,7 @@ def image_stream_event(job: Job, content: bytes, partial_index: int | None) -> d
         "background": "opaque",
         "created_at": int(time.time()),
         "output_format": job.spec.output_format,
-        "quality": "auto",
+        "quality": job.spec.quality or "auto",
         "size": f"{job.spec.width}x{job.spec.height}",
     }
     if partial_index is not None:

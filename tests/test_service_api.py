@@ -923,6 +923,7 @@ def test_openai_quality_picks_the_level_when_acceleration_is_not_given() -> None
         def level(**fields) -> str:
             response = client.post("/v1/images/generations", json={"prompt": "a one", **fields})
             assert response.status_code == 200, response.text
+            assert response.json()["quality"] == fields.get("quality", "auto")  # echoed, as OpenAI does
             return response.json()["lesa"]["level"]
 
         assert [level(quality=q) for q in ("high", "hd", "low", "medium", "standard", "auto")] == [
@@ -935,6 +936,9 @@ def test_openai_quality_picks_the_level_when_acceleration_is_not_given() -> None
         assert_error(
             client.post("/v1/images/generations", json={"prompt": "a one", "quality": "ultra"}), 400, "quality"
         )
+        body = {"prompt": "a one", "quality": "low", "stream": True, "partial_images": 1}
+        text = client.post("/v1/images/generations", json=body).text  # every event says it too
+        assert text.count('"quality":"low"') == 2 and '"quality":"auto"' not in text
 
 
 def test_output_compression_sets_the_quality_of_jpeg_and_webp_and_leaves_png_alone(client: TestClient) -> None:
