@@ -572,3 +572,47 @@ def test_an_image_shows_previews_while_it_denoises(fake_server, browser) -> None
     assert browser.find_element(By.ID, "output").get_attribute("data-previews") == "3"
     (result,) = browser.find_elements(By.CSS_SELECTOR, "#output img")  # the result replaced the preview
     assert "preview" not in (result.get_attribute("class") or "")
+
+
+def test_a_result_or_a_file_is_the_image_the_next_request_starts_from(fake_server, browser, tmp_path: Path) -> None:
+    """Given pixels from the page: "use the result" edits the last image (strength 0 gives it back),
+    a chosen file does too, a video starts from it, and "clear" goes back to the prompt alone."""
+    import asyncio
+
+    from PIL import Image
+
+    url, services = fake_server
+    open_page(browser, url)
+    assert browser.find_element(By.ID, "start-field").is_displayed()  # the fake models take images
+    fill(browser, "steps", "8")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: d.find_element(By.ID, "use-result").is_enabled(), 30, "no result to start from")
+    browser.find_element(By.ID, "use-result").click()
+    wait(browser, lambda d: loaded(d, "#start-preview"), 10, "the start image is not shown")
+    assert not browser.find_element(By.ID, "compare").is_enabled()  # it would ignore the image
+    first = browser.execute_script("return document.querySelector('#output img').src")
+    fill(browser, "strength", "0")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: d.execute_script("const i = document.querySelector('#output img');"
+                                             "return i && i.complete && i.naturalWidth > 0 && i.src !== arguments[0];",
+                                             first), 30, "no edited image")  # fmt: skip
+    edit = image_jobs(services, 1)[0].spec
+    assert edit.reference_image is not None and edit.reference_follow_until == 8  # strength 0: all 8 steps
+
+    picture = tmp_path / "digit.png"
+    Image.new("L", (16, 16), 200).save(picture)
+    browser.find_element(By.ID, "start-image").send_keys(str(picture))
+    Select(browser.find_element(By.ID, "model")).select_by_value("fake-video")
+    assert not browser.find_element(By.ID, "strength-row").is_displayed()
+    assert "first frame" in browser.find_element(By.ID, "start-hint").text
+    fill(browser, "steps", "8")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", 30, "no video")
+    video = asyncio.run(services.queue.list(kind="video", limit=1))[0][0].spec
+    assert video.reference_image is not None and video.reference_follow_until == 0
+
+    browser.find_element(By.ID, "clear-start").click()
+    assert not browser.find_element(By.ID, "start-preview").is_displayed()
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", 30, "no video")
+    assert asyncio.run(services.queue.list(kind="video", limit=1))[0][0].spec.reference_image is None

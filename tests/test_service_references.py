@@ -222,3 +222,20 @@ def test_an_rgb_model_gets_rgb_pixels_and_a_mask_on_every_channel(engine: Engine
     assert reference.samples.shape == reference.keep.shape == (1, 16, 16, 3)
     assert (reference.samples[0, ..., 0] == 1.0).all() and (reference.samples[0, ..., 1:] == 0.0).all()
     assert reference.keep[0, :, :8].all() and not reference.keep[0, :, 8:].any()
+
+
+def test_an_edit_runs_as_a_job_too(client: TestClient, engine: Engine) -> None:
+    """`POST /v1/images/jobs` takes the edit's form as it takes the generation's JSON (the
+    playground's edits: progress and cancel as for any job)."""
+    data = {"prompt": "a seven", "model": "fake-image", "num_inference_steps": "8", "strength": "0.25"}
+    created = client.post("/v1/images/jobs", data=data, files={"image": ("in.png", png(PICTURE))})
+    assert created.status_code == 202, created.text
+    done = wait_for(client, f"/v1/images/jobs/{created.json()['id']}", {"completed", "failed"})
+    assert done["status"] == "completed"
+    assert list(last_reference(engine).follow_until) == [reference_steps(0.25, 8)]
+    # a form without an image is a generation; a generation has no strength, and a mask needs its image
+    plain = client.post("/v1/images/jobs", data={"prompt": "a seven", "n": "2"})
+    assert plain.status_code == 202 and plain.json()["n"] == 2
+    assert_error(client.post("/v1/images/jobs", json={"prompt": "a seven", "strength": 0.5}), 400, "strength")
+    masked = client.post("/v1/images/jobs", data={"prompt": "x"}, files={"mask": ("m.png", png(MASK, "RGBA"))})
+    assert_error(masked, 400, "image")

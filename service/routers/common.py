@@ -10,20 +10,21 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from service import media
 from service.deps import Services, cancel, client_gone, get_job, read_job, unavailable
-from service.errors import ApiError, bad_request
+from service.errors import ApiError, bad_request, body_validation_error
 from service.queue import Job, JobKind, JobStatus, QueueUnavailable, UnknownCursor
 from service.schemas import DeletedObject, ErrorResponse, ListResponse
 from service.views import image_stream_event
 
 log = logging.getLogger("lesa.api")
+Body = TypeVar("Body", bound=BaseModel)
 
 
 @functools.cache
@@ -51,17 +52,45 @@ def _form_value(types: set[str], value: str) -> Any:
     return value
 
 
-async def read_form(
+async def read_body(
     request: Request, model: type[BaseModel], files: Collection[str] = ()
-) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
-    """A multipart (or urlencoded) form, as the official `openai` client sends `images.edit` and
-    `videos.create`: its text fields as the values of `model`'s fields, ready for `model_validate`,
-    and the bytes of each file field named in `files` (an array of files comes as `name[]`).
-    A file where text is expected, or text where a file is, is a 400 naming the field."""
+) -> tuple[dict[str, Any], Uploads]:
+    """A request body as JSON (or with no Content-Type, as FastAPI reads the image routes' bodies),
+    or as a multipart / urlencoded form, the way the official `openai` client sends `images.edit`
+    and `videos.create`: its fields as values for `model_validate(model, ...)` (a form's strings
+    read as the numbers and booleans they spell for `model`'s fields), and the bytes of the files
+    named in `files` (an array of files comes as `name[]`; only a form carries files).
+    A file where text is expected, text where a file is, or a body that is neither is a 400."""
+    content_type = request.headers.get("content-type", "").lower()  # media types are case-insensitive
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        return await _read_form(request, model, files)
+    media_type = content_type.split(";")[0].strip()
+    if media_type and not (media_type == "application/json" or media_type.endswith("+json")):
+        raise ApiError(400, "the body must be a JSON object, sent with Content-Type: application/json "
+                       "(or a multipart / urlencoded form)", code="invalid_json")  # fmt: skip
+    body = await request.body()
+    if not body.strip():
+        raise ApiError(400, "the request body is empty: send a JSON object", code="invalid_json")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    for name in files:
+        if name in data:
+            raise ApiError(400, f"{name}: send the image as a file in a multipart form (as the openai client does)",
+                           param=name, code="invalid_value")  # fmt: skip
+    return data, {}
+
+
+async def _read_form(
+    request: Request, model: type[BaseModel], files: Collection[str]
+) -> tuple[dict[str, Any], Uploads]:
     types = _field_types(model)
     form = await request.form()
     data: dict[str, Any] = {}
-    uploads: dict[str, list[bytes]] = {}
+    uploads: Uploads = {}
     for name, value in form.multi_items():
         field_name = name[:-2] if name.endswith("[]") and name[:-2] in files else name
         if field_name in files:
@@ -76,6 +105,26 @@ async def read_form(
             raise ApiError(400, f"{name}: not valid UTF-8", param=name, code="invalid_value")
         data[name] = _form_value(types[name], value) if name in types else value
     return data, uploads
+
+
+Uploads = dict[str, list[bytes]]
+
+
+def validated(model: type[Body], data: dict[str, Any]) -> Body:
+    """`model.model_validate(data)`, its errors as FastAPI reports a body's: a 400 naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise body_validation_error(error) from None
+
+
+def one_file(uploads: Uploads, name: str, required: bool = False) -> bytes | None:
+    """The one file a form sent as `name` (None if none and not `required`); else a 400 naming it."""
+    sent = uploads.get(name, [])
+    if len(sent) > 1 or (required and not sent):
+        raise ApiError(400, f"{name}: send one image file, got {len(sent)}", param=name,
+                       code="invalid_value" if sent else "missing_required_parameter")  # fmt: skip
+    return sent[0] if sent else None
 
 
 class _RequestWithFiles(BaseModel):

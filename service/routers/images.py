@@ -7,7 +7,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
 
 from service.deps import (
     IdempotencyKey,
@@ -20,7 +19,7 @@ from service.deps import (
     submit,
     wait_while_connected,
 )
-from service.errors import ApiError, body_validation_error
+from service.errors import ApiError
 from service.links import ContentLinks, signing_key
 from service.queue import Job, JobStatus
 from service.routers.common import (
@@ -32,9 +31,11 @@ from service.routers.common import (
     image_stream,
     job_events,
     list_page,
+    one_file,
     partial_response,
-    read_form,
+    read_body,
     uploaded,
+    validated,
 )
 from service.schemas import (
     DeletedObject,
@@ -129,20 +130,9 @@ async def edit_images(
     """OpenAI `images.edit`: the image, redrawn to the prompt where the mask is transparent (no
     mask: everywhere, as far as `strength` lets it), answered as `/v1/images/generations` answers.
     Every acceleration level applies: forecasts never read the image."""
-    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        raise ApiError(400, "send a multipart/form-data body with the file `image` (and optionally `mask`), as the "
-                       "openai client's images.edit does", param="image", code="invalid_value")  # fmt: skip
-    data, files = await read_form(request, ImageEditRequest, files=("image", "mask"))
-    try:
-        body = ImageEditRequest.model_validate(data)
-    except ValidationError as error:
-        raise body_validation_error(error) from None
-    for name, required in (("image", True), ("mask", False)):
-        count = len(files.get(name, []))
-        if count > 1 or (required and count == 0):
-            raise ApiError(400, f"{name}: send one image file, got {count}", param=name,
-                           code="missing_required_parameter" if count == 0 else "invalid_value")  # fmt: skip
-    image, mask = files["image"][0], files.get("mask", [None])[0]
+    data, files = await read_body(request, ImageEditRequest, files=("image", "mask"))
+    body = validated(ImageEditRequest, data)
+    image, mask = one_file(files, "image", required=True), one_file(files, "mask")
     resolve = functools.partial(services.engine.resolve_image_edit, image=image, mask=mask)
     spec = await resolve_for_load(services, body, resolve)
     job = await submit(services, spec, owner, idempotency_key, uploaded(body, image=image, mask=mask))
@@ -183,21 +173,46 @@ async def _images_answer(
 
 
 @router.post(
-    "/jobs", status_code=202, response_model=ImageJobObject, responses=ERRORS, summary="Create images (as a job)"
+    "/jobs",
+    status_code=202,
+    response_model=ImageJobObject,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": ImageGenerationRequest.model_json_schema()},
+                "multipart/form-data": {"schema": _EDIT_FORM},
+            },
+        }
+    },
+    responses=ERRORS,
+    summary="Create images (as a job)",
 )
 async def create_image_job(
-    body: ImageGenerationRequest,
     request: Request,
     services: ReadyDep,
     owner: OwnerDep,
     idempotency_key: IdempotencyKey = None,
 ) -> ImageJobObject:
-    """Same body as `/v1/images/generations`, answered at once with a job to poll (long requests)."""
+    """The body of `/v1/images/generations` (JSON), or of `/v1/images/edits` (a multipart form with
+    an `image`), answered at once with a job to poll (long requests; the playground's edits)."""
+    data, files = await read_body(request, ImageEditRequest, files=("image", "mask"))
+    image, mask = one_file(files, "image"), one_file(files, "mask")
+    body: ImageGenerationRequest
+    if image is None:
+        if mask is not None:
+            raise ApiError(400, "image: a mask needs the image it masks", param="image",
+                           code="missing_required_parameter")  # fmt: skip
+        body = validated(ImageGenerationRequest, data)
+        resolve = services.engine.resolve_image
+    else:
+        body = validated(ImageEditRequest, data)
+        resolve = functools.partial(services.engine.resolve_image_edit, image=image, mask=mask)
     if body.stream:
         raise ApiError(400, "stream=true is for POST /v1/images/generations; a job streams progress from "
                        "GET /v1/images/jobs/{job_id}/events", param="stream", code="unsupported_value")  # fmt: skip
-    spec = await resolve_for_load(services, body, services.engine.resolve_image)
-    job = await submit(services, spec, owner, idempotency_key, body)
+    spec = await resolve_for_load(services, body, resolve)
+    job = await submit(services, spec, owner, idempotency_key, uploaded(body, image=image, mask=mask))
     assert services.queue is not None
     return await image_job_object(job, services.queue, content_links(request, services))
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
 
 from service.deps import IdempotencyKey, OwnerDep, ReadyDep, get_job, resolve_for_load, submit
-from service.errors import ApiError, body_validation_error
+from service.errors import ApiError
 from service.queue import Job, JobSpec, JobStatus
 from service.routers.common import (
     LIST_ERRORS,
@@ -21,8 +19,10 @@ from service.routers.common import (
     cancel_or_delete,
     job_events,
     list_page,
-    read_form,
+    one_file,
+    read_body,
     uploaded,
+    validated,
 )
 from service.schemas import (
     DeletedObject,
@@ -60,42 +60,6 @@ _OPENAPI_BODY = {
 }
 
 
-async def _parse_body(request: Request) -> tuple[VideoCreateRequest, bytes | None]:
-    """The request, and the bytes of its `input_reference` file (a form's only)."""
-    content_type = request.headers.get("content-type", "").lower()  # media types are case-insensitive
-    data: Any
-    reference = None
-    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        data, files = await read_form(request, VideoCreateRequest, files=("input_reference",))
-        references = files.get("input_reference", [])
-        if len(references) > 1:
-            raise ApiError(400, f"input_reference: one image (the first frame), got {len(references)}",
-                           param="input_reference", code="invalid_value")  # fmt: skip
-        reference = references[0] if references else None
-    else:
-        # as FastAPI reads the image routes' bodies: JSON, or no Content-Type at all
-        media_type = content_type.split(";")[0].strip()
-        if media_type and not (media_type == "application/json" or media_type.endswith("+json")):
-            raise ApiError(400, "the body must be a JSON object, sent with Content-Type: application/json "
-                           "(or a multipart / urlencoded form)", code="invalid_json")  # fmt: skip
-        body = await request.body()
-        if not body.strip():
-            raise ApiError(400, "the request body is empty: send a JSON object", code="invalid_json")
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-            raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
-        if "input_reference" in data:
-            raise ApiError(400, "input_reference: send the first frame as an image file in a multipart form (as the "
-                           "openai client does)", param="input_reference", code="invalid_value")  # fmt: skip
-    try:
-        return VideoCreateRequest.model_validate(data), reference
-    except ValidationError as error:
-        raise body_validation_error(error) from None
-
-
 @router.post(
     "",
     response_model=VideoObject,
@@ -110,7 +74,8 @@ async def create_video(
     idempotency_key: IdempotencyKey = None,
 ) -> VideoObject:
     """Queue a video; poll `GET /v1/videos/{id}` (progress per denoising step), then get `/content`."""
-    body, reference = await _parse_body(request)
+    data, files = await read_body(request, VideoCreateRequest, files=("input_reference",))
+    body, reference = validated(VideoCreateRequest, data), one_file(files, "input_reference")
     spec = await resolve_for_load(services, body, functools.partial(services.engine.resolve_video, reference=reference))
     job = await submit(services, spec, owner, idempotency_key, uploaded(body, input_reference=reference))
     return video_object(job)

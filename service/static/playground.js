@@ -1,7 +1,8 @@
 // LESA playground: a plain client of this server's public API (no framework, no CDN).
 //
 // Images run as jobs (POST /v1/images/jobs) rather than through the synchronous endpoint so the
-// page can show progress and cancel them; videos are OpenAI video jobs. Validation is left to
+// page can show progress and cancel them (an edit sends the same route its multipart form); videos
+// are OpenAI video jobs (with an `input_reference` file to start from). Validation is left to
 // the server on purpose: the page shows the server's own message next to the field it names
 // (error.param), so what users see here is exactly what API clients get.
 "use strict";
@@ -20,7 +21,7 @@ const PARAM_ALIASES = { seconds: "num_frames", n: null, response_format: null, o
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  models: [], model: null, running: null, startupFailure: null,
+  models: [], model: null, running: null, startupFailure: null, start: null, lastImage: null,
   apiKey: sessionStorage.getItem("lesa-api-key") || "",
 };
 
@@ -40,9 +41,10 @@ class ApiFailure extends Error {
 async function api(method, path, body, signal) {
   const headers = {};
   if (state.apiKey) headers.Authorization = `Bearer ${state.apiKey}`;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const form = body instanceof FormData; // the browser sets a form's Content-Type (with its boundary)
+  if (body !== undefined && !form) headers["Content-Type"] = "application/json";
   const response = await fetch(path, {
-    method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body),
+    method, headers, signal, body: body === undefined || form ? body : JSON.stringify(body),
   });
   const type = response.headers.get("Content-Type") || "";
   const data = type.includes("json") ? await response.json() : null;
@@ -286,6 +288,12 @@ function selectModel(id) {
     return button;
   }));
   updatePrompt(previous, examples);
+  // Given pixels, where the model takes them: an image edits it, a video starts from it.
+  $("start-field").hidden = !model.image_input;
+  $("strength-row").hidden = model.kind !== "image";
+  $("start-hint").textContent = model.kind === "image"
+    ? "redrawn to the prompt: strength 0 keeps the image, 1 draws anew"
+    : "the clip starts from it (its first frame)";
   const levels = $("levels");
   levels.replaceChildren(...model.acceleration.map((l) => levelCard(model, l)), autoCard());
   const wanted = preferredLevel(model);
@@ -318,14 +326,43 @@ function requestBody() {
   return Object.fromEntries(Object.entries(body).filter(([, v]) => v !== null));
 }
 
+// The image to start from (a file, or the last result), sent with the request when the model takes one.
+function startFrom(blob) {
+  state.start = blob;
+  const preview = $("start-preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.hidden = !blob;
+  preview.src = blob ? URL.createObjectURL(blob) : "";
+  $("clear-start").hidden = !blob;
+  if (!blob) $("start-image").value = "";
+  updateButtons();
+}
+
+function withStart(body) {
+  if (!state.start || !state.model.image_input) return body;
+  const form = new FormData();
+  for (const [name, value] of Object.entries(body)) form.append(name, String(value));
+  if (state.model.kind === "image") {
+    form.append("image", state.start, "start.png");
+    const strength = $("strength").value.trim();
+    if (strength !== "") form.append("strength", strength);
+  } else {
+    form.append("input_reference", state.start, "first.png");
+  }
+  return form;
+}
+
 function updateButtons() {
   const running = Boolean(state.running);
   const level = (document.querySelector('input[name="acceleration"]:checked') || {}).value;
   $("generate").disabled = running || !state.model;
-  // The comparison is made on lossless PNGs, so it is offered for image models only.
-  $("compare").disabled = running || !state.model || state.model.kind !== "image" || level === "none";
+  // The comparison is made on lossless PNGs, so it is offered for image models only (and plain generations).
+  const starting = Boolean(state.start && state.model && state.model.image_input);
+  $("compare").disabled = running || !state.model || state.model.kind !== "image" || level === "none" || starting;
   $("compare").title = state.model && state.model.kind !== "image"
-    ? "comparison with full compute is available for image models" : "";
+    ? "comparison with full compute is available for image models"
+    : starting ? "the comparison generates from the prompt alone: clear the image to compare" : "";
+  $("use-result").disabled = running || !state.lastImage;
   $("cancel").disabled = !running;
 }
 
@@ -402,7 +439,7 @@ async function generate() {
   try {
     let outcome;
     if (model.kind === "image") {
-      const created = await api("POST", "/v1/images/jobs", { ...body, partial_images: PREVIEWS });
+      const created = await api("POST", "/v1/images/jobs", withStart({ ...body, partial_images: PREVIEWS }));
       job.id = created.id;
       job.path = `/v1/images/jobs/${created.id}`;
       if (job.cancelRequested) await api("POST", `${job.path}/cancel`); // Cancel was clicked while submitting
@@ -414,11 +451,12 @@ async function generate() {
           return img;
         }));
         $("output").replaceChildren(...images);
+        state.lastImage = images[0].src; // "use the result" starts the next request from it
         showStats(done.result.lesa, performance.now() - started);
         return "done";
       }, (current) => showPreview(job, current).catch(() => {})); // previews are a bonus: never fail the job
     } else {
-      const created = await api("POST", "/v1/videos", body);
+      const created = await api("POST", "/v1/videos", withStart(body));
       job.id = created.id;
       job.path = `/v1/videos/${created.id}`;
       if (job.cancelRequested) await api("POST", `${job.path}/cancel`); // Cancel was clicked while submitting
@@ -559,6 +597,9 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("form").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
   $("compare").addEventListener("click", compareWithFull);
   $("cancel").addEventListener("click", cancel);
+  $("start-image").addEventListener("change", (event) => startFrom(event.target.files[0] || null));
+  $("clear-start").addEventListener("click", () => startFrom(null));
+  $("use-result").addEventListener("click", async () => startFrom(await (await fetch(state.lastImage)).blob()));
   $("save-key").addEventListener("click", () => {
     const key = $("api-key").value.trim();
     // Keys travel in an HTTP header: anything else cannot be sent (and would be kept, locking the page).
