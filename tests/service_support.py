@@ -6,7 +6,10 @@ small HTTP helpers. The real models run in tests/test_service_e2e.py.
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,3 +117,21 @@ def weights_present(name: str) -> bool:
     from lesa_models.registry import model_path
 
     return (model_path(name) / "model_index.json").is_file()
+
+
+@contextmanager
+def uvicorn_thread(app, port: int) -> Iterator[str]:
+    """`app` on real uvicorn in a thread of this process, until the block ends; yields its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn exited"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from service_support import assert_error, free_port, make_engine, settings, wait_for
+from service_support import assert_error, free_port, make_engine, settings, uvicorn_thread, wait_for
 
 import service.deps
 from lesa_core import level_schedule
@@ -986,23 +986,12 @@ def test_official_openai_client_videos_lifecycle() -> None:
     """The official client's `videos` resource (multipart create, retrieve, list, download, delete)
     against real uvicorn; the fake video model keeps it fast (the real one is in the e2e tests)."""
     openai = pytest.importorskip("openai")
-    import socket
-
-    import uvicorn
-
     if not hasattr(openai.OpenAI, "videos"):
         pytest.skip("this openai client has no videos resource")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     s = settings(port=port, api_keys="sk-test")
-    server = uvicorn.Server(uvicorn.Config(create_app(s, engine=make_engine(s)), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test", max_retries=0)
+    with uvicorn_thread(create_app(s, engine=make_engine(s)), port) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)
         video = client.videos.create(
             model="fake-video", prompt="a five", seconds="1",  # type: ignore[arg-type]
             size="32x16",  # type: ignore[arg-type]
@@ -1023,9 +1012,6 @@ def test_official_openai_client_videos_lifecycle() -> None:
         assert client.videos.delete(video.id).deleted
         with pytest.raises(openai.NotFoundError):
             client.videos.retrieve(video.id)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_a_form_is_a_form_whatever_the_case_of_its_media_type(client: TestClient) -> None:

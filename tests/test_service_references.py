@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
-import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from service_support import assert_error, free_port, make_engine, settings, wait_for
+from service_support import assert_error, free_port, make_engine, settings, uvicorn_thread, wait_for
 
 from lesa_core.pipeline_types import reference_steps
 from service.app import create_app
@@ -182,17 +180,10 @@ def _request(**fields):
 def test_official_openai_client_edits_an_image() -> None:
     """`client.images.edit` unmodified (multipart with image, mask and extra fields) against uvicorn."""
     openai = pytest.importorskip("openai")
-    import uvicorn
-
     port = free_port()
     s = settings(port=port)
-    server = uvicorn.Server(uvicorn.Config(create_app(s, engine=make_engine(s)), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    with uvicorn_thread(create_app(s, engine=make_engine(s)), port) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         result = client.images.edit(
             model="fake-image", image=("in.png", png(PICTURE), "image/png"),
             mask=("mask.png", png(MASK, "RGBA"), "image/png"), prompt="a seven", size="16x16",  # type: ignore[arg-type]
@@ -205,9 +196,6 @@ def test_official_openai_client_edits_an_image() -> None:
         with pytest.raises(openai.BadRequestError, match="mask"):
             client.images.edit(image=("in.png", png(PICTURE), "image/png"), mask=("m.png", png(PICTURE), "image/png"),
                                prompt="a seven")  # fmt: skip
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_an_rgb_model_gets_rgb_pixels_and_a_mask_on_every_channel(engine: Engine) -> None:
