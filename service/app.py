@@ -114,6 +114,8 @@ async def _start(services: Services, run_worker: bool) -> None:
 # Probes and scrapes (about one a second from a Kubernetes pair of pods): counted, they drowned the
 # requests users make in the error-rate alert and the dashboard's request panels.
 UNCOUNTED_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Routes whose multipart forms carry image files: `LESA_MAX_UPLOAD_BYTES` bounds those forms.
+UPLOAD_PATHS = frozenset({"/v1/images/edits", "/v1/images/jobs", "/v1/videos"})
 
 
 class LimitsAndMetricsMiddleware:
@@ -121,7 +123,9 @@ class LimitsAndMetricsMiddleware:
     the request's trace span (`service/tracing.py`).
 
     Oversize bodies get 413 from the declared Content-Length before anything is read; bodies
-    without one (chunked) are buffered up to the limit and cut off there.
+    without one (chunked) are buffered up to the limit and cut off there. The limit is
+    `LESA_MAX_BODY_BYTES`, or `LESA_MAX_UPLOAD_BYTES` for a multipart form on a route that takes
+    image files (`UPLOAD_PATHS`).
     """
 
     def __init__(self, app: ASGIApp, services: Services) -> None:
@@ -137,7 +141,13 @@ class LimitsAndMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.services.settings.max_body_bytes
+        settings = self.services.settings
+        headers = dict(scope["headers"])
+        limit = settings.max_body_bytes
+        if scope["path"] in UPLOAD_PATHS and headers.get(b"content-type", b"").lower().startswith(
+            b"multipart/form-data"
+        ):
+            limit = max(limit, settings.max_upload_bytes)
         started = time.perf_counter()
         status = [500]
 
@@ -146,7 +156,7 @@ class LimitsAndMetricsMiddleware:
                 status[0] = message["status"]
             await send(message)
 
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = headers.get(b"content-length")
         with server_span(self.services.tracer, scope) as span:
             try:
                 await self._limited(scope, receive, send_wrapper, limit, declared)

@@ -149,6 +149,12 @@ class Settings(BaseSettings):
         300.0, gt=0, description="a synchronous image request answers 504 (with its job id) after this"
     )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    max_upload_bytes: int = Field(
+        25_000_000,
+        ge=1024,
+        description="the limit instead of max_body_bytes for a multipart form on the routes that take image files "
+        "(images/edits, images/jobs, videos: an edit's image and mask, input_reference); larger ones get 413",
+    )
     api_keys: str = Field("", description="comma-separated Bearer keys required on /v1/*; empty = no authentication")
     priority_aging_s: float | None = Field(
         None,

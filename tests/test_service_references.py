@@ -227,3 +227,22 @@ def test_an_edit_runs_as_a_job_too(client: TestClient, engine: Engine) -> None:
     assert_error(client.post("/v1/images/jobs", json={"prompt": "a seven", "strength": 0.5}), 400, "strength")
     masked = client.post("/v1/images/jobs", data={"prompt": "x"}, files={"mask": ("m.png", png(MASK, "RGBA"))})
     assert_error(masked, 400, "image")
+
+
+def test_an_upload_may_be_larger_than_a_json_body_up_to_its_own_limit() -> None:
+    """A real photo for FLUX is megabytes: a multipart form with files is bounded by
+    LESA_MAX_UPLOAD_BYTES, every other body by LESA_MAX_BODY_BYTES (a form on another route too)."""
+    s = settings(max_body_bytes=100_000, max_upload_bytes=3_000_000)
+    big = np.random.default_rng(0).integers(0, 256, (900, 900)).astype(np.uint8)  # ~800 kB as PNG
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        image = {"image": ("big.png", png(big))}
+        assert edit(client, image).status_code == 200  # resized to 16x16
+        job = client.post("/v1/images/jobs", data={"prompt": "a seven"}, files=image)
+        assert job.status_code == 202, job.text
+        video = client.post("/v1/videos", data={"prompt": "a two"}, files={"input_reference": ("f.png", png(big))})
+        assert video.status_code == 200, video.text
+        assert_error(client.post("/v1/images/generations", json={"prompt": "x" * 200_000}), 413, None)
+        other = client.post("/v1/images/generations", data={"prompt": "a seven"}, files=image)
+        assert_error(other, 413, None)  # not a route that takes files
+        huge = np.random.default_rng(1).integers(0, 256, (2000, 2000)).astype(np.uint8)  # ~4 MB
+        assert_error(edit(client, {"image": ("huge.png", png(huge))}), 413, None)
