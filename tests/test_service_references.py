@@ -91,6 +91,11 @@ def test_an_edit_is_refused_by_name_when_its_files_or_fields_are_wrong(client: T
     assert_error(edit(client, {}), 400, "image")  # no image
     assert_error(edit(client, {"image": image, "image[]": image}), 400, "image")  # two
     assert "not an image" in assert_error(edit(client, {"image": ("x.png", b"not a png")}), 400, "image")["message"]
+    bomb = png(np.zeros((5000, 5000)))  # 25 M pixels in a few kB: refused before it is decoded
+    assert (
+        len(bomb) < 100_000
+        and "pixels" in assert_error(edit(client, {"image": ("b.png", bomb)}), 400, "image")["message"]
+    )
     no_alpha = assert_error(edit(client, {"image": image, "mask": ("m.png", png(PICTURE))}), 400, "mask")
     assert "alpha" in no_alpha["message"]
     small = np.zeros((8, 8, 4))
