@@ -59,8 +59,9 @@ class Reference:
     own starting noise, into the sample: everywhere up to step `follow_until[i]` (an edit's
     strength: the steps after it start from the reference as noisy as they are, as SDEdit and
     diffusers' img2img pipelines start), and where `keep[i]` is true at every step (kept pixels end
-    equal to the reference; the others are generated to fit them). A sample whose keep is all false and follow_until 0 is generated as if
-    it had no reference, so samples with and without one share a batch.
+    equal to the reference; the others are generated to fit them). A sample whose keep is all false
+    and follow_until 0 is generated as if it had no reference, so samples with and without one
+    share a batch.
 
     `samples`: float32 on the output scale [0, 1], shaped like the pipeline's output ([B, H, W] or
     [B, F, H, W] grey, [B, H, W, 3] RGB: the pipeline's `reference_mode`); `keep`: bool of the same

@@ -168,7 +168,7 @@ def test_official_openai_client(server: Server) -> None:
 
 def test_official_openai_client_edits_images_and_animates_a_first_frame(server: Server) -> None:
     """The real models with given pixels, through the unmodified client: `images.edit` with a mask
-    keeps the opaque half and redraws the rest as the prompt's digit; `videos.create` with an
+    keeps the opaque strip and redraws the rest as the prompt's digit; `videos.create` with an
     `input_reference` keeps it as frame 0 and moves the digit as asked; both at 5x (LESA)."""
     import io
 
@@ -211,8 +211,8 @@ def test_official_openai_client_edits_images_and_animates_a_first_frame(server: 
     buffer = io.BytesIO()
     frame0.save(buffer, format="PNG")
     video = client.videos.create(
-        model="digits-video", prompt="digit 4 moving to the right", input_reference=("f.png", buffer.getvalue(), "image/png"),
-        extra_body={"seed": 8, **steps},
+        model="digits-video", prompt="digit 4 moving to the right",
+        input_reference=("f.png", buffer.getvalue(), "image/png"), extra_body={"seed": 8, **steps},
     )  # fmt: skip
     video = _finished(client, video)
     assert video.model_extra["lesa"]["method"] == "lesa"

@@ -25,6 +25,7 @@ from service.views import image_stream_event
 
 log = logging.getLogger("lesa.api")
 Body = TypeVar("Body", bound=BaseModel)
+Uploads = dict[str, list[bytes]]  # a form's files by field name
 
 
 @functools.cache
@@ -105,9 +106,6 @@ async def _read_form(
             raise ApiError(400, f"{name}: not valid UTF-8", param=name, code="invalid_value")
         data[name] = _form_value(types[name], value) if name in types else value
     return data, uploads
-
-
-Uploads = dict[str, list[bytes]]
 
 
 def validated(model: type[Body], data: dict[str, Any]) -> Body:

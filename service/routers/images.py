@@ -103,13 +103,13 @@ _EDIT_FORM = {
             "type": "string",
             "format": "binary",
             "description": "The image to edit (PNG, JPEG or WEBP; resized to the output size).",
-        },  # fmt: skip
+        },
         "mask": {
             "type": "string",
             "format": "binary",
-            "description": "Optional RGBA PNG of the image's size: its "
-            "fully transparent pixels are edited, the rest of the image kept at every step.",
-        },  # fmt: skip
+            "description": "Optional RGBA PNG of the image's size: its fully transparent pixels are edited, the "
+            "rest of the image kept at every step.",
+        },
     },
 }
 
