@@ -898,7 +898,7 @@ def _tile(frame: np.ndarray, scale: int) -> np.ndarray:
     return np.kron(np.clip(frame, 0, 1), np.ones((scale, scale), dtype=np.float32))
 
 
-def _labelled_grid(rows: list[str], cols: list[str], cells: dict[tuple[int, int], np.ndarray], scale: int) -> Any:
+def labelled_grid(rows: list[str], cols: list[str], cells: dict[tuple[int, int], np.ndarray], scale: int) -> Any:
     """A PIL image: row labels on the left, column labels on top, enlarged cells (blank if missing)."""
     from PIL import Image, ImageDraw
 
@@ -955,7 +955,7 @@ def write_grid(result: BenchResult, path: Path, seed_index: int = 0, scale: int 
     if not levels:  # only `none` ran: one column
         levels = ["none"]
         cells = {(0, 0): _still(result.reference[seed_index])}
-    image = _labelled_grid(rows, levels, cells, scale)
+    image = labelled_grid(rows, levels, cells, scale)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
@@ -986,7 +986,7 @@ def write_video_strips(result: BenchResult, out_dir: Path, seed_index: int = 0, 
         gif.write_bytes(gif_bytes(frames, fps=6, scale=scale))
         paths.append(gif)
         cells = {(i, f): stacked[i, f] for i in range(n_clips) for f in range(n_frames)}
-        sheet = _labelled_grid(names, [f"f{f}" for f in range(n_frames)], cells, scale)
+        sheet = labelled_grid(names, [f"f{f}" for f in range(n_frames)], cells, scale)
         png = out_dir / f"strip_{method}.png"
         sheet.save(png)
         paths.append(png)
