@@ -1,17 +1,21 @@
-"""Accelerated edits against the same edits at full compute, on digits-image (held-out seeds).
+"""Accelerated edits against the same edits at full compute, on both reference models (held-out seeds).
 
 Given pixels (`lesa_core.pipeline_types.Reference`) go back into the sample after every step, but
 a predicted step's forecast never reads the sample: what it knows of them comes from the full
-steps. This measures what that costs, per method and level, on two edits of generated digits:
+steps. This measures what that costs, per method and level, on edits of generated samples (each
+edit runs from its own seed, 10000 above its source's):
 
-    inpaint   keep the top half of "the number d", redraw the bottom half to the same prompt
-    sdedit    strength 0.6 (no mask), prompt another digit: "the number (d + 3) % 10"
+    inpaint      digits-image: keep the top half of "the number d", redraw the rest to the same prompt
+    sdedit       digits-image: strength 0.6 (no mask) into another digit, "the number (d + 3) % 10"
+    first_frame  digits-video: a clip from the first frame of another clip with the same prompt
+                 ("digit d moving <direction>": a frame such a clip can start from)
 
-For each: PSNR of the edited image against the full-compute edit of the same seed, the share the
-evaluator reads as the prompt's digit, and the wall speed-up of the whole batch-8 run against
-full compute in the same run (the fastest of round-robin repeats of each). Prints a table,
-writes JSON and a PNG grid per edit (rows: the source, full compute, then each method and level;
-columns: the first seeds).
+For each: PSNR against the full-compute edit of the same seed, the share the evaluator reads as
+the prompt's digit (and, for clips, the prompt's direction), whether kept pixels came back
+exactly, and the wall speed-up of the whole batch-8 run against full compute in the same run (the
+fastest of round-robin repeats of each). Prints a table per model, writes JSON and a PNG grid per
+edit to benchmarks/results/<model>/edits/ (rows: the source, full compute, then each method and
+level; columns: the first seeds, or a clip's frames).
 
     python benchmarks/bench_edits.py            # seeds 2000-2031 (training used < 1000)
 """
@@ -28,14 +32,14 @@ import torch
 from tqdm import tqdm
 
 import lesa_core
-from lesa_core.benchmark import labelled_grid, machine_info, parse_seeds, psnr_per_sample
+from lesa_core.benchmark import digit_hits, direction_hits, labelled_grid, machine_info, parse_seeds, psnr_per_sample
 from lesa_core.pipeline_types import Reference, reference_steps
 from lesa_models import load_pipeline
 from lesa_models.cli import resolve_acceleration
-from lesa_models.evaluator import classify_digits
 
-MODEL = "digits-image"
 BATCH = 8
+EDIT_SEED_OFFSET = 10000  # an edit's seed: its source's + this (held out too)
+DIRECTIONS = ("right", "left", "up", "down")
 METHODS = "reuse,taylorseer1,taylorseer2,lesa"
 
 
@@ -63,81 +67,103 @@ def run(pipe, prompts, seeds, cache, reference: Reference | None, steps: int) ->
     return np.concatenate(out), seconds
 
 
+def edits_for(pipe, seeds: list[int], steps: int) -> tuple[np.ndarray, dict[str, tuple[list[str], Reference]]]:
+    """A model's sources, and its edits: name -> (prompts, reference)."""
+    digits = [s % 10 for s in seeds]
+    if pipe.kind == "image":
+        sources, _ = run(pipe, [f"the number {d}" for d in digits], seeds, None, None, steps)
+        top = np.zeros(sources.shape, bool)
+        top[:, : sources.shape[1] // 2] = True
+        return sources, {
+            "inpaint": ([f"the number {d}" for d in digits], Reference(sources, top, [0] * len(seeds))),
+            "sdedit": (
+                [f"the number {(d + 3) % 10}" for d in digits],
+                Reference(sources, np.zeros(sources.shape, bool), [reference_steps(0.6, steps)] * len(seeds)),
+            ),
+        }
+    prompts = [f"digit {d} moving {DIRECTIONS[i % 4]}" for i, d in enumerate(digits)]
+    sources, _ = run(pipe, prompts, seeds, None, None, steps)
+    first = np.zeros(sources.shape, bool)
+    first[:, 0] = True
+    return sources, {"first_frame": (prompts, Reference(sources, first, [0] * len(seeds)))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="digits-image,digits-video")
     parser.add_argument("--seeds", default="2000-2031")
     parser.add_argument("--levels", default="5x,6.25x")
     parser.add_argument("--methods", default=METHODS, help="of reuse, taylorseer1, taylorseer2, lesa")
     parser.add_argument("--steps", type=int, default=50, help="LESA's bundles are trained for 50")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each variant (the fastest is kept)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results") / MODEL / "edits")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="writes <out>/<model>/edits/")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     seeds = parse_seeds(args.seeds)
+    edit_seeds = [s + EDIT_SEED_OFFSET for s in seeds]
     levels, steps = args.levels.split(","), args.steps
-    pipe = load_pipeline(MODEL)
-    digits = [s % 10 for s in seeds]
-    sources, _ = run(pipe, [f"the number {d}" for d in digits], seeds, None, None, steps)
-    top = np.zeros(sources.shape, bool)
-    top[:, : sources.shape[1] // 2] = True
-    edits = {
-        "inpaint": ([f"the number {d}" for d in digits], digits, Reference(sources, top, [0] * len(seeds))),
-        "sdedit": (
-            [f"the number {(d + 3) % 10}" for d in digits],
-            [(d + 3) % 10 for d in digits],
-            Reference(sources, np.zeros(sources.shape, bool), [reference_steps(0.6, steps)] * len(seeds)),
-        ),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    records = []
     variants = [("none", "none")] + [(m, lv) for lv in levels for m in args.methods.split(",")]
-    for name, (prompts, wanted, reference) in edits.items():
-        outputs: dict[tuple[str, str], np.ndarray] = {}
-        best: dict[tuple[str, str], float] = {}
-        # round-robin repeats, the fastest of each kept: the machine's drift hits every variant alike
-        for _ in tqdm(range(args.repeats), desc=name):
+    for model in args.models.split(","):
+        pipe = load_pipeline(model)
+        sources, edits = edits_for(pipe, seeds, steps)
+        out = args.out / model / "edits"
+        out.mkdir(parents=True, exist_ok=True)
+        records = []
+        for name, (prompts, reference) in edits.items():
+            outputs: dict[tuple[str, str], np.ndarray] = {}
+            best: dict[tuple[str, str], float] = {}
+            # round-robin repeats, the fastest of each kept: the machine's drift hits every variant alike
+            for _ in tqdm(range(args.repeats), desc=f"{model} {name}"):
+                for method, level in variants:
+                    cache = None if method == "none" else cache_for(pipe, method, level, steps)
+                    samples, seconds = run(pipe, prompts, edit_seeds, cache, reference, steps)
+                    outputs[(method, level)] = samples
+                    best[(method, level)] = min(seconds, best.get((method, level), float("inf")))
+            full, full_s = outputs[("none", "none")], best[("none", "none")]
+            rows = {"source": sources}
             for method, level in variants:
-                cache = None if method == "none" else cache_for(pipe, method, level, steps)
-                samples, seconds = run(pipe, prompts, seeds, cache, reference, steps)
-                outputs[(method, level)] = samples
-                best[(method, level)] = min(seconds, best.get((method, level), float("inf")))
-        full, full_s = outputs[("none", "none")], best[("none", "none")]
-        rows = {"source": sources}
-        for method, level in variants:
-            samples, seconds = outputs[(method, level)], best[(method, level)]
-            psnr = psnr_per_sample(samples, full)
-            records.append(
-                {
-                    "edit": name,
-                    "method": method,
-                    "level": level,
-                    "psnr_vs_full": float(np.mean(np.minimum(psnr, 100.0))) if method != "none" else None,
-                    "psnr_min": float(np.min(psnr)) if method != "none" else None,
-                    "agreement": float(np.mean(classify_digits(samples) == np.array(wanted))),
-                    "kept_exact": bool(np.array_equal(samples[reference.keep], reference.samples[reference.keep])),
-                    "seconds": seconds,
-                    "speedup_wall": full_s / seconds,
-                    "speedup_theoretical": theoretical(level, steps),
-                }
+                samples, seconds = outputs[(method, level)], best[(method, level)]
+                psnr = psnr_per_sample(samples, full)
+                records.append(
+                    {
+                        "edit": name,
+                        "method": method,
+                        "level": level,
+                        "psnr_vs_full": float(np.mean(np.minimum(psnr, 100.0))) if method != "none" else None,
+                        "psnr_min": float(np.min(psnr)) if method != "none" else None,
+                        "agreement": float(np.mean(digit_hits(pipe.kind, samples, prompts))),
+                        "direction_agreement": (
+                            float(np.mean(direction_hits(samples, prompts))) if pipe.kind == "video" else None
+                        ),
+                        "kept_exact": bool(np.array_equal(samples[reference.keep], reference.samples[reference.keep])),
+                        "seconds": seconds,
+                        "speedup_wall": full_s / seconds,
+                        "speedup_theoretical": theoretical(level, steps),
+                    }
+                )
+                rows[f"{method} {level}" if method != "none" else "full compute"] = samples
+            if pipe.kind == "image":  # the first seeds
+                columns = [f"seed {s}" for s in edit_seeds[:8]]
+                cells = {(i, j): r[j] for i, r in enumerate(rows.values()) for j in range(len(columns))}
+            else:  # the first clip, frame by frame
+                columns = [f"frame {f}" for f in range(sources.shape[1])]
+                cells = {(i, j): r[0, j] for i, r in enumerate(rows.values()) for j in range(len(columns))}
+            labelled_grid(list(rows), columns, cells, 6).save(out / f"{name}_grid.png")
+        header = {"model": model, "steps": steps, "batch": BATCH, "seeds": args.seeds, "repeats": args.repeats,
+                  "edit_seed_offset": EDIT_SEED_OFFSET, **machine_info()}  # fmt: skip
+        (out / "edits.json").write_text(json.dumps({"header": header, "records": records}, indent=2) + "\n")
+        print(f"{model}, {len(seeds)} held-out seeds, {steps} steps, batch {BATCH}; {header['cpu']}")
+        print("| edit | method | level | PSNR vs full edit (min) | digit read as prompted | direction | kept pixels "
+              "exact | wall speed-up | theoretical |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in records:
+            psnr = "-" if r["psnr_vs_full"] is None else f"{r['psnr_vs_full']:.1f} dB ({r['psnr_min']:.1f})"
+            direction = "-" if r["direction_agreement"] is None else f"{r['direction_agreement'] * 100:.0f}%"
+            print(
+                f"| {r['edit']} | {r['method']} | {r['level']} | {psnr} | {r['agreement'] * 100:.0f}% | {direction} "
+                f"| {'yes' if r['kept_exact'] else 'no'} | {r['speedup_wall']:.2f}x | {r['speedup_theoretical']:.2f}x |"
             )
-            rows[f"{method} {level}" if method != "none" else "full compute"] = samples
-        shown = min(8, len(seeds))
-        cells = {(i, j): samples[j] for i, samples in enumerate(rows.values()) for j in range(shown)}
-        labelled_grid(list(rows), [f"seed {s}" for s in seeds[:shown]], cells, 6).save(args.out / f"{name}_grid.png")
-    header = {"model": MODEL, "steps": steps, "batch": BATCH, "seeds": args.seeds, "repeats": args.repeats,
-              **machine_info()}  # fmt: skip
-    (args.out / "edits.json").write_text(json.dumps({"header": header, "records": records}, indent=2) + "\n")
-    print(f"{MODEL}, {len(seeds)} held-out seeds, {steps} steps, batch {BATCH}; {header['cpu']}")
-    print("| edit | method | level | PSNR vs full edit (min) | digit read as prompted | kept pixels exact | wall speed-up "
-          "| theoretical |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in records:
-        psnr = "-" if r["psnr_vs_full"] is None else f"{r['psnr_vs_full']:.1f} dB ({r['psnr_min']:.1f})"
-        print(
-            f"| {r['edit']} | {r['method']} | {r['level']} | {psnr} | {r['agreement'] * 100:.0f}% "
-            f"| {'yes' if r['kept_exact'] else 'no'} | {r['speedup_wall']:.2f}x | {r['speedup_theoretical']:.2f}x |"
-        )
-    print(f"wrote {args.out / 'edits.json'} and the grids beside it")
+        print(f"wrote {out / 'edits.json'} and the grids beside it")
     return 0
 
 
