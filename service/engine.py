@@ -734,10 +734,10 @@ class Engine:
         callback: Callable[[int, int], bool | None] | None = None,
         **previews: Any,
     ) -> GenerationOutput:
-        """One pipeline call for compatible jobs: sample j of job i uses seed + j."""
+        """One pipeline call for compatible jobs: sample j of job i uses seed + j. The given pixels
+        go only to a call that has some (pipelines that take none need not know the keyword)."""
         first = specs[0]
-        if any(s.reference_image is not None for s in specs):
-            previews["reference"] = _reference(specs)
+        given = {"reference": _reference(specs)} if any(s.reference_image is not None for s in specs) else {}
         return self.models[first.model].pipe(
             [s.prompt for s in specs for _ in range(s.n)],
             seeds=[s.seed + i for s in specs for i in range(s.n)],
@@ -749,6 +749,7 @@ class Engine:
             cache=cache,
             callback=callback,
             **previews,
+            **given,
         )
 
     def _encode(self, specs: Sequence[JobSpec], samples: np.ndarray) -> list[BatchOutput]:
