@@ -44,6 +44,9 @@ exercise them on `InProcessJobQueue`, and can be pointed at another implementati
   job for compatible ones to arrive. (The in-process queue opens that window only when there is
   concurrency to exploit, so a lone client does not pay it; other backends may do the same.)
 * Expiry: finished jobs (and their artifacts) are kept until `expires_at`, then forgotten.
+* Uploads: a spec's `JobSpec.UPLOADS` (an edit's image and mask) reach the worker through
+  `claim_batch`, and anyone else through `get_uploads`; `submit`, `get`, `wait` and `list` leave
+  them out of the spec (`without_uploads`), since pollers and event streams read a job over and over.
 * Outbox: with `outbox` set (a worker that sends webhooks sets it on its queue), every job end
   that `complete` / `fail` records, and every job given up after too many deliveries, is also kept
   as a `JobEvent` in the same step, until `ack_event`: the end and its event exist together or
@@ -61,7 +64,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
@@ -116,9 +119,10 @@ class JobSpec(BaseModel):
     partial_images: int = Field(0, ge=0, le=3)
     priority: Priority = "normal"
     # Given pixels (`lesa_core.pipeline_types.Reference`), per job, so such jobs batch with any other:
-    # an edit's image or a video's first frame (base64 grey PNG at the job's size), where it is
+    # an edit's image or a video's first frame (base64 PNG at the job's size), where it is
     # kept at every step (a mask as a PNG, white = keep; None: an image keeps nothing, a video its
     # first frame), and the step up to which the whole image follows it (an edit's strength).
+    # The two PNGs are `UPLOADS`: the queue keeps them apart from the rest of the spec.
     reference_image: str | None = None
     reference_keep: str | None = None
     reference_follow_until: int = Field(0, ge=0)
@@ -131,6 +135,18 @@ class JobSpec(BaseModel):
     quality: str | None = None  # an image request's OpenAI `quality` as asked (echoed; it may have chosen the level)
     queue_timeout_s: float | None = None  # not started this long after created_at: fails, never runs
     trace_context: dict[str, str] | None = None  # W3C trace headers of the request (service/tracing.py)
+
+    # Fields that can be MBs (a 1024x1024 RGB image as base64): the queue stores them beside the
+    # job, and every read but a worker's claim leaves them out (`JobQueue.get_uploads`).
+    UPLOADS: ClassVar[tuple[str, ...]] = ("reference_image", "reference_keep")
+
+    def uploads(self) -> dict[str, str]:
+        """The `UPLOADS` this job has."""
+        return {name: value for name in self.UPLOADS if (value := getattr(self, name)) is not None}
+
+    def without_uploads(self) -> JobSpec:
+        """This spec as `get`, `list` and `wait` give it (itself if it has no uploads)."""
+        return self.model_copy(update=dict.fromkeys(self.UPLOADS)) if self.uploads() else self
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can run as one batched generation (one pipeline call)."""
@@ -327,6 +343,11 @@ class JobQueue(abc.ABC):
     @abc.abstractmethod
     async def delete(self, job_id: str) -> bool:
         """Forget a terminal job and its artifacts. Returns False if unknown or still live."""
+
+    @abc.abstractmethod
+    async def get_uploads(self, job_id: str) -> dict[str, str]:
+        """The job's `JobSpec.UPLOADS` that `get` / `list` / `wait` leave out ({} if it has none,
+        or is unknown or expired)."""
 
     @abc.abstractmethod
     async def get_artifact(self, job_id: str, name: str) -> bytes | None:
@@ -571,15 +592,17 @@ class InProcessJobQueue(JobQueue):
         return self._positioned(job) if job is not None else None
 
     def _positioned(self, job: Job) -> Job:
-        """A queued job's record with its place in line (a copy: the stored record has none)."""
-        if job.status != JobStatus.queued:
-            return job
-        ahead = 0
-        for job_id in self._pending:
-            if job_id == job.id:
-                break
-            ahead += self._jobs[job_id].spec.model == job.spec.model
-        return job.model_copy(update={"queue_position": ahead})
+        """The job as the API reads it: a copy without its uploads, a queued one with its place in
+        line (the stored record has none)."""
+        update: dict[str, Any] = {"spec": job.spec.without_uploads()}
+        if job.status == JobStatus.queued:
+            ahead = 0
+            for job_id in self._pending:
+                if job_id == job.id:
+                    break
+                ahead += self._jobs[job_id].spec.model == job.spec.model
+            update["queue_position"] = ahead
+        return job.model_copy(update=update)
 
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
         job = self._jobs.get(job_id)
@@ -591,7 +614,7 @@ class InProcessJobQueue(JobQueue):
                 await asyncio.wait_for(event.wait(), timeout_s)
             except TimeoutError:
                 pass
-        return self._jobs.get(job_id, job)
+        return self._positioned(self._jobs.get(job_id, job))
 
     async def list(
         self,
@@ -635,6 +658,11 @@ class InProcessJobQueue(JobQueue):
             return False
         self._forget(job_id)
         return True
+
+    async def get_uploads(self, job_id: str) -> dict[str, str]:
+        self._sweep()
+        job = self._fresh(job_id)
+        return {} if job is None else job.spec.uploads()
 
     async def get_artifact(self, job_id: str, name: str) -> bytes | None:
         self._sweep()

@@ -74,6 +74,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -187,7 +188,8 @@ _SUBMIT = """
 -- ARGV: id, spec, created_at, idempotency key ('' = none), max_backlog, job_ttl_s, job key prefix, model,
 --       max jobs per owner ('0' = no limit), owner ('1' = the job has one), backlog score (the
 --       job's `line_time`: the order workers take the model's jobs in),
---       stats field (job_s:<the model's normal stream>: seconds per job of the model, any class)
+--       stats field (job_s:<the model's normal stream>: seconds per job of the model, any class),
+--       uploads (the spec's JobSpec.UPLOADS as JSON, '' = none: a field `get` does not read)
 if ARGV[4] ~= '' then
   local existing = redis.call('GET', KEYS[6])
   if existing and redis.call('EXISTS', ARGV[7] .. existing) == 1 then
@@ -213,6 +215,7 @@ local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'status', 'queued', 'progress', '0', 'created_at', ARGV[3],
   'attempts', '0', 'stream', KEYS[2], 'queued', KEYS[3], 'entry', entry, 'idem', ARGV[4],
   'live', owned and KEYS[8] or '', 'score', ARGV[11], 'stats', ARGV[12])
+if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'uploads', ARGV[13]) end
 redis.call('SADD', KEYS[7], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[11], ARGV[1])
@@ -332,8 +335,9 @@ return 1
 
 _GET = """
 -- A job's record and, while it is queued, its place in its model's backlog: one round trip (the
--- SSE streams and pollers read a waiting job over and over). KEYS: job; ARGV: id
-local record = redis.call('HGETALL', KEYS[1])
+-- SSE streams and pollers read a waiting job over and over). KEYS: job; ARGV: id, the record's
+-- fields (_RECORD_FIELDS: not its uploads, which can be MBs)
+local record = redis.call('HMGET', KEYS[1], unpack(ARGV, 2))
 local rank = false
 if redis.call('HGET', KEYS[1], 'status') == 'queued' then
   local queued = redis.call('HGET', KEYS[1], 'queued')
@@ -578,6 +582,19 @@ def _take_compatible(
     return samples
 
 
+# The job hash's fields a record is made of (`_job_from_hash`): every read of a job but a worker's
+# claim and `get_uploads` leaves out `uploads`.
+_RECORD_FIELDS = (
+    "spec", "status", "progress", "created_at", "started_at", "completed_at", "expires_at", "error", "result",
+    "idem_key", "worker_id", "attempts", "partials",
+)  # fmt: skip
+
+
+def _record(values: Sequence[bytes | None]) -> dict[bytes, bytes | None]:
+    """An HMGET of `_RECORD_FIELDS` as the hash `_job_from_hash` reads."""
+    return {name.encode(): value for name, value in zip(_RECORD_FIELDS, values, strict=True)}
+
+
 def _safe_name(name: str) -> str:
     # Output names come from our worker ("0.png", "video.mp4"), but they become file paths.
     if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
@@ -784,8 +801,8 @@ class RedisJobQueue(JobQueue):
         """Every model that has a stream (jobs were submitted for it), sorted."""
         return sorted(m.decode() for m in await self._redis.smembers(self.k_models))
 
-    def _job_from_hash(self, job_id: str, h: dict[bytes, bytes]) -> Job | None:
-        if not h or b"spec" not in h:
+    def _job_from_hash(self, job_id: str, h: dict[bytes, bytes | None]) -> Job | None:
+        if h.get(b"spec") is None or h.get(b"status") is None:
             return None
         error = h.get(b"error")
         result = h.get(b"result")
@@ -811,9 +828,9 @@ class RedisJobQueue(JobQueue):
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hgetall(self._k_job(job_id))
-            hashes = await pipe.execute()
-        return [self._job_from_hash(j, h) for j, h in zip(job_ids, hashes, strict=True)]
+                pipe.hmget(self._k_job(job_id), *_RECORD_FIELDS)
+            rows = await pipe.execute()
+        return [self._job_from_hash(j, _record(row)) for j, row in zip(job_ids, rows, strict=True)]
 
     async def _housekeeping(self) -> None:
         """Bound the index sets and delete output directories of expired jobs (once a minute)."""
@@ -905,7 +922,7 @@ class RedisJobQueue(JobQueue):
             ],
             args=[
                 job_id,
-                spec.model_dump_json(),
+                spec.without_uploads().model_dump_json(),
                 repr(created_at),
                 idem_key if idempotency_key is not None else "",
                 self.max_backlog,
@@ -916,6 +933,7 @@ class RedisJobQueue(JobQueue):
                 "1" if spec.owner is not None else "0",
                 repr(line_time(spec.priority, created_at, self.priority_aging_s)),
                 f"job_s:{self.stream_for(spec.model)}",
+                json.dumps(spec.uploads()) if spec.uploads() else "",
             ],
         )
         kind = kind.decode()
@@ -938,7 +956,13 @@ class RedisJobQueue(JobQueue):
         except Exception as error:  # noqa: BLE001 - the job is queued: its client must hear so
             log.warning("housekeeping after a submit failed (retried in a minute): %s: %s", type(error).__name__, error)
         ahead = int(rest[0])  # its model's queued jobs that workers take before it
-        return Job(id=job_id, spec=spec, created_at=created_at, idempotency_key=idempotency_key, queue_position=ahead)
+        return Job(
+            id=job_id,
+            spec=spec.without_uploads(),
+            created_at=created_at,
+            idempotency_key=idempotency_key,
+            queue_position=ahead,
+        )
 
     async def _retry_after(self, depth: int, model: str) -> int:
         """Seconds until the model's backlog should have drained: its depth x its seconds per job /
@@ -953,8 +977,8 @@ class RedisJobQueue(JobQueue):
 
     @_translate_errors
     async def get(self, job_id: str) -> Job | None:
-        record, rank = await self._get(keys=[self._k_job(job_id)], args=[job_id])
-        job = self._job_from_hash(job_id, dict(zip(record[::2], record[1::2], strict=True)))
+        record, rank = await self._get(keys=[self._k_job(job_id)], args=[job_id, *_RECORD_FIELDS])
+        job = self._job_from_hash(job_id, _record(record))
         if job is None or rank is None:
             return job
         return job.model_copy(update={"queue_position": int(rank)})
@@ -1101,6 +1125,11 @@ class RedisJobQueue(JobQueue):
         return True
 
     @_translate_errors
+    async def get_uploads(self, job_id: str) -> dict[str, str]:
+        uploads = await self._redis.hget(self._k_job(job_id), "uploads")
+        return json.loads(uploads) if uploads else {}
+
+    @_translate_errors
     async def get_partial(self, job_id: str, index: int) -> bytes | None:
         return await self._redis.hget(self._k_partial(job_id), str(int(index)))
 
@@ -1188,17 +1217,19 @@ class RedisJobQueue(JobQueue):
             return 0
         async with self._redis.pipeline(transaction=False) as pipe:
             for _, _, job_id in delivered:
-                pipe.hmget(self._k_job(job_id), "spec", "status")
+                pipe.hmget(self._k_job(job_id), "spec", "status", "uploads")
             rows = await pipe.execute()
         added = 0
         dead: list[tuple[str, str, str]] = []
         known = {(e.stream, e.entry_id) for e in carry}
-        for (stream, entry_id, job_id), (spec, status) in zip(delivered, rows, strict=True):
+        for (stream, entry_id, job_id), (spec, status, uploads) in zip(delivered, rows, strict=True):
             if spec is None or (status is not None and status.decode() in TERMINAL):
                 dead.append((stream, entry_id, job_id))  # expired, deleted or cancelled while queued
             elif (stream, entry_id) not in known:
                 try:
                     parsed = JobSpec.model_validate_json(spec)
+                    if uploads:
+                        parsed = JobSpec.model_validate({**parsed.model_dump(), **json.loads(uploads)})
                 except ValidationError as error:
                     # Failed, not raised: it would come back with every read and hold up the jobs
                     # delivered with it (an API of another version wrote it, during an upgrade).
@@ -1440,7 +1471,9 @@ class RedisJobQueue(JobQueue):
                         gave_up = await self.get(entry.job_id)
                         if gave_up is not None:
                             self.on_gave_up(gave_up)
-            return [j for j in await self._get_many(started) if j is not None]
+            specs = {e.job_id: e.spec for e in mine}  # read with their uploads, which records leave out
+            jobs = [j for j in await self._get_many(started) if j is not None]
+            return [j.model_copy(update={"spec": specs[j.id]}) for j in jobs]
         except asyncio.CancelledError:
             # The entry whose start was in flight is undone too if it started (the script checks).
             # Entries never tried go back as they are. Back in the carry-over first: a second

@@ -596,8 +596,9 @@ def test_a_result_or_a_file_is_the_image_the_next_request_starts_from(fake_serve
     wait(browser, lambda d: d.execute_script("const i = document.querySelector('#output img');"
                                              "return i && i.complete && i.naturalWidth > 0 && i.src !== arguments[0];",
                                              first), 30, "no edited image")  # fmt: skip
-    edit = image_jobs(services, 1)[0].spec
-    assert edit.reference_image is not None and edit.reference_follow_until == 8  # strength 0: all 8 steps
+    edit = image_jobs(services, 1)[0]
+    assert edit.spec.reference_follow_until == 8  # strength 0: all 8 steps
+    assert "reference_image" in asyncio.run(services.queue.get_uploads(edit.id))
 
     picture = tmp_path / "digit.png"
     Image.new("L", (16, 16), 200).save(picture)
@@ -608,11 +609,13 @@ def test_a_result_or_a_file_is_the_image_the_next_request_starts_from(fake_serve
     fill(browser, "steps", "8")
     browser.find_element(By.ID, "generate").click()
     wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", 30, "no video")
-    video = asyncio.run(services.queue.list(kind="video", limit=1))[0][0].spec
-    assert video.reference_image is not None and video.reference_follow_until == 0
+    video = asyncio.run(services.queue.list(kind="video", limit=1))[0][0]
+    assert video.spec.reference_follow_until == 0
+    assert "reference_image" in asyncio.run(services.queue.get_uploads(video.id))
 
     browser.find_element(By.ID, "clear-start").click()
     assert not browser.find_element(By.ID, "start-preview").is_displayed()
     browser.find_element(By.ID, "generate").click()
     wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", 30, "no video")
-    assert asyncio.run(services.queue.list(kind="video", limit=1))[0][0].spec.reference_image is None
+    plain = asyncio.run(services.queue.list(kind="video", limit=1))[0][0]
+    assert asyncio.run(services.queue.get_uploads(plain.id)) == {}

@@ -215,6 +215,34 @@ def test_finished_jobs_expire_with_their_outputs() -> None:
     run(scenario())
 
 
+def test_given_pixels_reach_the_worker_but_not_every_read_of_the_job() -> None:
+    """An edit's image can be MBs (a 1024x1024 photo): polls, event streams and listings read the
+    job over and over, so they leave its uploads out; the worker and `get_uploads` have them."""
+
+    async def scenario() -> None:
+        q = make_queue()
+        uploads = {"reference_image": "aW1hZ2U=" * 1000, "reference_keep": "a2VlcA=="}
+        job = await q.submit(spec(reference_follow_until=5, **uploads))
+        plain = await q.submit(spec(seed=1))
+        for record in (job, await q.get(job.id), (await q.list())[0][-1], await q.wait(job.id, 0)):
+            assert record.id == job.id
+            assert record.spec.reference_image is None and record.spec.reference_keep is None
+            assert record.spec.reference_follow_until == 5  # small: kept in the spec
+        assert await q.get_uploads(job.id) == uploads
+        assert await q.get_uploads(plain.id) == {} and await q.get_uploads("job_unknown") == {}
+        claimed = await q.claim_batch("w", max_batch=2, max_wait_ms=0, timeout_s=1)
+        assert [(j.spec.reference_image, j.spec.reference_keep) for j in claimed] == [
+            (uploads["reference_image"], uploads["reference_keep"]),
+            (None, None),
+        ]
+        await q.complete(job.id, JobResult(outputs=[]), {})
+        assert await q.get_uploads(job.id) == uploads  # a remix of the finished job reads them
+        assert await q.delete(job.id) is True
+        assert await q.get_uploads(job.id) == {}
+
+    run(scenario())
+
+
 def test_complete_and_fail_say_whether_they_recorded_the_outcome() -> None:
     async def scenario() -> None:
         q = make_queue()

@@ -122,7 +122,8 @@ async def remix_video(
     spec = await resolve_for_load(services, request, services.engine.resolve_video)
     # the original's first frame, if it had one, as resolved then (the uploaded file is not kept)
     given = {
-        name: getattr(original.spec, name) for name in ("reference_image", "reference_keep", "reference_follow_until")
+        **await services.queue.get_uploads(original.id),
+        "reference_follow_until": original.spec.reference_follow_until,
     }
     job = await submit(services, spec.model_copy(update={"remixed_from": original.id, **given}), owner, idempotency_key,
                        request)  # fmt: skip
