@@ -24,7 +24,7 @@ from opentelemetry.trace import Tracer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.deps import Services, require_api_key
+from service.deps import RESPONSE_HEADERS, Services, require_api_key
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.queue import InProcessJobQueue, JobQueue, QueueFull, QueueUnavailable
@@ -119,8 +119,9 @@ UPLOAD_PATHS = frozenset({"/v1/images/edits", "/v1/images/jobs", "/v1/videos"})
 
 
 class LimitsAndMetricsMiddleware:
-    """Pure ASGI (no per-request task like BaseHTTPMiddleware): body-size limit, request metrics and
-    the request's trace span (`service/tracing.py`).
+    """Pure ASGI (no per-request task like BaseHTTPMiddleware): body-size limit, request metrics,
+    the request's trace span (`service/tracing.py`) and the headers handlers leave in
+    `RESPONSE_HEADERS` (a 429's own headers win).
 
     Oversize bodies get 413 from the declared Content-Length before anything is read; bodies
     without one (chunked) are buffered up to the limit and cut off there. The limit is
@@ -150,10 +151,16 @@ class LimitsAndMetricsMiddleware:
             limit = max(limit, settings.max_upload_bytes)
         started = time.perf_counter()
         status = [500]
+        extra_headers: dict[str, str] = {}  # what handlers add (`RESPONSE_HEADERS`): rate-limit state
+        RESPONSE_HEADERS.set(extra_headers)
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if extra_headers:
+                    names = {name.lower() for name, _ in message.get("headers", [])}
+                    added = [(k.encode(), v.encode()) for k, v in extra_headers.items() if k.encode() not in names]
+                    message = {**message, "headers": [*message.get("headers", []), *added]}
             await send(message)
 
         declared = headers.get(b"content-length")

@@ -12,6 +12,7 @@ import hmac
 import math
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
@@ -36,6 +37,7 @@ from service.queue import (
     TooManyJobs,
     queue_timeout_error,
 )
+from service.rate_limits import Charge, RateLimiter, job_costs
 from service.settings import Settings
 from service.tracing import current_context
 
@@ -215,6 +217,27 @@ async def submit(
         raise ApiError(403, 'priority "high" is reserved to some API keys (LESA_HIGH_PRIORITY_KEYS); this key may '
                        'ask for "normal" or "low"', param="priority", code="priority_not_allowed")  # fmt: skip
     spec = spec.model_copy(update={"owner": owner, "trace_context": current_context()})
+    charge = await charge_rate_limits(services, spec)
+    try:
+        job, made = await _enqueue(services, spec, idempotency_key, request)
+    except BaseException:
+        if charge is not None:  # no job was made: the key keeps its budget
+            await _refund(services, spec)
+        raise
+    if charge is not None:
+        if not made:  # an Idempotency-Key's replay: its job was charged when it was made
+            await _refund(services, spec)
+        elif (headers := RESPONSE_HEADERS.get()) is not None:
+            headers.update(charge.headers())
+    return job
+
+
+async def _enqueue(
+    services: Services, spec: JobSpec, idempotency_key: str | None, request: BaseModel | None
+) -> tuple[Job, bool]:
+    """`submit`'s job, and whether this call made it (False: a replay of its Idempotency-Key)."""
+    assert services.queue is not None
+    owner = spec.owner
     scoped_key = None
     if idempotency_key is not None:
         if not idempotency_key.strip():
@@ -262,9 +285,57 @@ async def submit(
             param="Idempotency-Key",
             code="idempotency_key_reused",
         )
-    if spec.raised_from is not None and job.created_at >= submitted_at:  # a new job, not a replay
+    made = job.created_at >= submitted_at  # else a replay of its Idempotency-Key
+    if spec.raised_from is not None and made:
         services.metrics.load_raised.labels(spec.model, spec.level).inc()
-    return job
+    return job, made
+
+
+# The headers a request's answer carries besides its body (the rate limits' x-ratelimit-*): the
+# middleware puts a fresh dict here for each request and adds what the handlers left in it.
+RESPONSE_HEADERS: ContextVar[dict[str, str] | None] = ContextVar("lesa_response_headers", default=None)
+
+
+def rate_limiter(services: Services) -> RateLimiter:
+    assert services.queue is not None
+    settings = services.settings
+    limits = {"requests": settings.requests_per_minute_per_key, "steps": settings.steps_per_minute_per_key}
+    return RateLimiter(limits, services.queue)
+
+
+async def charge_rate_limits(services: Services, spec: JobSpec) -> Charge | None:
+    """Charge the job to its owner's per-minute budgets (`service/rate_limits.py`); None without
+    limits or without an owner. 429 with Retry-After once a budget is spent, 400 for a job that costs
+    more than a whole minute's budget."""
+    limiter = rate_limiter(services)
+    if not limiter.enabled or spec.owner is None:
+        return None
+    costs = job_costs(spec)
+    for name, per_minute in limiter.limits.items():
+        if costs[name] > per_minute:
+            raise ApiError(400, f"this request costs {costs[name]:g} {name} (full steps x images), more than this "
+                           f"API key's {per_minute} per minute (LESA_{name.upper()}_PER_MINUTE_PER_KEY): ask for "
+                           "fewer images, fewer steps or a higher acceleration", param="n" if spec.n > 1 else
+                           "acceleration", code="request_too_large")  # fmt: skip
+    try:
+        charge = await limiter.charge(spec.owner, costs)
+    except QueueUnavailable as down:
+        raise unavailable(services, down) from None
+    if not charge.allowed:
+        retry = max(1, math.ceil(charge.retry_after_s))
+        spent = ", ".join(f"{s.limit} {s.name}" for s in charge.limits if s.retry_after_s > 0)
+        raise ApiError(429, f"rate limit reached: this API key may spend {spent} per minute; retry after {retry} s",
+                       type="rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(retry), **charge.headers()})  # fmt: skip
+    return charge
+
+
+async def _refund(services: Services, spec: JobSpec) -> None:
+    assert spec.owner is not None
+    try:
+        await rate_limiter(services).refund(spec.owner, job_costs(spec))
+    except QueueUnavailable:
+        pass  # the request fails anyway; the budget fills again within a minute
 
 
 async def cancel(services: Services, job: Job) -> Job:

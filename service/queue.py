@@ -345,6 +345,15 @@ class JobQueue(abc.ABC):
         """Forget a terminal job and its artifacts. Returns False if unknown or still live."""
 
     @abc.abstractmethod
+    async def spend(
+        self, budgets: Sequence[str], per_unit_s: Sequence[float], costs: Sequence[float], window_s: float
+    ) -> tuple[bool, list[float]]:
+        """Rate-limit buckets kept with the queue's state (GCRA, `service/rate_limits.py`): move each
+        budget's theoretical arrival time (at least now) on by cost x per_unit_s, on every budget or,
+        if one would end more than `window_s` ahead of now, on none (negative costs, refunds, always
+        apply). Returns whether it did, and how far each time is (would be) ahead of now."""
+
+    @abc.abstractmethod
     async def get_uploads(self, job_id: str) -> dict[str, str]:
         """The job's `JobSpec.UPLOADS` that `get` / `list` / `wait` leave out ({} if it has none,
         or is unknown or expired)."""
@@ -490,6 +499,7 @@ class InProcessJobQueue(JobQueue):
         self._events: deque[JobEvent] = deque()  # the outbox; a consumer that takes one owns it
         self._event_arrival = asyncio.Event()
         self._quality: dict[tuple[str, str], deque[float]] = {}
+        self._budgets: dict[str, float] = {}  # `spend`'s theoretical arrival times, by budget
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -658,6 +668,19 @@ class InProcessJobQueue(JobQueue):
             return False
         self._forget(job_id)
         return True
+
+    async def spend(
+        self, budgets: Sequence[str], per_unit_s: Sequence[float], costs: Sequence[float], window_s: float
+    ) -> tuple[bool, list[float]]:
+        now = time.time()
+        tats = [max(self._budgets.get(b, 0.0), now) + c * u for b, c, u in zip(budgets, costs, per_unit_s, strict=True)]
+        # (1e-6: times are Unix seconds as floats, whose sums miss a boundary by ~1e-7)
+        spent = all(c <= 0 or t - now <= window_s + 1e-6 for t, c in zip(tats, costs, strict=True))
+        if spent:
+            self._budgets.update(zip(budgets, tats, strict=True))
+            if len(self._budgets) > 10_000:  # forget budgets that are whole again
+                self._budgets = {b: t for b, t in self._budgets.items() if t > now}
+        return spent, [t - now for t in tats]
 
     async def get_uploads(self, job_id: str) -> dict[str, str]:
         self._sweep()

@@ -483,6 +483,34 @@ return 1
 """
 
 
+_SPEND = """
+-- `spend`: move every budget's TAT or none. KEYS: one TAT per budget; ARGV: window_s, then per budget
+-- seconds per unit and cost (a negative cost refunds: always applied). Returns 1 or 0, then per budget
+-- how far its TAT is (would be, if refused) ahead of now, in seconds. Timed by Redis's clock, which every
+-- API replica shares.
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1e6
+local window = tonumber(ARGV[1])
+local ok = 1
+local tats = {}
+local ahead = {}
+for i, key in ipairs(KEYS) do
+  local per_unit, cost = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local tat = math.max(tonumber(redis.call('GET', key) or '0'), now)
+  tats[i] = tat + cost * per_unit
+  ahead[i] = tostring(tats[i] - now)
+  if cost > 0 and tats[i] - now > window + 1e-6 then ok = 0 end  -- float sums miss by ~1e-7
+end
+if ok == 1 then
+  for i, key in ipairs(KEYS) do
+    local ms = math.ceil((tats[i] - now) * 1000)
+    if ms > 0 then redis.call('SET', key, tostring(tats[i]), 'PX', ms) else redis.call('DEL', key) end
+  end
+end
+return {ok, ahead}
+"""
+
+
 # Redis up but refusing writes: failing to save (MISCONF), or over maxmemory as a script reports it
 # (a plain command's OOM is redis-py's OutOfMemoryError).
 _REDIS_REFUSES_WRITES = re.compile(r"\bOOM command not allowed|\bMISCONF\b")
@@ -670,6 +698,7 @@ class RedisJobQueue(JobQueue):
         self._fail_queued = self._redis.register_script(_JOB_END + _FAIL_QUEUED)
         self._partial = self._redis.register_script(_PARTIAL)
         self._peek = self._redis.register_script(_PEEK)
+        self._spend = self._redis.register_script(_SPEND)
 
         # Consumer names get a per-instance suffix: two processes that pass the same worker id
         # (e.g. "embedded" in two API replicas) must never share one pending-entries list, or the
@@ -1123,6 +1152,16 @@ class RedisJobQueue(JobQueue):
                 await self._redis.delete(idem)
         await asyncio.to_thread(shutil.rmtree, self.output_dir / job_id, True)
         return True
+
+    @_translate_errors
+    async def spend(
+        self, budgets: Sequence[str], per_unit_s: Sequence[float], costs: Sequence[float], window_s: float
+    ) -> tuple[bool, list[float]]:
+        args: list[Any] = [repr(float(window_s))]
+        for unit, cost in zip(per_unit_s, costs, strict=True):
+            args += [repr(float(unit)), repr(float(cost))]
+        spent, ahead = await self._spend(keys=[f"{self.prefix}:{b}" for b in budgets], args=args)
+        return bool(spent), [float(a) for a in ahead]
 
     @_translate_errors
     async def get_uploads(self, job_id: str) -> dict[str, str]:

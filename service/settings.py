@@ -114,6 +114,20 @@ class Settings(BaseSettings):
         description="jobs one API key may have queued or running at once; more get 429 `rate_limit_exceeded` "
         "(0 = no limit; keys come from LESA_API_KEYS, requests without authentication have no limit)",
     )
+    requests_per_minute_per_key: int = Field(
+        0,
+        ge=0,
+        description="jobs one API key may create per minute (a whole minute's worth at once, then earned back "
+        "evenly); more get 429 `rate_limit_exceeded` with Retry-After and OpenAI's x-ratelimit-* headers (0 = no "
+        "limit; requests without authentication have none; `service/rate_limits.py`)",
+    )
+    steps_per_minute_per_key: int = Field(
+        0,
+        ge=0,
+        description="full denoising steps one API key's jobs may cost per minute: steps computed, not predicted, "
+        "times images, a video's frames counting as images (a 50-step image costs 50 at full compute, 10 at 5x); "
+        "as LESA_REQUESTS_PER_MINUTE_PER_KEY otherwise. A job costing more than this alone gets 400",
+    )
     max_backlog: int = Field(
         256,
         ge=1,

@@ -681,6 +681,59 @@ def test_an_api_key_with_max_jobs_per_key_live_jobs_gets_429_until_one_ends() ->
         assert client.post("/v1/videos", json={"prompt": "more"}, headers=one).status_code == 200
 
 
+def test_a_key_spends_its_full_steps_per_minute_and_accelerated_jobs_cost_less() -> None:
+    s = settings(api_keys="key-1,key-2", steps_per_minute_per_key=24)
+    one, two = ({"Authorization": f"Bearer key-{i}"} for i in (1, 2))
+    plain = {"prompt": "x", "num_inference_steps": 8, "acceleration": "none"}
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        remaining = []
+        for _ in range(3):  # 8 full steps each: the whole minute's 24
+            answer = client.post("/v1/images/jobs", json=plain, headers=one)
+            assert answer.status_code == 202, answer.text
+            assert answer.headers["x-ratelimit-limit-steps"] == "24"
+            remaining.append(int(answer.headers["x-ratelimit-remaining-steps"]))
+        assert remaining == [16, 8, 0]
+        refused = client.post("/v1/images/jobs", json=plain, headers=one)
+        error = assert_error(refused, 429, None)
+        assert error["code"] == "rate_limit_exceeded" and "24 steps per minute" in error["message"]
+        assert 1 <= int(refused.headers["retry-after"]) <= 20  # 8 steps earned back at 24 a minute
+        assert refused.headers["x-ratelimit-remaining-steps"] == "0"
+        # another key has its own budget; 5x runs 4 of the 8 steps at full cost: 4 per image
+        fast = client.post("/v1/images/jobs", json={**plain, "acceleration": "5x", "n": 2}, headers=two)
+        assert fast.status_code == 202 and fast.headers["x-ratelimit-remaining-steps"] == "16"
+        # a replay of an Idempotency-Key made no job, so it costs nothing
+        again = {**plain, "acceleration": "5x"}
+        first = client.post("/v1/images/jobs", json=again, headers={**two, "Idempotency-Key": "k"})
+        replay = client.post("/v1/images/jobs", json=again, headers={**two, "Idempotency-Key": "k"})
+        assert replay.json()["id"] == first.json()["id"]
+        assert first.headers["x-ratelimit-remaining-steps"] == "12"
+        # a video's frames count as images: 4 frames x 4 full steps = 16, more than the 12 still left
+        video = {"prompt": "v", "num_frames": 4, "num_inference_steps": 4, "acceleration": "none"}
+        refused = client.post("/v1/videos", json=video, headers=two)
+        assert_error(refused, 429, None)
+        assert refused.headers["x-ratelimit-remaining-steps"] == "12"
+        assert client.post("/v1/images/jobs", json=plain, headers=two).status_code == 202  # 8 of the 12
+        assert_error(client.post("/v1/images/jobs", json=plain, headers=two), 429, None)
+        # a job that costs more than a whole minute could never run: 400, not a 429 to retry for ever
+        huge = client.post("/v1/images/jobs", json={**plain, "n": 4}, headers=one)
+        assert assert_error(huge, 400, "n")["code"] == "request_too_large"
+
+
+def test_a_key_creates_at_most_its_requests_per_minute_and_unauthenticated_servers_have_no_limit() -> None:
+    s = settings(api_keys="key-1", requests_per_minute_per_key=2)
+    key = {"Authorization": "Bearer key-1"}
+    body = {"prompt": "x", "num_inference_steps": 4}
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        answers = [client.post("/v1/images/generations", json=body, headers=key) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 429]
+        assert [a.headers.get("x-ratelimit-remaining-requests") for a in answers] == ["1", "0", "0"]
+        assert 25 <= int(answers[2].headers["retry-after"]) <= 31  # one request per 30 s
+        assert "x-ratelimit-limit-steps" not in answers[0].headers  # only the limits that are set
+    s = settings(requests_per_minute_per_key=1)
+    with TestClient(create_app(s, engine=make_engine(s))) as client:
+        assert [client.post("/v1/images/generations", json=body).status_code for _ in range(2)] == [200, 200]
+
+
 def test_a_busy_server_runs_requests_that_allow_it_at_their_max_acceleration() -> None:
     s = settings(load_queue_depth=1)
     with TestClient(create_app(s, engine=make_engine(s, step_delay=0.05))) as client:

@@ -243,6 +243,33 @@ def test_given_pixels_reach_the_worker_but_not_every_read_of_the_job() -> None:
     run(scenario())
 
 
+def test_rate_budgets_are_spent_on_all_or_none_and_earned_back_over_the_window() -> None:
+    """`spend`, the store under service/rate_limits.py: a budget of 4 units per 0.4 s window."""
+
+    async def scenario() -> None:
+        q = make_queue()
+        unit = 0.1  # seconds per unit: 4 units per window
+
+        async def spend(*costs: float, budgets=("a", "b")) -> tuple[bool, list[float]]:
+            return await q.spend(list(budgets[: len(costs)]), [unit] * len(costs), list(costs), 0.4)
+
+        ok, ahead = await spend(3, 1)
+        assert ok and ahead[0] == pytest.approx(0.3, abs=0.02) and ahead[1] == pytest.approx(0.1, abs=0.02)
+        ok, ahead = await spend(2, 1)  # "a" would be 0.5 s ahead: neither budget moves
+        assert not ok and ahead[0] == pytest.approx(0.5, abs=0.02)
+        ok, ahead = await spend(1, 1)
+        assert ok and ahead[1] == pytest.approx(0.2, abs=0.02)  # "b" did not move on the refusal
+        assert (await spend(1))[0] is False  # "a" is spent
+        assert (await spend(1, budgets=("c",)))[0] is True  # another budget: its own
+        ok, ahead = await spend(-2)  # a refund always applies
+        assert ok and ahead[0] == pytest.approx(0.2, abs=0.02)
+        await asyncio.sleep(0.25)  # earned back at one unit per 0.1 s
+        ok, ahead = await spend(4)
+        assert ok and ahead[0] == pytest.approx(0.4, abs=0.05)
+
+    run(scenario())
+
+
 def test_complete_and_fail_say_whether_they_recorded_the_outcome() -> None:
     async def scenario() -> None:
         q = make_queue()
