@@ -90,7 +90,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from pydantic import Field, ValidationError
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -1269,7 +1269,7 @@ class RedisJobQueue(JobQueue):
                     parsed = JobSpec.model_validate_json(spec)
                     if uploads:
                         parsed = JobSpec.model_validate({**parsed.model_dump(), **json.loads(uploads)})
-                except ValidationError as error:
+                except (ValueError, TypeError) as error:  # a ValidationError, or uploads cut short
                     # Failed, not raised: it would come back with every read and hold up the jobs
                     # delivered with it (an API of another version wrote it, during an upgrade).
                     log.error("job %s: unreadable spec, failed: %s", job_id, error)

@@ -685,11 +685,14 @@ def test_a_job_whose_spec_a_worker_cannot_read_fails_and_holds_up_no_other(prefi
         unreadable = await q.submit(spec(seed=0))
         written = json.loads(spec(seed=0).model_dump_json()) | {"kind": "audio"}
         await q._redis.hset(q._k_job(unreadable.id), "spec", json.dumps(written))
+        torn = await q.submit(spec(seed=3, reference_image="aW1n"))  # its uploads field cut short
+        await q._redis.hset(q._k_job(torn.id), "uploads", '{"reference_image": "aW')
         readable = [await q.submit(spec(seed=i)) for i in (1, 2)]
         batch = await q.claim_batch("w", max_batch=8, max_wait_ms=0, timeout_s=1)
         assert [j.id for j in batch] == [j.id for j in readable]
-        status, error = await q._redis.hmget(q._k_job(unreadable.id), "status", "error")
-        assert status == b"failed" and json.loads(error)["code"] == "unreadable_job"
+        for job in (unreadable, torn):
+            status, error = await q._redis.hmget(q._k_job(job.id), "status", "error")
+            assert status == b"failed" and json.loads(error)["code"] == "unreadable_job"
         assert await q.depth() == 0  # out of the backlog, and acknowledged:
         assert (await q._redis.xpending(q.stream_for("m"), q.group))["pending"] == 2
         await q.close()
