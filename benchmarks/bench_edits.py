@@ -7,12 +7,15 @@ edit runs from its own seed, 10000 above its source's):
 
     inpaint      digits-image: keep the top half of "the number d", redraw the rest to the same prompt
     sdedit       digits-image: strength 0.6 (no mask) into another digit, "the number (d + 3) % 10"
+    variation    digits-image: strength 0.5 (no mask) without a prompt (the model's unconditional
+                 prediction, as `POST /v1/images/variations` runs): judged by the source's digit
     first_frame  digits-video: a clip from the first frame of another clip with the same prompt
                  ("digit d moving <direction>": a frame such a clip can start from)
 
 For each: PSNR against the full-compute edit of the same seed, the share the evaluator reads as
 the prompt's digit (and, for clips, the prompt's direction), whether kept pixels came back
-exactly, and the wall speed-up of the whole batch-8 run against full compute in the same run (the
+exactly (null where none are kept), how far the edits moved from their sources (`moved`: the mean
+absolute difference on the [0, 1] scale), and the wall speed-up of the whole batch-8 run against full compute in the same run (the
 fastest of round-robin repeats of each). Prints a table per model, writes JSON and a PNG grid per
 edit to benchmarks/results/<model>/edits/ (rows: the source, full compute, then each method and
 level; columns: the first seeds, or a clip's frames).
@@ -36,6 +39,7 @@ from lesa_core.benchmark import digit_hits, direction_hits, labelled_grid, machi
 from lesa_core.pipeline_types import Reference, reference_steps
 from lesa_models import load_pipeline
 from lesa_models.cli import resolve_acceleration
+from service.engine import VARIATION_STRENGTH
 
 BATCH = 8
 EDIT_SEED_OFFSET = 10000  # an edit's seed: its source's + this (held out too)
@@ -67,25 +71,33 @@ def run(pipe, prompts, seeds, cache, reference: Reference | None, steps: int) ->
     return np.concatenate(out), seconds
 
 
-def edits_for(pipe, seeds: list[int], steps: int) -> tuple[np.ndarray, dict[str, tuple[list[str], Reference]]]:
-    """A model's sources, and its edits: name -> (prompts, reference)."""
+Edit = tuple[list[str], Reference, list[str]]  # prompts, given pixels, prompts the evaluator judges by
+
+
+def edits_for(pipe, seeds: list[int], steps: int) -> tuple[np.ndarray, dict[str, Edit]]:
+    """A model's sources, and its edits by name."""
     digits = [s % 10 for s in seeds]
     if pipe.kind == "image":
-        sources, _ = run(pipe, [f"the number {d}" for d in digits], seeds, None, None, steps)
+        source_prompts = [f"the number {d}" for d in digits]
+        sources, _ = run(pipe, source_prompts, seeds, None, None, steps)
         top = np.zeros(sources.shape, bool)
         top[:, : sources.shape[1] // 2] = True
+        nothing = np.zeros(sources.shape, bool)
+        other = [f"the number {(d + 3) % 10}" for d in digits]
         return sources, {
-            "inpaint": ([f"the number {d}" for d in digits], Reference(sources, top, [0] * len(seeds))),
-            "sdedit": (
-                [f"the number {(d + 3) % 10}" for d in digits],
-                Reference(sources, np.zeros(sources.shape, bool), [reference_steps(0.6, steps)] * len(seeds)),
+            "inpaint": (source_prompts, Reference(sources, top, [0] * len(seeds)), source_prompts),
+            "sdedit": (other, Reference(sources, nothing, [reference_steps(0.6, steps)] * len(seeds)), other),
+            "variation": (
+                [""] * len(seeds),
+                Reference(sources, nothing, [reference_steps(VARIATION_STRENGTH, steps)] * len(seeds)),
+                source_prompts,
             ),
         }
     prompts = [f"digit {d} moving {DIRECTIONS[i % 4]}" for i, d in enumerate(digits)]
     sources, _ = run(pipe, prompts, seeds, None, None, steps)
     first = np.zeros(sources.shape, bool)
     first[:, 0] = True
-    return sources, {"first_frame": (prompts, Reference(sources, first, [0] * len(seeds)))}
+    return sources, {"first_frame": (prompts, Reference(sources, first, [0] * len(seeds)), prompts)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out / model / "edits"
         out.mkdir(parents=True, exist_ok=True)
         records = []
-        for name, (prompts, reference) in edits.items():
+        for name, (prompts, reference, judged_by) in edits.items():
             outputs: dict[tuple[str, str], np.ndarray] = {}
             best: dict[tuple[str, str], float] = {}
             # round-robin repeats, the fastest of each kept: the machine's drift hits every variant alike
@@ -131,11 +143,16 @@ def main(argv: list[str] | None = None) -> int:
                         "level": level,
                         "psnr_vs_full": float(np.mean(np.minimum(psnr, 100.0))) if method != "none" else None,
                         "psnr_min": float(np.min(psnr)) if method != "none" else None,
-                        "agreement": float(np.mean(digit_hits(pipe.kind, samples, prompts))),
+                        "agreement": float(np.mean(digit_hits(pipe.kind, samples, judged_by))),
                         "direction_agreement": (
-                            float(np.mean(direction_hits(samples, prompts))) if pipe.kind == "video" else None
+                            float(np.mean(direction_hits(samples, judged_by))) if pipe.kind == "video" else None
                         ),
-                        "kept_exact": bool(np.array_equal(samples[reference.keep], reference.samples[reference.keep])),
+                        "kept_exact": (
+                            bool(np.array_equal(samples[reference.keep], reference.samples[reference.keep]))
+                            if reference.keep.any()
+                            else None
+                        ),
+                        "moved": float(np.abs(samples - sources).mean()),
                         "seconds": seconds,
                         "speedup_wall": full_s / seconds,
                         "speedup_theoretical": theoretical(level, steps),
@@ -154,14 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         (out / "edits.json").write_text(json.dumps({"header": header, "records": records}, indent=2) + "\n")
         print(f"{model}, {len(seeds)} held-out seeds, {steps} steps, batch {BATCH}; {header['cpu']}")
         print("| edit | method | level | PSNR vs full edit (min) | digit read as prompted | direction | kept pixels "
-              "exact | wall speed-up | theoretical |")  # fmt: skip
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "exact | moved | wall speed-up | theoretical |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in records:
             psnr = "-" if r["psnr_vs_full"] is None else f"{r['psnr_vs_full']:.1f} dB ({r['psnr_min']:.1f})"
             direction = "-" if r["direction_agreement"] is None else f"{r['direction_agreement'] * 100:.0f}%"
+            kept = {None: "-", True: "yes", False: "no"}[r["kept_exact"]]
             print(
                 f"| {r['edit']} | {r['method']} | {r['level']} | {psnr} | {r['agreement'] * 100:.0f}% | {direction} "
-                f"| {'yes' if r['kept_exact'] else 'no'} | {r['speedup_wall']:.2f}x | {r['speedup_theoretical']:.2f}x |"
+                f"| {kept} | {r['moved']:.3f} | {r['speedup_wall']:.2f}x | {r['speedup_theoretical']:.2f}x |"
             )
         print(f"wrote {out / 'edits.json'} and the grids beside it")
     return 0

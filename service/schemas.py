@@ -186,6 +186,26 @@ class ImageEditRequest(ImageGenerationRequest):
     input_fidelity: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
 
 
+class ImageVariationRequest(ImageEditRequest):
+    """POST /v1/images/variations: the text fields of its multipart form (the official `openai`
+    client's `images.create_variation`); the image is the form's file."""
+
+    prompt: str = Field(
+        "",
+        max_length=4000,
+        description="LESA's: what the variations should show. Default: none, so the image alone decides (the "
+        "model's unconditional prediction, as OpenAI's variations take no prompt).",
+    )
+    strength: StrictFloat | None = Field(
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="How far each variation may move from the image, 0-1 (as an edit's `strength`). Default: 0.5.",
+        examples=[0.5],
+    )
+
+
 class VideoCreateRequest(StrictBody):
     """Accepted as JSON or as multipart/form-data (the form the official `openai` client sends).
 

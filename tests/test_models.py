@@ -179,6 +179,14 @@ def _no_reference(samples: np.ndarray) -> Reference:
     return Reference(samples, np.zeros(samples.shape, bool), [0] * len(samples))
 
 
+def test_an_empty_prompt_is_the_unconditional_prediction_so_guidance_changes_nothing(image_pipe):
+    """What variations run on: no text, both CFG branches alike (`POST /v1/images/variations`)."""
+    size = dict(height=16, width=16, num_inference_steps=8, seeds=[3])
+    unguided = image_pipe([""], guidance_scale=1.0, **size).samples
+    assert np.array_equal(image_pipe([""], guidance_scale=4.0, **size).samples, unguided)
+    assert not np.array_equal(image_pipe(["a handwritten seven"], guidance_scale=4.0, **size).samples, unguided)
+
+
 def test_a_reference_keeps_its_pixels_under_every_method_and_leaves_the_rest_generated(image_pipe):
     from lesa_models.cli import resolve_acceleration
 

@@ -168,8 +168,9 @@ def test_official_openai_client(server: Server) -> None:
 
 def test_official_openai_client_edits_images_and_animates_a_first_frame(server: Server) -> None:
     """The real models with given pixels, through the unmodified client: `images.edit` with a mask
-    keeps the opaque strip and redraws the rest as the prompt's digit; `videos.create` with an
-    `input_reference` keeps it as frame 0 and moves the digit as asked; both at 5x (LESA)."""
+    keeps the opaque strip and redraws the rest as the prompt's digit; `images.create_variation`
+    draws the same digit anew without a prompt; `videos.create` with an `input_reference` keeps it as
+    frame 0 and moves the digit as asked; all at 5x (LESA)."""
     import io
 
     import numpy as np
@@ -199,6 +200,13 @@ def test_official_openai_client_edits_images_and_animates_a_first_frame(server: 
     assert (edited[:, :, :4] == pixels(one)[None, :, :4]).all()
     assert sevens.model_extra["lesa"]["method"] == "lesa"
     assert (classify_digits(edited.astype(np.float32) / 255.0) == 7).sum() >= 3
+    variations = client.images.create_variation(
+        model=MODEL, image=("one.png", one, "image/png"), n=4, extra_body={"seed": 60, **steps}
+    )
+    varied = np.stack([pixels(base64.b64decode(d.b64_json)) for d in variations.data]).astype(np.float32) / 255.0
+    assert variations.model_extra["lesa"]["method"] == "lesa"
+    assert (classify_digits(varied) == 1).sum() >= 3  # the image alone decides: still a one
+    assert all(np.abs(v - pixels(one) / 255.0).mean() > 0.01 for v in varied)  # each drawn anew
     if "digits-video" not in {m.id for m in client.models.list().data} or not hasattr(client, "videos"):
         return
     start = client.videos.create(

@@ -135,6 +135,38 @@ def test_an_idempotency_key_tells_edits_of_other_images_apart(client: TestClient
     assert other.status_code == 422, other.text
 
 
+def test_variations_redraw_the_image_without_a_prompt_each_from_its_own_seed(
+    client: TestClient, engine: Engine
+) -> None:
+    form = {"model": "fake-image", "size": "16x16", "n": "2", "num_inference_steps": "8", "seed": "5"}
+    image = {"image": ("in.png", png(PICTURE))}
+    response = client.post("/v1/images/variations", data=form, files=image)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 2
+    call = engine.models["fake-image"].pipe.calls[-1]
+    assert call["prompts"] == ["", ""] and call["seeds"] == [5, 6]  # the image alone decides, twice
+    reference = last_reference(engine)
+    assert list(reference.follow_until) == [reference_steps(0.5, 8)] * 2 and not reference.keep.any()
+    expected = np.asarray(Image.fromarray(PICTURE.astype(np.uint8)).resize((16, 16), Image.Resampling.BOX)) / 255.0
+    assert np.abs(reference.samples - expected).max() < 1 / 255 + 1e-6
+    # LESA's fields: a prompt, a strength
+    prompted = client.post("/v1/images/variations", data={**form, "prompt": "a seven", "strength": "0.25"}, files=image)
+    assert prompted.status_code == 200, prompted.text
+    call = engine.models["fake-image"].pipe.calls[-1]
+    assert call["prompts"] == ["a seven"] * 2 and list(call["reference"].follow_until) == [reference_steps(0.25, 8)] * 2
+    # errors name the field
+    assert_error(client.post("/v1/images/variations", data=form), 400, "image")
+    with_mask = client.post("/v1/images/variations", data=form, files={**image, "mask": ("m.png", png(MASK, "RGBA"))})
+    assert_error(with_mask, 400, "mask")
+    assert_error(client.post("/v1/images/variations", data={**form, "strength": "2"}, files=image), 400, "strength")
+    blank = client.post("/v1/images/variations", data={**form, "prompt": "  "}, files=image)
+    assert assert_error(blank, 400, "prompt")["code"] == "empty_prompt"
+    assert_error(client.post("/v1/images/generations", json={"prompt": ""}), 400, "prompt")  # generations need one
+    engine.models["fake-image"].reference_mode = None
+    refused = client.post("/v1/images/variations", data=form, files=image)
+    assert assert_error(refused, 400, "image")["code"] == "unsupported"
+
+
 def test_a_video_from_an_input_reference_keeps_it_as_its_first_frame(client: TestClient, engine: Engine) -> None:
     frame = png(PICTURE)
     created = client.post(

@@ -44,6 +44,7 @@ from service.schemas import (
     ImageGenerationRequest,
     ImageJobObject,
     ImagesResponse,
+    ImageVariationRequest,
     ListResponse,
 )
 from service.views import image_job_object, images_response
@@ -136,6 +137,39 @@ async def edit_images(
     resolve = functools.partial(services.engine.resolve_image_edit, image=image, mask=mask)
     spec = await resolve_for_load(services, body, resolve)
     job = await submit(services, spec, owner, idempotency_key, uploaded(body, image=image, mask=mask))
+    return await _images_answer(services, job, body, request, keep=idempotency_key is not None)
+
+
+_VARIATION_SCHEMA = ImageVariationRequest.model_json_schema()
+_VARIATION_FORM = {
+    **_VARIATION_SCHEMA,
+    "required": [*_VARIATION_SCHEMA.get("required", []), "image"],
+    "properties": {**_VARIATION_SCHEMA["properties"], "image": _EDIT_FORM["properties"]["image"]},
+}
+
+
+@router.post(
+    "/variations",
+    response_model=ImagesResponse,
+    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _VARIATION_FORM}}}},
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "images, or events (stream)"}},
+    summary="Create variations of an image (sync)",
+)
+async def create_image_variations(
+    request: Request,
+    services: ReadyDep,
+    owner: OwnerDep,
+    idempotency_key: IdempotencyKey = None,
+) -> ImagesResponse | StreamingResponse:
+    """OpenAI `images.create_variation`: `n` images like the given one, each from its own seed:
+    the image, noised as far as `strength` (0.5) lets it, redrawn without a prompt (or to LESA's
+    optional `prompt`). Answered as `/v1/images/generations` answers."""
+    data, files = await read_body(request, ImageVariationRequest, files=("image",))
+    body = validated(ImageVariationRequest, data)
+    image = one_file(files, "image", required=True)
+    resolve = functools.partial(services.engine.resolve_image_variation, image=image)
+    spec = await resolve_for_load(services, body, resolve)
+    job = await submit(services, spec, owner, idempotency_key, uploaded(body, image=image))
     return await _images_answer(services, job, body, request, keep=idempotency_key is not None)
 
 
