@@ -323,7 +323,10 @@ async def charge_rate_limits(services: Services, spec: JobSpec) -> Charge | None
         raise unavailable(services, down) from None
     if not charge.allowed:
         retry = max(1, math.ceil(charge.retry_after_s))
-        spent = ", ".join(f"{s.limit} {s.name}" for s in charge.limits if s.retry_after_s > 0)
+        refused_by = [s for s in charge.limits if s.retry_after_s > 0]
+        for state in refused_by:
+            services.metrics.rate_limited.labels(state.name).inc()
+        spent = ", ".join(f"{s.limit} {s.name}" for s in refused_by)
         raise ApiError(429, f"rate limit reached: this API key may spend {spent} per minute; retry after {retry} s",
                        type="rate_limit_error", code="rate_limit_exceeded",
                        headers={"Retry-After": str(retry), **charge.headers()})  # fmt: skip

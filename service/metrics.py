@@ -86,6 +86,11 @@ class Metrics:
             "lesa_load_raised_jobs", "jobs the API ran at their max_acceleration because the queue was long "
             "(LESA_LOAD_QUEUE_DEPTH), by the level they ran at", ["model", "level"], registry=r,
         )  # fmt: skip
+        self.rate_limited = Counter(
+            "lesa_rate_limited_requests", "requests refused (429) because their API key had spent its budget "
+            "(LESA_REQUESTS_PER_MINUTE_PER_KEY / LESA_STEPS_PER_MINUTE_PER_KEY), by the limit that refused them",
+            ["limit"], registry=r,
+        )  # fmt: skip
         self.serves = Gauge(
             "lesa_worker_serves", "1 per model a running worker takes jobs of (LesaModelUnserved looks for one)",
             ["model"], registry=r,

@@ -804,3 +804,26 @@ def test_a_job_in_a_long_decode_keeps_its_delivery(prefix: str) -> None:
             await q.close()
 
     asyncio.run(scenario())
+
+
+def test_api_replicas_charge_one_rate_budget_per_key(prefix: str) -> None:
+    """Two API processes on one Redis (here two apps, each its own connection): a key's budget is
+    one, wherever its requests land."""
+    from fastapi.testclient import TestClient
+    from service_support import make_engine
+    from service_support import settings as api_settings
+
+    from service.app import create_app
+
+    s = api_settings(api_keys="key-1", requests_per_minute_per_key=3)
+    key = {"Authorization": "Bearer key-1"}
+    body = {"prompt": "x", "num_inference_steps": 4}
+    apps = [
+        create_app(s, engine=make_engine(s), queue=RedisJobQueue(REDIS_URL, prefix=prefix), run_worker=False)
+        for _ in range(2)
+    ]
+    with TestClient(apps[0]) as a, TestClient(apps[1]) as b:
+        answers = [client.post("/v1/images/jobs", json=body, headers=key) for client in (a, b, a, b)]
+        assert [r.status_code for r in answers] == [202, 202, 202, 429]
+        assert [r.headers["x-ratelimit-remaining-requests"] for r in answers] == ["2", "1", "0", "0"]
+        assert 15 <= int(answers[3].headers["retry-after"]) <= 21  # one request per 20 s

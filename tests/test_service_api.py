@@ -698,6 +698,7 @@ def test_a_key_spends_its_full_steps_per_minute_and_accelerated_jobs_cost_less()
         assert error["code"] == "rate_limit_exceeded" and "24 steps per minute" in error["message"]
         assert 1 <= int(refused.headers["retry-after"]) <= 20  # 8 steps earned back at 24 a minute
         assert refused.headers["x-ratelimit-remaining-steps"] == "0"
+        assert 'lesa_rate_limited_requests_total{limit="steps"} 1.0' in client.get("/metrics").text
         # another key has its own budget; 5x runs 4 of the 8 steps at full cost: 4 per image
         fast = client.post("/v1/images/jobs", json={**plain, "acceleration": "5x", "n": 2}, headers=two)
         assert fast.status_code == 202 and fast.headers["x-ratelimit-remaining-steps"] == "16"
