@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from service.deps import (
     IdempotencyKey,
@@ -54,10 +55,35 @@ router = APIRouter(prefix="/v1/images", tags=["images"])
 ERRORS = {
     400: {"model": ErrorResponse, "description": "invalid request; `error.param` names the field"},
     404: {"model": ErrorResponse, "description": "unknown model"},
-    429: {"model": ErrorResponse, "description": "queue full; see Retry-After"},
+    429: {
+        "model": ErrorResponse,
+        "description": "queue full, or the API key's live jobs or rate budget spent; see Retry-After",
+    },
     503: {"model": ErrorResponse, "description": "loading, queue unavailable, or not started in `queue_timeout_s`"},
     504: {"model": ErrorResponse, "description": "not finished in time; `error.job_id` can be polled"},
 }
+
+
+def _multipart(model: type[BaseModel], **files: str) -> dict:
+    """OpenAPI's multipart form of `model`'s text fields plus `files` (name -> description), the
+    first of them required: what the official `openai` client sends for `images.edit` and
+    `images.create_variation`."""
+    schema = model.model_json_schema()
+    binary = {name: {"type": "string", "format": "binary", "description": text} for name, text in files.items()}
+    form = {**schema, "required": [*schema.get("required", []), next(iter(files))]}
+    form["properties"] = {**schema["properties"], **binary}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}}}
+
+
+_IMAGE = "(PNG, JPEG or WEBP; resized to the output size)."
+_EDIT_FORM = _multipart(
+    ImageEditRequest,
+    image=f"The image to edit {_IMAGE}",
+    mask="Optional RGBA PNG of the image's size: its fully transparent pixels are edited, the rest of the image "
+    "kept at every step.",
+)
+# A sync image request's answers: the images, or with stream=true server-sent events.
+IMAGE_ANSWERS = {**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "images, or events (stream)"}}
 
 
 def content_links(request: Request, services: ReadyDep) -> ContentLinks:
@@ -70,7 +96,7 @@ def content_links(request: Request, services: ReadyDep) -> ContentLinks:
 @router.post(
     "/generations",
     response_model=ImagesResponse,
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "images, or events (stream)"}},
+    responses=IMAGE_ANSWERS,
     summary="Create images (sync)",
 )
 async def create_images(
@@ -92,34 +118,11 @@ async def create_images(
     return await _images_answer(services, job, body, request, keep=idempotency_key is not None)
 
 
-# The official `openai` client sends `images.edit` as multipart/form-data: the text fields of
-# ImageEditRequest plus the files `image` and `mask`.
-_EDIT_SCHEMA = ImageEditRequest.model_json_schema()
-_EDIT_FORM = {
-    **_EDIT_SCHEMA,
-    "required": [*_EDIT_SCHEMA.get("required", []), "image"],
-    "properties": {
-        **_EDIT_SCHEMA["properties"],
-        "image": {
-            "type": "string",
-            "format": "binary",
-            "description": "The image to edit (PNG, JPEG or WEBP; resized to the output size).",
-        },
-        "mask": {
-            "type": "string",
-            "format": "binary",
-            "description": "Optional RGBA PNG of the image's size: its fully transparent pixels are edited, the "
-            "rest of the image kept at every step.",
-        },
-    },
-}
-
-
 @router.post(
     "/edits",
     response_model=ImagesResponse,
-    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _EDIT_FORM}}}},
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "images, or events (stream)"}},
+    openapi_extra=_EDIT_FORM,
+    responses=IMAGE_ANSWERS,
     summary="Edit an image (sync)",
 )
 async def edit_images(
@@ -140,19 +143,11 @@ async def edit_images(
     return await _images_answer(services, job, body, request, keep=idempotency_key is not None)
 
 
-_VARIATION_SCHEMA = ImageVariationRequest.model_json_schema()
-_VARIATION_FORM = {
-    **_VARIATION_SCHEMA,
-    "required": [*_VARIATION_SCHEMA.get("required", []), "image"],
-    "properties": {**_VARIATION_SCHEMA["properties"], "image": _EDIT_FORM["properties"]["image"]},
-}
-
-
 @router.post(
     "/variations",
     response_model=ImagesResponse,
-    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _VARIATION_FORM}}}},
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "images, or events (stream)"}},
+    openapi_extra=_multipart(ImageVariationRequest, image=f"The image to vary {_IMAGE}"),
+    responses=IMAGE_ANSWERS,
     summary="Create variations of an image (sync)",
 )
 async def create_image_variations(
@@ -215,7 +210,7 @@ async def _images_answer(
             "required": True,
             "content": {
                 "application/json": {"schema": ImageGenerationRequest.model_json_schema()},
-                "multipart/form-data": {"schema": _EDIT_FORM},
+                **_EDIT_FORM["requestBody"]["content"],
             },
         }
     },
