@@ -211,8 +211,10 @@ def build() -> dict[str, Any]:
     # ---- health
     layout.add(
         timeseries("Errors by type", [(f"sum by (type) (rate(lesa_errors_total[{WINDOW}]))", "{{type}}")],
-                   "ops", "queue_full = 429s, queue_unavailable = Redis down, generation_failed, queue_timeout (a job "
-                   "no worker started within its queue_timeout_s), ..."), 12, 8,
+                   "ops", "queue_full = 429s, rate_limit_exceeded = 429s of an API key over its live jobs or its "
+                   "per-minute budget (lesa_rate_limited_requests_total says which), queue_unavailable = Redis "
+                   "down, generation_failed, queue_timeout (a job no worker started within its queue_timeout_s), "
+                   "..."), 12, 8,
     )  # fmt: skip
     layout.add(
         timeseries("Redis streams: lag and pending",
