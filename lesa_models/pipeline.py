@@ -337,8 +337,10 @@ class DigitsPipeline:
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
             raise ValueError("prompts must be a non-empty list of strings")
         for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):  # "": no text, the model's unconditional prediction (variations)
+            if not isinstance(prompt, str):
                 raise ValueError(f"prompts[{i}] is a {type(prompt).__name__}, not a string")
+            if prompt and not prompt.strip():  # "" is no text: the model's unconditional prediction (variations)
+                raise ValueError(f'prompts[{i}] is blank: give text, or "" for none')
         if len(seeds) != len(prompts):
             raise ValueError(f"seeds must have one seed per prompt ({len(prompts)}), got {len(seeds)}")
         if (width, height) not in self.sizes:

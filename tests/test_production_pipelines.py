@@ -173,6 +173,10 @@ def test_validation_names_the_field():
     assert backend.validate(["a cat"], [0], 16, 16, None, STEPS, 1.0) is None
     with pytest.raises(ValueError, match="size 32x32"):
         backend.validate(["a cat"], [0], 32, 32, None, STEPS, 1.0)
+    with pytest.raises(ValueError, match=r"prompts\[0\] is blank"):
+        backend.validate(["  "], [0], 16, 16, None, STEPS, 1.0)
+    # "" is no text (a variation): generated from the unconditional prediction
+    assert backend([""], seeds=[0], height=16, width=16, num_inference_steps=STEPS).samples.shape[0] == 1
 
 
 def test_image_pipelines_preview_the_clean_estimate_decoded_as_the_output_is(tiny):
