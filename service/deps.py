@@ -6,6 +6,7 @@ import module-level singletons, so several apps (tests, benchmarks) can live in 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import hmac
@@ -173,14 +174,23 @@ async def refresh_live_quality(services: Services) -> None:
     engine.set_live_quality(live, now)
 
 
-async def resolve_for_load(services: Services, body: Body, resolve: Callable[[Body], JobSpec]) -> JobSpec:
+async def resolve_for_load(
+    services: Services, body: Body, resolve: Callable[[Body], JobSpec], *, uploads: bool = False
+) -> JobSpec:
     """The request's job; when the queue is long (LESA_LOAD_QUEUE_DEPTH) and the request allows it
     (`max_acceleration`), the same job at that faster level, so it waits less instead of more.
 
     The engine validated `max_acceleration` with the request, so resolving at it cannot fail here.
+    With `uploads` (the request carries image files) `resolve` decodes and resizes them, which can
+    take a second for a large photo: it runs in a thread, not on the event loop every other request
+    shares. (Plain requests resolve in place: a thread hop would cost them more than it saves.)
     """
+
+    async def resolved(request: Body) -> JobSpec:
+        return await asyncio.to_thread(resolve, request) if uploads else resolve(request)
+
     await refresh_live_quality(services)  # "auto" judges levels by them
-    spec = resolve(body)
+    spec = await resolved(body)
     max_level = getattr(body, "max_acceleration", None)
     if max_level is None:
         return spec
@@ -191,7 +201,7 @@ async def resolve_for_load(services: Services, body: Body, resolve: Callable[[Bo
         raise unavailable(services, down) from None
     if not busy:
         return spec
-    fast = resolve(body.model_copy(update={"acceleration": max_level, "seed": spec.seed}))
+    fast = await resolved(body.model_copy(update={"acceleration": max_level, "seed": spec.seed}))
     steps = spec.num_inference_steps
     if theoretical_speedup(fast.level, steps) <= theoretical_speedup(spec.level, steps):
         return spec  # e.g. 2x and 5x both run 4 full steps of 8: nothing to gain

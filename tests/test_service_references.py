@@ -283,3 +283,39 @@ def test_an_upload_may_be_larger_than_a_json_body_up_to_its_own_limit() -> None:
         assert_error(other, 413, None)  # not a route that takes files
         huge = np.random.default_rng(1).integers(0, 256, (2000, 2000)).astype(np.uint8)  # ~4 MB
         assert_error(edit(client, {"image": ("huge.png", png(huge))}), 413, None)
+
+
+def test_decoding_an_upload_does_not_stall_other_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large photo takes the API hundreds of ms to decode and resize (4096x4096: 0.5-0.9 s here);
+    on the event loop that stalled every other request, event stream and poll meanwhile."""
+    import threading
+    import time
+
+    import httpx
+
+    from service import media
+
+    decode = media.read_upload
+
+    def slow_decode(data: bytes, param: str):
+        time.sleep(1.0)  # as a large photo would take
+        return decode(data, param)
+
+    monkeypatch.setattr(media, "read_upload", slow_decode)
+    port = free_port()
+    s = settings(port=port)
+    with uvicorn_thread(create_app(s, engine=make_engine(s)), port) as url:
+        form = {"prompt": "a seven", "model": "fake-image", "size": "16x16", "num_inference_steps": "8"}
+        answers = []
+        edit = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(f"{url}/v1/images/edits", data=form, files={"image": ("in.png", png(PICTURE))}, timeout=30)
+            )
+        )
+        edit.start()
+        time.sleep(0.2)  # the edit is decoding now
+        started = time.perf_counter()
+        assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+        assert time.perf_counter() - started < 0.5
+        edit.join()
+        assert answers[0].status_code == 200, answers[0].text

@@ -138,7 +138,7 @@ async def edit_images(
     body = validated(ImageEditRequest, data)
     image, mask = one_file(files, "image", required=True), one_file(files, "mask")
     resolve = functools.partial(services.engine.resolve_image_edit, image=image, mask=mask)
-    spec = await resolve_for_load(services, body, resolve)
+    spec = await resolve_for_load(services, body, resolve, uploads=image is not None)
     job = await submit(services, spec, owner, idempotency_key, uploaded(body, image=image, mask=mask))
     return await _images_answer(services, job, body, request, keep=idempotency_key is not None)
 
@@ -163,7 +163,7 @@ async def create_image_variations(
     body = validated(ImageVariationRequest, data)
     image = one_file(files, "image", required=True)
     resolve = functools.partial(services.engine.resolve_image_variation, image=image)
-    spec = await resolve_for_load(services, body, resolve)
+    spec = await resolve_for_load(services, body, resolve, uploads=image is not None)
     job = await submit(services, spec, owner, idempotency_key, uploaded(body, image=image))
     return await _images_answer(services, job, body, request, keep=idempotency_key is not None)
 
@@ -240,7 +240,7 @@ async def create_image_job(
     if body.stream:
         raise ApiError(400, "stream=true is for POST /v1/images/generations; a job streams progress from "
                        "GET /v1/images/jobs/{job_id}/events", param="stream", code="unsupported_value")  # fmt: skip
-    spec = await resolve_for_load(services, body, resolve)
+    spec = await resolve_for_load(services, body, resolve, uploads=image is not None)
     job = await submit(services, spec, owner, idempotency_key, uploaded(body, image=image, mask=mask))
     assert services.queue is not None
     return await image_job_object(job, services.queue, content_links(request, services))

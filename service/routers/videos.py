@@ -76,7 +76,8 @@ async def create_video(
     """Queue a video; poll `GET /v1/videos/{id}` (progress per denoising step), then get `/content`."""
     data, files = await read_body(request, VideoCreateRequest, files=("input_reference",))
     body, reference = validated(VideoCreateRequest, data), one_file(files, "input_reference")
-    spec = await resolve_for_load(services, body, functools.partial(services.engine.resolve_video, reference=reference))
+    resolve = functools.partial(services.engine.resolve_video, reference=reference)
+    spec = await resolve_for_load(services, body, resolve, uploads=reference is not None)
     job = await submit(services, spec, owner, idempotency_key, uploaded(body, input_reference=reference))
     return video_object(job)
 
