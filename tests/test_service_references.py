@@ -162,6 +162,14 @@ def test_variations_redraw_the_image_without_a_prompt_each_from_its_own_seed(
     blank = client.post("/v1/images/variations", data={**form, "prompt": "  "}, files=image)
     assert assert_error(blank, 400, "prompt")["code"] == "empty_prompt"
     assert_error(client.post("/v1/images/generations", json={"prompt": ""}), 400, "prompt")  # generations need one
+    # as a job (the playground's): an image and no prompt is a variation, with a mask an edit needing one
+    job = client.post("/v1/images/jobs", data={**form, "prompt": ""}, files=image)
+    assert job.status_code == 202, job.text
+    assert wait_for(client, f"/v1/images/jobs/{job.json()['id']}", {"completed", "failed"})["status"] == "completed"
+    call = engine.models["fake-image"].pipe.calls[-1]
+    assert call["prompts"] == ["", ""] and list(call["reference"].follow_until) == [reference_steps(0.5, 8)] * 2
+    masked = client.post("/v1/images/jobs", data=form, files={**image, "mask": ("m.png", png(MASK, "RGBA"))})
+    assert_error(masked, 400, "prompt")
     engine.models["fake-image"].reference_mode = None
     refused = client.post("/v1/images/variations", data=form, files=image)
     assert assert_error(refused, 400, "image")["code"] == "unsupported"

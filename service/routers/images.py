@@ -223,8 +223,9 @@ async def create_image_job(
     owner: OwnerDep,
     idempotency_key: IdempotencyKey = None,
 ) -> ImageJobObject:
-    """The body of `/v1/images/generations` (JSON), or of `/v1/images/edits` (a multipart form with
-    an `image`), answered at once with a job to poll (long requests; the playground's edits)."""
+    """The body of `/v1/images/generations` (JSON), of `/v1/images/edits` (a multipart form with an
+    `image`), or of `/v1/images/variations` (an `image` and no prompt), answered at once with a job
+    to poll (long requests; the playground's edits and variations)."""
     data, files = await read_body(request, ImageEditRequest, files=("image", "mask"))
     image, mask = one_file(files, "image"), one_file(files, "mask")
     body: ImageGenerationRequest
@@ -234,6 +235,9 @@ async def create_image_job(
                            code="missing_required_parameter")  # fmt: skip
         body = validated(ImageGenerationRequest, data)
         resolve = services.engine.resolve_image
+    elif data.get("prompt", "") == "" and mask is None:
+        body = validated(ImageVariationRequest, data)
+        resolve = functools.partial(services.engine.resolve_image_variation, image=image)
     else:
         body = validated(ImageEditRequest, data)
         resolve = functools.partial(services.engine.resolve_image_edit, image=image, mask=mask)

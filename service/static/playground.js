@@ -292,7 +292,7 @@ function selectModel(id) {
   $("start-field").hidden = !model.image_input;
   $("strength-row").hidden = model.kind !== "image";
   $("start-hint").textContent = model.kind === "image"
-    ? "redrawn to the prompt: strength 0 keeps the image, 1 draws anew"
+    ? "redrawn to the prompt (no prompt: a variation of it): strength 0 keeps the image, 1 draws anew"
     : "the clip starts from it (its first frame)";
   const levels = $("levels");
   levels.replaceChildren(...model.acceleration.map((l) => levelCard(model, l)), autoCard());
