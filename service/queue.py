@@ -47,6 +47,7 @@ exercise them on `InProcessJobQueue`, and can be pointed at another implementati
 * Uploads: a spec's `JobSpec.UPLOADS` (an edit's image and mask) reach the worker through
   `claim_batch`, and anyone else through `get_uploads`; `submit`, `get`, `wait` and `list` leave
   them out of the spec (`without_uploads`), since pollers and event streams read a job over and over.
+  An image job's are forgotten when it ends; a video's are kept with it (a remix reuses its first frame).
 * Outbox: with `outbox` set (a worker that sends webhooks sets it on its queue), every job end
   that `complete` / `fail` records, and every job given up after too many deliveries, is also kept
   as a `JobEvent` in the same step, until `ack_event`: the end and its event exist together or
@@ -539,6 +540,8 @@ class InProcessJobQueue(JobQueue):
         job.status = status
         job.completed_at = now
         job.expires_at = now + self.result_ttl_s
+        if job.spec.kind != "video":  # an ended image's uploads are of no more use (videos: remix)
+            job.spec = job.spec.without_uploads()
         if job.started_at is not None:
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (now - job.started_at)
         if self.outbox and status in (JobStatus.completed, JobStatus.failed):

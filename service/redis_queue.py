@@ -168,9 +168,10 @@ class RedisQueueSettings(BaseSettings):
 # ---- Lua ------------------------------------------------------------------------------------
 # Status strings are compared literally; keep in sync with JobStatus.
 
-# Put in front of the scripts that end a job (_START's give-up, _FINISH, _CANCEL). outbox_add keeps
-# the end as a webhook event (a sender that never comes cannot fill Redis: the stream is capped);
-# live_done takes the job off its owner's live set (max_jobs_per_owner).
+# Put in front of the scripts that end a job (_START's give-up, _FINISH, _CANCEL, _FAIL_QUEUED).
+# outbox_add keeps the end as a webhook event (a sender that never comes cannot fill Redis: the
+# stream is capped); live_done takes the job off its owner's live set (max_jobs_per_owner);
+# drop_uploads forgets an image job's uploads.
 _JOB_END = """
 local function outbox_add(outbox, job_key, id, status, at)
   local kind = cjson.decode(redis.call('HGET', job_key, 'spec'))['kind']
@@ -179,6 +180,12 @@ end
 local function live_done(job_key, id)
   local live = redis.call('HGET', job_key, 'live')
   if live and live ~= '' then redis.call('ZREM', live, id) end
+end
+-- An ended image job's uploads are of no more use (only videos are remixed, with their first frame),
+-- and a photo's are MBs: kept for the job's result TTL they would fill Redis.
+local function drop_uploads(job_key)
+  local spec = redis.call('HGET', job_key, 'spec')
+  if spec and cjson.decode(spec)['kind'] ~= 'video' then redis.call('HDEL', job_key, 'uploads') end
 end
 """
 
@@ -263,6 +270,7 @@ if attempts >= tonumber(ARGV[5]) then
   if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
   ack()
   live_done(KEYS[1], ARGV[1])
+  drop_uploads(KEYS[1])
   if ARGV[11] == '1' then outbox_add(KEYS[5], KEYS[1], ARGV[1], 'failed', ARGV[4]) end
   redis.call('PUBLISH', ARGV[8], ARGV[1])
   return 'dead'
@@ -432,6 +440,7 @@ if started then
   redis.call('HSET', KEYS[4], field, tostring(0.8 * old + 0.2 * d))
 end
 live_done(KEYS[1], ARGV[1])
+drop_uploads(KEYS[1])
 if ARGV[8] == '1' then outbox_add(KEYS[6], KEYS[1], ARGV[1], ARGV[3], ARGV[5]) end
 redis.call('PUBLISH', ARGV[7], ARGV[1])
 return 1
@@ -456,6 +465,7 @@ if idem and idem ~= '' then redis.call('PEXPIRE', idem, math.ceil(tonumber(ARGV[
 local queued = redis.call('HGET', KEYS[1], 'queued')
 if queued then redis.call('ZREM', queued, ARGV[1]) end
 live_done(KEYS[1], ARGV[1])
+drop_uploads(KEYS[1])
 redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 """
@@ -477,6 +487,7 @@ if idem and idem ~= '' then redis.call('PEXPIRE', idem, ttl) end
 local queued = redis.call('HGET', KEYS[1], 'queued')
 if queued then redis.call('ZREM', queued, ARGV[1]) end
 live_done(KEYS[1], ARGV[1])
+drop_uploads(KEYS[1])
 if ARGV[6] == '1' then outbox_add(KEYS[3], KEYS[1], ARGV[1], 'failed', ARGV[2]) end
 redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1

@@ -390,10 +390,9 @@ class Worker:
             if lesa.get("realised_speedup") is not None:
                 self.metrics.speedup.labels(*labels, spec.method).observe(float(lesa["realised_speedup"]))
             self.metrics.jobs.labels(spec.model, "completed").inc()
-            self._maybe_shadow(job, result.samples)
+            self._maybe_shadow(job.id, spec, result.samples)  # the spec as claimed: an ended job's has no uploads
 
-    def _maybe_shadow(self, job: Job, samples: Any) -> None:
-        spec = job.spec
+    def _maybe_shadow(self, job_id: str, spec: JobSpec, samples: Any) -> None:
         if not self.shadow_fraction or samples is None or random.random() >= self.shadow_fraction:
             return
         if not self.engine.shadow_eligible(spec):
@@ -401,7 +400,7 @@ class Worker:
         if len(self._shadows) >= SHADOW_BACKLOG:
             self.metrics.shadow_checks.labels(spec.model, spec.level, "dropped").inc()
             return
-        self._shadows.append((job.id, spec, samples.copy()))  # a copy: the batch's array is freed
+        self._shadows.append((job_id, spec, samples.copy()))  # a copy: the batch's array is freed
 
     async def _shadow_check(self, job_id: str, spec: JobSpec, samples: Any) -> None:
         """Rerun one accelerated job at full compute and export the PSNR between the two.

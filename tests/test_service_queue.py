@@ -236,9 +236,17 @@ def test_given_pixels_reach_the_worker_but_not_every_read_of_the_job() -> None:
             (None, None),
         ]
         await q.complete(job.id, JobResult(outputs=[]), {})
-        assert await q.get_uploads(job.id) == uploads  # a remix of the finished job reads them
-        assert await q.delete(job.id) is True
-        assert await q.get_uploads(job.id) == {}
+        assert await q.get_uploads(job.id) == {}  # an ended image's are forgotten: MBs of no more use
+        # a video keeps its first frame as long as the video is kept: its remix starts from it too
+        video = await q.submit(spec(kind="video", num_frames=4, reference_image="Zmlyc3Q="))
+        cancelled = await q.submit(spec(seed=2, **uploads))
+        assert [j.id for j in await q.claim_batch("w", max_batch=1, max_wait_ms=0, timeout_s=1)] == [video.id]
+        await q.complete(video.id, JobResult(outputs=[]), {})
+        assert await q.cancel(cancelled.id)
+        assert await q.get_uploads(video.id) == {"reference_image": "Zmlyc3Q="}
+        assert await q.get_uploads(cancelled.id) == {}
+        assert await q.delete(video.id) is True
+        assert await q.get_uploads(video.id) == {}
 
     run(scenario())
 
