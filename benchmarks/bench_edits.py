@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 import lesa_core
 from lesa_core.benchmark import digit_hits, direction_hits, labelled_grid, machine_info, parse_seeds, psnr_per_sample
+from lesa_core.given_images import VARIATION_STRENGTH
 from lesa_core.pipeline_types import Reference, reference_steps
 from lesa_models import load_pipeline
 from lesa_models.cli import resolve_acceleration
-from service.engine import VARIATION_STRENGTH
 
 BATCH = 8
 EDIT_SEED_OFFSET = 10000  # an edit's seed: its source's + this (held out too)

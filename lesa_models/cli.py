@@ -11,8 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from lesa_core import given_images
 from lesa_core.cli import CliError, positive_int, prepare_output, seed_int
 from lesa_core.commands import read_prompts
+from lesa_core.given_images import edit_strength
+from lesa_core.pipeline_types import Reference, reference_steps
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 VIDEO_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}
@@ -53,6 +56,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "or a name that gets -000, -001, ... appended",
     )
     gen.add_argument("--scale", type=_scale, default=None, help="nearest-neighbour enlargement of the output, 1-64")
+    gen.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        help="start from this image (resized to --size): an image model redraws it to the prompt (--prompt '' "
+        "makes variations), a video model keeps it as the clip's first frame",
+    )
+    gen.add_argument(
+        "--mask",
+        type=Path,
+        default=None,
+        help="image models: an RGBA PNG of --image's size; its fully transparent pixels are redrawn, the rest kept",
+    )
+    gen.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="image models: how far --image may change, 0-1 (default: 1 with --mask, 0.5 with --prompt '', else 0.6)",
+    )
     gen.set_defaults(func=_generate)
 
     train = subparsers.add_parser("train-model", help="train a reference model with its seeded recipe")
@@ -167,9 +189,10 @@ def _generate(args: argparse.Namespace) -> int:
     guidance = pipe.default_guidance if args.guidance is None else args.guidance
     seeds = [args.seed + i for i in range(len(prompts))]
     try:
-        pipe.validate(prompts, seeds, height, width, args.frames, args.steps, guidance)
+        frames = pipe.validate(prompts, seeds, height, width, args.frames, args.steps, guidance)
     except ValueError as error:
         raise _in_flags(error) from error
+    given = _given_image(pipe, args, prompts, (height, width) if frames is None else (frames, height, width))
     cache = resolve_acceleration(pipe, args.acceleration, args.steps, args.method, args.predictor)
     # a folder (no suffix) or the folder a file goes in: writable before the work, not after it
     prepare_output(args.output, "--output", directory=not args.output.suffix)
@@ -180,6 +203,10 @@ def _generate(args: argparse.Namespace) -> int:
     with bar:  # closed on any error too: its message then starts on a line of its own
         for start in range(0, len(prompts), chunk):
             part = prompts[start : start + chunk]
+            reference = None
+            if given is not None:
+                at = slice(start, start + chunk)
+                reference = Reference(given.samples[at], given.keep[at], list(given.follow_until[at]))
             try:
                 out = pipe(
                     part,
@@ -191,6 +218,7 @@ def _generate(args: argparse.Namespace) -> int:
                     guidance_scale=args.guidance,
                     cache=cache,
                     callback=lambda done, total: bar.update(1) and None,
+                    reference=reference,
                 )
             except ValueError as error:
                 raise _in_flags(error) from error
@@ -209,6 +237,46 @@ def _generate(args: argparse.Namespace) -> int:
 
 # the pipeline's argument names, as the flags that set them
 _FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_frames": "--frames"}
+
+
+def _given_image(pipe: Any, args: argparse.Namespace, prompts: list[str], shape: tuple[int, ...]) -> Reference | None:
+    """`--image` (and `--mask`, `--strength`) as the sampler keeps them, for every prompt: as
+    `POST /v1/images/edits`, `/v1/images/variations` and a video's `input_reference` read theirs."""
+    if args.image is None:
+        if args.mask is not None or args.strength is not None:
+            raise CliError("--mask and --strength need --image (the image to edit)")
+        return None
+    if pipe.kind == "video" and (args.mask is not None or args.strength is not None):
+        raise CliError("--mask and --strength are for image models; a video model keeps --image as its first frame")
+    if args.strength is not None and not 0.0 <= args.strength <= 1.0:
+        raise CliError(f"--strength must be in 0..1, got {args.strength:g}")
+
+    def read(path: Path, flag: str) -> Any:
+        try:
+            return given_images.read_upload(path.read_bytes(), f"{flag} {path}")
+        except OSError as error:
+            raise CliError(f"{flag} {path}: cannot read it ({error.strerror or error})") from None
+        except ValueError as error:
+            raise CliError(str(error)) from None
+
+    picture = read(args.image, "--image")
+    height, width = shape[-2:]
+    sample = given_images.reference_sample(picture, width, height, pipe.reference_mode)
+    samples = np.zeros((len(prompts), *shape), np.float32)
+    keep = np.zeros(samples.shape, bool)
+    if pipe.kind == "video":  # the first frame, kept at every step
+        samples[:, 0], keep[:, 0] = sample, True
+        return Reference(samples, keep, [0] * len(prompts))
+    samples[:] = sample
+    if args.mask is not None:
+        try:
+            keep[:] = given_images.keep_mask(
+                read(args.mask, "--mask"), picture.size, width, height, f"--mask {args.mask}"
+            )
+        except ValueError as error:
+            raise CliError(str(error)) from None
+    strengths = [edit_strength(args.strength, masked=args.mask is not None, prompted=bool(p)) for p in prompts]
+    return Reference(samples, keep, [reference_steps(s, args.steps) for s in strengths])
 
 
 def _in_flags(error: ValueError) -> CliError:

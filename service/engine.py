@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lesa_core import given_images
+from lesa_core.given_images import VARIATION_STRENGTH, edit_strength
 from lesa_core.pipeline_types import Reference, reference_steps
 from service import media
 from service.errors import ApiError, bad_request, not_found
@@ -55,13 +57,6 @@ log = logging.getLogger("lesa.engine")
 ACCELERATED_METHODS = ("lesa", "taylorseer", "reuse")
 DEFAULT_VIDEO_FPS = 8
 PSNR_KEYS = ("psnr", "psnr_db", "psnr_vs_full", "psnr_mean")
-EDIT_STRENGTH = 0.6  # an edit without mask or strength: as diffusers' img2img pipelines default
-# A variation without strength. On digits-image, unconditional variations keep the source's digit
-# in 99% / 91% / 65% of cases at 0.5 / 0.6 / 0.7 (measured ad hoc: 10 sources x 8 seeds, full
-# compute), and 8 variations of one source differ from each other 1.9x as much as 8 edits prompted
-# with its digit at the same strength (1.5x as much as those at 0.8). benchmarks/bench_edits.py
-# (`variation`, 32 held-out seeds) reads 94% at 0.5.
-VARIATION_STRENGTH = 0.5
 
 
 @dataclass
@@ -458,16 +453,16 @@ class Engine:
         spec = self.resolve_image(body)
         entry = self.models[spec.model]
         self._check_reference(entry, "image")
-        picture = self._upload(media.read_upload, image, "image")
+        picture = self._upload(given_images.read_upload, image, "image")
         keep = None
         if mask is not None:
-            opaque = self._upload(media.read_upload, mask, "mask")
-            keep = self._upload(media.keep_mask, opaque, picture.size, spec.width, spec.height, param="mask")
-        strength = body.strength if body.strength is not None else (1.0 if mask is not None else EDIT_STRENGTH)
+            opaque = self._upload(given_images.read_upload, mask, "mask")
+            keep = self._upload(given_images.keep_mask, opaque, picture.size, spec.width, spec.height, param="mask")
+        strength = edit_strength(body.strength, masked=mask is not None, prompted=bool(body.prompt))
         return spec.model_copy(
             update={
                 "reference_image": media.sample_png(
-                    media.reference_sample(picture, spec.width, spec.height, entry.reference_mode)
+                    given_images.reference_sample(picture, spec.width, spec.height, entry.reference_mode)
                 ),
                 "reference_keep": None if keep is None else media.sample_png(keep.astype(np.float32)),
                 "reference_follow_until": reference_steps(strength, spec.num_inference_steps),
@@ -529,9 +524,9 @@ class Engine:
         )  # fmt: skip
         if reference is not None:
             self._check_reference(entry, "input_reference")
-            picture = self._upload(media.read_upload, reference, "input_reference")
+            picture = self._upload(given_images.read_upload, reference, "input_reference")
             spec.reference_image = media.sample_png(
-                media.reference_sample(picture, width, height, entry.reference_mode)
+                given_images.reference_sample(picture, width, height, entry.reference_mode)
             )
         return spec
 

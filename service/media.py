@@ -129,52 +129,6 @@ def encode_thumbnail(frames: np.ndarray) -> bytes:
     return encode_image(frames[len(frames) // 2], "png")
 
 
-# Uploaded images (an edit's image and mask, a video's input_reference). Decoding checks the
-# size from the header first: a small compressed file may claim a huge canvas.
-MAX_UPLOAD_PIXELS = 4096 * 4096
-
-
-def read_upload(data: bytes, param: str) -> Image.Image:
-    """An uploaded file as an image, or ValueError saying why not (the message starts with `param`)."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > MAX_UPLOAD_PIXELS:
-            raise ValueError(f"{param}: {image.width}x{image.height} is more than {MAX_UPLOAD_PIXELS} pixels")
-        image.load()
-    except ValueError:
-        raise
-    except (OSError, Image.DecompressionBombError, SyntaxError):  # what Pillow raises for a file it cannot read
-        raise ValueError(f"{param}: not an image Pillow can read (send PNG, JPEG or WEBP)") from None
-    return image
-
-
-def reference_sample(image: Image.Image, width: int, height: int, mode: str = "L") -> np.ndarray:
-    """An uploaded image as a sample in [0, 1] of the job's size, in a model's `reference_mode`:
-    "L" [height, width] (the reference models are grey), "RGB" [height, width, 3]. Transparency
-    is dropped, the pixels underneath kept."""
-    converted = image.convert(mode)
-    if converted.size != (width, height):
-        resample = Image.Resampling.BOX if converted.width >= width else Image.Resampling.BICUBIC
-        converted = converted.resize((width, height), resample)
-    return np.asarray(converted, dtype=np.float32) / 255.0
-
-
-def keep_mask(mask: Image.Image, image_size: tuple[int, int], width: int, height: int) -> np.ndarray:
-    """OpenAI's edit mask as where to keep the image: bool [height, width], False where the mask is
-    fully transparent (the part to edit). A pixel of the job's size whose area is mostly to be
-    edited is edited. ValueError if the mask has no alpha channel or another size than the image."""
-    if mask.size != image_size:
-        raise ValueError(
-            f"mask: {mask.width}x{mask.height} but the image is {image_size[0]}x{image_size[1]}; they must match"
-        )
-    if "A" not in mask.getbands() and "transparency" not in mask.info:
-        raise ValueError("mask: no alpha channel; its fully transparent pixels mark where to edit (send an RGBA PNG)")
-    opaque = Image.fromarray(((np.asarray(mask.convert("RGBA"))[..., 3] > 0) * 255).astype(np.uint8), mode="L")
-    if opaque.size != (width, height):
-        opaque = opaque.resize((width, height), Image.Resampling.BOX)
-    return np.asarray(opaque) >= 128
-
-
 def sample_png(sample: np.ndarray) -> str:
     """A sample in [0, 1] (grey [H, W] or RGB [H, W, 3]: a reference; a keep mask as 0 / 1) as
     base64 PNG: how a job carries it."""

@@ -80,6 +80,49 @@ def test_cli_generate_writes_png(tmp_path):
     assert rc == 0 and out.read_bytes().startswith(b"\x89PNG")
 
 
+def test_cli_generate_edits_varies_and_animates_a_given_image(tmp_path, capsys):
+    """`--image` as the API's uploads: a masked edit keeps the opaque pixels exactly, `--prompt ''`
+    makes a variation, a video model starts its clip from the image; bad flags name themselves."""
+    from PIL import Image
+
+    from lesa_core.cli import main
+
+    common = ["--steps", "8", "--acceleration", "none", "--scale", "1"]
+    source = tmp_path / "one.png"
+    assert main(["generate", "--prompt", "a handwritten one", "--seed", "1", *common, "--output", str(source)]) == 0
+    one = np.asarray(Image.open(source))
+    mask = np.zeros((16, 16, 4), np.uint8)
+    mask[:, :4, 3] = 255  # keep the left strip, redraw the rest
+    Image.fromarray(mask, mode="RGBA").save(tmp_path / "mask.png")
+    edit, variation, clip = tmp_path / "seven.png", tmp_path / "variation.png", tmp_path / "clip.gif"
+    args = ["--image", str(source), *common]
+    assert main(["generate", "--prompt", "a handwritten seven", *args, "--mask", str(tmp_path / "mask.png"),
+                 "--output", str(edit)]) == 0  # fmt: skip
+    edited = np.asarray(Image.open(edit))
+    assert np.array_equal(edited[:, :4], one[:, :4]) and not np.array_equal(edited, one)
+    assert main(["generate", "--prompt", "", *args, "--seed", "5", "--output", str(variation)]) == 0
+    varied = np.asarray(Image.open(variation)).astype(float)
+    assert 0 < np.abs(varied - one).mean() < 60  # near the image (strength 0.5), not the image
+    video = ["generate", "--model", "digits-video", "--prompt", "digit 1 moving right", *args]
+    assert main([*video, "--output", str(clip)]) == 0
+    first = np.asarray(Image.open(clip).convert("L"))
+    assert np.abs(first.astype(int) - one).max() <= 1
+    capsys.readouterr()
+    for flags, message in (
+        (["--mask", str(tmp_path / "mask.png")], "--mask and --strength need --image"),
+        (["--image", str(tmp_path / "none.png")], f"--image {tmp_path / 'none.png'}: cannot read it"),
+        (["--image", str(tmp_path / "mask.png"), "--mask", str(source)], "no alpha channel"),
+        (["--image", str(source), "--strength", "2"], "--strength must be in 0..1"),
+    ):
+        assert main(["generate", "--prompt", "x", *common, *flags, "--output", str(tmp_path / "x.png")]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "text.png").write_text("not a picture")
+    assert main(["generate", "--prompt", "x", "--image", str(tmp_path / "text.png"), "--output", str(edit)]) == 2
+    assert "not an image Pillow can read" in capsys.readouterr().err
+    assert main([*video, "--strength", "0.5", "--output", str(clip)]) == 2
+    assert "a video model keeps --image as its first frame" in capsys.readouterr().err
+
+
 def test_cli_generate_reports_user_errors(tmp_path, capsys):
     from lesa_core.cli import main
 

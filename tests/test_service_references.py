@@ -301,15 +301,15 @@ def test_decoding_an_upload_does_not_stall_other_requests(monkeypatch: pytest.Mo
 
     import httpx
 
-    from service import media
+    from lesa_core import given_images
 
-    decode = media.read_upload
+    decode = given_images.read_upload
 
     def slow_decode(data: bytes, param: str):
         time.sleep(1.0)  # as a large photo would take
         return decode(data, param)
 
-    monkeypatch.setattr(media, "read_upload", slow_decode)
+    monkeypatch.setattr(given_images, "read_upload", slow_decode)
     port = free_port()
     s = settings(port=port)
     with uvicorn_thread(create_app(s, engine=make_engine(s)), port) as url:
