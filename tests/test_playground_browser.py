@@ -577,11 +577,20 @@ def test_an_image_shows_previews_while_it_denoises(fake_server, browser) -> None
 def test_a_result_or_a_file_is_the_image_the_next_request_starts_from(fake_server, browser, tmp_path: Path) -> None:
     """Given pixels from the page: "use the result" edits the last image (strength 0 gives it back),
     a chosen file does too, a video starts from it, and "clear" goes back to the prompt alone."""
-    import asyncio
-
     from PIL import Image
 
     url, services = fake_server
+
+    def generated(model: str) -> dict:
+        """Click Generate and return the fake pipeline's call it made (read once the page is done:
+        the page's "done" of the previous run must not count)."""
+        calls = services.engine.models[model].pipe.calls
+        before = len(calls)
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, lambda d: len(calls) > before and d.find_element(By.TAG_NAME, "body").get_attribute(
+            "data-state") == "done", 30, f"no {model} generation")  # fmt: skip
+        return calls[-1]
+
     open_page(browser, url)
     assert browser.find_element(By.ID, "start-field").is_displayed()  # the fake models take images
     fill(browser, "steps", "8")
@@ -592,13 +601,11 @@ def test_a_result_or_a_file_is_the_image_the_next_request_starts_from(fake_serve
     assert not browser.find_element(By.ID, "compare").is_enabled()  # it would ignore the image
     first = browser.execute_script("return document.querySelector('#output img').src")
     fill(browser, "strength", "0")
-    browser.find_element(By.ID, "generate").click()
+    edit = generated("fake-image")["reference"]
+    assert edit is not None and list(edit.follow_until) == [8]  # strength 0: all 8 steps
     wait(browser, lambda d: d.execute_script("const i = document.querySelector('#output img');"
                                              "return i && i.complete && i.naturalWidth > 0 && i.src !== arguments[0];",
                                              first), 30, "no edited image")  # fmt: skip
-    edit = image_jobs(services, 1)[0]
-    assert edit.spec.reference_follow_until == 8  # strength 0: all 8 steps
-    assert "reference_image" in asyncio.run(services.queue.get_uploads(edit.id))
 
     picture = tmp_path / "digit.png"
     Image.new("L", (16, 16), 200).save(picture)
@@ -607,15 +614,10 @@ def test_a_result_or_a_file_is_the_image_the_next_request_starts_from(fake_serve
     assert not browser.find_element(By.ID, "strength-row").is_displayed()
     assert "first frame" in browser.find_element(By.ID, "start-hint").text
     fill(browser, "steps", "8")
-    browser.find_element(By.ID, "generate").click()
-    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", 30, "no video")
-    video = asyncio.run(services.queue.list(kind="video", limit=1))[0][0]
-    assert video.spec.reference_follow_until == 0
-    assert "reference_image" in asyncio.run(services.queue.get_uploads(video.id))
+    video = generated("fake-video")["reference"]
+    assert video is not None and list(video.follow_until) == [0]
+    assert video.keep[0, 0].all() and abs(float(video.samples[0, 0].mean()) - 200 / 255) < 1e-3  # the file: frame 0
 
     browser.find_element(By.ID, "clear-start").click()
     assert not browser.find_element(By.ID, "start-preview").is_displayed()
-    browser.find_element(By.ID, "generate").click()
-    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", 30, "no video")
-    plain = asyncio.run(services.queue.list(kind="video", limit=1))[0][0]
-    assert asyncio.run(services.queue.get_uploads(plain.id)) == {}
+    assert generated("fake-video")["reference"] is None
