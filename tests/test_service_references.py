@@ -170,6 +170,11 @@ def test_variations_redraw_the_image_without_a_prompt_each_from_its_own_seed(
     assert call["prompts"] == ["", ""] and list(call["reference"].follow_until) == [reference_steps(0.5, 8)] * 2
     masked = client.post("/v1/images/jobs", data=form, files={**image, "mask": ("m.png", png(MASK, "RGBA"))})
     assert_error(masked, 400, "prompt")
+    # /docs says so: a variation's form needs the image only, an image job's a prompt only with a mask
+    paths = client.get("/openapi.json").json()["paths"]
+    forms = {p: paths[p]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+             for p in ("/v1/images/variations", "/v1/images/jobs", "/v1/images/edits")}  # fmt: skip
+    assert [forms[p]["required"] for p in forms] == [["image"], ["image"], ["prompt", "image"]]
     engine.models["fake-image"].reference_mode = None
     refused = client.post("/v1/images/variations", data=form, files=image)
     assert assert_error(refused, 400, "image")["code"] == "unsupported"

@@ -76,12 +76,23 @@ def _multipart(model: type[BaseModel], **files: str) -> dict:
 
 
 _IMAGE = "(PNG, JPEG or WEBP; resized to the output size)."
-_EDIT_FORM = _multipart(
-    ImageEditRequest,
-    image=f"The image to edit {_IMAGE}",
-    mask="Optional RGBA PNG of the image's size: its fully transparent pixels are edited, the rest of the image "
-    "kept at every step.",
+_EDIT_MASK = (
+    "Optional RGBA PNG of the image's size: its fully transparent pixels are edited, the rest of the image kept "
+    "at every step."
 )
+_EDIT_FORM = _multipart(ImageEditRequest, image=f"The image to edit {_IMAGE}", mask=_EDIT_MASK)
+# An image job's form: an edit's, or without a prompt (and mask) a variation's.
+_EDIT_SCHEMA = _EDIT_FORM["requestBody"]["content"]["multipart/form-data"]["schema"]
+_JOB_FORM = {
+    **_EDIT_SCHEMA,
+    "required": [name for name in _EDIT_SCHEMA["required"] if name != "prompt"],
+    "properties": {
+        **_EDIT_SCHEMA["properties"],
+        "prompt": {**{k: v for k, v in _EDIT_SCHEMA["properties"]["prompt"].items() if k != "minLength"},
+                   "description": "What to draw. Empty or left out (and no mask): variations of the image, as "
+                   "POST /v1/images/variations makes them."},
+    },
+}  # fmt: skip
 # A sync image request's answers: the images, or with stream=true server-sent events.
 IMAGE_ANSWERS = {**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "images, or events (stream)"}}
 
@@ -210,7 +221,8 @@ async def _images_answer(
             "required": True,
             "content": {
                 "application/json": {"schema": ImageGenerationRequest.model_json_schema()},
-                **_EDIT_FORM["requestBody"]["content"],
+                # an edit's form; without a prompt (and mask) a variation's
+                "multipart/form-data": {"schema": _JOB_FORM},
             },
         }
     },
