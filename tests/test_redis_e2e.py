@@ -257,6 +257,51 @@ def test_cancellation_reaches_running_and_queued_jobs_over_http(tmp_path: Path, 
     assert "long" not in prompts and "queued" not in prompts and "after" in prompts
 
 
+def test_an_edit_and_a_variation_reach_the_worker_process_through_redis(
+    tmp_path: Path, prefix: str, procs: list[Proc]
+) -> None:
+    """The uploads cross processes beside the job (its hash's `uploads` field): a queued edit keeps
+    its image there until a worker process runs it, an edit at strength 0 comes back as its image,
+    a variation is given it too; once the image jobs end, their uploads are gone from Redis."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    log = tmp_path / "generations.jsonl"
+    api = start_api(tmp_path, prefix, LESA_TEST_LOG=str(log))
+    procs.append(api)
+    picture = ((np.arange(256).reshape(16, 16) * 7) % 256).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(picture, mode="L").save(buffer, format="PNG")
+    image = {"image": ("in.png", buffer.getvalue(), "image/png")}
+    form = {"model": image_body()["model"], "size": "16x16", "num_inference_steps": "4"}
+
+    async def uploads_kept(ids: list[str]) -> list[bool]:
+        queue = RedisJobQueue(REDIS_URL, prefix=prefix)
+        try:
+            return [await queue._redis.hexists(queue._k_job(i), "uploads") for i in ids]
+        finally:
+            await queue.close()
+
+    with httpx.Client(base_url=api.url, timeout=60) as client:
+        # queued before any worker runs: the image waits beside the job (its hash's `uploads`)
+        queued = client.post("/v1/images/jobs", data={**form, "prompt": "a one"}, files=image).json()
+        assert asyncio.run(uploads_kept([queued["id"]])) == [True]
+        procs.extend(start_workers(tmp_path, prefix, ["u1"], LESA_TEST_LOG=str(log)))
+        edit = client.post("/v1/images/edits", data={**form, "prompt": "a seven", "strength": "0"}, files=image)
+        assert edit.status_code == 200, edit.text
+        out = np.asarray(Image.open(io.BytesIO(base64.b64decode(edit.json()["data"][0]["b64_json"]))))
+        assert np.array_equal(out, picture)  # followed for every step: the image, from the worker
+        varied = client.post("/v1/images/variations", data={**form, "n": "2"}, files=image)
+        assert varied.status_code == 200, varied.text
+        assert client.get(f"/v1/images/jobs/{queued['id']}").json()["status"] == "completed"
+        ids = [queued["id"], edit.json()["lesa"]["job_id"], varied.json()["lesa"]["job_id"]]
+    assert asyncio.run(uploads_kept(ids)) == [False, False, False]  # ended image jobs forget them
+    given = {e["prompt"]: e["given"] for e in read_log(log)}
+    assert given == {"a one": True, "a seven": True, "": True}
+
+
 def test_api_restart_while_jobs_are_queued(tmp_path: Path, prefix: str, procs: list[Proc]) -> None:
     """Jobs live in Redis, not in the API: an API that dies with jobs queued loses nothing, and
     the Idempotency-Key still finds the job after the restart."""
