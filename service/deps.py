@@ -174,23 +174,14 @@ async def refresh_live_quality(services: Services) -> None:
     engine.set_live_quality(live, now)
 
 
-async def resolve_for_load(
-    services: Services, body: Body, resolve: Callable[[Body], JobSpec], *, uploads: bool = False
-) -> JobSpec:
+async def resolve_for_load(services: Services, body: Body, resolve: Callable[[Body], JobSpec]) -> JobSpec:
     """The request's job; when the queue is long (LESA_LOAD_QUEUE_DEPTH) and the request allows it
     (`max_acceleration`), the same job at that faster level, so it waits less instead of more.
 
     The engine validated `max_acceleration` with the request, so resolving at it cannot fail here.
-    With `uploads` (the request carries image files) `resolve` decodes and resizes them, which can
-    take a second for a large photo: it runs in a thread, not on the event loop every other request
-    shares. (Plain requests resolve in place: a thread hop would cost them more than it saves.)
     """
-
-    async def resolved(request: Body) -> JobSpec:
-        return await asyncio.to_thread(resolve, request) if uploads else resolve(request)
-
     await refresh_live_quality(services)  # "auto" judges levels by them
-    spec = await resolved(body)
+    spec = resolve(body)
     max_level = getattr(body, "max_acceleration", None)
     if max_level is None:
         return spec
@@ -201,11 +192,26 @@ async def resolve_for_load(
         raise unavailable(services, down) from None
     if not busy:
         return spec
-    fast = await resolved(body.model_copy(update={"acceleration": max_level, "seed": spec.seed}))
+    fast = resolve(body.model_copy(update={"acceleration": max_level, "seed": spec.seed}))
     steps = spec.num_inference_steps
     if theoretical_speedup(fast.level, steps) <= theoretical_speedup(spec.level, steps):
         return spec  # e.g. 2x and 5x both run 4 full steps of 8: nothing to gain
     return fast.model_copy(update={"raised_from": spec.level})  # counted by `submit` once it is a job
+
+
+async def with_given_pixels(
+    services: Services,
+    spec: JobSpec,
+    image: bytes,
+    mask: bytes | None = None,
+    strength: float | None = None,
+    *,
+    variation: bool = False,
+) -> JobSpec:
+    """`Engine.given_pixels` in a thread: decoding and resizing a large photo takes up to a second
+    (4096x4096: 0.5-0.9 s here), which on the event loop stalled every other request, poll and
+    event stream meanwhile. Once per request, after its level is resolved."""
+    return await asyncio.to_thread(services.engine.given_pixels, spec, image, mask, strength, variation=variation)
 
 
 async def submit(

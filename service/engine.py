@@ -41,12 +41,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lesa_core import given_images
-from lesa_core.given_images import VARIATION_STRENGTH, edit_strength
+from lesa_core.given_images import edit_strength
 from lesa_core.pipeline_types import Reference, reference_steps
 from service import media
 from service.errors import ApiError, bad_request, not_found
 from service.queue import JobSpec, OutputRef
-from service.schemas import MAX_SEED, ImageEditRequest, ImageGenerationRequest, VideoCreateRequest
+from service.schemas import MAX_SEED, ImageGenerationRequest, VideoCreateRequest
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -446,35 +446,43 @@ class Engine:
             requested_acceleration=body.acceleration or self.settings.default_level, quality=body.quality,
         )  # fmt: skip
 
-    def resolve_image_edit(self, body: ImageEditRequest, image: bytes, mask: bytes | None = None) -> JobSpec:
-        """`resolve_image` plus the image to edit: kept where the mask is opaque (OpenAI's mask:
-        fully transparent pixels are edited; no mask: the whole image is), and everywhere followed
-        for the first (1 - strength) of the steps (SDEdit)."""
-        spec = self.resolve_image(body)
+    def given_pixels(
+        self,
+        spec: JobSpec,
+        image: bytes,
+        mask: bytes | None = None,
+        strength: float | None = None,
+        *,
+        variation: bool = False,
+    ) -> JobSpec:
+        """`spec` with an uploaded image the sampler keeps: a video's first frame (`input_reference`),
+        or an image to edit, kept where the mask is opaque (OpenAI's mask: fully transparent pixels
+        are edited; no mask: the whole image is) and everywhere followed for the first
+        (1 - strength) of the steps (SDEdit; `edit_strength` gives the defaults, a `variation`'s
+        without a prompt or not). Decoding and resizing a photo can take a second: callers on the
+        event loop run this in a thread."""
         entry = self.models[spec.model]
-        self._check_reference(entry, "image")
-        picture = self._upload(given_images.read_upload, image, "image")
+        param = "image" if spec.kind == "image" else "input_reference"
+        self._check_reference(entry, param)
+        picture = self._upload(given_images.read_upload, image, param)
+        sample = given_images.reference_sample(picture, spec.width, spec.height, entry.reference_mode)
+        if spec.kind == "video":  # frame 0, kept at every step
+            return spec.model_copy(update={"reference_image": media.sample_png(sample)})
         keep = None
         if mask is not None:
             opaque = self._upload(given_images.read_upload, mask, "mask")
             keep = self._upload(given_images.keep_mask, opaque, picture.size, spec.width, spec.height, param="mask")
-        strength = edit_strength(body.strength, masked=mask is not None, prompted=bool(body.prompt))
+        prompted = bool(spec.prompt) and not variation
+        follow = reference_steps(
+            edit_strength(strength, masked=mask is not None, prompted=prompted), spec.num_inference_steps
+        )
         return spec.model_copy(
             update={
-                "reference_image": media.sample_png(
-                    given_images.reference_sample(picture, spec.width, spec.height, entry.reference_mode)
-                ),
+                "reference_image": media.sample_png(sample),
                 "reference_keep": None if keep is None else media.sample_png(keep.astype(np.float32)),
-                "reference_follow_until": reference_steps(strength, spec.num_inference_steps),
+                "reference_follow_until": follow,
             }
         )
-
-    def resolve_image_variation(self, body: ImageEditRequest, image: bytes) -> JobSpec:
-        """Variations of `image` (OpenAI's `images.create_variation`): an edit without a mask, by
-        default without a prompt (the model's unconditional prediction, so the image alone decides
-        what is drawn) at `VARIATION_STRENGTH`; each of the `n` images from its own seed."""
-        strength = VARIATION_STRENGTH if body.strength is None else body.strength
-        return self.resolve_image_edit(body.model_copy(update={"strength": strength}), image)
 
     def _check_reference(self, entry: ModelEntry, param: str) -> None:
         if entry.reference_mode is None:
@@ -489,9 +497,9 @@ class Engine:
         except ValueError as error:
             raise bad_request(str(error), param or args[-1], "invalid_image") from None
 
-    def resolve_video(self, body: VideoCreateRequest, reference: bytes | None = None) -> JobSpec:
-        """A video job; with `reference` (an `input_reference` image), the clip starts from it: the
-        image is frame 0 at every step, and the model generates the rest to follow it."""
+    def resolve_video(self, body: VideoCreateRequest) -> JobSpec:
+        """A video job (an `input_reference` image is added by `given_pixels`: frame 0 at every
+        step, the model generating the rest to follow it)."""
         entry = self._model(body.model, "video")
         width, height = self._size(entry, body.size)
         if body.num_frames is not None:
@@ -522,12 +530,6 @@ class Engine:
             queue_timeout_s=self._queue_timeout(body), priority=body.priority or "normal",
             requested_acceleration=body.acceleration or self.settings.default_level,
         )  # fmt: skip
-        if reference is not None:
-            self._check_reference(entry, "input_reference")
-            picture = self._upload(given_images.read_upload, reference, "input_reference")
-            spec.reference_image = media.sample_png(
-                given_images.reference_sample(picture, width, height, entry.reference_mode)
-            )
         return spec
 
     # -------------------------------------------------------------------------------- runner

@@ -211,7 +211,7 @@ def test_a_video_from_an_input_reference_keeps_it_as_its_first_frame(client: Tes
 
 def test_jobs_with_and_without_given_pixels_share_a_batch(engine: Engine) -> None:
     plain = engine.resolve_image(_request(seed=1))
-    edited = engine.resolve_image_edit(_request(seed=2, n=2), png(PICTURE), png(MASK, "RGBA"))
+    edited = engine.given_pixels(engine.resolve_image(_request(seed=2, n=2)), png(PICTURE), png(MASK, "RGBA"))
     assert plain.batch_key() == edited.batch_key()
     results = engine.run_batch([plain, edited])
     reference = last_reference(engine)
@@ -255,7 +255,7 @@ def test_an_rgb_model_gets_rgb_pixels_and_a_mask_on_every_channel(engine: Engine
     engine.models["fake-image"].reference_mode = "RGB"
     colour = np.zeros((32, 32, 3))
     colour[..., 0] = 255  # red
-    spec = engine.resolve_image_edit(_request(seed=1), png(colour, "RGB"), png(MASK, "RGBA"))
+    spec = engine.given_pixels(engine.resolve_image(_request(seed=1)), png(colour, "RGB"), png(MASK, "RGBA"))
     reference = _reference([spec])
     assert reference.samples.shape == reference.keep.shape == (1, 16, 16, 3)
     assert (reference.samples[0, ..., 0] == 1.0).all() and (reference.samples[0, ..., 1:] == 0.0).all()
@@ -332,3 +332,22 @@ def test_decoding_an_upload_does_not_stall_other_requests(monkeypatch: pytest.Mo
         assert time.perf_counter() - started < 0.5
         edit.join()
         assert answers[0].status_code == 200, answers[0].text
+
+
+def test_an_edit_raised_under_load_decodes_its_image_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy server runs an edit at its `max_acceleration`: the level is resolved twice, the image
+    (which can take a second to decode) only once."""
+    from lesa_core import given_images
+
+    decoded = []
+    decode = given_images.read_upload
+    monkeypatch.setattr(given_images, "read_upload", lambda data, param: decoded.append(param) or decode(data, param))
+    s = settings(load_queue_depth=1)
+    with TestClient(create_app(s, engine=make_engine(s, step_delay=0.05))) as client:
+        blocker = client.post("/v1/images/jobs", json={"prompt": "busy", "size": "32x16", "num_inference_steps": 40})
+        wait_for(client, f"/v1/images/jobs/{blocker.json()['id']}", {"in_progress"})
+        client.post("/v1/images/jobs", json={"prompt": "queued", "size": "32x16", "num_inference_steps": 40})
+        fields = {"acceleration": "none", "max_acceleration": "5x", "seed": "3"}
+        answer = edit(client, {"image": ("in.png", png(PICTURE))}, **fields)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["lesa"]["raised_from"] == "none" and decoded == ["image"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -19,6 +18,7 @@ from service.deps import (
     resolve_for_load,
     submit,
     wait_while_connected,
+    with_given_pixels,
 )
 from service.errors import ApiError
 from service.links import ContentLinks, signing_key
@@ -148,8 +148,8 @@ async def edit_images(
     data, files = await read_body(request, ImageEditRequest, files=("image", "mask"))
     body = validated(ImageEditRequest, data)
     image, mask = one_file(files, "image", required=True), one_file(files, "mask")
-    resolve = functools.partial(services.engine.resolve_image_edit, image=image, mask=mask)
-    spec = await resolve_for_load(services, body, resolve, uploads=image is not None)
+    spec = await resolve_for_load(services, body, services.engine.resolve_image)
+    spec = await with_given_pixels(services, spec, image, mask, body.strength)
     job = await submit(services, spec, owner, idempotency_key, uploaded(body, image=image, mask=mask))
     return await _images_answer(services, job, body, request, keep=idempotency_key is not None)
 
@@ -173,8 +173,8 @@ async def create_image_variations(
     data, files = await read_body(request, ImageVariationRequest, files=("image",))
     body = validated(ImageVariationRequest, data)
     image = one_file(files, "image", required=True)
-    resolve = functools.partial(services.engine.resolve_image_variation, image=image)
-    spec = await resolve_for_load(services, body, resolve, uploads=image is not None)
+    spec = await resolve_for_load(services, body, services.engine.resolve_image)
+    spec = await with_given_pixels(services, spec, image, strength=body.strength, variation=True)
     job = await submit(services, spec, owner, idempotency_key, uploaded(body, image=image))
     return await _images_answer(services, job, body, request, keep=idempotency_key is not None)
 
@@ -241,22 +241,23 @@ async def create_image_job(
     data, files = await read_body(request, ImageEditRequest, files=("image", "mask"))
     image, mask = one_file(files, "image"), one_file(files, "mask")
     body: ImageGenerationRequest
+    variation = image is not None and mask is None and data.get("prompt", "") == ""
     if image is None:
         if mask is not None:
             raise ApiError(400, "image: a mask needs the image it masks", param="image",
                            code="missing_required_parameter")  # fmt: skip
         body = validated(ImageGenerationRequest, data)
-        resolve = services.engine.resolve_image
-    elif data.get("prompt", "") == "" and mask is None:
+    elif variation:
         body = validated(ImageVariationRequest, data)
-        resolve = functools.partial(services.engine.resolve_image_variation, image=image)
     else:
         body = validated(ImageEditRequest, data)
-        resolve = functools.partial(services.engine.resolve_image_edit, image=image, mask=mask)
     if body.stream:
         raise ApiError(400, "stream=true is for POST /v1/images/generations; a job streams progress from "
                        "GET /v1/images/jobs/{job_id}/events", param="stream", code="unsupported_value")  # fmt: skip
-    spec = await resolve_for_load(services, body, resolve, uploads=image is not None)
+    spec = await resolve_for_load(services, body, services.engine.resolve_image)
+    if image is not None:
+        strength = getattr(body, "strength", None)
+        spec = await with_given_pixels(services, spec, image, mask, strength, variation=variation)
     job = await submit(services, spec, owner, idempotency_key, uploaded(body, image=image, mask=mask))
     assert services.queue is not None
     return await image_job_object(job, services.queue, content_links(request, services))

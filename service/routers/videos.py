@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from service.deps import IdempotencyKey, OwnerDep, ReadyDep, get_job, resolve_for_load, submit
+from service.deps import IdempotencyKey, OwnerDep, ReadyDep, get_job, resolve_for_load, submit, with_given_pixels
 from service.errors import ApiError
 from service.queue import Job, JobSpec, JobStatus
 from service.routers.common import (
@@ -76,8 +75,9 @@ async def create_video(
     """Queue a video; poll `GET /v1/videos/{id}` (progress per denoising step), then get `/content`."""
     data, files = await read_body(request, VideoCreateRequest, files=("input_reference",))
     body, reference = validated(VideoCreateRequest, data), one_file(files, "input_reference")
-    resolve = functools.partial(services.engine.resolve_video, reference=reference)
-    spec = await resolve_for_load(services, body, resolve, uploads=reference is not None)
+    spec = await resolve_for_load(services, body, services.engine.resolve_video)
+    if reference is not None:
+        spec = await with_given_pixels(services, spec, reference)
     job = await submit(services, spec, owner, idempotency_key, uploaded(body, input_reference=reference))
     return video_object(job)
 
