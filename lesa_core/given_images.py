@@ -13,11 +13,11 @@ import numpy as np
 from PIL import Image
 
 EDIT_STRENGTH = 0.6  # an edit without mask or strength: as diffusers' img2img pipelines default
-# A variation without strength. On digits-image, unconditional variations keep the source's digit
-# in 99% / 91% / 65% of cases at 0.5 / 0.6 / 0.7 (measured ad hoc: 10 sources x 8 seeds, full
-# compute), and 8 variations of one source differ from each other 1.9x as much as 8 edits prompted
-# with its digit at the same strength (1.5x as much as those at 0.8). benchmarks/bench_edits.py
-# (`variation`, 32 held-out seeds) reads 94% at 0.5.
+# A variation without strength. On digits-image (benchmarks/bench_variation_strength.py: 10 sources
+# x 8 seeds, full compute) unprompted variations keep the source's digit in 99% / 91% / 65% of
+# cases at 0.5 / 0.6 / 0.7, and 8 variations of one source differ from each other 1.9x as much as 8
+# edits prompted with its digit at the same strength (1.5x as much as those at 0.8).
+# benchmarks/bench_edits.py (`variation`, 32 held-out seeds) reads 94% at 0.5.
 VARIATION_STRENGTH = 0.5
 
 

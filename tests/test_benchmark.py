@@ -448,6 +448,23 @@ def test_bench_edits_compares_accelerated_edits_with_the_same_edits_at_full_comp
         assert all((tmp_path / model / "edits" / f"{edit}_grid.png").is_file() for edit in edits)
 
 
+def test_bench_variation_strength_reads_the_digit_kept_and_the_spread_per_strength(tmp_path: Path) -> None:
+    """benchmarks/bench_variation_strength.py (few steps and seeds): a record per strength and prompt."""
+    bench = benchmark_script("bench_variation_strength")
+    out = tmp_path / "strength.json"
+    assert bench.main(["--strengths", "0.3,0.9", "--per-source", "2", "--steps", "4", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [(r["strength"], r["prompt"]) for r in records] == [
+        (0.3, "none"),
+        (0.3, "the digit"),
+        (0.9, "none"),
+        (0.9, "the digit"),
+    ]
+    assert all(0 <= r["digit_kept"] <= 1 and r["spread"] > 0 for r in records)
+    unprompted = [r for r in records if r["prompt"] == "none"]
+    assert unprompted[0]["spread"] < unprompted[1]["spread"]  # more strength, more apart
+
+
 def test_bench_gpu_times_levels_and_checks_their_quality_against_full_compute(tmp_path: Path) -> None:
     """benchmarks/bench_gpu.py, run on the CPU: each level gets a wall speed-up and a PSNR vs full compute."""
     bench_gpu = benchmark_script("bench_gpu")
