@@ -61,9 +61,7 @@ def run(pipe, prompts, seeds, cache, reference: Reference | None, steps: int) ->
     out, seconds = [], 0.0
     for i in range(0, len(seeds), BATCH):
         part = slice(i, i + BATCH)
-        given = None
-        if reference is not None:
-            given = Reference(reference.samples[part], reference.keep[part], list(reference.follow_until[part]))
+        given = None if reference is None else reference.select(part)
         started = time.perf_counter()
         result = pipe(prompts[part], seeds=seeds[part], num_inference_steps=steps, cache=cache, reference=given, **size)
         seconds += time.perf_counter() - started

@@ -88,6 +88,11 @@ class Reference:
                 f"reference follow_until must be in 0..{num_inference_steps}, got {list(self.follow_until)}"
             )
 
+    def select(self, samples: slice | Sequence[int]) -> Reference:
+        """These samples' given pixels (a chunk of a batch), by slice or indices."""
+        picked = np.arange(len(self.follow_until))[samples]
+        return Reference(self.samples[picked], self.keep[picked], [int(self.follow_until[i]) for i in picked])
+
     def put_back(
         self, target: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor
     ) -> Callable[[torch.Tensor, int, float], torch.Tensor]:

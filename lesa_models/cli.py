@@ -203,10 +203,7 @@ def _generate(args: argparse.Namespace) -> int:
     with bar:  # closed on any error too: its message then starts on a line of its own
         for start in range(0, len(prompts), chunk):
             part = prompts[start : start + chunk]
-            reference = None
-            if given is not None:
-                at = slice(start, start + chunk)
-                reference = Reference(given.samples[at], given.keep[at], list(given.follow_until[at]))
+            reference = None if given is None else given.select(slice(start, start + chunk))
             try:
                 out = pipe(
                     part,

@@ -509,9 +509,7 @@ class DiffusersBackend:
                 num_inference_steps, float(guidance_scale), cache, progress,
                 None if latents is None else latents[indices], stats,
                 None if preview is None else chunk_preview, unseen,
-                None if reference is None else Reference(
-                    reference.samples[indices], reference.keep[indices], [reference.follow_until[i] for i in indices]
-                ),
+                None if reference is None else reference.select(indices),
             )  # fmt: skip
 
         def on_split(indices: list[int], error: BaseException) -> None:
